@@ -1,0 +1,148 @@
+"""``otherix-agent``: the node agent. Runs in the node's network namespace, as root."""
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import nats
+import uvloop
+
+from agent.netlink import NetlinkThread
+from agent.nft import NftApplier
+from agent.runner import Agent, AgentConfig
+from controller.main import setup_logging
+from schemas import naming
+
+log = logging.getLogger("agent")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="otherix-agent", description=__doc__)
+    p.add_argument(
+        "--nats",
+        default=env("OTHERIX_NATS_URL", "nats://127.0.0.1:4222"),
+        help="NATS server URL (env OTHERIX_NATS_URL)",
+    )
+    p.add_argument(
+        "--node",
+        default=env("OTHERIX_NODE", socket.gethostname().split(".")[0].lower()),
+        help="node name (env OTHERIX_NODE; default: short host name)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(env("OTHERIX_STATE_DIR", "/var/lib/otherix-agent")),
+        help="keys and applied version (env OTHERIX_STATE_DIR)",
+    )
+    p.add_argument(
+        "--underlay-ip",
+        default=env("OTHERIX_UNDERLAY_IP"),
+        help="this node's address other nodes reach it on (env OTHERIX_UNDERLAY_IP); required for the overlay mesh",
+    )
+    p.add_argument(
+        "--wg-port",
+        type=int,
+        default=int(env("OTHERIX_WG_PORT", str(naming.WIREGUARD_PORT))),
+        help="WireGuard listen port (env OTHERIX_WG_PORT)",
+    )
+    p.add_argument(
+        "--wg-backend",
+        choices=("auto", "kernel", "userspace"),
+        default=env("OTHERIX_WG_BACKEND", "auto"),
+        help="kernel module or wireguard-go (env OTHERIX_WG_BACKEND)",
+    )
+    p.add_argument(
+        "--no-mesh",
+        action="store_true",
+        default=env("OTHERIX_NO_MESH", "") == "1",
+        help="do not join the WireGuard mesh (bridge networks only)",
+    )
+    p.add_argument(
+        "--health-interval",
+        type=float,
+        default=float(env("OTHERIX_HEALTH_INTERVAL", "5")),
+        help="seconds between health reports",
+    )
+    p.add_argument(
+        "--log-format", choices=("text", "json"), default=env("OTHERIX_LOG_FORMAT", "text")
+    )
+    p.add_argument("--log-level", default=env("OTHERIX_LOG_LEVEL", "INFO"))
+    args = p.parse_args(argv)
+    if not naming.valid_id(args.node):
+        p.error(f"--node {args.node!r}: use 1-63 lowercase letters, digits and '-'")
+    if args.underlay_ip is not None:
+        try:
+            ipaddress.IPv4Address(args.underlay_ip)
+        except ValueError:
+            p.error(f"--underlay-ip {args.underlay_ip!r} is not an IPv4 address")
+    if not 1 <= args.wg_port <= 65535:
+        p.error(f"--wg-port {args.wg_port}: not a UDP port")
+    if not 0.1 <= args.health_interval <= 3600:
+        p.error(f"--health-interval {args.health_interval}: must be between 0.1 and 3600 seconds")
+    return args
+
+
+def make_wireguard(args: argparse.Namespace):
+    if args.no_mesh or not args.underlay_ip:
+        if not args.no_mesh:
+            log.warning("agent %s: no --underlay-ip, so not joining the overlay mesh", args.node)
+        return None
+    from agent.wgkeys import load_or_create_private_key, public_key
+    from agent.wireguard import WireGuardApplier
+
+    private = load_or_create_private_key(args.state_dir)
+    applier = WireGuardApplier(private_key=private, backend=args.wg_backend)
+    applier.public_key = public_key(private)
+    return applier
+
+
+async def run(args: argparse.Namespace) -> None:
+    args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    wireguard = make_wireguard(args)
+    netlink = NetlinkThread()
+    netlink.start()
+    nc = await nats.connect(args.nats, name=f"otherix-agent-{args.node}", max_reconnect_attempts=-1)
+    config = AgentConfig(
+        node=args.node,
+        state_dir=args.state_dir,
+        underlay_ip=args.underlay_ip,
+        wg_listen_port=args.wg_port,
+        wg_backend=args.wg_backend,
+        health_interval=args.health_interval,
+        mesh=wireguard is not None,
+    )
+    agent = Agent(nc, config, netlink, NftApplier(), wireguard)
+    await agent.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("agent %s: stopping; the data plane stays as it is", args.node)
+    await agent.stop()
+    if wireguard is not None:
+        await wireguard.close()
+    await nc.drain()
+    netlink.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.log_format, args.log_level)
+    if os.geteuid() != 0:
+        sys.exit("otherix-agent: must run as root (it programs netlink and nftables)")
+    try:
+        uvloop.run(run(args))
+    except (OSError, nats.errors.NoServersError) as e:
+        sys.exit(f"otherix-agent: cannot reach NATS at {args.nats}: {e}")
+
+
+if __name__ == "__main__":
+    main()

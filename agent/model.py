@@ -1,0 +1,112 @@
+"""Plain data the agent's pure planner works on: what the kernel has, and what to change.
+
+The netlink applier fills ``Observed`` from the kernel and executes ``Action``s; the planner
+(``agent.plan``) is a pure function between the two and never sees a socket.
+"""
+
+import msgspec
+
+from schemas.desired import FdbEntry
+
+
+class VxlanInfo(msgspec.Struct, frozen=True, kw_only=True):
+    vni: int
+    local: str | None
+    port: int
+    learning: bool
+
+
+class Link(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    kind: str  # "bridge", "tun", "vxlan", "wireguard", ... ("" when the kernel gives none)
+    mtu: int
+    up: bool  # administratively up (IFF_UP), whatever the carrier
+    master: str | None = None
+    addresses: frozenset[str] = frozenset()  # IPv4 "ip/prefixlen"
+    vxlan: VxlanInfo | None = None
+
+
+class Observed(msgspec.Struct, frozen=True, kw_only=True):
+    """Kernel state of managed (``ot…``) devices only."""
+
+    links: dict[str, Link] = {}
+    # per otvx* device: the entries that carry a remote dst (the control-plane kind)
+    fdb: dict[str, frozenset[FdbEntry]] = {}
+    # per otvx* device: MACs the device learned (never wanted: learning is off)
+    learned: dict[str, frozenset[str]] = {}
+
+
+# --- actions, executed in list order by the applier -------------------------------------------
+
+
+class CreateBridge(msgspec.Struct, frozen=True, tag=True):
+    name: str
+    mtu: int
+
+
+class CreateTap(msgspec.Struct, frozen=True, tag=True):
+    name: str
+    mtu: int
+
+
+class CreateVxlan(msgspec.Struct, frozen=True, tag=True):
+    name: str
+    vni: int
+    local: str
+    port: int
+    mtu: int
+
+
+class SetMtu(msgspec.Struct, frozen=True, tag=True):
+    name: str
+    mtu: int
+
+
+class SetMaster(msgspec.Struct, frozen=True, tag=True):
+    name: str
+    master: str | None  # None = release from its bridge
+
+
+class SetUp(msgspec.Struct, frozen=True, tag=True):
+    name: str
+
+
+class AddAddress(msgspec.Struct, frozen=True, tag=True):
+    name: str
+    address: str  # "ip/prefixlen"
+
+
+class DelAddress(msgspec.Struct, frozen=True, tag=True):
+    name: str
+    address: str
+
+
+class DeleteLink(msgspec.Struct, frozen=True, tag=True):
+    name: str
+
+
+class AddFdb(msgspec.Struct, frozen=True, tag=True):
+    device: str
+    mac: str
+    dst: str
+
+
+class DelFdb(msgspec.Struct, frozen=True, tag=True):
+    device: str
+    mac: str
+    dst: str | None  # None for a learned entry (no dst)
+
+
+Action = (
+    CreateBridge
+    | CreateTap
+    | CreateVxlan
+    | SetMtu
+    | SetMaster
+    | SetUp
+    | AddAddress
+    | DelAddress
+    | DeleteLink
+    | AddFdb
+    | DelFdb
+)

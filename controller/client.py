@@ -1,0 +1,98 @@
+"""Typed client of the controller API, used by otherixctl, the agent, the lab and tests."""
+
+from typing import Any, TypeVar
+
+import msgspec
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from schemas import api, naming
+from schemas.codec import decode, encode
+from schemas.intent import Egress, NetworkType
+
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    """The controller refused a request (``code`` as in schemas.api.ApiError) or is unreachable."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class ApiClient:
+    def __init__(self, nc: Client, timeout: float = 5.0):
+        self.nc, self.timeout = nc, timeout
+
+    async def call(self, endpoint: str, request: msgspec.Struct, reply_type: type[T]) -> T:
+        try:
+            msg = await self.nc.request(
+                naming.api_subject(endpoint), encode(request), timeout=self.timeout
+            )
+        except NoRespondersError:
+            raise ApiError(503, "no controller is answering on this NATS server") from None
+        except NatsTimeout:
+            raise ApiError(
+                504, f"the controller did not answer {endpoint} within {self.timeout}s"
+            ) from None
+        headers = msg.headers or {}
+        if "Nats-Service-Error-Code" in headers:
+            code = int(headers["Nats-Service-Error-Code"] or 500)
+            raise ApiError(code, headers.get("Nats-Service-Error", "unknown error"))
+        return decode(msg.data, reply_type)
+
+    async def network_create(
+        self,
+        name: str,
+        type: NetworkType | str,
+        subnet: str,
+        egress: Egress | str = Egress.NONE,
+        vni: int | None = None,
+    ) -> api.NetworkInfo:
+        req = api.NetworkCreate(
+            name=name, type=NetworkType(type), subnet=subnet, egress=Egress(egress), vni=vni
+        )
+        return await self.call("network.create", req, api.NetworkInfo)
+
+    async def network_list(self) -> list[api.NetworkInfo]:
+        return await self.call("network.list", api.Empty(), list[api.NetworkInfo])
+
+    async def network_show(self, name: str) -> api.NetworkInfo:
+        return await self.call("network.show", api.ByName(name=name), api.NetworkInfo)
+
+    async def network_delete(self, name: str, force: bool = False) -> api.NetworkInfo:
+        return await self.call(
+            "network.delete", api.NetworkDelete(name=name, force=force), api.NetworkInfo
+        )
+
+    async def nic_attach(
+        self, network: str, node: str, vm: str, mac: str | None = None, ip: str | None = None
+    ) -> api.NicInfo:
+        req = api.NicAttach(network=network, node=node, vm=vm, mac=mac, ip=ip)
+        return await self.call("nic.attach", req, api.NicInfo)
+
+    async def nic_detach(self, nic_id: str) -> api.NicInfo:
+        return await self.call("nic.detach", api.NicDetach(id=nic_id), api.NicInfo)
+
+    async def nic_list(
+        self, network: str | None = None, node: str | None = None
+    ) -> list[api.NicInfo]:
+        return await self.call(
+            "nic.list", api.NicFilter(network=network, node=node), list[api.NicInfo]
+        )
+
+    async def node_register(self, **fields: Any) -> api.NodeStatus:
+        return await self.call("node.register", api.NodeRegister(**fields), api.NodeStatus)
+
+    async def node_list(self) -> list[api.NodeStatus]:
+        return await self.call("node.list", api.Empty(), list[api.NodeStatus])
+
+    async def node_remove(self, name: str, force: bool = False) -> api.NodeStatus:
+        return await self.call(
+            "node.remove", api.NodeRemove(name=name, force=force), api.NodeStatus
+        )
+
+    async def status(self) -> api.Status:
+        return await self.call("status", api.Empty(), api.Status)

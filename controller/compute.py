@@ -1,0 +1,148 @@
+"""Pure: intent + cluster settings → every node's desired snapshot.
+
+Nothing here reads a clock, a store or a socket. Snapshots come out with ``version=0`` and their
+content digest set; the publisher stamps versions (see ``controller.versions``).
+"""
+
+import hashlib
+import ipaddress
+from collections import defaultdict
+
+import msgspec
+
+from schemas import naming
+from schemas.desired import Bridge, FdbEntry, Snapshot, Tap, Vxlan, WgPeer, WireGuard
+from schemas.intent import Egress, Intent, Network, NetworkType, Nic, Node
+
+FLOOD_MAC = "00:00:00:00:00:00"
+
+
+class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    underlay_mtu: int = 1500
+    mesh_prefix: str = "100.64.0.0/16"
+    heartbeat_interval: float = 1.0
+
+
+def network_mtu(network: Network, underlay_mtu: int) -> int:
+    if network.type == NetworkType.OVERLAY:
+        return naming.overlay_mtu(underlay_mtu)
+    return underlay_mtu
+
+
+def network_bridge(network: Network) -> str:
+    if network.type == NetworkType.OVERLAY:
+        assert network.vni is not None
+        return naming.overlay_bridge(network.vni)
+    return naming.bridge_network_bridge(network.name)
+
+
+def on_mesh(node: Node) -> bool:
+    return bool(node.wg_public_key and node.tunnel_ip and node.underlay_ip and node.wg_listen_port)
+
+
+def snapshot_digest(snapshot: Snapshot) -> str:
+    content = msgspec.structs.replace(snapshot, version=0, digest="", published_at=0.0)
+    return hashlib.sha256(msgspec.json.encode(content)).hexdigest()[:16]
+
+
+def compute_snapshots(intent: Intent, config: ClusterConfig) -> dict[str, Snapshot]:
+    nics_by_node: dict[str, list[Nic]] = defaultdict(list)
+    # network → node → NICs, for FDB and flood lists
+    placement: dict[str, dict[str, list[Nic]]] = defaultdict(lambda: defaultdict(list))
+    for nic in sorted(intent.nics.values(), key=lambda n: n.id):
+        if nic.network in intent.networks and nic.node in intent.nodes:
+            nics_by_node[nic.node].append(nic)
+            placement[nic.network][nic.node].append(nic)
+    return {
+        name: _node_snapshot(intent, node, nics_by_node[name], placement, config)
+        for name, node in intent.nodes.items()
+    }
+
+
+def _node_snapshot(
+    intent: Intent,
+    node: Node,
+    nics: list[Nic],
+    placement: dict[str, dict[str, list[Nic]]],
+    config: ClusterConfig,
+) -> Snapshot:
+    u = config.underlay_mtu
+    bridges: dict[str, Bridge] = {}
+    taps: list[Tap] = []
+    vxlans: list[Vxlan] = []
+    nat: set[str] = set()
+    for nic in nics:
+        net = intent.networks[nic.network]
+        if net.type == NetworkType.OVERLAY and not on_mesh(node):
+            continue  # an overlay needs this node's tunnel address; it comes with registration
+        bridge, mtu = network_bridge(net), network_mtu(net, u)
+        if bridge not in bridges:
+            address = None
+            if net.type == NetworkType.BRIDGE and net.egress == Egress.NAT:
+                address = f"{net.gateway}/{ipaddress.ip_network(net.subnet).prefixlen}"
+                nat.add(net.subnet)
+            bridges[bridge] = Bridge(name=bridge, mtu=mtu, address=address, network=net.name)
+            if net.type == NetworkType.OVERLAY:
+                vxlans.append(_vxlan(intent, node, net, placement[net.name], u))
+        taps.append(
+            Tap(name=naming.tap_name(nic.id), bridge=bridge, mtu=mtu, nic=nic.id, mac=nic.mac)
+        )
+    snapshot = Snapshot(
+        node=node.name,
+        version=0,
+        underlay_mtu=u,
+        bridges=tuple(sorted(bridges.values(), key=lambda b: b.name)),
+        taps=tuple(sorted(taps, key=lambda t: t.name)),
+        nat_subnets=tuple(sorted(nat)),
+        vxlans=tuple(sorted(vxlans, key=lambda v: v.name)),
+        wireguard=_wireguard(intent, node, config),
+        vxlan_only_via=naming.WIREGUARD_IFNAME if vxlans else None,
+    )
+    return msgspec.structs.replace(snapshot, digest=snapshot_digest(snapshot))
+
+
+def _vxlan(
+    intent: Intent, node: Node, net: Network, by_node: dict[str, list[Nic]], underlay_mtu: int
+) -> Vxlan:
+    assert net.vni is not None and node.tunnel_ip is not None
+    fdb: set[FdbEntry] = set()
+    for other, nics in by_node.items():
+        peer = intent.nodes[other]
+        if other == node.name or not on_mesh(peer):
+            continue
+        fdb.add(FdbEntry(mac=FLOOD_MAC, dst=peer.tunnel_ip))
+        fdb.update(FdbEntry(mac=nic.mac, dst=peer.tunnel_ip) for nic in nics)
+    return Vxlan(
+        name=naming.vxlan_device(net.vni),
+        vni=net.vni,
+        bridge=naming.overlay_bridge(net.vni),
+        local=node.tunnel_ip,
+        mtu=naming.overlay_mtu(underlay_mtu),
+        port=naming.VXLAN_PORT,
+        fdb=tuple(sorted(fdb)),
+    )
+
+
+def _wireguard(intent: Intent, node: Node, config: ClusterConfig) -> WireGuard | None:
+    if not on_mesh(node):
+        return None
+    prefixlen = ipaddress.ip_network(config.mesh_prefix).prefixlen
+    peers = tuple(
+        sorted(
+            WgPeer(
+                public_key=peer.wg_public_key,
+                endpoint=f"{peer.underlay_ip}:{peer.wg_listen_port}",
+                allowed_ips=(f"{peer.tunnel_ip}/32",),
+                node=peer.name,
+            )
+            for peer in intent.nodes.values()
+            if peer.name != node.name and on_mesh(peer)
+        )
+    )
+    return WireGuard(
+        name=naming.WIREGUARD_IFNAME,
+        address=f"{node.tunnel_ip}/{prefixlen}",
+        listen_port=node.wg_listen_port,
+        mtu=naming.wireguard_mtu(config.underlay_mtu),
+        peers=peers,
+    )

@@ -1,0 +1,130 @@
+"""``otherix-controller``: connect to NATS, open the intent bucket, serve the API, heartbeat."""
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import sys
+
+import msgspec
+import nats
+import uvloop
+
+from controller.compute import ClusterConfig
+from controller.service import Controller
+from controller.store import BUCKET, Store
+from schemas import naming
+
+log = logging.getLogger("controller")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="otherix-controller", description=__doc__)
+    p.add_argument(
+        "--nats",
+        default=env("OTHERIX_NATS_URL", "nats://127.0.0.1:4222"),
+        help="NATS server URL (env OTHERIX_NATS_URL)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=float(env("OTHERIX_HEARTBEAT", "1.0")),
+        help="seconds between snapshot publications (env OTHERIX_HEARTBEAT)",
+    )
+    p.add_argument(
+        "--underlay-mtu",
+        type=int,
+        default=int(env("OTHERIX_UNDERLAY_MTU", "1500")),
+        help="cluster underlay MTU (env OTHERIX_UNDERLAY_MTU)",
+    )
+    p.add_argument(
+        "--mesh-prefix",
+        default=env("OTHERIX_MESH_PREFIX", "100.64.0.0/16"),
+        help="prefix node tunnel addresses come from (env OTHERIX_MESH_PREFIX)",
+    )
+    p.add_argument(
+        "--bucket",
+        default=env("OTHERIX_BUCKET", BUCKET),
+        help="JetStream KV bucket of the intent (env OTHERIX_BUCKET)",
+    )
+    p.add_argument(
+        "--log-format", choices=("text", "json"), default=env("OTHERIX_LOG_FORMAT", "text")
+    )
+    p.add_argument("--log-level", default=env("OTHERIX_LOG_LEVEL", "INFO"))
+    args = p.parse_args(argv)
+    if not 0.05 <= args.heartbeat <= 3600:
+        p.error(f"--heartbeat {args.heartbeat}: must be between 0.05 and 3600 seconds")
+    if not naming.MIN_UNDERLAY_MTU <= args.underlay_mtu <= naming.MAX_UNDERLAY_MTU:
+        p.error(
+            f"--underlay-mtu {args.underlay_mtu}: must be between {naming.MIN_UNDERLAY_MTU} and {naming.MAX_UNDERLAY_MTU}"
+        )
+    try:
+        mesh = ipaddress.IPv4Network(args.mesh_prefix)
+    except ValueError as e:
+        p.error(f"--mesh-prefix {args.mesh_prefix!r}: {e}")
+    if mesh.prefixlen > 30:
+        p.error(f"--mesh-prefix {args.mesh_prefix}: too small for a mesh (at most /30)")
+    return args
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return msgspec.json.encode(
+            {
+                "ts": record.created,
+                "level": record.levelname,
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        ).decode()
+
+
+async def run(args: argparse.Namespace) -> None:
+    nc = await nats.connect(args.nats, name="otherix-controller", max_reconnect_attempts=-1)
+    store = await Store.open(nc.jetstream(), args.bucket)
+    config = ClusterConfig(
+        underlay_mtu=args.underlay_mtu,
+        mesh_prefix=args.mesh_prefix,
+        heartbeat_interval=args.heartbeat,
+    )
+    controller = Controller(nc, store, config)
+    await controller.start()
+    log.info(
+        "controller: serving on %s (heartbeat %.2fs, underlay MTU %d)",
+        args.nats,
+        args.heartbeat,
+        args.underlay_mtu,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("controller: stopping")
+    await controller.stop()
+    await nc.drain()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.log_format, args.log_level)
+    try:
+        uvloop.run(run(args))
+    except (OSError, nats.errors.NoServersError) as e:
+        sys.exit(f"otherix-controller: cannot reach NATS at {args.nats}: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Pure API semantics: validate a request against the current intent and return what to write.
+
+Each function either returns the new objects or raises ``AllocationError``; the service persists
+the result only after validation passed, so a refused request changes nothing.
+"""
+
+import base64
+import binascii
+import ipaddress
+import uuid
+from collections.abc import Callable
+
+from controller import ipam
+from controller.ipam import AllocationError
+from schemas import SCHEMA_VERSION, api, naming
+from schemas.intent import DEFERRED_TYPES, Egress, Intent, Network, NetworkType, Nic, Node
+
+NOT_FOUND, CONFLICT, DEFERRED = 404, 409, 501
+
+
+def check_schema(req: api.Request) -> None:
+    if req.schema != SCHEMA_VERSION:
+        raise AllocationError(
+            f"request schema {req.schema} is not supported (this controller speaks {SCHEMA_VERSION})"
+        )
+
+
+def _check_id(kind: str, value: str) -> None:
+    if not naming.valid_id(value):
+        raise AllocationError(
+            f"{kind} name {value!r} is invalid: use 1-63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+
+
+def create_network(intent: Intent, req: api.NetworkCreate, now: float) -> Network:
+    _check_id("network", req.name)
+    if req.type in DEFERRED_TYPES:
+        raise AllocationError(
+            f"network type {req.type.value!r} is deferred: not supported yet", DEFERRED
+        )
+    if req.name in intent.networks:
+        raise AllocationError(f"network {req.name!r} already exists", CONFLICT)
+    subnet = ipam.parse_subnet(req.subnet)
+    ipam.check_subnet_free(subnet, {n.name: n.subnet for n in intent.networks.values()})
+    vni = None
+    if req.type == NetworkType.OVERLAY:
+        if req.egress != Egress.NONE:
+            raise AllocationError("egress 'nat' is only available on bridge networks")
+        vni = ipam.allocate_vni((n.vni for n in intent.networks.values() if n.vni), req.vni)
+    elif req.vni is not None:
+        raise AllocationError("--vni only applies to overlay networks")
+    bridge = naming.bridge_network_bridge(req.name) if req.type == NetworkType.BRIDGE else None
+    for other in intent.networks.values():
+        if (
+            bridge
+            and other.type == NetworkType.BRIDGE
+            and naming.bridge_network_bridge(other.name) == bridge
+        ):
+            raise AllocationError(
+                f"network {req.name!r} would share bridge device {bridge} with {other.name!r}; "
+                "choose another name",
+                CONFLICT,
+            )
+    return Network(
+        name=req.name,
+        type=req.type,
+        subnet=str(subnet),
+        gateway=str(ipam.gateway_of(subnet)),
+        egress=req.egress,
+        vni=vni,
+        created_at=now,
+    )
+
+
+def network(intent: Intent, name: str) -> Network:
+    try:
+        return intent.networks[name]
+    except KeyError:
+        raise AllocationError(f"network {name!r} does not exist", NOT_FOUND) from None
+
+
+def delete_network(intent: Intent, req: api.NetworkDelete) -> tuple[Network, list[Nic]]:
+    """The network and the NICs to remove with it (only with ``force``)."""
+    net = network(intent, req.name)
+    nics = [n for n in intent.nics.values() if n.network == net.name]
+    if nics and not req.force:
+        raise AllocationError(
+            f"network {net.name!r} still has {len(nics)} NIC(s) attached; "
+            "detach them first or delete with force",
+            CONFLICT,
+        )
+    return net, nics
+
+
+def attach_nic(
+    intent: Intent,
+    req: api.NicAttach,
+    now: float,
+    new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+) -> Nic:
+    net = network(intent, req.network)
+    if req.node not in intent.nodes:
+        raise AllocationError(f"node {req.node!r} is not registered", NOT_FOUND)
+    if not req.vm or len(req.vm) > 128 or not req.vm.isprintable():
+        raise AllocationError("vm must be a printable name of 1 to 128 characters")
+    members = [n for n in intent.nics.values() if n.network == net.name]
+    ip = ipam.allocate_ip(ipaddress.ip_network(net.subnet), {n.ip for n in members}, req.ip)
+    mac = ipam.allocate_mac({n.mac for n in intent.nics.values()}, req.mac)
+    taps = {naming.tap_name(n.id) for n in intent.nics.values()}
+    nic_id = new_id()
+    while naming.tap_name(nic_id) in taps:  # the tap name keeps 12 of 32 digits
+        nic_id = new_id()
+    return Nic(
+        id=nic_id, network=net.name, node=req.node, vm=req.vm, mac=mac, ip=ip, created_at=now
+    )
+
+
+def find_nic(intent: Intent, id_or_prefix: str) -> Nic:
+    key = id_or_prefix.lower()
+    if key.startswith(naming.PREFIX) and len(key) == 14:
+        key = key[2:]  # a tap name names its NIC too
+    if len(key) < 12:
+        raise AllocationError(
+            f"NIC id {id_or_prefix!r}: give the full id or at least 12 hex digits"
+        )
+    matches = [n for n in intent.nics.values() if n.id.startswith(key)]
+    if not matches:
+        raise AllocationError(f"NIC {id_or_prefix!r} does not exist", NOT_FOUND)
+    if len(matches) > 1:
+        raise AllocationError(f"NIC id {id_or_prefix!r} is ambiguous", CONFLICT)
+    return matches[0]
+
+
+def register_node(intent: Intent, req: api.NodeRegister, now: float, mesh_prefix: str) -> Node:
+    """New or updated node; its tunnel address is allocated once and kept for its life."""
+    _check_id("node", req.name)
+    if req.underlay_ip is not None:
+        try:
+            ipaddress.IPv4Address(req.underlay_ip)
+        except ValueError:
+            raise AllocationError(
+                f"underlay_ip {req.underlay_ip!r} is not an IPv4 address"
+            ) from None
+    if req.wg_public_key is not None and not _is_wg_key(req.wg_public_key):
+        raise AllocationError("wg_public_key is not a base64 WireGuard key (44 characters)")
+    if req.wg_listen_port is not None and not 1 <= req.wg_listen_port <= 65535:
+        raise AllocationError(f"wg_listen_port {req.wg_listen_port} is not a UDP port")
+    for other in intent.nodes.values():
+        if (
+            other.name != req.name
+            and req.wg_public_key
+            and other.wg_public_key == req.wg_public_key
+        ):
+            raise AllocationError(f"public key already belongs to node {other.name!r}", CONFLICT)
+    existing = intent.nodes.get(req.name)
+    tunnel_ip = existing.tunnel_ip if existing else None
+    if tunnel_ip is None and req.wg_public_key:
+        used = {n.tunnel_ip for n in intent.nodes.values() if n.tunnel_ip}
+        tunnel_ip = ipam.allocate_tunnel_ip(mesh_prefix, used)
+    return Node(
+        name=req.name,
+        underlay_ip=req.underlay_ip,
+        wg_public_key=req.wg_public_key,
+        wg_listen_port=req.wg_listen_port,
+        tunnel_ip=tunnel_ip,
+        registered_at=existing.registered_at if existing else now,
+    )
+
+
+def remove_node(intent: Intent, req: api.NodeRemove) -> tuple[Node, list[Nic]]:
+    node = intent.nodes.get(req.name)
+    if node is None:
+        raise AllocationError(f"node {req.name!r} is not registered", NOT_FOUND)
+    nics = [n for n in intent.nics.values() if n.node == node.name]
+    if nics and not req.force:
+        raise AllocationError(
+            f"node {node.name!r} still hosts {len(nics)} NIC(s); detach them first or remove with force",
+            CONFLICT,
+        )
+    return node, nics
+
+
+def _is_wg_key(value: str) -> bool:
+    try:
+        return len(value) == 44 and len(base64.b64decode(value, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False

@@ -1,0 +1,92 @@
+"""Intent persisted in a NATS JetStream key-value bucket, one JSON entry per object.
+
+Keys: ``network.<name>``, ``nic.<id>``, ``node.<name>``, ``version.<node>``. The controller keeps
+the whole intent in memory and writes through; a restart reloads it with ``load()``. The bucket's
+durability comes from the server (JetStream file storage, ``sync_interval: always`` in the
+shipped server config).
+"""
+
+import logging
+
+import msgspec
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from schemas.codec import decode, encode
+from schemas.intent import Intent, Network, Nic, Node, NodeVersion
+
+log = logging.getLogger(__name__)
+
+BUCKET = "otherix"
+_KINDS: dict[str, type] = {
+    "network": Network,
+    "nic": Nic,
+    "node": Node,
+    "version": NodeVersion,
+}
+
+
+class Store:
+    def __init__(self, kv: KeyValue):
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, bucket: str = BUCKET, replicas: int = 1) -> "Store":
+        try:
+            kv = await js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            kv = await js.create_key_value(
+                KeyValueConfig(
+                    bucket=bucket,
+                    history=5,
+                    storage=StorageType.FILE,
+                    replicas=replicas,
+                    description="Otherix networking intent",
+                )
+            )
+        return cls(kv)
+
+    async def load(self) -> tuple[Intent, dict[str, NodeVersion]]:
+        objects: dict[str, dict] = {kind: {} for kind in _KINDS}
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        for key in keys:
+            kind, _, name = key.partition(".")
+            if kind not in _KINDS:
+                log.warning("store: ignoring unknown key %s", key)
+                continue
+            try:
+                entry = await self.kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue  # deleted between keys() and get()
+            if entry.value is None:
+                continue
+            try:
+                objects[kind][name] = decode(entry.value, _KINDS[kind])
+            except msgspec.DecodeError as e:
+                log.error("store: entry %s is unreadable and is skipped: %s", key, e)
+        intent = Intent(networks=objects["network"], nics=objects["nic"], nodes=objects["node"])
+        return intent, objects["version"]
+
+    async def put(self, obj: Network | Nic | Node | NodeVersion) -> None:
+        await self.kv.put(_key(obj), encode(obj))
+
+    async def delete(self, obj: Network | Nic | Node | NodeVersion) -> None:
+        await self.kv.delete(_key(obj))
+
+
+def _key(obj: Network | Nic | Node | NodeVersion) -> str:
+    match obj:
+        case Network(name=name):
+            return f"network.{name}"
+        case Nic(id=nic_id):
+            return f"nic.{nic_id}"
+        case Node(name=name):
+            return f"node.{name}"
+        case NodeVersion(node=name):
+            return f"version.{name}"
+    raise TypeError(f"cannot store {type(obj).__name__}")

@@ -1,0 +1,121 @@
+"""Requests and replies of the controller's API (a NATS micro service under otherix.v1.api).
+
+Requests are input we own, so they are decoded with ``forbid_unknown_fields``: a typo in a field
+name is an error, not a silently ignored option. Errors travel as micro-service error headers
+(``Nats-Service-Error-Code`` / ``Nats-Service-Error``) with an ``ApiError`` body.
+"""
+
+import msgspec
+
+from schemas import SCHEMA_VERSION
+from schemas.intent import Egress, Network, NetworkType, Nic, Node
+from schemas.messages import Ack, Health
+
+# endpoint name -> subject suffix under otherix.v1.api
+ENDPOINTS = (
+    "network.create",
+    "network.list",
+    "network.show",
+    "network.delete",
+    "nic.attach",
+    "nic.detach",
+    "nic.list",
+    "node.register",
+    "node.list",
+    "node.remove",
+    "status",
+)
+
+
+class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    schema: int = SCHEMA_VERSION
+
+
+class NetworkCreate(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    type: NetworkType
+    subnet: str
+    egress: Egress = Egress.NONE
+    vni: int | None = None
+
+
+class ByName(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+
+
+class NetworkDelete(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    force: bool = False  # also detach the network's NICs
+
+
+class NicAttach(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    network: str
+    node: str
+    vm: str
+    mac: str | None = None
+    ip: str | None = None
+
+
+class NicDetach(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: str  # full id or any unique prefix of at least 12 hex digits (the tap's digits)
+
+
+class NicFilter(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    network: str | None = None
+    node: str | None = None
+
+
+class NodeRegister(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    underlay_ip: str | None = None
+    wg_public_key: str | None = None
+    wg_listen_port: int | None = None
+
+
+class NodeRemove(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    force: bool = False  # also detach the node's NICs
+
+
+class Empty(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class NetworkInfo(msgspec.Struct, frozen=True, kw_only=True):
+    network: Network
+    mtu: int
+    nics: int
+    bridge: str  # device name on the nodes
+
+
+class NicInfo(msgspec.Struct, frozen=True, kw_only=True):
+    nic: Nic
+    tap: str
+
+
+class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    node: Node
+    desired_version: int = 0
+    applied_version: int = 0
+    converged: bool = False
+    last_ack: Ack | None = None
+    last_error: str | None = None
+    last_heard: float = 0.0  # unix time of the last ack or health, 0 = never
+    health: Health | None = None
+
+
+class Status(msgspec.Struct, frozen=True, kw_only=True):
+    nodes: tuple[NodeStatus, ...]
+    networks: int
+    nics: int
+    heartbeat_interval: float
+    underlay_mtu: int
+    converged: bool
+    now: float
+    schema: int = SCHEMA_VERSION
+
+
+class ApiError(msgspec.Struct, frozen=True, kw_only=True):
+    code: int  # 400 bad request, 404 not found, 409 conflict, 501 deferred, 500 internal
+    message: str
+    schema: int = SCHEMA_VERSION

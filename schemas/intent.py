@@ -1,0 +1,71 @@
+"""Intent: what operators asked for, as persisted by the controller (one KV entry each)."""
+
+import enum
+
+import msgspec
+
+from schemas import SCHEMA_VERSION
+
+
+class NetworkType(enum.StrEnum):
+    BRIDGE = "bridge"
+    OVERLAY = "overlay"
+    VLAN = "vlan"  # deferred
+    ISOLATED = "isolated"  # deferred
+
+
+DEFERRED_TYPES = frozenset({NetworkType.VLAN, NetworkType.ISOLATED})
+
+
+class Egress(enum.StrEnum):
+    NONE = "none"
+    NAT = "nat"
+
+
+class Network(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    type: NetworkType
+    subnet: str  # CIDR, normalised (e.g. "10.0.0.0/24")
+    gateway: str  # first host address of the subnet
+    egress: Egress = Egress.NONE
+    vni: int | None = None  # overlay only
+    created_at: float = 0.0
+    schema: int = SCHEMA_VERSION
+
+
+class Nic(msgspec.Struct, frozen=True, kw_only=True):
+    id: str  # 32 lowercase hex digits; the tap is "ot" + the first 12
+    network: str
+    node: str
+    vm: str
+    mac: str  # "02:xx:xx:xx:xx:xx", lowercase
+    ip: str  # host address inside the network's subnet
+    created_at: float = 0.0
+    schema: int = SCHEMA_VERSION
+
+
+class Node(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    underlay_ip: str | None = None  # address other nodes reach this one on (WireGuard endpoint)
+    wg_public_key: str | None = None  # base64, from the agent; the private key never leaves it
+    wg_listen_port: int | None = None
+    tunnel_ip: str | None = None  # allocated by the controller from the mesh prefix
+    registered_at: float = 0.0
+    schema: int = SCHEMA_VERSION
+
+
+class NodeVersion(msgspec.Struct, frozen=True, kw_only=True):
+    """Last published desired version per node, persisted so versions grow across restarts."""
+
+    node: str
+    version: int
+    digest: str
+    schema: int = SCHEMA_VERSION
+
+
+class Intent(msgspec.Struct, frozen=True, kw_only=True):
+    """The whole intent at one moment: the input of the pure snapshot computation."""
+
+    networks: dict[str, Network] = {}
+    nics: dict[str, Nic] = {}
+    nodes: dict[str, Node] = {}

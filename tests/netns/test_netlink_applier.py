@@ -1,0 +1,234 @@
+"""NetlinkThread against the real kernel, in a throwaway network namespace."""
+
+import secrets
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agent.model import (
+    AddAddress,
+    AddFdb,
+    CreateBridge,
+    CreateTap,
+    CreateVxlan,
+    DelAddress,
+    DeleteLink,
+    DelFdb,
+    SetMaster,
+    SetMtu,
+    SetUp,
+)
+from agent.netlink import NetlinkThread
+from schemas.desired import FdbEntry
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(30)]
+
+TAP, BR, VX = "ot0123456789ab", "otb1000", "otvx1000"
+FLOOD = "00:00:00:00:00:00"
+
+
+def sh(ns: str, *argv: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *argv], check=True, capture_output=True, text=True, timeout=10
+    ).stdout
+
+
+@pytest.fixture
+def ns():
+    name = "otnl-" + secrets.token_hex(4)
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        # a foreign device the agent must never report or touch (no dummy module here: veth)
+        sh(name, "ip", "link", "add", "eth9", "type", "veth", "peer", "name", "eth10")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+
+
+@pytest.fixture
+def nl(ns):
+    thread = NetlinkThread(netns=ns)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+def overlay_plan():
+    return [
+        CreateBridge(BR, 1390),
+        CreateTap(TAP, 1390),
+        CreateVxlan(VX, 1000, "10.0.0.1", 4789, 1390),
+        SetMaster(TAP, BR),
+        SetMaster(VX, BR),
+        SetUp(BR),
+        SetUp(TAP),
+        SetUp(VX),
+        AddAddress(BR, "10.9.0.1/24"),
+        AddFdb(VX, FLOOD, "10.0.0.2"),
+        AddFdb(VX, FLOOD, "10.0.0.3"),
+        AddFdb(VX, "02:AA:00:00:00:01", "10.0.0.3"),
+    ]
+
+
+async def test_empty_namespace(nl):
+    observed = await nl.observe()
+    assert observed.links == {} and observed.fdb == {} and observed.learned == {}
+
+
+async def test_apply_overlay_then_observe_every_field(nl, ns):
+    result = await nl.apply(overlay_plan())
+    assert result.errors == () and result.done == 12
+
+    observed = await nl.observe()
+    assert set(observed.links) == {BR, TAP, VX}
+    br, tap, vx = observed.links[BR], observed.links[TAP], observed.links[VX]
+    assert (br.kind, br.mtu, br.up, br.master) == ("bridge", 1390, True, None)
+    assert br.addresses == {"10.9.0.1/24"} and br.vxlan is None
+    assert (tap.kind, tap.mtu, tap.up, tap.master, tap.addresses) == ("tun", 1390, True, BR, set())
+    assert (vx.kind, vx.mtu, vx.up, vx.master) == ("vxlan", 1390, True, BR)
+    assert vx.vxlan is not None
+    assert (vx.vxlan.vni, vx.vxlan.local, vx.vxlan.port, vx.vxlan.learning) == (
+        1000,
+        "10.0.0.1",
+        4789,
+        False,
+    )
+    assert observed.fdb == {
+        VX: {
+            FdbEntry(mac=FLOOD, dst="10.0.0.2"),
+            FdbEntry(mac=FLOOD, dst="10.0.0.3"),
+            FdbEntry(mac="02:aa:00:00:00:01", dst="10.0.0.3"),
+        }
+    }
+    assert observed.learned == {VX: set()}
+
+    # a non-permanent entry stands in for a learned one
+    sh(
+        ns,
+        "bridge",
+        "fdb",
+        "add",
+        "02:bb:00:00:00:07",
+        "dev",
+        VX,
+        "dst",
+        "10.0.0.9",
+        "self",
+        "dynamic",
+    )
+    observed = await nl.observe()
+    assert observed.learned == {VX: {"02:bb:00:00:00:07"}}
+    assert FdbEntry(mac="02:bb:00:00:00:07", dst="10.0.0.9") not in observed.fdb[VX]
+
+    # removals: one flood dst only, the learned entry, the address, the tap's master
+    result = await nl.apply(
+        [
+            DelFdb(VX, FLOOD, "10.0.0.2"),
+            DelFdb(VX, "02:bb:00:00:00:07", None),
+            DelAddress(BR, "10.9.0.1/24"),
+            SetMaster(TAP, None),
+            SetMtu(VX, 1300),
+        ]
+    )
+    assert result.errors == ()
+    observed = await nl.observe()
+    assert observed.fdb[VX] == {
+        FdbEntry(mac=FLOOD, dst="10.0.0.3"),
+        FdbEntry(mac="02:aa:00:00:00:01", dst="10.0.0.3"),
+    }
+    assert observed.learned[VX] == set()
+    assert observed.links[BR].addresses == set()
+    assert observed.links[TAP].master is None
+    assert observed.links[VX].mtu == 1300
+
+
+async def test_foreign_device_never_reported_nor_touched(nl, ns):
+    before = sh(ns, "ip", "-o", "link", "show", "eth9")
+    result = await nl.apply(
+        [SetMtu("eth9", 1000), SetUp("eth9"), DeleteLink("eth9"), CreateBridge(BR, 1500)]
+    )
+    assert result.done == 1 and len(result.errors) == 3
+    assert all(e.split(": ")[0].endswith(" eth9") and "refusing" in e for e in result.errors)
+    # enslaving a managed device to a foreign master is refused too
+    result = await nl.apply([SetMaster(BR, "eth9")])
+    assert result.done == 0 and "refusing" in result.errors[0]
+    assert sh(ns, "ip", "-o", "link", "show", "eth9") == before
+    assert "eth9" not in (await nl.observe()).links
+
+
+async def test_deletes_are_idempotent(nl):
+    await nl.apply(overlay_plan())
+    deletes = [
+        DelFdb(VX, FLOOD, "10.0.0.2"),
+        DelAddress(BR, "10.9.0.1/24"),
+        DeleteLink(TAP),
+        DeleteLink(VX),
+        DeleteLink(BR),
+    ]
+    assert (await nl.apply(deletes)).errors == ()
+    assert (await nl.apply(deletes)).errors == ()  # everything already gone: still fine
+    assert (await nl.observe()).links == {}
+
+
+async def test_failed_action_reported_others_still_applied(nl):
+    result = await nl.apply(
+        [
+            CreateBridge(BR, 1390),
+            SetMaster("otvx9", BR),  # no such device
+            CreateTap(TAP, 1390),
+            SetMaster(TAP, "otb9"),  # no such bridge
+            CreateBridge(BR, 1390),  # exists
+            SetUp(TAP),
+        ]
+    )
+    assert result.done == 3
+    assert result.errors == (
+        "SetMaster otvx9: device otvx9 not found",
+        "SetMaster ot0123456789ab: device otb9 not found",
+        "CreateBridge otb1000: File exists",
+    )
+    observed = await nl.observe()
+    assert set(observed.links) == {BR, TAP}
+    assert observed.links[TAP].up and observed.links[TAP].master is None
+
+
+OPEN_TAP = textwrap.dedent(
+    """
+    import fcntl, os, struct, sys
+    IFF_TAP, IFF_NO_PI, TUNSETIFF = 0x0002, 0x1000, 0x400454CA
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", sys.argv[1].encode(), IFF_TAP | IFF_NO_PI))
+    print(open(f"/sys/class/net/{sys.argv[1]}/carrier").read().strip())
+    os.close(fd)
+    """
+)
+
+
+async def test_tap_opens_by_name_from_another_process(nl, ns):
+    assert (await nl.apply([CreateTap(TAP, 1390), SetUp(TAP)])).errors == ()
+    # carrier is 1 only while a process holds the tap open: proves we attached to *our* tap
+    assert sh(ns, sys.executable, "-c", OPEN_TAP, TAP).strip() == "1"
+    link = (await nl.observe()).links[TAP]
+    assert (link.kind, link.mtu) == ("tun", 1390)  # persistent: survives the opener closing
+
+
+def test_usable_from_uvloop(nl):
+    import uvloop
+
+    async def main():
+        result = await nl.apply([CreateBridge(BR, 1390)])
+        return result, await nl.observe()
+
+    result, observed = uvloop.run(main())
+    assert result.errors == () and set(observed.links) == {BR}
+
+
+def test_start_fails_cleanly_for_missing_namespace():
+    thread = NetlinkThread(netns="otnl-missing-" + secrets.token_hex(4))
+    with pytest.raises(Exception):  # noqa: B017 - pyroute2 raises its own flavour
+        thread.start()
+    thread.stop()  # no-op, nothing left running

@@ -1,0 +1,99 @@
+import ipaddress
+
+import pytest
+
+from controller import ipam
+from controller.ipam import AllocationError
+
+
+def net(cidr):
+    return ipam.parse_subnet(cidr)
+
+
+def test_first_host_is_gateway_and_never_handed_out():
+    n = net("10.0.0.0/29")
+    assert ipam.gateway_of(n) == ipaddress.ip_address("10.0.0.1")
+    assert ipam.allocate_ip(n, set(), None) == "10.0.0.2"
+
+
+def test_allocation_fills_gaps_then_exhausts():
+    n = net("10.0.0.0/29")  # hosts .1-.6, .1 is the gateway
+    used = {"10.0.0.2", "10.0.0.4"}
+    assert ipam.allocate_ip(n, used, None) == "10.0.0.3"
+    used = {f"10.0.0.{i}" for i in range(2, 7)}
+    with pytest.raises(AllocationError, match="exhausted") as e:
+        ipam.allocate_ip(n, used, None)
+    assert e.value.code == 409
+
+
+@pytest.mark.parametrize(
+    ("wanted", "message"),
+    [
+        ("10.0.1.5", "outside the network's subnet"),
+        ("10.0.0.0", "network or broadcast"),
+        ("10.0.0.255", "network or broadcast"),
+        ("10.0.0.1", "gateway"),
+        ("10.0.0.7", "already in use"),
+        ("banana", "not a valid IPv4"),
+    ],
+)
+def test_chosen_ip_rules(wanted, message):
+    with pytest.raises(AllocationError, match=message):
+        ipam.allocate_ip(net("10.0.0.0/24"), {"10.0.0.7"}, wanted)
+
+
+def test_chosen_ip_accepted_when_free():
+    assert ipam.allocate_ip(net("10.0.0.0/24"), {"10.0.0.7"}, "10.0.0.8") == "10.0.0.8"
+
+
+@pytest.mark.parametrize(
+    ("cidr", "message"),
+    [("10.0.0.1/24", "not a valid network"), ("10.0.0.0/31", "between /8 and /30"), ("fd00::/64", "only IPv4"), ("x", "not a valid")],
+)
+def test_bad_subnets(cidr, message):
+    with pytest.raises(AllocationError, match=message):
+        ipam.parse_subnet(cidr)
+
+
+def test_overlapping_subnet_refused():
+    with pytest.raises(AllocationError, match="overlaps 10.0.0.0/16 of network 'big'"):
+        ipam.check_subnet_free(net("10.0.3.0/24"), {"big": "10.0.0.0/16"})
+
+
+def test_macs_are_locally_administered_unicast_and_unique():
+    seq = iter([0xAA, 0, 0, 0, 1, 0xAA, 0, 0, 0, 1, 0xAA, 0, 0, 0, 2])
+    used = {"02:aa:00:00:00:01"}
+    mac = ipam.allocate_mac(used, None, rand=lambda bits: next(seq))
+    assert mac == "02:aa:00:00:00:02"  # the first candidate was taken
+    first = int(mac[:2], 16)
+    assert first & 0b10 and not first & 0b1
+
+
+@pytest.mark.parametrize(
+    ("wanted", "message"),
+    [("01:00:00:00:00:01", "multicast"), ("zz:00:00:00:00:01", "not a MAC"), ("00:00:00:00:00:00", "not a usable"), ("02:00:00:00:00:01", "already used")],
+)
+def test_chosen_mac_rules(wanted, message):
+    with pytest.raises(AllocationError, match=message):
+        ipam.allocate_mac({"02:00:00:00:00:01"}, wanted)
+
+
+def test_chosen_mac_normalised():
+    assert ipam.allocate_mac(set(), "02-AB-00-00-00-01") == "02:ab:00:00:00:01"
+
+
+def test_vni_allocation():
+    assert ipam.allocate_vni([], None) == 1000
+    assert ipam.allocate_vni([1000, 1001], None) == 1002
+    assert ipam.allocate_vni([1000], 42) == 42
+    with pytest.raises(AllocationError, match="already used"):
+        ipam.allocate_vni([42], 42)
+    with pytest.raises(AllocationError, match="out of range"):
+        ipam.allocate_vni([], 2**24)
+
+
+def test_tunnel_ips():
+    assert ipam.allocate_tunnel_ip("100.64.0.0/16", set()) == "100.64.0.1"
+    assert ipam.allocate_tunnel_ip("100.64.0.0/16", {"100.64.0.1"}) == "100.64.0.2"
+    with pytest.raises(AllocationError, match="exhausted"):
+        ipam.allocate_tunnel_ip("100.64.0.0/30", {"100.64.0.1", "100.64.0.2"})
