@@ -121,12 +121,19 @@ class Lab:
             await self.down()
             raise
 
-    async def down(self) -> None:
+    async def close(self) -> None:
+        """Disconnect from the lab, leaving it running."""
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.close()
             self.nc = self.api = None
+
+    async def down(self) -> None:
+        await self.close()
         await cleanup_prefix(self.prefix, self.state_dir)
+        self.forget()
+
+    def forget(self) -> None:
         # the agents' private /run/wireguard mounts die with their mount namespaces
         shutil.rmtree(self.state_dir, ignore_errors=True)
 

@@ -1,0 +1,224 @@
+"""``otherix-lab``: a whole Otherix cluster on this machine (root needed), and the demo.
+
+otherix-lab up --nodes 3        # nats-server + controller + 3 agents in namespaces
+otherix-lab vm add web --network lan --node n1
+otherix-lab vm rm web
+otherix-lab down                # removes everything, also after a crash
+otherix-lab demo                # builds a lab, shows the networks working, tears it down
+"""
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+from controller.client import ApiError
+from lab.cluster import Lab
+from lab.netns import LabError, check_prefix
+from lab.topology import OUTSIDE_IP, cleanup_prefix, default_state_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="otherix-lab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--prefix",
+        default=os.environ.get("OTHERIX_LAB_PREFIX", "otlab"),
+        help="name prefix of everything the lab creates",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start a lab cluster and leave it running")
+    up.add_argument("--nodes", type=int, default=2)
+    up.add_argument("--underlay-mtu", type=int, default=1500)
+    up.add_argument("--heartbeat", type=float, default=1.0)
+    up.add_argument("--no-mesh", action="store_true", help="agents without the WireGuard mesh")
+    sub.add_parser("down", help="stop and remove everything the lab created")
+    vm = sub.add_parser("vm", help="VMs (namespaces wired to their taps)").add_subparsers(
+        dest="vm_cmd", required=True
+    )
+    add = vm.add_parser("add")
+    add.add_argument("name")
+    add.add_argument("--network", required=True)
+    add.add_argument("--node", required=True)
+    add.add_argument("--ip")
+    add.add_argument("--mac")
+    rm = vm.add_parser("rm")
+    rm.add_argument("name")
+    demo = sub.add_parser(
+        "demo", help="build a 2-node lab, show pings across nodes and through NAT, tear down"
+    )
+    demo.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
+    return p
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    if not 1 <= args.nodes <= 200:
+        raise LabError(f"--nodes {args.nodes}: between 1 and 200")
+    lab = Lab(
+        args.prefix,
+        underlay_mtu=args.underlay_mtu,
+        heartbeat=args.heartbeat,
+        mesh=not args.no_mesh,
+        nats_port=14222 if args.prefix == "otlab" else None,
+    )
+    started = time.monotonic()
+    await lab.up(args.nodes)
+    say(f"lab {args.prefix}: {args.nodes} node(s) converged in {time.monotonic() - started:.1f}s")
+    say(f"  export OTHERIX_NATS_URL={lab.nats_url}")
+    say(f"  logs and state: {lab.state_dir}")
+    say(f"  outside host: {OUTSIDE_IP} (netns {lab.topology.outside})")
+    await lab.close()
+    return 0
+
+
+async def cmd_vm(args: argparse.Namespace) -> int:
+    lab = Lab.load(args.prefix)
+    try:
+        if args.vm_cmd == "add":
+            vm = await lab.vm_add(args.name, args.network, args.node, ip=args.ip, mac=args.mac)
+            say(
+                f"vm {args.name}: {vm.ip_cidr} mac {vm.mac} on tap {vm.tap} (node {args.node}); shell: ip netns exec {vm.netns} bash"
+            )
+        else:
+            await lab.vm_rm(args.name)
+            say(f"vm {args.name} removed")
+    finally:
+        await lab.close()
+    return 0
+
+
+async def run_ctl(lab: Lab, *argv: str) -> None:
+    """Show what an operator would type and see."""
+    say(f"$ otherixctl {' '.join(argv)}")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "controller.ctl",
+        *argv,
+        env={**os.environ, "OTHERIX_NATS_URL": lab.nats_url},
+    )
+    await proc.wait()
+
+
+async def check(what: str, ok: bool) -> bool:
+    say(f"  {'ok  ' if ok else 'FAIL'} {what}")
+    return ok
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    lab = Lab(args.prefix, heartbeat=1.0)
+    results = []
+    try:
+        say("== bringing up a 2-node lab (nats-server with JetStream, controller, 2 agents)")
+        await lab.up(2)
+        api = await lab.connect()
+        say("\n== bridge network with NAT egress, two VMs on node n1")
+        await run_ctl(
+            lab,
+            "network",
+            "create",
+            "lan",
+            "--type",
+            "bridge",
+            "--subnet",
+            "10.10.0.0/24",
+            "--egress",
+            "nat",
+        )
+        a = await lab.vm_add("a", "lan", "n1")
+        b = await lab.vm_add("b", "lan", "n1")
+        await lab.wait_converged()
+        results.append(
+            await check(
+                f"vm a ({a.ip}) pings vm b ({b.ip}) on the same bridge",
+                await lab.ping("a", b.ip, count=3),
+            )
+        )
+        seen = await lab.outside_sees("a")
+        results.append(
+            await check(
+                f"vm a reaches the outside host {OUTSIDE_IP}; it sees source {seen} (node n1's address)",
+                seen == lab.topology.nodes["n1"].underlay_ip,
+            )
+        )
+
+        say("\n== overlay network (VXLAN over the WireGuard mesh), VMs on n1 and n2")
+        await run_ctl(
+            lab, "network", "create", "ov", "--type", "overlay", "--subnet", "10.20.0.0/24"
+        )
+        c = await lab.vm_add("c", "ov", "n1")
+        d = await lab.vm_add("d", "ov", "n2")
+        await lab.wait_converged()
+        results.append(
+            await check(
+                f"vm c ({c.ip}, n1) pings vm d ({d.ip}, n2) across the mesh",
+                await lab.ping("c", d.ip, count=3, timeout=5),
+            )
+        )
+        results.append(
+            await check(
+                "a 1390-byte DF ping crosses (overlay MTU 1390)",
+                await lab.ping("c", d.ip, size=1390 - 28, dont_fragment=True),
+            )
+        )
+
+        say("")
+        await run_ctl(lab, "nic", "list")
+        say("")
+        await run_ctl(lab, "node", "list")
+        say("")
+        await run_ctl(lab, "status")
+        status = await api.status()
+        results.append(await check("every node converged", status.converged))
+    finally:
+        if args.keep:
+            say(
+                f"\nlab left running; export OTHERIX_NATS_URL={lab.nats_url}; 'otherix-lab down' removes it"
+            )
+            await lab.close()
+        else:
+            say("\n== tearing down")
+            await lab.down()
+    say(f"\ndemo: {sum(results)} of {len(results)} checks passed")
+    return 0 if all(results) else 1
+
+
+async def run(args: argparse.Namespace) -> int:
+    check_prefix(args.prefix)
+    match args.cmd:
+        case "up":
+            return await cmd_up(args)
+        case "down":
+            await cleanup_prefix(args.prefix, default_state_dir(args.prefix))
+            Lab(args.prefix).forget()
+            say(f"lab {args.prefix}: down")
+            return 0
+        case "vm":
+            return await cmd_vm(args)
+        case "demo":
+            return await cmd_demo(args)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("otherix-lab: must run as root (it creates network namespaces)")
+    try:
+        sys.exit(asyncio.run(run(args)))
+    except (LabError, ApiError) as e:
+        sys.exit(f"otherix-lab: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Bridge networks end to end: real nats-server, controller and agents, real taps and nft."""
+
+import asyncio
+
+import pytest
+
+from lab.cluster import Lab
+from lab.topology import OUTSIDE_IP
+from schemas import naming
+from schemas.codec import encode
+from schemas.desired import Bridge, Snapshot
+from tests.e2e.helpers import ack_stream, eventually, lab_fixture, links
+
+pytestmark = [pytest.mark.netns, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
+
+lab = lab_fixture(nodes=2, mesh=False, heartbeat=0.5)
+
+
+async def test_two_vms_on_a_nat_bridge_ping_each_other_and_the_outside(lab: Lab):
+    api = await lab.connect()
+    await api.network_create("lan", "bridge", "10.10.0.0/24", "nat")
+    a = await lab.vm_add("a", "lan", "n1")
+    b = await lab.vm_add("b", "lan", "n1")
+    await lab.wait_converged()
+    assert await lab.ping("a", b.ip, count=2)
+    assert await lab.ping("a", "10.10.0.1")  # the gateway lives on the bridge
+    # masquerade: the outside host sees node n1's underlay address, not the VM's
+    assert await lab.outside_sees("a") == lab.topology.nodes["n1"].underlay_ip
+    ruleset = await lab.exec_node("n1", "nft", "list", "table", "inet", "otherix")
+    assert "ip saddr 10.10.0.0/24 ip daddr != 10.10.0.0/24 masquerade" in ruleset
+    assert (await lab.exec_node("n1", "sysctl", "-n", "net.ipv4.ip_forward")).strip() == "1"
+    # n2 hosts no NIC of lan: nothing of it there
+    assert not [n for n in await links(lab, "n2") if n.startswith("ot")]
+
+
+async def test_bridge_without_nat_has_no_way_out(lab: Lab):
+    api = await lab.connect()
+    await api.network_create("quiet", "bridge", "10.11.0.0/24")
+    await lab.vm_add("q1", "quiet", "n2")
+    q2 = await lab.vm_add("q2", "quiet", "n2")
+    await lab.wait_converged()
+    assert await lab.ping("q1", q2.ip)
+    assert not await lab.ping("q1", OUTSIDE_IP, timeout=1)
+    assert "otherix" not in await lab.exec_node("n2", "nft", "list", "tables")
+
+
+async def test_foreign_devices_survive_everything(lab: Lab):
+    await lab.exec_node(
+        "n1", "ip", "link", "add", "keepme0", "type", "veth", "peer", "name", "keepme1"
+    )
+    await lab.exec_node("n1", "ip", "link", "add", "hostbr0", "type", "bridge")
+    await lab.exec_node("n1", "nft", "add", "table", "ip", "operator")
+    before = {k: v for k, v in (await links(lab, "n1")).items() if not k.startswith("ot")}
+    api = await lab.connect()
+    await api.network_create("tmp", "bridge", "10.12.0.0/24", "nat")
+    await lab.vm_add("t1", "tmp", "n1")
+    await lab.wait_converged()
+    await lab.vm_rm("t1")
+    await api.network_delete("tmp")
+    await lab.wait_converged()
+    after = {k: v for k, v in (await links(lab, "n1")).items() if not k.startswith("ot")}
+    assert after == before and {"keepme0", "keepme1", "hostbr0"} <= set(after)
+    assert "table ip operator" in await lab.exec_node("n1", "nft", "list", "tables")
+
+
+async def test_detaching_a_nic_removes_its_tap(lab: Lab):
+    api = await lab.connect()
+    nic = await api.nic_attach("lan", "n1", "ephemeral")
+    await lab.wait_converged()
+    assert nic.tap in await links(lab, "n1")
+    await api.nic_detach(nic.nic.id)
+    await lab.wait_converged()
+    assert nic.tap not in await links(lab, "n1")
+
+
+async def test_bridge_deleted_by_hand_comes_back_within_two_heartbeats(lab: Lab):
+    bridge = naming.bridge_network_bridge("lan")
+    async with ack_stream(lab, "n1") as acks:
+        await lab.exec_node("n1", "ip", "link", "del", bridge)
+        repaired = False
+        for _ in range(2):  # two heartbeats, counted in acks rather than seconds
+            ack = await asyncio.wait_for(acks.get(), 10)
+            if ack.ok and ack.changes and bridge in await links(lab, "n1"):
+                repaired = True
+                break
+    assert repaired
+    assert (await links(lab, "n1"))[bridge].startswith("mtu 1500")
+    assert await lab.ping("a", lab.vms["b"].ip, count=2)  # taps re-enslaved, traffic flows
+
+
+async def test_agent_killed_and_restarted_converges_without_duplicates(lab: Lab):
+    state_before = await links(lab, "n1")
+    rules_before = await lab.exec_node("n1", "nft", "list", "ruleset")
+    await lab.kill_agent("n1")
+    assert await lab.ping("a", lab.vms["b"].ip)  # the data plane does not need the agent
+    await lab.start_agent("n1")
+    async with ack_stream(lab, "n1") as acks:
+        ack = await asyncio.wait_for(acks.get(), 10)
+    assert ack.ok and ack.changes == 0  # nothing to redo: the kernel already matched
+    assert await links(lab, "n1") == state_before
+    assert await lab.exec_node("n1", "nft", "list", "ruleset") == rules_before
+
+
+async def test_stale_foreign_and_malformed_snapshots_are_refused(lab: Lab):
+    status = await (await lab.connect()).status()
+    applied = next(n.applied_version for n in status.nodes if n.node.name == "n1")
+    state_before = await links(lab, "n1")
+    wipe = Bridge(name="otbevil", mtu=1500)
+    cases = {
+        "stale snapshot": Snapshot(node="n1", version=applied - 1, bridges=(wipe,)),
+        "for node 'n2'": Snapshot(node="n2", version=applied + 100, bridges=(wipe,)),
+    }
+    async with ack_stream(lab, "n1") as acks:
+        await lab.stop_controller()  # so no fresh snapshot interleaves with ours
+        try:
+            await asyncio.sleep(0.3)
+            while not acks.empty():
+                acks.get_nowait()
+            for reason, snap in cases.items():
+                await lab.nc.publish(naming.desired_subject("n1"), encode(snap))
+                ack = await asyncio.wait_for(acks.get(), 10)
+                assert not ack.ok and reason in ack.error
+            await lab.nc.publish(naming.desired_subject("n1"), b'{"node": "n1", "version": "x"}')
+            ack = await asyncio.wait_for(acks.get(), 10)
+            assert (
+                not ack.ok and "malformed snapshot" in ack.error and ack.applied_version == applied
+            )
+        finally:
+            await lab.start_controller()
+    assert await links(lab, "n1") == state_before
+    status = await lab.wait_converged()
+    n1 = next(n for n in status.nodes if n.node.name == "n1")
+    assert n1.applied_version == applied
+
+    async def counted():
+        s = await (await lab.connect()).status()
+        h = next(n for n in s.nodes if n.node.name == "n1").health
+        return h is not None and h.snapshots_rejected >= 3
+
+    await eventually(counted, what="health counts the 3 refused snapshots")
+
+
+async def test_controller_silence_keeps_the_data_plane(lab: Lab):
+    await lab.stop_controller()
+    try:
+        await asyncio.sleep(1.5)  # three missed heartbeats
+        assert await lab.ping("a", lab.vms["b"].ip)
+        assert naming.bridge_network_bridge("lan") in await links(lab, "n1")
+    finally:
+        await lab.start_controller()
+    await lab.wait_converged()
+
+
+async def test_deleting_the_network_removes_bridge_and_rule(lab: Lab):
+    api = await lab.connect()
+    for vm in ("a", "b"):
+        await lab.vm_rm(vm)
+    await api.network_delete("lan")
+    await lab.wait_converged()
+    assert naming.bridge_network_bridge("lan") not in await links(lab, "n1")
+    assert not [n for n in await links(lab, "n1") if n.startswith("ot")]
+    assert "otherix" not in await lab.exec_node("n1", "nft", "list", "tables")
