@@ -287,9 +287,11 @@ class Controller:
                 node.tunnel_ip,
             )
             self._wake()
+        await self._restamp_if_dirty()
         return self._node_status(node.name)
 
     async def _node_list(self, _: api.Empty) -> list[api.NodeStatus]:
+        await self._restamp_if_dirty()
         return [self._node_status(name) for name in sorted(self.intent.nodes)]
 
     async def _node_remove(self, req: api.NodeRemove) -> api.NodeStatus:
@@ -311,9 +313,12 @@ class Controller:
         version = self.versions.get(name)
         return self.tracker.status(self.intent.nodes[name], version.version if version else 0)
 
-    async def _status(self, _: api.Empty) -> api.Status:
+    async def _restamp_if_dirty(self) -> None:
         if self._dirty:
-            await self._restamp()  # so desired versions reflect the latest change
+            await self._restamp()  # so replies show the desired version of the latest change
+
+    async def _status(self, _: api.Empty) -> api.Status:
+        await self._restamp_if_dirty()
         nodes = tuple(self._node_status(name) for name in sorted(self.intent.nodes))
         return api.Status(
             nodes=nodes,

@@ -50,11 +50,7 @@ class Store:
 
     async def load(self) -> tuple[Intent, dict[str, NodeVersion]]:
         objects: dict[str, dict] = {kind: {} for kind in _KINDS}
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            keys = []
-        for key in keys:
+        for key in await self.keys():
             kind, _, name = key.partition(".")
             if kind not in _KINDS:
                 log.warning("store: ignoring unknown key %s", key)
@@ -71,6 +67,18 @@ class Store:
                 log.error("store: entry %s is unreadable and is skipped: %s", key, e)
         intent = Intent(networks=objects["network"], nics=objects["nic"], nodes=objects["node"])
         return intent, objects["version"]
+
+    async def keys(self) -> list[str]:
+        """Every key with an entry (deleted ones included; ``get`` skips those).
+
+        Not ``kv.keys()``: in nats-py 2.16 its watcher can signal "no more keys" before the
+        ordered consumer's first messages are processed and then returns nothing, which would
+        make a restarted controller load an empty intent. Stream info (one request/reply) lists
+        the subjects deterministically; the server pages it at 100,000 subjects.
+        """
+        prefix = f"$KV.{self.kv._name}."
+        info = await self.kv._js.stream_info(self.kv._stream, subjects_filter=f"{prefix}>")
+        return sorted(s[len(prefix) :] for s in (info.state.subjects or {}))
 
     async def put(self, obj: Network | Nic | Node | NodeVersion) -> None:
         await self.kv.put(_key(obj), encode(obj))

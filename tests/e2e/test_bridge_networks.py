@@ -19,7 +19,7 @@ lab = lab_fixture(nodes=2, mesh=False, heartbeat=0.5)
 async def test_two_vms_on_a_nat_bridge_ping_each_other_and_the_outside(lab: Lab):
     api = await lab.connect()
     await api.network_create("lan", "bridge", "10.10.0.0/24", "nat")
-    a = await lab.vm_add("a", "lan", "n1")
+    await lab.vm_add("a", "lan", "n1")
     b = await lab.vm_add("b", "lan", "n1")
     await lab.wait_converged()
     assert await lab.ping("a", b.ip, count=2)
