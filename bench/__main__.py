@@ -1,0 +1,22 @@
+"""``python -m bench [NAME ...]``: run the named benchmarks (default: all)."""
+
+import asyncio
+import sys
+
+from bench import attach_ack
+
+BENCHES = {"attach_ack": attach_ack.main}
+
+
+def main() -> None:
+    names = sys.argv[1:] or list(BENCHES)
+    for name in names:
+        if name not in BENCHES:
+            sys.exit(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
+    for name in names:
+        print(f"== {name}", flush=True)
+        asyncio.run(BENCHES[name]())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Time from ``nic attach`` to the agent's ack of the snapshot that made the tap (median of 20).
+
+Baselines measured in the same run: a bare API round trip (``nic list``) and creating + enslaving
++ upping a tap with the ``ip`` command in a namespace, i.e. the kernel work alone.
+"""
+
+import asyncio
+import secrets
+import statistics
+import time
+
+from lab.cluster import Lab
+from schemas import naming
+from schemas.codec import decode
+from schemas.messages import Ack
+
+RUNS = 20
+
+
+def summary(label: str, samples: list[float]) -> float:
+    med = statistics.median(samples)
+    p90 = sorted(samples)[int(len(samples) * 0.9) - 1]
+    print(f"{label:<44} median {med * 1000:8.2f} ms   p90 {p90 * 1000:8.2f} ms   (n={len(samples)})")
+    return med
+
+
+async def main() -> None:
+    lab = Lab("otbn" + secrets.token_hex(2), mesh=False, heartbeat=1.0)
+    try:
+        await lab.up(1)
+        api = await lab.connect()
+        await api.network_create("bench", "bridge", "10.30.0.0/16")
+        acks: asyncio.Queue[tuple[float, Ack]] = asyncio.Queue()
+
+        async def on_ack(msg):
+            acks.put_nowait((time.perf_counter(), decode(msg.data, Ack)))
+
+        await lab.nc.subscribe(naming.ack_subject("n1"), cb=on_ack)
+        await asyncio.wait_for(acks.get(), 10)  # the subscription is live
+
+        attach = []
+        for i in range(RUNS):
+            await lab.wait_converged()
+            while not acks.empty():
+                acks.get_nowait()
+            start = time.perf_counter()
+            await api.nic_attach("bench", "n1", f"vm{i}")
+            while True:
+                at, ack = await asyncio.wait_for(acks.get(), 10)
+                if ack.ok and ack.changes:
+                    attach.append(at - start)
+                    break
+
+        api_rtt = []
+        for _ in range(RUNS):
+            start = time.perf_counter()
+            await api.nic_list()
+            api_rtt.append(time.perf_counter() - start)
+
+        kernel = []
+        bridge = naming.bridge_network_bridge("bench")
+        for i in range(RUNS):
+            tap = f"otbench{i:04d}"
+            start = time.perf_counter()
+            await lab.exec_node("n1", "sh", "-c",
+                                f"ip tuntap add mode tap name {tap} && ip link set {tap} master {bridge} up")  # fmt: skip
+            kernel.append(time.perf_counter() - start)
+            await lab.exec_node("n1", "ip", "link", "del", tap)
+
+        med_attach = summary("nic attach -> agent ack (tap created)", attach)
+        med_api = summary("baseline: API round trip (nic list)", api_rtt)
+        med_kernel = summary("baseline: `ip` creates+enslaves a tap", kernel)
+        print(f"ratio attach/API round trip: {med_attach / med_api:.1f}x; attach/ip commands: {med_attach / med_kernel:.1f}x")
+    finally:
+        await lab.down()
