@@ -16,6 +16,8 @@ import uvloop
 from agent.netlink import NetlinkThread
 from agent.nft import NftApplier
 from agent.runner import Agent, AgentConfig
+from agent.wgkeys import InvalidKey, load_or_create_private_key
+from agent.wireguard import WireGuardApplier
 from controller.main import setup_logging
 from schemas import naming
 
@@ -94,18 +96,16 @@ def make_wireguard(args: argparse.Namespace):
         if not args.no_mesh:
             log.warning("agent %s: no --underlay-ip, so not joining the overlay mesh", args.node)
         return None
-    from agent.wgkeys import load_or_create_private_key, public_key
-    from agent.wireguard import WireGuardApplier
-
     private = load_or_create_private_key(args.state_dir)
-    applier = WireGuardApplier(private_key=private, backend=args.wg_backend)
-    applier.public_key = public_key(private)
-    return applier
+    return WireGuardApplier(private_key=private, backend=args.wg_backend)
 
 
 async def run(args: argparse.Namespace) -> None:
     args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    wireguard = make_wireguard(args)
+    try:
+        wireguard = make_wireguard(args)
+    except InvalidKey as e:
+        sys.exit(f"otherix-agent: {e}")
     netlink = NetlinkThread()
     netlink.start()
     nc = await nats.connect(args.nats, name=f"otherix-agent-{args.node}", max_reconnect_attempts=-1)

@@ -56,6 +56,7 @@ class Agent:
         self.last_error: str | None = None
         self.last_snapshot_at = 0.0
         self.devices = 0
+        self.tunnel_address: str | None = None
         self.registered = asyncio.Event()
         self._latest: bytes | None = None
         self._wakeup = asyncio.Event()
@@ -212,6 +213,7 @@ class Agent:
             if self.wireguard is None:
                 errors.append("snapshot asks for the WireGuard mesh but this agent runs without it")
             else:
+                self.tunnel_address = snap.wireguard.address.split("/")[0]
                 try:
                     changes += await self.wireguard.apply(snap.wireguard)
                 except Exception as e:
@@ -246,7 +248,7 @@ class Agent:
                 peers = tuple(await self.wireguard.peers())
             except Exception as e:
                 log.debug("agent %s: no WireGuard peers to report: %s", self.config.node, e)
-            tunnel = getattr(self.wireguard, "address", None)
+            tunnel = self.tunnel_address
         return Health(
             node=self.config.node,
             applied_version=self.applied.version,

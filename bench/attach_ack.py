@@ -20,7 +20,9 @@ RUNS = 20
 def summary(label: str, samples: list[float]) -> float:
     med = statistics.median(samples)
     p90 = sorted(samples)[int(len(samples) * 0.9) - 1]
-    print(f"{label:<44} median {med * 1000:8.2f} ms   p90 {p90 * 1000:8.2f} ms   (n={len(samples)})")
+    print(
+        f"{label:<44} median {med * 1000:8.2f} ms   p90 {p90 * 1000:8.2f} ms   (n={len(samples)})"
+    )
     return med
 
 
@@ -70,6 +72,8 @@ async def main() -> None:
         med_attach = summary("nic attach -> agent ack (tap created)", attach)
         med_api = summary("baseline: API round trip (nic list)", api_rtt)
         med_kernel = summary("baseline: `ip` creates+enslaves a tap", kernel)
-        print(f"ratio attach/API round trip: {med_attach / med_api:.1f}x; attach/ip commands: {med_attach / med_kernel:.1f}x")
+        print(
+            f"ratio attach/API round trip: {med_attach / med_api:.1f}x; attach/ip commands: {med_attach / med_kernel:.1f}x"
+        )
     finally:
         await lab.down()

@@ -170,10 +170,18 @@ def emit(args: argparse.Namespace, value: object, text: str) -> None:
         print(text)
 
 
+async def _quiet(_: Exception) -> None:
+    """nats-py's default error callback prints a traceback per attempt; we print one line."""
+
+
 async def run(args: argparse.Namespace) -> int:
     try:
         nc = await nats.connect(
-            args.nats, connect_timeout=args.timeout, max_reconnect_attempts=1, allow_reconnect=False
+            args.nats,
+            connect_timeout=args.timeout,
+            max_reconnect_attempts=1,
+            allow_reconnect=False,
+            error_cb=_quiet,
         )
     except Exception as e:
         print(f"otherixctl: cannot reach NATS at {args.nats}: {e}", file=sys.stderr)

@@ -60,6 +60,7 @@ class Controller:
         self._tasks: list[asyncio.Task] = []
         self._service: nats.micro.service.Service | None = None
         self._subs: list[Any] = []
+        self._stopping = False
         self.publishes = 0
 
     # --- life cycle -----------------------------------------------------------------------------
@@ -90,6 +91,10 @@ class Controller:
         self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
 
     async def stop(self) -> None:
+        # A flag as well as cancel(): on 3.11 a cancel that races a finishing nats-py request
+        # (asyncio.wait_for inside) can be swallowed, and the loop must still end.
+        self._stopping = True
+        self._changed.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -101,13 +106,16 @@ class Controller:
     # --- heartbeat ------------------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.publish_all()
             except Exception:
                 log.exception("controller: heartbeat failed; retrying next cycle")
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel that arrives as the
+            # wait ends, and this loop would never stop.
             try:
-                await asyncio.wait_for(self._changed.wait(), self.config.heartbeat_interval)
+                async with asyncio.timeout(self.config.heartbeat_interval):
+                    await self._changed.wait()
             except TimeoutError:
                 pass
             self._changed.clear()

@@ -206,9 +206,12 @@ class Lab:
         )  # fmt: skip
         if not self.state.mesh:
             agent.append("--no-mesh")
-        # `ip netns exec` gives a private mount namespace; a tmpfs there keeps each node's
-        # wireguard-go socket (always /run/wireguard/otwg0.sock) apart from the others'.
-        wrapper = ["sh", "-c", f'mount -t tmpfs otwg {WIREGUARD_RUN} && exec "$@"', "sh", *agent]
+        # `ip netns exec` gives a private mount namespace; binding a per-node directory there
+        # keeps each node's wireguard-go socket (always /run/wireguard/otwg0.sock) apart from
+        # the others', and lets a restarted agent find and adopt its node's running daemon.
+        wg_run = self.state_dir / "agents" / name / "run-wireguard"
+        wg_run.mkdir(parents=True, exist_ok=True)
+        wrapper = ["sh", "-c", f'mount --bind {wg_run} {WIREGUARD_RUN} && exec "$@"', "sh", *agent]
         await spawn(wrapper, state_dir=self.state_dir, name=f"agent-{name}", netns=node.netns)
 
     async def stop_agent(self, name: str) -> None:

@@ -66,7 +66,8 @@ async def ack_stream(lab: Lab, node: str):
 
     sub = await lab.nc.subscribe(naming.ack_subject(node), cb=on_ack)
     try:
-        await asyncio.wait_for(queue.get(), 10)  # positive signal: the subscription works
+        # positive signal that the subscription works; kept for callers that need it
+        queue.first = await asyncio.wait_for(queue.get(), 10)
         yield queue
     finally:
         await sub.unsubscribe()

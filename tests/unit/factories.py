@@ -34,7 +34,10 @@ def nic(i, network, node_name, mac=None):
 
 def bridge_net(name="lan", nat=False, subnet="10.0.0.0/24"):
     return Network(
-        name=name, type=NetworkType.BRIDGE, subnet=subnet, gateway=subnet.rsplit(".", 1)[0] + ".1",
+        name=name,
+        type=NetworkType.BRIDGE,
+        subnet=subnet,
+        gateway=subnet.rsplit(".", 1)[0] + ".1",
         egress=Egress.NAT if nat else Egress.NONE,
     )
 

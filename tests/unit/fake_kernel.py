@@ -41,7 +41,9 @@ class FakeKernel:
                 case m.CreateVxlan(name, vni, local, port, mtu):
                     assert name not in self.links
                     info = m.VxlanInfo(vni=vni, local=local, port=port, learning=False)
-                    self.links[name] = m.Link(name=name, kind="vxlan", mtu=mtu, up=False, vxlan=info)
+                    self.links[name] = m.Link(
+                        name=name, kind="vxlan", mtu=mtu, up=False, vxlan=info
+                    )
                     self.fdb[name], self.learned[name] = set(), set()
                 case m.SetMtu(name, mtu):
                     self._set(name, mtu=mtu)

@@ -10,7 +10,11 @@ CFG = ClusterConfig()
 
 
 def test_bridge_network_only_on_nodes_with_nics():
-    it = intent([bridge_net(nat=True)], [nic(1, "lan", "n1"), nic(2, "lan", "n1")], [node("n1", False), node("n2", False)])
+    it = intent(
+        [bridge_net(nat=True)],
+        [nic(1, "lan", "n1"), nic(2, "lan", "n1")],
+        [node("n1", False), node("n2", False)],
+    )
     snaps = compute_snapshots(it, CFG)
     n1, n2 = snaps["n1"], snaps["n2"]
     assert [b.name for b in n1.bridges] == [naming.bridge_network_bridge("lan")]
@@ -33,7 +37,13 @@ def test_overlay_fdb_and_flood_list_only_towards_hosting_nodes():
     nics = [nic(1, "ov", "n1"), nic(2, "ov", "n2"), nic(3, "ov", "n2")]
     snaps = compute_snapshots(intent([overlay_net()], nics, nodes), CFG)
     vx = snaps["n1"].vxlans[0]
-    assert (vx.name, vx.bridge, vx.vni, vx.local, vx.mtu) == ("otvx1000", "otb1000", 1000, "100.64.0.1", 1390)
+    assert (vx.name, vx.bridge, vx.vni, vx.local, vx.mtu) == (
+        "otvx1000",
+        "otb1000",
+        1000,
+        "100.64.0.1",
+        1390,
+    )
     assert set(vx.fdb) == {
         FdbEntry(mac=FLOOD_MAC, dst="100.64.0.2"),
         FdbEntry(mac="02:00:00:00:00:02", dst="100.64.0.2"),
@@ -45,11 +55,18 @@ def test_overlay_fdb_and_flood_list_only_towards_hosting_nodes():
 
 
 def test_wireguard_full_mesh_and_mtus():
-    nodes = [node("n1", index=1), node("n2", index=2), node("n3", index=3), node("nokey", mesh=False)]
+    nodes = [
+        node("n1", index=1),
+        node("n2", index=2),
+        node("n3", index=3),
+        node("nokey", mesh=False),
+    ]
     snaps = compute_snapshots(intent(nodes=nodes), ClusterConfig(underlay_mtu=9000))
     wg = snaps["n1"].wireguard
     assert wg.mtu == 8940 and wg.address == "100.64.0.1/16" and wg.listen_port == 51820
-    assert [(p.node, p.endpoint, p.allowed_ips) for p in sorted(wg.peers, key=lambda p: p.node)] == [
+    assert [
+        (p.node, p.endpoint, p.allowed_ips) for p in sorted(wg.peers, key=lambda p: p.node)
+    ] == [
         ("n2", "198.18.0.12:51820", ("100.64.0.2/32",)),
         ("n3", "198.18.0.13:51820", ("100.64.0.3/32",)),
     ]
@@ -65,7 +82,9 @@ def test_overlay_mtu_follows_underlay():
 def test_moved_nic_follows_in_fdb():
     nodes = [node("n1", index=1), node("n2", index=2), node("n3", index=3)]
     before = intent([overlay_net()], [nic(1, "ov", "n1"), nic(2, "ov", "n2")], nodes)
-    after = intent([overlay_net()], [nic(1, "ov", "n1"), nic(9, "ov", "n3", mac="02:00:00:00:00:02")], nodes)
+    after = intent(
+        [overlay_net()], [nic(1, "ov", "n1"), nic(9, "ov", "n3", mac="02:00:00:00:00:02")], nodes
+    )
     fdb = set(compute_snapshots(after, CFG)["n1"].vxlans[0].fdb)
     assert FdbEntry(mac="02:00:00:00:00:02", dst="100.64.0.3") in fdb
     assert all(e.dst != "100.64.0.2" for e in fdb)

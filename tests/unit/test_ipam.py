@@ -48,7 +48,12 @@ def test_chosen_ip_accepted_when_free():
 
 @pytest.mark.parametrize(
     ("cidr", "message"),
-    [("10.0.0.1/24", "not a valid network"), ("10.0.0.0/31", "between /8 and /30"), ("fd00::/64", "only IPv4"), ("x", "not a valid")],
+    [
+        ("10.0.0.1/24", "not a valid network"),
+        ("10.0.0.0/31", "between /8 and /30"),
+        ("fd00::/64", "only IPv4"),
+        ("x", "not a valid"),
+    ],
 )
 def test_bad_subnets(cidr, message):
     with pytest.raises(AllocationError, match=message):
@@ -71,7 +76,12 @@ def test_macs_are_locally_administered_unicast_and_unique():
 
 @pytest.mark.parametrize(
     ("wanted", "message"),
-    [("01:00:00:00:00:01", "multicast"), ("zz:00:00:00:00:01", "not a MAC"), ("00:00:00:00:00:00", "not a usable"), ("02:00:00:00:00:01", "already used")],
+    [
+        ("01:00:00:00:00:01", "multicast"),
+        ("zz:00:00:00:00:01", "not a MAC"),
+        ("00:00:00:00:00:00", "not a usable"),
+        ("02:00:00:00:00:01", "already used"),
+    ],
 )
 def test_chosen_mac_rules(wanted, message):
     with pytest.raises(AllocationError, match=message):

@@ -30,7 +30,9 @@ def test_bad_nic_id_refused():
         naming.tap_name("XYZ")
 
 
-@pytest.mark.parametrize(("underlay", "wg", "inner"), [(1500, 1440, 1390), (9000, 8940, 8890), (1400, 1340, 1290)])
+@pytest.mark.parametrize(
+    ("underlay", "wg", "inner"), [(1500, 1440, 1390), (9000, 8940, 8890), (1400, 1340, 1290)]
+)
 def test_mtu_derivation(underlay, wg, inner):
     assert naming.wireguard_mtu(underlay) == wg
     assert naming.overlay_mtu(underlay) == inner

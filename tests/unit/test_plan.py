@@ -26,7 +26,11 @@ def snapshots():
         intent(nets, [nic(1, "lan", "n1")], nodes),
         intent(nets, [nic(1, "lan", "n1"), nic(2, "lan", "n1"), nic(3, "lan2", "n1")], nodes),
         intent(nets, [nic(1, "ov", "n1"), nic(2, "ov", "n2")], nodes),
-        intent(nets, [nic(1, "ov", "n1"), nic(2, "ov", "n2"), nic(4, "ov", "n3"), nic(5, "lan", "n1")], nodes),
+        intent(
+            nets,
+            [nic(1, "ov", "n1"), nic(2, "ov", "n2"), nic(4, "ov", "n3"), nic(5, "lan", "n1")],
+            nodes,
+        ),
         intent(nets, [nic(1, "ov", "n1"), nic(4, "ov", "n3")], nodes),
     ]
     out = [compute_snapshots(c, ClusterConfig())["n1"] for c in cases]
@@ -70,7 +74,9 @@ def test_wrong_stale_learned_and_foreign_state_repaired():
     kernel.fdb[vx.name].add(FdbEntry(mac="02:de:ad:00:00:01", dst="100.64.0.99"))  # stale
     kernel.fdb[vx.name].discard(vx.fdb[0])  # missing
     kernel.learned[vx.name].add("02:aa:bb:cc:dd:ee")  # learned from the wire
-    kernel.links["otb4242"] = m.Link(name="otb4242", kind="bridge", mtu=1500, up=True)  # ours, undesired
+    kernel.links["otb4242"] = m.Link(
+        name="otb4242", kind="bridge", mtu=1500, up=True
+    )  # ours, undesired
     actions = converge(kernel, desired)
     assert m.SetMtu(name=tap, mtu=desired.taps[0].mtu) in actions
     assert m.DelFdb(device=vx.name, mac="02:de:ad:00:00:01", dst="100.64.0.99") in actions
@@ -107,27 +113,38 @@ def test_wrong_kind_or_vni_recreated():
 
 
 def test_foreign_addresses_removed_from_managed_bridge_only():
-    desired = Snapshot(node="n1", version=1, bridges=(Bridge(name="otnaaaa0000", mtu=1500, address="10.0.0.1/24"),))
+    desired = Snapshot(
+        node="n1", version=1, bridges=(Bridge(name="otnaaaa0000", mtu=1500, address="10.0.0.1/24"),)
+    )
     kernel = FakeKernel()
     converge(kernel, desired)
     kernel.links["otnaaaa0000"] = msgspec.structs.replace(
         kernel.links["otnaaaa0000"], addresses=frozenset({"10.0.0.1/24", "192.0.2.1/24"})
     )
-    assert plan(desired, kernel.observe()) == [m.DelAddress(name="otnaaaa0000", address="192.0.2.1/24")]
+    assert plan(desired, kernel.observe()) == [
+        m.DelAddress(name="otnaaaa0000", address="192.0.2.1/24")
+    ]
 
 
 def test_wireguard_device_is_left_to_its_applier():
-    kernel = FakeKernel(m.Observed(links={"otwg0": m.Link(name="otwg0", kind="tun", mtu=1440, up=True)}))
+    kernel = FakeKernel(
+        m.Observed(links={"otwg0": m.Link(name="otwg0", kind="tun", mtu=1440, up=True)})
+    )
     assert plan(Snapshot(node="n1", version=1), kernel.observe()) == []
 
 
 def test_hypervisor_made_tap_is_adopted_not_recreated():
     desired = Snapshot(
-        node="n1", version=1,
+        node="n1",
+        version=1,
         bridges=(Bridge(name="otnaaaa0000", mtu=1500),),
         taps=(Tap(name="ot0123456789ab", bridge="otnaaaa0000", mtu=1500),),
     )
-    kernel = FakeKernel(m.Observed(links={"ot0123456789ab": m.Link(name="ot0123456789ab", kind="tun", mtu=1500, up=False)}))
+    kernel = FakeKernel(
+        m.Observed(
+            links={"ot0123456789ab": m.Link(name="ot0123456789ab", kind="tun", mtu=1500, up=False)}
+        )
+    )
     actions = converge(kernel, desired)
     assert m.CreateTap(name="ot0123456789ab", mtu=1500) not in actions
     assert m.SetMaster(name="ot0123456789ab", master="otnaaaa0000") in actions

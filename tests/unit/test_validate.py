@@ -12,7 +12,16 @@ GOOD = Snapshot(
     version=5,
     bridges=(Bridge(name="otb1000", mtu=1390),),
     taps=(Tap(name="ot0123456789ab", bridge="otb1000", mtu=1390),),
-    vxlans=(Vxlan(name="otvx1000", vni=1000, bridge="otb1000", local="100.64.0.1", mtu=1390, fdb=(FdbEntry(mac="00:00:00:00:00:00", dst="100.64.0.2"),)),),
+    vxlans=(
+        Vxlan(
+            name="otvx1000",
+            vni=1000,
+            bridge="otb1000",
+            local="100.64.0.1",
+            mtu=1390,
+            fdb=(FdbEntry(mac="00:00:00:00:00:00", dst="100.64.0.2"),),
+        ),
+    ),
 )
 
 
@@ -34,13 +43,33 @@ def test_good_snapshot_accepted_same_or_newer_version():
         (raw(schema=2), "n1", 0, "schema 2 is not supported"),
         (raw(), "n2", 0, "snapshot is for node 'n1', this is 'n2'"),
         (raw(), "n1", 6, "stale snapshot: version 5 is older than applied version 6"),
-        (raw(bridges=(Bridge(name="eth0", mtu=1500),), taps=(), vxlans=()), "n1", 0, "'eth0' is not an Otherix device name"),
+        (
+            raw(bridges=(Bridge(name="eth0", mtu=1500),), taps=(), vxlans=()),
+            "n1",
+            0,
+            "'eth0' is not an Otherix device name",
+        ),
         (raw(bridges=(Bridge(name="otb1000", mtu=10),)), "n1", 0, "MTU 10 out of range"),
         (raw(bridges=()), "n1", 0, "bridge otb1000, which the snapshot does not define"),
-        (raw(bridges=(Bridge(name="otb1000", mtu=1390, address="10.0.0.300/24"),)), "n1", 0, "10.0.0.300"),
+        (
+            raw(bridges=(Bridge(name="otb1000", mtu=1390, address="10.0.0.300/24"),)),
+            "n1",
+            0,
+            "10.0.0.300",
+        ),
         (raw(nat_subnets=("10.0.0.1/24",)), "n1", 0, "has host bits set"),
-        (raw(bridges=(Bridge(name="otb1000", mtu=1390), Bridge(name="otb1000", mtu=1390))), "n1", 0, "appears twice"),
-        (raw(bridges=(Bridge(name="ot;rm -rf", mtu=1390),), taps=(), vxlans=()), "n1", 0, "not an Otherix device name"),
+        (
+            raw(bridges=(Bridge(name="otb1000", mtu=1390), Bridge(name="otb1000", mtu=1390))),
+            "n1",
+            0,
+            "appears twice",
+        ),
+        (
+            raw(bridges=(Bridge(name="ot;rm -rf", mtu=1390),), taps=(), vxlans=()),
+            "n1",
+            0,
+            "not an Otherix device name",
+        ),
     ],
 )
 def test_refused_with_reason(data, node, applied, message):
@@ -65,7 +94,9 @@ def test_message_round_trips():
 
 def test_api_requests_forbid_unknown_fields_and_check_types():
     with pytest.raises(msgspec.ValidationError, match="unknown field `colour`"):
-        decode(b'{"name":"a","type":"bridge","subnet":"10.0.0.0/24","colour":"red"}', api.NetworkCreate)
+        decode(
+            b'{"name":"a","type":"bridge","subnet":"10.0.0.0/24","colour":"red"}', api.NetworkCreate
+        )
     with pytest.raises(msgspec.ValidationError, match="Invalid enum value 'mesh'"):
         decode(b'{"name":"a","type":"mesh","subnet":"10.0.0.0/24"}', api.NetworkCreate)
     req = decode(b'{"name":"a","type":"overlay","subnet":"10.0.0.0/24","vni":7}', api.NetworkCreate)

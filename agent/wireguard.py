@@ -1,0 +1,786 @@
+"""The WireGuard mesh applier: owns ``otwg0`` (its keys, listen port, peers, MTU, address, up).
+
+Desired state is ``schemas.desired.WireGuard``; the applier observes the device, plans with pure
+functions (``plan_peers``, ``plan_device``, ``plan_link``) and writes only the difference, so an
+unchanged snapshot makes zero writes and an unchanged peer is never re-set (its session and
+handshake stay as they are). ``apply(None)`` leaves the device alone: silence never tears down.
+
+Two backends behind one applier:
+
+- ``kernel``: the WireGuard module, configured over generic netlink (sync ``pyroute2.WireGuard``).
+- ``userspace``: ``wireguard-go`` driven through its UAPI socket ``<run_dir>/<ifname>.sock``
+  (text protocol, keys in hex). The agent adopts a daemon whose socket answers and starts one
+  (``WG_PROCESS_FOREGROUND=1``, own session, log in ``<run_dir>/<ifname>.log``) only when there is
+  none. A supervisor task restarts a dead daemon and re-applies the last snapshot. ``close()``
+  leaves the daemon running by default, so the data plane survives an agent restart; under
+  systemd that needs ``KillMode=process`` (or a separate unit) for the same effect.
+
+``auto`` picks: an existing ``otwg0`` of kind wireguard -> kernel; a live UAPI socket -> userspace;
+a resolvable ``wireguard`` genl family (module present, it autoloads) -> kernel; else userspace.
+
+Link work (create, MTU, address, up) uses sync ``pyroute2.IPRoute`` in ``asyncio.to_thread``:
+pyroute2's async sockets do not run on uvloop, the agent's main loop. This module never touches
+any device but its own ``ot…`` interface and never logs keys.
+"""
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import msgspec
+from pyroute2 import IPRoute
+from pyroute2 import WireGuard as Pyroute2WireGuard
+from pyroute2.netlink.exceptions import NetlinkError
+
+from agent import wgkeys
+from agent.model import Action, AddAddress, DelAddress, Link, SetMtu, SetUp
+from schemas.desired import WgPeer, WireGuard
+from schemas.messages import PeerHealth
+from schemas.naming import WIREGUARD_IFNAME, is_managed
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = Path("/var/run/wireguard")  # wireguard-go hard-codes this directory for its socket
+START_TIMEOUT = 5.0
+UAPI_TIMEOUT = 5.0
+Backend = Literal["auto", "kernel", "userspace"]
+
+
+class WireGuardError(Exception):
+    """WireGuard could not be configured (daemon failed, UAPI/netlink error)."""
+
+
+class DeviceMissing(WireGuardError):
+    pass
+
+
+# --- plain data -------------------------------------------------------------------------------
+
+
+class ObservedPeer(msgspec.Struct, frozen=True, kw_only=True):
+    public_key: str  # base64
+    endpoint: str | None = None  # normalised "ip:port" / "[ip6]:port"
+    allowed_ips: frozenset[str] = frozenset()  # normalised networks
+    latest_handshake: float = 0.0  # unix time, 0 = never
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+
+
+class ObservedDevice(msgspec.Struct, frozen=True, kw_only=True):
+    private_key: str | None = None  # base64, as stored (clamped)
+    listen_port: int = 0
+    peers: tuple[ObservedPeer, ...] = ()
+
+
+class PeerChange(msgspec.Struct, frozen=True, kw_only=True):
+    """One peer write. For an update, ``None`` means "this field stays as it is"."""
+
+    public_key: str
+    endpoint: str | None = None
+    allowed_ips: tuple[str, ...] | None = None
+
+
+class PeerPlan(msgspec.Struct, frozen=True, kw_only=True):
+    add: tuple[PeerChange, ...] = ()
+    update: tuple[PeerChange, ...] = ()
+    remove: tuple[str, ...] = ()  # public keys
+
+    @property
+    def writes(self) -> int:
+        return len(self.add) + len(self.update) + len(self.remove)
+
+
+class DevicePlan(msgspec.Struct, frozen=True, kw_only=True):
+    private_key: str | None = None  # base64 to set, None = keep
+    listen_port: int | None = None
+    peers: PeerPlan = PeerPlan()
+
+    @property
+    def writes(self) -> int:
+        return (self.private_key is not None) + (self.listen_port is not None) + self.peers.writes
+
+
+# --- pure functions ---------------------------------------------------------------------------
+
+
+def normalize_endpoint(endpoint: str | None) -> str | None:
+    """``"ip:port"`` (``"[ip6]:port"``) in canonical form; ``""``/None = no endpoint."""
+    if not endpoint:
+        return None
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint {endpoint!r} is not ip:port")
+    ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    return f"[{ip}]:{int(port)}" if ip.version == 6 else f"{ip}:{int(port)}"
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def normalize_allowed(allowed: Iterable[str]) -> tuple[str, ...]:
+    # WireGuard masks host bits, so 10.0.0.1/24 is stored (and reported) as 10.0.0.0/24
+    return tuple(sorted({str(ipaddress.ip_network(a, strict=False)) for a in allowed}))
+
+
+def plan_peers(
+    desired: Sequence[WgPeer], observed: Sequence[ObservedPeer], self_public: str | None = None
+) -> PeerPlan:
+    """Diff peers by public key: add new, update changed fields, remove departed, skip equal.
+
+    A desired peer with our own public key is dropped (WireGuard refuses it, so it would be
+    re-added on every apply). Raises ``ValueError`` on malformed input, before any write.
+    """
+    have = {p.public_key: p for p in observed}
+    want: dict[str, WgPeer] = {}
+    for p in desired:
+        wgkeys.decode_key(p.public_key)
+        if p.public_key != self_public:
+            want.setdefault(p.public_key, p)
+    add, update = [], []
+    for key, p in sorted(want.items()):
+        endpoint, allowed = normalize_endpoint(p.endpoint), normalize_allowed(p.allowed_ips)
+        cur = have.get(key)
+        if cur is None:
+            add.append(PeerChange(public_key=key, endpoint=endpoint, allowed_ips=allowed))
+            continue
+        new_endpoint = endpoint if endpoint is not None and endpoint != cur.endpoint else None
+        new_allowed = allowed if frozenset(allowed) != cur.allowed_ips else None
+        if new_endpoint is not None or new_allowed is not None:
+            update.append(
+                PeerChange(public_key=key, endpoint=new_endpoint, allowed_ips=new_allowed)
+            )
+    remove = tuple(sorted(have.keys() - want.keys()))
+    return PeerPlan(add=tuple(add), update=tuple(update), remove=remove)
+
+
+def plan_device(
+    desired: WireGuard, private_key: str, observed: ObservedDevice, self_public: str | None = None
+) -> DevicePlan:
+    key = wgkeys.clamp(private_key)  # both kernel and wireguard-go report the clamped key
+    return DevicePlan(
+        private_key=key if observed.private_key != key else None,
+        listen_port=desired.listen_port if observed.listen_port != desired.listen_port else None,
+        peers=plan_peers(desired.peers, observed.peers, self_public),
+    )
+
+
+def plan_link(desired: WireGuard, link: Link) -> list[Action]:
+    """MTU, exactly one IPv4 address (the tunnel address), administratively up."""
+    want = str(ipaddress.ip_interface(desired.address))
+    have = {str(ipaddress.ip_interface(a)) for a in link.addresses}
+    actions: list[Action] = []
+    if link.mtu != desired.mtu:
+        actions.append(SetMtu(link.name, desired.mtu))
+    actions += [DelAddress(link.name, a) for a in sorted(have - {want})]
+    if want not in have:
+        actions.append(AddAddress(link.name, want))
+    if not link.up:
+        actions.append(SetUp(link.name))
+    return actions
+
+
+def validate(desired: WireGuard) -> None:
+    """Raise ``ValueError`` for a snapshot we could only half apply."""
+    ipaddress.ip_interface(desired.address)
+    if not 0 <= desired.listen_port < 65536:
+        raise ValueError(f"listen port {desired.listen_port} out of range")
+    if not 576 <= desired.mtu <= 65535:
+        raise ValueError(f"WireGuard MTU {desired.mtu} out of range")
+    plan_peers(desired.peers, ())
+
+
+def render_set(plan: DevicePlan) -> str:
+    """UAPI ``set=1`` transaction: removes, then updates, then adds (keys in hex)."""
+    lines = ["set=1"]
+    if plan.private_key is not None:
+        lines.append(f"private_key={wgkeys.b64_to_hex(plan.private_key)}")
+    if plan.listen_port is not None:
+        lines.append(f"listen_port={plan.listen_port}")
+    for key in plan.peers.remove:
+        lines += [f"public_key={wgkeys.b64_to_hex(key)}", "remove=true"]
+    for change, only in [(c, True) for c in plan.peers.update] + [
+        (c, False) for c in plan.peers.add
+    ]:
+        lines.append(f"public_key={wgkeys.b64_to_hex(change.public_key)}")
+        if only:
+            lines.append("update_only=true")
+        if change.endpoint is not None:
+            lines.append(f"endpoint={change.endpoint}")
+        if change.allowed_ips is not None:
+            lines.append("replace_allowed_ips=true")
+            lines += [f"allowed_ip={a}" for a in change.allowed_ips]
+    return "\n".join(lines) + "\n\n"
+
+
+def parse_get(text: str) -> ObservedDevice:
+    """Parse a UAPI ``get=1`` answer (without or with its ``errno=`` line)."""
+    dev: dict[str, Any] = {}
+    peers: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if not line:
+            continue
+        key, _, value = line.partition("=")
+        if key == "errno":
+            if value != "0":
+                raise WireGuardError(f"UAPI get failed: errno={value}")
+        elif key == "public_key":
+            peers.append({"public_key": wgkeys.hex_to_b64(value), "allowed_ips": set()})
+        elif not peers:
+            if key == "private_key":
+                dev["private_key"] = wgkeys.hex_to_b64(value)
+            elif key == "listen_port":
+                dev["listen_port"] = int(value)
+        else:
+            peer = peers[-1]
+            if key == "endpoint":
+                peer["endpoint"] = normalize_endpoint(value)
+            elif key == "allowed_ip":
+                peer["allowed_ips"].add(str(ipaddress.ip_network(value, strict=False)))
+            elif key == "last_handshake_time_sec":
+                peer["sec"] = int(value)
+            elif key == "last_handshake_time_nsec":
+                peer["nsec"] = int(value)
+            elif key in ("rx_bytes", "tx_bytes"):
+                peer[key] = int(value)
+    return ObservedDevice(**dev, peers=tuple(_observed_peer(p) for p in peers))
+
+
+def _observed_peer(p: dict[str, Any]) -> ObservedPeer:
+    sec, nsec = p.pop("sec", 0), p.pop("nsec", 0)
+    p["allowed_ips"] = frozenset(p["allowed_ips"])
+    return ObservedPeer(**p, latest_handshake=sec + nsec / 1e9 if sec else 0.0)
+
+
+def parse_genl(msgs: Iterable[Any]) -> ObservedDevice:
+    """Merge a ``WireGuard.info()`` dump; a large device spans several messages, and one peer
+    may continue (more allowed IPs) in the next message."""
+    dev: dict[str, Any] = {}
+    peers: dict[str, dict[str, Any]] = {}
+    for msg in msgs:
+        if (key := msg.get_attr("WGDEVICE_A_PRIVATE_KEY")) is not None:
+            dev["private_key"] = _text(key)
+        if (port := msg.get_attr("WGDEVICE_A_LISTEN_PORT")) is not None:
+            dev["listen_port"] = port
+        for p in msg.get_attr("WGDEVICE_A_PEERS") or ():
+            pub = _text(p.get_attr("WGPEER_A_PUBLIC_KEY"))
+            peer = peers.setdefault(pub, {"public_key": pub, "allowed_ips": set()})
+            if (ep := p.get_attr("WGPEER_A_ENDPOINT")) is not None and ep.get("addr"):
+                host = f"[{ep['addr']}]" if ":" in ep["addr"] else ep["addr"]
+                peer["endpoint"] = normalize_endpoint(f"{host}:{ep['port']}")
+            if (hs := p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")) is not None:
+                peer["sec"], peer["nsec"] = hs["tv_sec"], hs["tv_nsec"]
+            for attr, field in (
+                ("WGPEER_A_RX_BYTES", "rx_bytes"),
+                ("WGPEER_A_TX_BYTES", "tx_bytes"),
+            ):
+                if (value := p.get_attr(attr)) is not None:
+                    peer[field] = value
+            for a in p.get_attr("WGPEER_A_ALLOWEDIPS") or ():
+                if a.get("addr"):
+                    peer["allowed_ips"].add(str(ipaddress.ip_network(a["addr"], strict=False)))
+    return ObservedDevice(**dev, peers=tuple(_observed_peer(p) for p in peers.values()))
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --- links: sync pyroute2, called through asyncio.to_thread -------------------------------------
+
+
+class Links(Protocol):
+    def observe(self, name: str) -> Link | None: ...
+    def create_wireguard(self, name: str) -> None: ...
+    def execute(self, name: str, actions: Sequence[Action]) -> None: ...
+    def delete(self, name: str) -> None: ...
+
+
+class IPRouteLinks:
+    """One short-lived sync ``IPRoute`` per call, so any worker thread may run it."""
+
+    def observe(self, name: str) -> Link | None:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=name)
+            if not idx:
+                return None
+            (msg,) = tuple(ipr.get_links(idx[0]))
+            addrs = ipr.get_addr(index=idx[0], family=socket.AF_INET)
+            return Link(
+                name=name,
+                kind=msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") or "",
+                mtu=msg.get("mtu"),
+                up=bool(msg["flags"] & 1),
+                addresses=frozenset(f"{a.get('address')}/{a['prefixlen']}" for a in addrs),
+            )
+
+    def create_wireguard(self, name: str) -> None:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=name, kind="wireguard")
+
+    def execute(self, name: str, actions: Sequence[Action]) -> None:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=name)
+            if not idx:
+                raise DeviceMissing(f"{name}: device vanished")
+            for action in actions:
+                try:
+                    match action:
+                        case SetMtu(mtu=mtu):
+                            ipr.link("set", index=idx[0], mtu=mtu)
+                        case SetUp():
+                            ipr.link("set", index=idx[0], state="up")
+                        case AddAddress(address=a) | DelAddress(address=a):
+                            ip, _, plen = a.partition("/")
+                            cmd = "add" if isinstance(action, AddAddress) else "del"
+                            ipr.addr(cmd, index=idx[0], address=ip, prefixlen=int(plen))
+                except NetlinkError as exc:  # already there / already gone: converged
+                    if exc.code not in (errno.EEXIST, errno.EADDRNOTAVAIL):
+                        raise
+
+    def delete(self, name: str) -> None:
+        with IPRoute() as ipr:
+            if idx := ipr.link_lookup(ifname=name):
+                ipr.link("del", index=idx[0])
+
+
+# --- backends ---------------------------------------------------------------------------------
+
+
+class Uapi:
+    """wireguard-go's UAPI socket: one connection per request, answers end in a blank line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    async def request(self, text: str) -> list[str]:
+        try:
+            async with asyncio.timeout(UAPI_TIMEOUT):
+                reader, writer = await asyncio.open_unix_connection(str(self.path))
+                try:
+                    writer.write(text.encode())
+                    await writer.drain()
+                    lines = []
+                    while (line := await reader.readline()) != b"\n":
+                        if not line:
+                            raise WireGuardError(f"{self.path}: UAPI closed mid-answer")
+                        lines.append(line.decode().rstrip("\n"))
+                finally:
+                    writer.close()
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DeviceMissing(f"{self.path}: {exc.strerror}") from None
+        except TimeoutError:
+            raise WireGuardError(f"{self.path}: UAPI did not answer in {UAPI_TIMEOUT}s") from None
+        return lines
+
+    async def get(self) -> ObservedDevice:
+        return parse_get("\n".join(await self.request("get=1\n\n")))
+
+    async def set(self, text: str) -> None:
+        lines = await self.request(text)
+        if not lines or lines[-1] != "errno=0":
+            raise WireGuardError(f"UAPI set failed: {lines[-1] if lines else 'no answer'}")
+
+    async def alive(self) -> bool:
+        try:
+            async with asyncio.timeout(UAPI_TIMEOUT):
+                _, writer = await asyncio.open_unix_connection(str(self.path))
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        return True
+
+    async def peer_pid(self) -> int | None:
+        """The daemon's pid from the socket's peer credentials (works for adopted daemons)."""
+        try:
+            async with asyncio.timeout(UAPI_TIMEOUT):
+                _, writer = await asyncio.open_unix_connection(str(self.path))
+        except (OSError, TimeoutError):
+            return None
+        try:
+            sock = writer.get_extra_info("socket")
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return struct.unpack("3i", cred)[0]
+        finally:
+            writer.close()
+
+
+class KernelBackend:
+    name = "kernel"
+
+    def __init__(self, ifname: str, links: Links, wg_factory: Callable[[], Any]):
+        self.ifname, self.links, self.wg_factory = ifname, links, wg_factory
+
+    async def ensure_device(self) -> int:
+        link = await asyncio.to_thread(self.links.observe, self.ifname)
+        if link is not None and link.kind == "wireguard":
+            return 0
+        writes = 1
+        if link is not None:  # e.g. a wireguard-go tun left from the userspace backend
+            log.warning(
+                "%s: replacing a %r device with a kernel WireGuard one", self.ifname, link.kind
+            )
+            await asyncio.to_thread(self.links.delete, self.ifname)
+            writes += 1
+        await asyncio.to_thread(self.links.create_wireguard, self.ifname)
+        log.info("%s: created (kernel WireGuard)", self.ifname)
+        return writes
+
+    async def observe(self) -> ObservedDevice:
+        return await asyncio.to_thread(self._observe)
+
+    def _observe(self) -> ObservedDevice:
+        wg = self.wg_factory()
+        try:
+            return parse_genl(tuple(wg.info(self.ifname)))
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                raise DeviceMissing(f"{self.ifname}: no such WireGuard device") from None
+            raise
+        finally:
+            wg.close()
+
+    async def configure(self, plan: DevicePlan) -> None:
+        await asyncio.to_thread(self._configure, plan)
+
+    def _configure(self, plan: DevicePlan) -> None:
+        """One netlink request per item (pyroute2 sets one peer per call); failures are
+        collected so the other items still get written."""
+        calls: list[dict[str, Any]] = []
+        if plan.private_key is not None or plan.listen_port is not None:
+            calls.append({"private_key": plan.private_key, "listen_port": plan.listen_port})
+        calls += [{"peer": {"public_key": k, "remove": True}} for k in plan.peers.remove]
+        for change, only in [(c, True) for c in plan.peers.update] + [
+            (c, False) for c in plan.peers.add
+        ]:
+            peer: dict[str, Any] = {"public_key": change.public_key, "update_only": only}
+            if change.endpoint is not None:
+                peer["endpoint_addr"], peer["endpoint_port"] = split_endpoint(change.endpoint)
+            if change.allowed_ips is not None:
+                peer["replace_allowed_ips"] = True
+                peer["allowed_ips"] = list(change.allowed_ips)
+            calls.append({"peer": peer})
+        errors: list[Exception] = []
+        wg = self.wg_factory()
+        try:
+            for kwargs in calls:
+                try:
+                    wg.set(self.ifname, **kwargs)
+                except Exception as exc:  # keep going; report together
+                    errors.append(exc)
+        finally:
+            wg.close()
+        if errors:
+            raise ExceptionGroup(f"{self.ifname}: {len(errors)} WireGuard writes failed", errors)
+
+    async def alive(self) -> bool:
+        return True  # nothing to supervise: the heartbeat re-creates a deleted device
+
+    async def remove(self) -> None:
+        await asyncio.to_thread(self.links.delete, self.ifname)
+
+    async def stop(self) -> None:
+        pass
+
+
+class UserspaceBackend:
+    name = "userspace"
+
+    def __init__(self, ifname: str, run_dir: Path, links: Links, binary: str):
+        self.ifname, self.run_dir, self.links, self.binary = ifname, run_dir, links, binary
+        self.uapi = Uapi(run_dir / f"{ifname}.sock")
+        self.proc: subprocess.Popen[bytes] | None = None  # only a daemon we started
+
+    async def alive(self) -> bool:
+        if self.proc is not None and (rc := self.proc.poll()) is not None:
+            log.warning("%s: wireguard-go (pid %d) exited with %s", self.ifname, self.proc.pid, rc)
+            self.proc = None
+            return False
+        return await self.uapi.alive()
+
+    async def ensure_device(self) -> int:
+        if await self.alive():
+            return 0
+        await self._start()
+        return 1
+
+    async def _start(self) -> None:
+        binary = shutil.which(self.binary)
+        if binary is None:
+            raise WireGuardError(f"{self.binary} not found (install the wireguard-go package)")
+        # Leftovers of a dead or unreachable daemon are ours (``ot`` name, our socket): clear them.
+        if await asyncio.to_thread(self.links.observe, self.ifname) is not None:
+            log.warning("%s: device without a live UAPI socket; deleting it", self.ifname)
+            await asyncio.to_thread(self.links.delete, self.ifname)
+        with contextlib.suppress(FileNotFoundError):
+            self.uapi.path.unlink()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        logfile = self.run_dir / f"{self.ifname}.log"
+        self.proc = await asyncio.to_thread(self._spawn, binary, logfile)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not await self.uapi.alive():
+            if (rc := self.proc.poll()) is not None:
+                self.proc = None
+                raise WireGuardError(f"{self.ifname}: wireguard-go exited with {rc}; see {logfile}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait, START_TIMEOUT)
+                self.proc = None
+                raise WireGuardError(f"{self.ifname}: wireguard-go gave no UAPI socket in time")
+            await asyncio.sleep(0.02)
+        log.info("%s: started wireguard-go (pid %d)", self.ifname, self.proc.pid)
+
+    def _spawn(self, binary: str, logfile: Path) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "WG_PROCESS_FOREGROUND": "1"}
+        env.setdefault("LOG_LEVEL", "error")
+        with open(logfile, "ab") as out:
+            # own session: a ^C or the agent's exit does not take the data plane with it
+            return subprocess.Popen(
+                [binary, self.ifname],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+
+    async def observe(self) -> ObservedDevice:
+        return await self.uapi.get()
+
+    async def configure(self, plan: DevicePlan) -> None:
+        await self.uapi.set(render_set(plan))
+
+    async def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else await self.uapi.peer_pid()
+
+    async def remove(self) -> None:
+        """Stop the daemon (ours or adopted); its tun device goes with it."""
+        if (pid := await self.pid()) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            for _ in range(int(START_TIMEOUT / 0.02)):  # until the socket stops answering
+                if not await self.uapi.alive():
+                    break
+                await asyncio.sleep(0.02)
+        await self.stop()
+        await asyncio.to_thread(self.links.delete, self.ifname)
+        with contextlib.suppress(FileNotFoundError):
+            self.uapi.path.unlink()
+
+    async def stop(self) -> None:
+        if (proc := self.proc) is not None:
+            self.proc = None
+            proc.terminate()
+            try:
+                await asyncio.to_thread(proc.wait, START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait, START_TIMEOUT)
+
+
+# --- the applier ------------------------------------------------------------------------------
+
+
+class WireGuardApplier:
+    def __init__(
+        self,
+        ifname: str = WIREGUARD_IFNAME,
+        *,
+        private_key: str,
+        backend: Backend = "auto",
+        run_dir: Path | str = RUN_DIR,
+        links: Links | None = None,
+        wg_factory: Callable[[], Any] | None = None,
+        wireguard_go: str = "wireguard-go",
+        check_interval: float = 1.0,
+    ):
+        if not is_managed(ifname):
+            raise ValueError(f"{ifname!r} is not an Otherix device name")
+        if backend not in ("auto", "kernel", "userspace"):
+            raise ValueError(f"unknown WireGuard backend {backend!r}")
+        self.ifname = ifname
+        self.private_key = private_key
+        self._requested = backend
+        self._run_dir = Path(run_dir)
+        self._links = links or IPRouteLinks()
+        self._wg_factory = wg_factory or _pyroute2_wireguard
+        self._wireguard_go = wireguard_go
+        self._check_interval = check_interval
+        self._backend: KernelBackend | UserspaceBackend | None = None
+        self._lock = asyncio.Lock()
+        self._last: WireGuard | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @property
+    def private_key(self) -> str:
+        return self._private_key
+
+    @private_key.setter
+    def private_key(self, key: str) -> None:
+        """Rotate the key; the next ``apply`` writes it."""
+        self._public_key = wgkeys.public_key(key)  # validates
+        self._private_key = key
+
+    @property
+    def public_key(self) -> str:
+        return self._public_key
+
+    @property
+    def backend_name(self) -> str:
+        """The resolved backend, kernel or userspace; the requested mode until the first use."""
+        return self._backend.name if self._backend is not None else self._requested
+
+    async def probe(self) -> str:
+        return (await self._resolve()).name
+
+    async def apply(self, desired: WireGuard | None) -> int:
+        """Converge the device on ``desired``; returns the number of writes (0 when in sync)."""
+        if desired is None:
+            return 0  # silence never tears the data plane down
+        if desired.name != self.ifname:
+            raise ValueError(
+                f"snapshot names WireGuard device {desired.name!r}, not {self.ifname!r}"
+            )
+        validate(desired)
+        async with self._lock:
+            writes = await self._apply_locked(desired)
+        if self.backend_name == "userspace" and self._supervisor is None:
+            self._supervisor = asyncio.create_task(
+                self._supervise(), name=f"wg-supervise-{self.ifname}"
+            )
+        return writes
+
+    async def _apply_locked(self, desired: WireGuard) -> int:
+        backend = await self._resolve()
+        writes = await backend.ensure_device()
+        plan = plan_device(desired, self._private_key, await backend.observe(), self._public_key)
+        if plan.writes:
+            await backend.configure(plan)
+            p = plan.peers
+            log.info(
+                "%s: wrote %d (key=%s port=%s peers +%d ~%d -%d)",
+                self.ifname, plan.writes, plan.private_key is not None, plan.listen_port,
+                len(p.add), len(p.update), len(p.remove),
+            )  # fmt: skip
+        self._last = desired  # the supervisor re-applies this after a daemon restart
+        link = await asyncio.to_thread(self._links.observe, self.ifname)
+        if link is None:
+            raise DeviceMissing(f"{self.ifname}: device vanished during apply")
+        if actions := plan_link(desired, link):
+            await asyncio.to_thread(self._links.execute, self.ifname, actions)
+            log.info("%s: link %s", self.ifname, ", ".join(type(a).__name__ for a in actions))
+        return writes + plan.writes + len(actions)
+
+    async def peers(self) -> list[PeerHealth]:
+        """Peer health as the device reports it ([] when there is no device)."""
+        async with self._lock:
+            try:
+                dev = await (await self._resolve()).observe()
+            except DeviceMissing:
+                return []
+        nodes = {p.public_key: p.node for p in self._last.peers} if self._last else {}
+        return [
+            PeerHealth(
+                public_key=p.public_key,
+                node=nodes.get(p.public_key, ""),
+                endpoint=p.endpoint,
+                latest_handshake=p.latest_handshake,
+                rx_bytes=p.rx_bytes,
+                tx_bytes=p.tx_bytes,
+            )
+            for p in dev.peers
+        ]
+
+    async def daemon_pid(self) -> int | None:
+        """wireguard-go's pid (userspace backend), whether we started it or adopted it."""
+        backend = await self._resolve()
+        return await backend.pid() if isinstance(backend, UserspaceBackend) else None
+
+    async def remove(self) -> None:
+        """Explicit teardown: delete the device (and stop wireguard-go)."""
+        await self._stop_supervisor()
+        async with self._lock:
+            await (await self._resolve()).remove()
+            self._last = None
+        log.info("%s: removed", self.ifname)
+
+    async def close(self, *, stop_daemon: bool = False) -> None:
+        """Stop supervising. wireguard-go keeps running unless ``stop_daemon`` (data plane first)."""
+        await self._stop_supervisor()
+        if stop_daemon and self._backend is not None:
+            async with self._lock:
+                await self._backend.stop()
+
+    async def _stop_supervisor(self) -> None:
+        if (task := self._supervisor) is not None:
+            self._supervisor = None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self._check_interval)
+            try:
+                async with self._lock:
+                    if self._last is None or await self._backend.alive():  # type: ignore[union-attr]
+                        continue
+                    log.warning("%s: wireguard-go is gone; restarting it", self.ifname)
+                    await self._apply_locked(self._last)
+                failures = 0
+                log.info("%s: wireguard-go restarted and configured", self.ifname)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                if failures == 1:  # the first failure in full, then quietly keep trying
+                    log.exception("%s: restarting wireguard-go failed", self.ifname)
+
+    async def _resolve(self) -> KernelBackend | UserspaceBackend:
+        if self._backend is None:
+            name = self._requested
+            if name == "auto":
+                name = await asyncio.to_thread(self._probe_sync)
+                log.info("%s: WireGuard backend %s", self.ifname, name)
+            if name == "kernel":
+                self._backend = KernelBackend(self.ifname, self._links, self._wg_factory)
+            else:
+                self._backend = UserspaceBackend(
+                    self.ifname, self._run_dir, self._links, self._wireguard_go
+                )
+        return self._backend
+
+    def _probe_sync(self) -> str:
+        link = self._links.observe(self.ifname)
+        if link is not None and link.kind == "wireguard":
+            return "kernel"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(str(self._run_dir / f"{self.ifname}.sock"))
+                return "userspace"  # adopt the running daemon
+            except OSError:
+                pass
+        try:
+            self._wg_factory().close()  # resolving the genl family autoloads the module
+            return "kernel"
+        except Exception:
+            return "userspace"
+
+
+def _pyroute2_wireguard() -> Any:
+    return Pyroute2WireGuard()

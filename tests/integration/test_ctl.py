@@ -1,0 +1,265 @@
+"""The console scripts as an operator runs them: ``otherixctl`` against ``otherix-controller``
+(both real subprocesses) on a real nats-server, plus the flag checks of controller and agent.
+
+One server and one controller serve the whole module (each test uses its own names).
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats
+import pytest
+
+from controller.client import ApiClient, ApiError
+from schemas import naming
+from schemas.codec import encode
+from schemas.messages import Ack
+from tests.conftest import NatsServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def script(name: str) -> str:
+    return shutil.which(name) or str(Path(sys.executable).parent / name)
+
+
+async def _api(url: str, call):
+    nc = await nats.connect(url, connect_timeout=5)
+    try:
+        return await call(ApiClient(nc))
+    finally:
+        await nc.close()
+
+
+def api(url: str, call):
+    """One API call from a sync test (node registration has no CLI: agents do it)."""
+    return asyncio.run(_api(url, call))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """nats-server + ``otherix-controller`` subprocess; yields the NATS URL."""
+    tmp = tmp_path_factory.mktemp("ctl")
+    (tmp / "js").mkdir()
+    server = NatsServer(tmp / "js")
+    proc = None
+    log = open(tmp / "controller.log", "wb")  # noqa: SIM115 - closed in finally
+    try:
+        server.start()
+        proc = subprocess.Popen(
+            [script("otherix-controller"), "--heartbeat", "0.2"],
+            env={**os.environ, "OTHERIX_NATS_URL": server.url},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 15
+        while True:  # ready = it answers an API request
+            try:
+                api(server.url, lambda a: a.status())
+                break
+            except ApiError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp / "controller.log").read_text()) from None
+                time.sleep(0.1)
+        yield server.url
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, (tmp / "controller.log").read_text()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
+        server.stop()
+
+
+def ctl(url: str, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [script("otherixctl"), *args],
+        env={**os.environ, "OTHERIX_NATS_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == rc, (done.returncode, done.stdout, done.stderr)
+    return done
+
+
+def ctl_json(url: str, *args: str):
+    return json.loads(ctl(url, *args, "--json").stdout)
+
+
+# --- flag checks (no server needed) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["otherix-controller", "--heartbeat", "0"], "--heartbeat 0.0: must be between"),
+        (["otherix-controller", "--underlay-mtu", "100"], "--underlay-mtu 100: must be between"),
+        (["otherix-controller", "--mesh-prefix", "10.0.0.0/31"], "too small for a mesh"),
+        (["otherix-agent", "--node", "Bad Name"], "--node 'Bad Name'"),
+        (["otherix-agent", "--node", "n1", "--underlay-ip", "nope"], "not an IPv4 address"),
+        (["otherixctl", "frobnicate"], "invalid choice: 'frobnicate'"),
+        (["otherixctl", "network", "create", "x", "--subnet", "10.0.0.0/24"], "--type"),
+        (["otherixctl", "network", "create", "x", "--type", "mesh", "--subnet", "1/1"], "mesh"),
+        (["otherixctl", "nic", "attach", "--network", "a"], "--node"),
+        (["otherixctl", "status", "--wait", "soon"], "invalid float value"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(argv, message):
+    done = subprocess.run([script(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert message in done.stderr
+
+
+def test_unreachable_nats_is_one_clear_line():
+    done = ctl("nats://127.0.0.1:1", "network", "list", rc=1)
+    assert done.stderr.strip().splitlines() == [
+        "otherixctl: cannot reach NATS at nats://127.0.0.1:1: nats: no servers available for connection"
+    ]
+
+
+# --- commands against the controller ------------------------------------------------------------
+
+
+def test_network_commands(cluster):
+    out = ctl(cluster, "network", "create", "web", "--type", "bridge", "--subnet", "10.10.0.0/24")
+    header, row = out.stdout.splitlines()
+    assert header.split()[:4] == ["NAME", "TYPE", "SUBNET", "GATEWAY"]
+    assert row.split()[:5] == ["web", "bridge", "10.10.0.0/24", "10.10.0.1", "none"]
+
+    created = ctl_json(
+        cluster, "network", "create", "ov", "--type", "overlay", "--subnet", "10.11.0.0/24",
+        "--vni", "7000",
+    )  # fmt: skip
+    assert created["network"]["vni"] == 7000 and created["bridge"] == "otb7000"
+    assert created["mtu"] == 1390
+    nat = ctl_json(
+        cluster, "network", "create", "out", "--type", "bridge", "--subnet", "10.12.0.0/24",
+        "--egress", "nat",
+    )  # fmt: skip
+    assert nat["network"]["egress"] == "nat"
+
+    names = {i["network"]["name"] for i in ctl_json(cluster, "network", "list")}
+    assert {"web", "ov", "out"} <= names
+    assert "web" in ctl(cluster, "network", "list").stdout
+    shown = ctl_json(cluster, "network", "show", "ov")
+    assert shown["network"]["network"]["subnet"] == "10.11.0.0/24" and shown["nics"] == []
+    assert "10.11.0.0/24" in ctl(cluster, "network", "show", "ov").stdout
+
+    assert ctl(cluster, "network", "delete", "out").stdout.strip() == "deleted network out"
+    assert ctl_json(cluster, "network", "delete", "ov")["network"]["name"] == "ov"
+    names = {i["network"]["name"] for i in ctl_json(cluster, "network", "list")}
+    assert "ov" not in names and "out" not in names
+
+
+def test_nic_and_node_commands(cluster):
+    api(cluster, lambda a: a.node_register(name="hv1", underlay_ip="192.0.2.10"))
+    ctl(cluster, "network", "create", "lan", "--type", "bridge", "--subnet", "10.20.0.0/24")
+
+    out = ctl(cluster, "nic", "attach", "--network", "lan", "--node", "hv1", "--vm", "vm1")
+    header, row = out.stdout.splitlines()
+    assert header.split() == ["ID", "TAP", "NETWORK", "NODE", "VM", "MAC", "IP"]
+    nic_id, tap, network, node, vm, mac, ip = row.split()
+    assert tap == "ot" + nic_id[:12] and (network, node, vm) == ("lan", "hv1", "vm1")
+    assert mac.startswith("02:") and ip == "10.20.0.2"
+
+    chosen = ctl_json(
+        cluster, "nic", "attach", "--network", "lan", "--node", "hv1", "--vm", "vm2",
+        "--ip", "10.20.0.50", "--mac", "02:00:00:aa:bb:cc",
+    )  # fmt: skip
+    assert chosen["nic"]["ip"] == "10.20.0.50" and chosen["nic"]["mac"] == "02:00:00:aa:bb:cc"
+    assert chosen["tap"] == "ot" + chosen["nic"]["id"][:12]
+
+    listed = ctl_json(cluster, "nic", "list", "--network", "lan")
+    assert [i["nic"]["vm"] for i in listed] == ["vm1", "vm2"]
+    assert tap in ctl(cluster, "nic", "list", "--node", "hv1").stdout
+
+    nodes = ctl_json(cluster, "node", "list")
+    hv1 = next(n for n in nodes if n["node"]["name"] == "hv1")
+    assert hv1["node"]["underlay_ip"] == "192.0.2.10" and hv1["desired_version"] >= 1
+    assert "hv1" in ctl(cluster, "node", "list").stdout
+
+    out = ctl(cluster, "nic", "detach", tap)
+    assert out.stdout.strip() == f"detached NIC {nic_id} (tap {tap})"
+    assert ctl_json(cluster, "nic", "detach", chosen["nic"]["id"])["nic"]["vm"] == "vm2"
+    assert ctl_json(cluster, "nic", "list", "--network", "lan") == []
+
+
+def test_status_and_wait_timeout(cluster):
+    api(cluster, lambda a: a.node_register(name="silent"))
+    st = ctl_json(cluster, "status")
+    silent = next(n for n in st["nodes"] if n["node"]["name"] == "silent")
+    assert silent["desired_version"] >= 1 and silent["applied_version"] == 0
+    assert st["converged"] is False and st["heartbeat_interval"] == 0.2
+    assert "silent" in ctl(cluster, "status").stdout
+
+    start = time.monotonic()
+    done = ctl(cluster, "status", "--wait", "1", rc=3)
+    assert 1.0 <= time.monotonic() - start < 10
+    assert "not converged after 1.0s" in done.stderr and "pending" in done.stdout
+
+
+# fmt: off
+API_ERRORS = [
+    (["network", "create", "v", "--type", "vlan", "--subnet", "10.30.0.0/24"], "error 501: network type 'vlan' is deferred: not supported yet"),
+    (["network", "create", "Bad", "--type", "bridge", "--subnet", "10.30.0.0/24"], "error 400: network name 'Bad' is invalid"),
+    (["network", "create", "x", "--type", "bridge", "--subnet", "10.30.0.0/31"], "error 400: subnet 10.30.0.0/31: prefix length"),
+    (["network", "show", "nope"], "error 404: network 'nope' does not exist"),
+    (["network", "delete", "nope"], "error 404: network 'nope' does not exist"),
+    (["nic", "attach", "--network", "nope", "--node", "hv1", "--vm", "v"], "error 404: network 'nope' does not exist"),
+    (["nic", "detach", "0123456789abcdef"], "error 404: NIC '0123456789abcdef' does not exist"),
+    (["node", "remove", "nope"], "error 404: node 'nope' is not registered"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("args", "message"), API_ERRORS)
+def test_api_errors_go_to_stderr(cluster, args, message):
+    for extra in ([], ["--json"]):
+        done = ctl(cluster, *args, *extra, rc=1)
+        assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1
+        assert done.stderr.startswith(f"otherixctl: {message}"), done.stderr
+
+
+def test_watch_prints_a_crafted_ack(cluster):
+    ack = Ack(node="watched", version=7, applied_version=7, digest="abc", changes=2)
+    watch = subprocess.Popen(
+        [script("otherixctl"), "--nats", cluster, "watch", "--count", "1", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    async def publish_until_exit():
+        nc = await nats.connect(cluster)
+        try:
+            deadline = time.monotonic() + 15
+            while watch.poll() is None and time.monotonic() < deadline:
+                # publish until the watcher has seen one (its subscription goes live at some point)
+                await nc.publish(naming.ack_subject("watched"), encode(ack))
+                await nc.flush()
+                await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(publish_until_exit())
+        out, err = watch.communicate(timeout=10)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(timeout=5)
+    assert watch.returncode == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    got = json.loads(lines[0])
+    assert got["subject"] == "otherix.v1.ack.watched"
+    assert got["ack"]["version"] == 7 and got["ack"]["digest"] == "abc" and got["ack"]["ok"]

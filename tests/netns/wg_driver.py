@@ -1,0 +1,59 @@
+"""Test driver: one WireGuardApplier on uvloop (as in the agent), steered by JSON lines on stdin.
+
+Run inside a node's namespaces by ``test_wireguard_userspace.py``. Each request is one line
+``{"op": ..., ...}``; each answer is one line of JSON (``{"error": ...}`` on failure).
+ops: apply {spec, private_key?} -> {writes, backend, public_key}; peers -> {peers};
+pid -> {pid}; remove; exit.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import sys
+
+import msgspec
+import uvloop
+
+from agent.wireguard import WireGuardApplier
+from schemas.desired import WireGuard
+
+
+async def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    applier = WireGuardApplier(private_key=os.environ["OTWG_TEST_KEY"], check_interval=0.2)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        req = json.loads(line)
+        try:
+            match req["op"]:
+                case "apply":
+                    if "private_key" in req:
+                        applier.private_key = req["private_key"]
+                    spec = msgspec.convert(req["spec"], WireGuard)
+                    writes = await applier.apply(spec)
+                    out = {
+                        "writes": writes,
+                        "backend": applier.backend_name,
+                        "public_key": applier.public_key,
+                    }
+                case "peers":
+                    out = {"peers": msgspec.to_builtins(await applier.peers())}
+                case "pid":
+                    out = {"pid": await applier.daemon_pid()}
+                case "remove":
+                    await applier.remove()
+                    out = {}
+                case "exit":
+                    break
+        except Exception as exc:  # report, keep serving
+            logging.exception("request failed")
+            out = {"error": repr(exc)}
+        print(json.dumps(out), flush=True)
+    await applier.close()
+
+
+if __name__ == "__main__":
+    uvloop.run(main())

@@ -1,0 +1,151 @@
+"""compose.yaml, the Dockerfile and the NATS config checked against the code they run.
+
+No container engine runs in CI, so these read the files and cross-check them with pyproject.toml
+and the argparse code: a renamed command, variable or state directory breaks a test here.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import nats_server_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = {  # console script -> the module whose argparse reads its environment
+    "otherix-controller": ROOT / "controller" / "main.py",
+    "otherix-agent": ROOT / "agent" / "main.py",
+}
+_DEFAULTED = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def scripts() -> dict[str, str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def ours(compose: dict) -> dict[str, dict]:
+    """Services built from this repository."""
+    return {name: s for name, s in compose["services"].items() if "build" in s}
+
+
+def argv(service: dict) -> list[str]:
+    cmd = service["command"]
+    return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    # compose interpolation with the defaults written in the file
+    return {k: _DEFAULTED.sub(lambda m: m.group(2) or "", str(v)) for k, v in env.items()}
+
+
+def volume_targets(service: dict) -> set[str]:
+    return {v.split(":")[1] if isinstance(v, str) else v["target"] for v in service["volumes"]}
+
+
+def test_services_run_declared_console_scripts(compose, scripts):
+    assert set(ours(compose)) == {"controller", "agent"}
+    for name, service in ours(compose).items():
+        assert argv(service)[0] in scripts, f"{name}: {argv(service)[0]} is no console script"
+    assert argv(compose["services"]["controller"])[0] == "otherix-controller"
+    assert argv(compose["services"]["agent"])[0] == "otherix-agent"
+
+
+def test_every_variable_is_read_by_the_command(compose, monkeypatch):
+    for name, service in ours(compose).items():
+        command = argv(service)[0]
+        source = SOURCES[command].read_text()
+        env = environment(service)
+        assert env, f"{name} has no environment"
+        for var in env:
+            assert var.startswith("OTHERIX_"), var
+            assert f'"{var}"' in source, f"{name}: {var} is not read by {command}"
+        # the values in the file are accepted, and each one lands in some option
+        for key in [k for k in os.environ if k.startswith("OTHERIX_")]:
+            monkeypatch.delenv(key)
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+        if command == "otherix-agent":
+            from agent.main import parse_args
+        else:
+            from controller.main import parse_args
+        options = {str(v) for v in vars(parse_args([])).values()}
+        for var, value in env.items():
+            assert value in options, f"{name}: {var}={value} did not reach an option"
+
+
+def test_nats_urls_point_at_the_nats_service(compose):
+    nats = compose["services"]["nats"]
+    assert environment(compose["services"]["controller"])["OTHERIX_NATS_URL"] == "nats://nats:4222"
+    # host networking cannot resolve "nats": the agent uses the port published on loopback
+    assert "127.0.0.1:4222:4222" in nats["ports"]
+    assert environment(compose["services"]["agent"])["OTHERIX_NATS_URL"] == "nats://127.0.0.1:4222"
+
+
+def test_agent_has_host_network_capabilities_tun_and_state_volume(compose, monkeypatch):
+    agent = compose["services"]["agent"]
+    assert agent["network_mode"] == "host"
+    assert "NET_ADMIN" in agent["cap_add"]
+    assert any(d.split(":")[0] == "/dev/net/tun" for d in agent["devices"])
+    monkeypatch.delenv("OTHERIX_STATE_DIR", raising=False)
+    from agent.main import parse_args
+
+    default_state_dir = str(parse_args(["--node", "n1"]).state_dir)
+    assert default_state_dir in volume_targets(agent)
+    named = {v.split(":")[0] for v in agent["volumes"]}
+    assert named & set(compose["volumes"]), "the state must live on a named volume"
+
+
+def test_nats_config_is_mounted_and_fsyncs_every_write(compose):
+    nats = compose["services"]["nats"]
+    assert nats["image"].startswith("nats:2.")
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in nats["volumes"]}
+    config_path = argv(nats)[argv(nats).index("--config") + 1]
+    local = ROOT / mounts[config_path]
+    text = local.read_text()
+    jetstream = re.search(r"jetstream\s*\{([^}]*)\}", text)
+    assert jetstream, "no jetstream block"
+    assert re.search(r"^\s*sync_interval\s*:\s*always\s*$", jetstream.group(1), re.M)
+    store_dir = re.search(r"^\s*store_dir\s*:\s*(\S+)\s*$", jetstream.group(1), re.M)
+    assert store_dir and store_dir.group(1) in mounts, "the JetStream store must be on a volume"
+    assert mounts[store_dir.group(1)] in compose["volumes"]
+    # the real server accepts the file (it refuses unknown fields and bad values)
+    check = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(local)], capture_output=True, text=True, timeout=20
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_dockerfile_installs_the_data_plane_tools_and_the_project(scripts):
+    text = (ROOT / "Dockerfile").read_text()
+    joined = re.sub(r"\\\n", " ", text)  # continuation lines
+    assert re.search(r"^FROM python:3\.11-slim-bookworm\s*$", joined, re.M)
+    installs = [line for line in joined.splitlines() if "apt-get install" in line]
+    assert installs and "--no-install-recommends" in installs[0]
+    packages = set(installs[0].split())
+    assert {"wireguard-go", "wireguard-tools", "nftables", "iproute2", "iputils-ping"} <= packages
+    assert re.search(r"^RUN .*pip install[^\n]* \.(\s|$)", joined, re.M)
+    copied = {p.split("/")[0] for line in joined.splitlines() if line.startswith("COPY ")
+              for p in line.split()[1:-1]}  # fmt: skip
+    packages_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+    for pattern in packages_dirs:
+        assert pattern.rstrip("*") in copied, f"Dockerfile does not copy {pattern}"
+    cmd = re.search(r"^CMD\s+(.+)$", joined, re.M)
+    assert cmd and json.loads(cmd.group(1)) == ["otherix-agent"]
+    assert "otherix-agent" in scripts
