@@ -184,6 +184,17 @@ class Lab:
         await start_relay([node.netns], f"127.0.0.1:{self.state.nats_port}", NODE_NATS_PORT,
                           state_dir=self.state_dir, name=f"relay-{name}")  # fmt: skip
         await self.start_agent(name)
+        await self.wait_registered(name)
+
+    async def wait_registered(self, name: str, timeout: float = 20.0) -> None:
+        client = await self.connect()
+        deadline = time.monotonic() + timeout
+        while name not in {n.node.name for n in await client.node_list()}:
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"node {name} did not register within {timeout}s; see {self.state_dir}/agent-{name}.log"
+                )
+            await asyncio.sleep(0.05)
 
     async def remove_node(self, name: str) -> None:
         await self.stop_agent(name)
@@ -228,7 +239,11 @@ class Lab:
                 await asyncio.sleep(0.05)
         (self.state_dir / f"agent-{name}.pid").unlink(missing_ok=True)
 
-    async def wait_converged(self, timeout: float = 30.0) -> api.Status:
+    async def wait_converged(
+        self, timeout: float = 30.0, nodes: set[str] | None = None
+    ) -> api.Status:
+        """Every node of the lab (or of ``nodes``) registered and converged."""
+        expected = set(self.state.nodes) if nodes is None else nodes
         client = await self.connect()
         deadline = time.monotonic() + timeout
         status = None
@@ -236,7 +251,7 @@ class Lab:
             with contextlib.suppress(ApiError):
                 status = await client.status()
                 names = {n.node.name for n in status.nodes}
-                if status.converged and set(self.state.nodes) <= names:
+                if status.converged and expected <= names:
                     return status
             await asyncio.sleep(0.1)
         detail = (

@@ -1,0 +1,112 @@
+"""The mesh follows cluster membership: nodes join, rotate keys and leave, all from the controller."""
+
+import asyncio
+
+import pytest
+
+from lab.cluster import Lab
+from tests.e2e.helpers import ack_stream, eventually, lab_fixture, links
+
+pytestmark = [pytest.mark.netns, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
+
+lab = lab_fixture(nodes=3, mesh=True, heartbeat=0.5)
+
+
+async def wg_show(lab: Lab, node: str, what: str) -> dict[str, str]:
+    """`wg show otwg0 WHAT` as the node sees it (the UAPI socket is in the agent's mount ns)."""
+    pid = lab.agent_pid(node)
+    assert pid, f"agent of {node} is not running"
+    out = await lab.exec_node(node, "nsenter", "-t", str(pid), "-m", "wg", "show", "otwg0", what)
+    return dict(line.split("\t", 1) for line in out.strip().splitlines() if line.strip())
+
+
+async def node_info(lab: Lab, name: str):
+    return next(n for n in await (await lab.connect()).node_list() if n.node.name == name)
+
+
+async def fresh_convergence(lab: Lab, *nodes: str) -> None:
+    """Converged *and* each node acked after now (old acks must not count)."""
+    for node in nodes:
+        async with ack_stream(lab, node) as acks:
+            while True:
+                ack = await asyncio.wait_for(acks.get(), 10)
+                if ack.ok:
+                    break
+    await lab.wait_converged(nodes=set(nodes))
+
+
+async def test_overlay_across_three_nodes(lab: Lab):
+    api = await lab.connect()
+    await api.network_create("ov", "overlay", "10.40.0.0/24")
+    for i in (1, 2, 3):
+        await lab.vm_add(f"m{i}", "ov", f"n{i}")
+    await lab.wait_converged()
+    for a, b in (("m1", "m2"), ("m1", "m3"), ("m2", "m3")):
+        assert await lab.ping(a, lab.vms[b].ip, timeout=5), (a, b)
+
+
+async def test_node_list_shows_tunnel_key_and_peer_handshakes(lab: Lab):
+    n1 = await node_info(lab, "n1")
+    assert n1.node.tunnel_ip and n1.node.wg_public_key
+    keys = await wg_show(lab, "n1", "latest-handshakes")
+
+    async def reported():
+        h = (await node_info(lab, "n1")).health
+        return (
+            h is not None
+            and {p.public_key for p in h.peers} == set(keys)
+            and all(p.latest_handshake > 0 for p in h.peers)
+        )
+
+    await eventually(reported, what="health reports every peer with a handshake")
+    assert (await node_info(lab, "n1")).health.wireguard_backend == "userspace"
+
+
+async def test_adding_a_node_leaves_unaffected_peers_alone(lab: Lab):
+    n2_key = (await node_info(lab, "n2")).node.wg_public_key
+    assert await lab.ping("m1", lab.vms["m2"].ip)
+    before = (await wg_show(lab, "n1", "latest-handshakes"))[n2_key]
+    assert before != "0"
+    await asyncio.sleep(1.1)  # handshake times have one-second resolution
+    await lab.add_node("n4")
+    await lab.vm_add("m4", "ov", "n4")
+    await lab.wait_converged()
+    assert await lab.ping("m4", lab.vms["m1"].ip, timeout=5)
+    n4_key = (await node_info(lab, "n4")).node.wg_public_key
+    after = await wg_show(lab, "n1", "latest-handshakes")
+    assert n4_key in after and after[n4_key] != "0"  # the new peer did handshake
+    assert after[n2_key] == before  # the unaffected peer was not re-handshaked
+    assert await lab.ping("m1", lab.vms["m2"].ip)
+
+
+async def test_key_rotation_keeps_the_mesh_working(lab: Lab):
+    before = (await node_info(lab, "n2")).node
+    old_key = before.wg_public_key
+    await lab.stop_agent("n2")
+    (lab.state_dir / "agents" / "n2" / "wireguard.key").unlink()
+    await lab.start_agent("n2")
+
+    async def rotated():
+        key = (await node_info(lab, "n2")).node.wg_public_key
+        return key if key != old_key else None
+
+    new_key = await eventually(rotated, what="n2 registered a new key")
+    await fresh_convergence(lab, "n1", "n2", "n3")
+    peers = await wg_show(lab, "n1", "endpoints")
+    assert new_key in peers and old_key not in peers
+    assert (await node_info(lab, "n2")).node.tunnel_ip == before.tunnel_ip  # stable for life
+    for src in ("m1", "m3"):
+        assert await lab.ping(src, lab.vms["m2"].ip, count=2, timeout=5), src
+
+
+async def test_removed_node_leaves_every_peer_set_and_fdb(lab: Lab):
+    gone = await node_info(lab, "n3")
+    await (await lab.connect()).node_remove("n3", force=True)
+    await fresh_convergence(lab, "n1", "n2", "n4")
+    for node in ("n1", "n2", "n4"):
+        assert gone.node.wg_public_key not in await wg_show(lab, node, "endpoints")
+        fdb = await lab.exec_node(node, "bridge", "fdb", "show", "dev", "otvx1000")
+        assert gone.node.tunnel_ip not in fdb
+    assert await lab.ping("m1", lab.vms["m2"].ip, timeout=5)
+    # the removed node's agent keeps what it had: silence tears nothing down
+    assert "otwg0" in await links(lab, "n3")
