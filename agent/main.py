@@ -25,7 +25,9 @@ log = logging.getLogger("agent")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
+    def env(name: str, default: str | None = None) -> str | None:
+        return os.environ.get(name) or default  # an empty variable means unset
+
     p = argparse.ArgumentParser(prog="otherix-agent", description=__doc__)
     p.add_argument(
         "--nats",

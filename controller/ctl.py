@@ -140,7 +140,7 @@ def show_status(status: api.Status) -> str:
     rows = []
     for s in status.nodes:
         health = "-" if s.health is None else ("ok" if s.health.ok else "degraded")
-        state = "converged" if s.converged else "pending"
+        state = "stale" if s.stale else ("converged" if s.converged else "pending")
         rows.append(
             (
                 s.node.name,

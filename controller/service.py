@@ -157,6 +157,8 @@ class Controller:
         if ack.node != msg.subject.rsplit(".", 1)[-1]:
             log.warning("controller: ack for node %s arrived on %s; ignored", ack.node, msg.subject)
             return
+        if ack.node not in self.intent.nodes:
+            return  # not ours to track: memory stays bounded by registered nodes
         self.tracker.record_ack(ack, self.clock())
         if not ack.ok:
             log.warning(
@@ -172,7 +174,7 @@ class Controller:
         except msgspec.DecodeError as e:
             log.warning("controller: malformed health on %s: %s", msg.subject, e)
             return
-        if health.node == msg.subject.rsplit(".", 1)[-1]:
+        if health.node == msg.subject.rsplit(".", 1)[-1] and health.node in self.intent.nodes:
             self.tracker.record_health(health, self.clock())
 
     # --- API ------------------------------------------------------------------------------------
@@ -319,7 +321,17 @@ class Controller:
 
     def _node_status(self, name: str) -> api.NodeStatus:
         version = self.versions.get(name)
-        return self.tracker.status(self.intent.nodes[name], version.version if version else 0)
+        return self.tracker.status(
+            self.intent.nodes[name],
+            version.version if version else 0,
+            self.clock(),
+            self.stale_after,
+        )
+
+    @property
+    def stale_after(self) -> float:
+        """Agents ack every heartbeat; this many seconds of silence mark a node stale."""
+        return max(5 * self.config.heartbeat_interval, 10.0)
 
     async def _restamp_if_dirty(self) -> None:
         if self._dirty:

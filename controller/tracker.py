@@ -30,16 +30,26 @@ class Tracker:
     def forget(self, node: str) -> None:
         self.nodes.pop(node, None)
 
-    def status(self, node: Node, desired_version: int) -> NodeStatus:
+    def status(
+        self, node: Node, desired_version: int, now: float, stale_after: float
+    ) -> NodeStatus:
+        """``stale``: not heard from for ``stale_after`` seconds; a silent agent is not converged."""
         track = self.nodes.get(node.name, NodeTrack())
         applied = track.last_ack.applied_version if track.last_ack else 0
         if track.health and track.health.applied_version > applied:
             applied = track.health.applied_version
+        stale = bool(track.last_heard) and now - track.last_heard > stale_after
         return NodeStatus(
             node=node,
             desired_version=desired_version,
             applied_version=applied,
-            converged=bool(desired_version and applied >= desired_version and not track.last_error),
+            converged=bool(
+                desired_version
+                and applied >= desired_version
+                and not track.last_error
+                and not stale
+            ),
+            stale=stale,
             last_ack=track.last_ack,
             last_error=track.last_error,
             last_heard=track.last_heard,

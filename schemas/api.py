@@ -98,6 +98,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     desired_version: int = 0
     applied_version: int = 0
     converged: bool = False
+    stale: bool = False  # not heard from for several heartbeats
     last_ack: Ack | None = None
     last_error: str | None = None
     last_heard: float = 0.0  # unix time of the last ack or health, 0 = never
