@@ -20,7 +20,9 @@ from typing import Any, TypeVar
 import msgspec
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netns import popns, pushns
 
+from agent.fdb_netlink import FdbSocket
 from agent.model import (
     Action,
     AddAddress,
@@ -78,6 +80,7 @@ class NetlinkThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ipr: AsyncIPRoute | None = None
+        self._fdb: FdbSocket | None = None  # bulk FDB path (see agent.fdb_netlink)
         self._lock: asyncio.Lock | None = None  # observe/apply never interleave
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -121,12 +124,16 @@ class NetlinkThread:
             ipr.close()
             raise
         self._ipr = ipr
+        self._fdb = _open_fdb_socket(self._netns)
         self._lock = asyncio.Lock()
 
     async def _close(self) -> None:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._fdb is not None:
+            self._fdb.close()
+            self._fdb = None
 
     async def _in_thread(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop is None:
@@ -192,16 +199,15 @@ class NetlinkThread:
         fdb: dict[int, set[FdbEntry]] = {i: set() for i in vxlans}
         learned: dict[int, set[str]] = {i: set() for i in vxlans}
         if vxlans:
-            async for n in await ipr.fdb("dump"):
+            assert self._fdb is not None
+            for entry in self._fdb.dump(vxlans):
                 # entries of the bridge master (NTF_MASTER) show up on the port too: skip them
-                if n["ifindex"] not in vxlans or not n["flags"] & NTF_SELF:
+                if not entry.own or entry.mac is None:
                     continue
-                mac = (n.get_attr("NDA_LLADDR") or "").lower()
-                dst = n.get_attr("NDA_DST")
-                if dst and n["state"] & NUD_PERMANENT:
-                    fdb[n["ifindex"]].add(FdbEntry(mac=mac, dst=dst))
+                if entry.dst and entry.permanent:
+                    fdb[entry.ifindex].add(FdbEntry(mac=entry.mac, dst=entry.dst))
                 else:
-                    learned[n["ifindex"]].add(mac)
+                    learned[entry.ifindex].add(entry.mac)
         return Observed(
             links=links,
             fdb={vxlans[i]: frozenset(e) for i, e in fdb.items()},
@@ -213,7 +219,13 @@ class NetlinkThread:
     async def _apply(self, actions: tuple[Action, ...]) -> ApplyResult:
         done = 0
         errors: list[str] = []
-        for action in actions:
+        for batch in _fdb_batches(actions):
+            if isinstance(batch, list):  # a run of FDB changes on one device: bulk path
+                ok, failed = await self._fdb_batch(batch)
+                done += ok
+                errors += failed
+                continue
+            action = batch
             label = f"{type(action).__name__} {_device(action)}"
             try:
                 await self._one(action)
@@ -230,6 +242,34 @@ class NetlinkThread:
         if errors:
             log.warning("netlink apply: %d done, %d failed", done, len(errors))
         return ApplyResult(done=done, errors=tuple(errors))
+
+    async def _fdb_batch(self, batch: list[AddFdb | DelFdb]) -> tuple[int, list[str]]:
+        first = batch[0]
+        op = "append" if isinstance(first, AddFdb) else "delete"
+        label = f"{type(first).__name__} {first.device}"
+        if not is_managed(first.device):
+            return 0, [
+                f"{label}: refusing to touch {first.device!r}: not an Otherix ('ot…') device"
+            ] * len(batch)
+        try:
+            index = await self._index(first.device)
+        except _Missing as e:
+            if op == "delete":
+                return len(batch), []  # the device is gone, and its entries with it
+            return 0, [f"{label}: {e}"] * len(batch)
+        assert self._fdb is not None
+        entries = [(a.mac.lower(), a.dst) for a in batch]
+        try:
+            failures = self._fdb.change(op, index, entries)
+        except OSError as e:
+            return 0, [f"{label}: {e}"] * len(batch)
+        log.info(
+            "netlink %s: fdb %s %d entries (%d failed)", first.device, op, len(batch), len(failures)
+        )
+        errors = [
+            f"{label} {mac} dst {dst or '-'}: {os.strerror(code)}" for mac, dst, code in failures
+        ]
+        return len(batch) - len(failures), errors
 
     async def _index(self, name: str) -> int:
         assert self._ipr is not None
@@ -329,6 +369,36 @@ class NetlinkThread:
         assert self._ipr is not None
         extra = {"dst": dst} if dst else {}
         await self._ipr.fdb("del", ifindex=await self._index(device), lladdr=mac, **extra)
+
+
+def _fdb_batches(actions: Sequence[Action]) -> list[Action | list[AddFdb | DelFdb]]:
+    """Group consecutive FDB changes of one kind on one device; keep everything else in order."""
+    out: list[Action | list[AddFdb | DelFdb]] = []
+    for action in actions:
+        if isinstance(action, AddFdb | DelFdb):
+            last = out[-1] if out else None
+            if (
+                isinstance(last, list)
+                and type(last[0]) is type(action)
+                and last[0].device == action.device
+            ):
+                last.append(action)
+                continue
+            out.append([action])
+        else:
+            out.append(action)
+    return out
+
+
+def _open_fdb_socket(netns: str | None) -> FdbSocket:
+    """A raw rtnetlink socket in ``netns`` (a socket keeps the namespace it was made in)."""
+    if netns is None:
+        return FdbSocket()
+    pushns(netns)
+    try:
+        return FdbSocket()
+    finally:
+        popns()
 
 
 def _device(action: Action) -> str:

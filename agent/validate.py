@@ -6,6 +6,7 @@ before anything touches the kernel.
 """
 
 import ipaddress
+import re
 
 import msgspec
 
@@ -14,6 +15,7 @@ from schemas.codec import decode
 from schemas.desired import Snapshot
 
 MIN_MTU, MAX_MTU = 576, 65535
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 class Rejected(Exception):
@@ -87,6 +89,8 @@ def check_content(snap: Snapshot) -> None:
             raise ValueError(f"{v.name}: VNI {v.vni} out of range")
         for entry in v.fdb:
             ipaddress.IPv4Address(entry.dst)
+            if not _MAC.match(entry.mac):
+                raise ValueError(f"{v.name}: FDB MAC {entry.mac!r} is not like 02:00:00:00:00:01")
     if snap.wireguard:
         ipaddress.IPv4Interface(snap.wireguard.address)
         for peer in snap.wireguard.peers:

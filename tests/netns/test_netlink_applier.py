@@ -232,3 +232,26 @@ def test_start_fails_cleanly_for_missing_namespace():
     with pytest.raises(Exception):  # noqa: B017 - pyroute2 raises its own flavour
         thread.start()
     thread.stop()  # no-op, nothing left running
+
+
+async def test_bulk_fdb_spans_several_chunks_and_reports_each_failure(nl, ns):
+    await nl.apply(overlay_plan())
+    macs = [f"02:bb:00:00:{i >> 8:02x}:{i & 255:02x}" for i in range(1500)]  # > 2 chunks
+    result = await nl.apply(
+        [AddFdb(VX, m, f"10.1.{i % 200}.{i % 250 + 1}") for i, m in enumerate(macs)]
+    )
+    assert result.errors == () and result.done == 1500
+    observed = await nl.observe()
+    assert {e.mac for e in observed.fdb[VX]} >= set(macs)
+    assert len(sh(ns, "bridge", "fdb", "show", "dev", VX).splitlines()) >= 1500
+    # appending again is idempotent; a 5-byte address is refused by the kernel, and only it
+    # (the agent validates MACs before this point: this proves failures are matched per entry)
+    again = await nl.apply([AddFdb(VX, macs[0], "10.1.0.1"), AddFdb(VX, "02:00:00:00:09", "10.1.0.1"),
+                            AddFdb(VX, "02:cc:00:00:00:01", "10.1.0.1")])  # fmt: skip
+    assert again.done == 2 and len(again.errors) == 1
+    assert "02:00:00:00:09" in again.errors[0] and "Invalid argument" in again.errors[0]
+    deleted = await nl.apply(
+        [DelFdb(VX, m, f"10.1.{i % 200}.{i % 250 + 1}") for i, m in enumerate(macs)]
+    )
+    assert deleted.errors == () and deleted.done == 1500
+    assert not {e.mac for e in (await nl.observe()).fdb[VX]} & set(macs)

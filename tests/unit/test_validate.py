@@ -70,6 +70,18 @@ def test_good_snapshot_accepted_same_or_newer_version():
             0,
             "not an Otherix device name",
         ),
+        (
+            raw(
+                vxlans=(
+                    msgspec.structs.replace(
+                        GOOD.vxlans[0], fdb=(FdbEntry(mac="02:zz:00:00:00:01", dst="100.64.0.2"),)
+                    ),
+                )
+            ),
+            "n1",
+            0,
+            "FDB MAC '02:zz:00:00:00:01'",
+        ),
     ],
 )
 def test_refused_with_reason(data, node, applied, message):
