@@ -3,9 +3,13 @@
 import asyncio
 import sys
 
-from bench import attach_ack
+from bench import attach_ack, fdb_apply, overlay_ping
 
-BENCHES = {"attach_ack": attach_ack.main}
+BENCHES = {
+    "attach_ack": attach_ack.main,
+    "overlay_ping": overlay_ping.main,
+    "fdb_apply": fdb_apply.main,
+}
 
 
 def main() -> None:
