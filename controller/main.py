@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--log-format", choices=("text", "json"), default=env("OTHERIX_LOG_FORMAT", "text")
     )
     p.add_argument("--log-level", default=env("OTHERIX_LOG_LEVEL", "INFO"))
+    p.add_argument("--instance", default=env("OTHERIX_INSTANCE", "otherix-controller"), help="connection name shown in NATS monitoring (env OTHERIX_INSTANCE)")
     args = p.parse_args(argv)
     if not 0.05 <= args.heartbeat <= 3600:
         p.error(f"--heartbeat {args.heartbeat}: must be between 0.05 and 3600 seconds")
@@ -105,7 +106,7 @@ async def open_store(nc, bucket: str, attempts: int = 50) -> Store:
 
 
 async def run(args: argparse.Namespace) -> None:
-    nc = await nats.connect(args.nats, name="otherix-controller", max_reconnect_attempts=-1)
+    nc = await nats.connect(args.nats, name=args.instance, max_reconnect_attempts=-1)
     store = await open_store(nc, args.bucket)
     config = ClusterConfig(
         underlay_mtu=args.underlay_mtu,

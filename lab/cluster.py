@@ -154,6 +154,7 @@ class Lab:
     async def start_controller(self, wait: bool = True) -> None:
         argv = python_module(
             "controller.main", "--nats", self.nats_url, "--heartbeat", str(self.state.heartbeat),
+            "--instance", f"{self.prefix}-controller",  # found by name if its pid file is lost
             "--underlay-mtu", str(self.state.underlay_mtu),
         )  # fmt: skip
         await spawn(argv, state_dir=self.state_dir, name="controller")

@@ -73,6 +73,28 @@ async def test_detaching_a_nic_removes_its_tap(lab: Lab):
     assert nic.tap not in await links(lab, "n1")
 
 
+async def test_tap_made_by_the_hypervisor_is_adopted(lab: Lab):
+    api = await lab.connect()
+    await lab.stop_agent("n1")
+    try:
+        nic = await api.nic_attach("lan", "n1", "early")
+        # the hypervisor creates the tap before the agent acts on the NIC
+        await lab.exec_node("n1", "ip", "tuntap", "add", "mode", "tap", "name", nic.tap)
+        index = await lab.exec_node("n1", "cat", f"/sys/class/net/{nic.tap}/ifindex")
+    finally:
+        await lab.start_agent("n1")
+    async with ack_stream(lab, "n1") as acks:
+        assert acks.first.ok
+    assert (
+        await lab.exec_node("n1", "cat", f"/sys/class/net/{nic.tap}/ifindex") == index
+    )  # not recreated
+    assert (await links(lab, "n1"))[
+        nic.tap
+    ] == f"mtu 1500 master {naming.bridge_network_bridge('lan')}"
+    await api.nic_detach(nic.nic.id)
+    await lab.wait_converged()
+
+
 async def test_bridge_deleted_by_hand_comes_back_within_two_heartbeats(lab: Lab):
     bridge = naming.bridge_network_bridge("lan")
     async with ack_stream(lab, "n1") as acks:
