@@ -18,66 +18,63 @@ from agent.nft import NftApplier
 from agent.runner import Agent, AgentConfig
 from agent.wgkeys import InvalidKey, load_or_create_private_key
 from agent.wireguard import WireGuardApplier
-from controller.main import setup_logging
+from controller.options import add_common, env, option, setup_logging
 from schemas import naming
 
 log = logging.getLogger("agent")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    def env(name: str, default: str | None = None) -> str | None:
-        return os.environ.get(name) or default  # an empty variable means unset
-
     p = argparse.ArgumentParser(prog="otherix-agent", description=__doc__)
-    p.add_argument(
-        "--nats",
-        default=env("OTHERIX_NATS_URL", "nats://127.0.0.1:4222"),
-        help="NATS server URL (env OTHERIX_NATS_URL)",
-    )
-    p.add_argument(
+    add_common(p)
+    option(
+        p,
         "--node",
-        default=env("OTHERIX_NODE", socket.gethostname().split(".")[0].lower()),
-        help="node name (env OTHERIX_NODE; default: short host name)",
+        "OTHERIX_NODE",
+        socket.gethostname().split(".")[0].lower(),
+        "node name (default: short host name)",
     )
-    p.add_argument(
+    option(
+        p,
         "--state-dir",
+        "OTHERIX_STATE_DIR",
+        "/var/lib/otherix-agent",
+        "keys and applied version",
         type=Path,
-        default=Path(env("OTHERIX_STATE_DIR", "/var/lib/otherix-agent")),
-        help="keys and applied version (env OTHERIX_STATE_DIR)",
     )
-    p.add_argument(
+    option(
+        p,
         "--underlay-ip",
-        default=env("OTHERIX_UNDERLAY_IP"),
-        help="this node's address other nodes reach it on (env OTHERIX_UNDERLAY_IP); required for the overlay mesh",
+        "OTHERIX_UNDERLAY_IP",
+        None,
+        "this node's address other nodes reach it on; required for the overlay mesh",
     )
-    p.add_argument(
+    option(
+        p,
         "--wg-port",
+        "OTHERIX_WG_PORT",
+        str(naming.WIREGUARD_PORT),
+        "WireGuard listen port",
         type=int,
-        default=int(env("OTHERIX_WG_PORT", str(naming.WIREGUARD_PORT))),
-        help="WireGuard listen port (env OTHERIX_WG_PORT)",
     )
-    p.add_argument(
+    option(
+        p,
         "--wg-backend",
+        "OTHERIX_WG_BACKEND",
+        "auto",
+        "kernel module or wireguard-go",
         choices=("auto", "kernel", "userspace"),
-        default=env("OTHERIX_WG_BACKEND", "auto"),
-        help="kernel module or wireguard-go (env OTHERIX_WG_BACKEND)",
     )
-    p.add_argument(
-        "--no-mesh",
-        action="store_true",
-        default=env("OTHERIX_NO_MESH", "") == "1",
-        help="do not join the WireGuard mesh (bridge networks only)",
-    )
-    p.add_argument(
+    p.add_argument("--no-mesh", action="store_true", default=env("OTHERIX_NO_MESH") == "1",
+                   help="do not join the WireGuard mesh, bridge networks only (env OTHERIX_NO_MESH=1)")  # fmt: skip
+    option(
+        p,
         "--health-interval",
+        "OTHERIX_HEALTH_INTERVAL",
+        "5",
+        "seconds between health reports",
         type=float,
-        default=float(env("OTHERIX_HEALTH_INTERVAL", "5")),
-        help="seconds between health reports",
     )
-    p.add_argument(
-        "--log-format", choices=("text", "json"), default=env("OTHERIX_LOG_FORMAT", "text")
-    )
-    p.add_argument("--log-level", default=env("OTHERIX_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     if not naming.valid_id(args.node):
         p.error(f"--node {args.node!r}: use 1-63 lowercase letters, digits and '-'")

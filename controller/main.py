@@ -4,15 +4,14 @@ import argparse
 import asyncio
 import ipaddress
 import logging
-import os
 import signal
 import sys
 
-import msgspec
 import nats
 import uvloop
 
 from controller.compute import ClusterConfig
+from controller.options import add_common, option, setup_logging
 from controller.service import Controller
 from controller.store import BUCKET, Store
 from schemas import naming
@@ -21,40 +20,32 @@ log = logging.getLogger("controller")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
     p = argparse.ArgumentParser(prog="otherix-controller", description=__doc__)
-    p.add_argument(
-        "--nats",
-        default=env("OTHERIX_NATS_URL", "nats://127.0.0.1:4222"),
-        help="NATS server URL (env OTHERIX_NATS_URL)",
-    )
-    p.add_argument(
+    add_common(p)
+    option(
+        p,
         "--heartbeat",
+        "OTHERIX_HEARTBEAT",
+        "1.0",
+        "seconds between snapshot publications",
         type=float,
-        default=float(env("OTHERIX_HEARTBEAT", "1.0")),
-        help="seconds between snapshot publications (env OTHERIX_HEARTBEAT)",
     )
-    p.add_argument(
-        "--underlay-mtu",
-        type=int,
-        default=int(env("OTHERIX_UNDERLAY_MTU", "1500")),
-        help="cluster underlay MTU (env OTHERIX_UNDERLAY_MTU)",
-    )
-    p.add_argument(
+    option(p, "--underlay-mtu", "OTHERIX_UNDERLAY_MTU", "1500", "cluster underlay MTU", type=int)
+    option(
+        p,
         "--mesh-prefix",
-        default=env("OTHERIX_MESH_PREFIX", "100.64.0.0/16"),
-        help="prefix node tunnel addresses come from (env OTHERIX_MESH_PREFIX)",
+        "OTHERIX_MESH_PREFIX",
+        "100.64.0.0/16",
+        "prefix node tunnel addresses come from",
     )
-    p.add_argument(
-        "--bucket",
-        default=env("OTHERIX_BUCKET", BUCKET),
-        help="JetStream KV bucket of the intent (env OTHERIX_BUCKET)",
+    option(p, "--bucket", "OTHERIX_BUCKET", BUCKET, "JetStream KV bucket of the intent")
+    option(
+        p,
+        "--instance",
+        "OTHERIX_INSTANCE",
+        "otherix-controller",
+        "connection name shown in NATS monitoring",
     )
-    p.add_argument(
-        "--log-format", choices=("text", "json"), default=env("OTHERIX_LOG_FORMAT", "text")
-    )
-    p.add_argument("--log-level", default=env("OTHERIX_LOG_LEVEL", "INFO"))
-    p.add_argument("--instance", default=env("OTHERIX_INSTANCE", "otherix-controller"), help="connection name shown in NATS monitoring (env OTHERIX_INSTANCE)")
     args = p.parse_args(argv)
     if not 0.05 <= args.heartbeat <= 3600:
         p.error(f"--heartbeat {args.heartbeat}: must be between 0.05 and 3600 seconds")
@@ -69,27 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if mesh.prefixlen > 30:
         p.error(f"--mesh-prefix {args.mesh_prefix}: too small for a mesh (at most /30)")
     return args
-
-
-def setup_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return msgspec.json.encode(
-            {
-                "ts": record.created,
-                "level": record.levelname,
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-        ).decode()
 
 
 async def open_store(nc, bucket: str, attempts: int = 50) -> Store:

@@ -119,6 +119,29 @@ def test_bad_flags_exit_2_with_a_message(argv, message):
     assert message in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (
+            ["otherix-controller"],
+            {"OTHERIX_HEARTBEAT": "soon"},
+            "--heartbeat: invalid float value: 'soon'",
+        ),
+        (
+            ["otherix-controller"],
+            {"OTHERIX_LOG_FORMAT": "xml"},
+            "--log-format (env OTHERIX_LOG_FORMAT): invalid choice: 'xml'",
+        ),
+        (["otherix-agent"], {"OTHERIX_WG_PORT": "x"}, "--wg-port: invalid int value: 'x'"),
+    ],
+)
+def test_bad_environment_is_refused_like_a_bad_flag(argv, env, message):
+    done = subprocess.run([script(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **env})  # fmt: skip
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert message in done.stderr
+
+
 def test_unreachable_nats_is_one_clear_line():
     done = ctl("nats://127.0.0.1:1", "network", "list", rc=1)
     assert done.stderr.strip().splitlines() == [

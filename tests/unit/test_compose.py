@@ -18,9 +18,9 @@ import yaml
 from tests.conftest import nats_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = {  # console script -> the module whose argparse reads its environment
-    "otherix-controller": ROOT / "controller" / "main.py",
-    "otherix-agent": ROOT / "agent" / "main.py",
+SOURCES = {  # console script -> the modules whose argparse reads its environment
+    "otherix-controller": [ROOT / "controller" / "main.py", ROOT / "controller" / "options.py"],
+    "otherix-agent": [ROOT / "agent" / "main.py", ROOT / "controller" / "options.py"],
 }
 _DEFAULTED = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
@@ -68,7 +68,7 @@ def test_services_run_declared_console_scripts(compose, scripts):
 def test_every_variable_is_read_by_the_command(compose, monkeypatch):
     for name, service in ours(compose).items():
         command = argv(service)[0]
-        source = SOURCES[command].read_text()
+        source = "".join(path.read_text() for path in SOURCES[command])
         env = environment(service)
         assert env, f"{name} has no environment"
         for var in env:
