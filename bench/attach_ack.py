@@ -6,24 +6,15 @@ Baselines measured in the same run: a bare API round trip (``nic list``) and cre
 
 import asyncio
 import secrets
-import statistics
 import time
 
+from bench import summary
 from lab.cluster import Lab
 from schemas import naming
 from schemas.codec import decode
 from schemas.messages import Ack
 
 RUNS = 20
-
-
-def summary(label: str, samples: list[float]) -> float:
-    med = statistics.median(samples)
-    p90 = sorted(samples)[int(len(samples) * 0.9) - 1]
-    print(
-        f"{label:<44} median {med * 1000:8.2f} ms   p90 {p90 * 1000:8.2f} ms   (n={len(samples)})"
-    )
-    return med
 
 
 async def main() -> None:

@@ -6,9 +6,9 @@ the overlay's ping round trip once established.
 
 import asyncio
 import secrets
-import statistics
 import time
 
+from bench import summary
 from lab.cluster import Lab
 from lab.vm import ping
 from schemas import naming
@@ -16,14 +16,6 @@ from schemas.codec import decode
 from schemas.messages import Ack
 
 RUNS = 10
-
-
-def line(label: str, samples: list[float]) -> float:
-    med = statistics.median(samples)
-    print(
-        f"{label:<48} median {med * 1000:8.1f} ms   min {min(samples) * 1000:7.1f}   max {max(samples) * 1000:7.1f}   (n={len(samples)})"
-    )
-    return med
 
 
 async def main() -> None:
@@ -65,9 +57,9 @@ async def main() -> None:
             await lab.vm_rm(vm)
             await lab.wait_converged()
 
-        med = line("nic attach on n1 -> first ping to n2 succeeds", to_ping)
-        ack = line("baseline: nic attach -> n1 agent ack", to_ack)
-        one = line("baseline: one ping (process start + RTT)", rtt)
+        med = summary("nic attach on n1 -> first ping to n2 succeeds", to_ping)
+        ack = summary("baseline: nic attach -> n1 agent ack", to_ack)
+        one = summary("baseline: one ping (process start + RTT)", rtt)
         print(f"ratio attach->ping / attach->ack: {med / ack:.1f}x; / one ping: {med / one:.1f}x")
     finally:
         await lab.down()

@@ -23,7 +23,9 @@ def option(
     choices = kw.get("choices")
     if choices and value is not None and kw.get("type", str)(value) not in choices:
         # argparse checks choices on the command line only, not on defaults
-        p.error(f"argument {flag} (env {var}): invalid choice: {value!r} (choose from {', '.join(choices)})")
+        p.error(
+            f"argument {flag} (env {var}): invalid choice: {value!r} (choose from {', '.join(choices)})"
+        )
     p.add_argument(flag, default=value, help=f"{help} (env {var})", **kw)
 
 

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats.micro
@@ -28,6 +28,7 @@ from schemas.intent import Intent, NodeVersion
 from schemas.messages import Ack, Health
 
 log = logging.getLogger(__name__)
+T = TypeVar("T", Ack, Health)
 
 
 def stamp(previous: NodeVersion | None, snapshot: Snapshot) -> NodeVersion:
@@ -148,17 +149,27 @@ class Controller:
 
     # --- acks and health ------------------------------------------------------------------------
 
-    async def _on_ack(self, msg) -> None:
+    def _from_node(self, msg, type_: type[T]) -> T | None:
+        """A registered node's own ack or health; anything else is logged and dropped."""
         try:
-            ack = decode(msg.data, Ack)
+            value = decode(msg.data, type_)
         except msgspec.DecodeError as e:
-            log.warning("controller: malformed ack on %s: %s", msg.subject, e)
+            log.warning("controller: malformed %s on %s: %s", type_.__name__, msg.subject, e)
+            return None
+        if value.node != msg.subject.rsplit(".", 1)[-1]:
+            log.warning(
+                "controller: %s of node %s arrived on %s; ignored",
+                type_.__name__,
+                value.node,
+                msg.subject,
+            )
+            return None
+        # unregistered nodes are not tracked: memory stays bounded by registered nodes
+        return value if value.node in self.intent.nodes else None
+
+    async def _on_ack(self, msg) -> None:
+        if (ack := self._from_node(msg, Ack)) is None:
             return
-        if ack.node != msg.subject.rsplit(".", 1)[-1]:
-            log.warning("controller: ack for node %s arrived on %s; ignored", ack.node, msg.subject)
-            return
-        if ack.node not in self.intent.nodes:
-            return  # not ours to track: memory stays bounded by registered nodes
         self.tracker.record_ack(ack, self.clock())
         if not ack.ok:
             log.warning(
@@ -169,12 +180,7 @@ class Controller:
             )
 
     async def _on_health(self, msg) -> None:
-        try:
-            health = decode(msg.data, Health)
-        except msgspec.DecodeError as e:
-            log.warning("controller: malformed health on %s: %s", msg.subject, e)
-            return
-        if health.node == msg.subject.rsplit(".", 1)[-1] and health.node in self.intent.nodes:
+        if (health := self._from_node(msg, Health)) is not None:
             self.tracker.record_health(health, self.clock())
 
     # --- API ------------------------------------------------------------------------------------
