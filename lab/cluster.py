@@ -151,6 +151,9 @@ class Lab:
         await _wait_port(self.state.nats_port, proc, self.state_dir / "nats-server.log")
         self.save()
 
+    async def stop_nats(self) -> None:
+        await stop_pidfile(self.state_dir / "nats-server.pid")
+
     async def start_controller(self, wait: bool = True) -> None:
         argv = python_module(
             "controller.main", "--nats", self.nats_url, "--heartbeat", str(self.state.heartbeat),
