@@ -10,7 +10,7 @@ import pytest
 
 from agent import wgkeys
 from agent.model import AddAddress, DelAddress, Link, SetMtu, SetUp
-from agent.wireguard import (
+from agent.wgplan import (
     DevicePlan,
     ObservedDevice,
     ObservedPeer,
