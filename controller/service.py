@@ -171,6 +171,18 @@ class Controller:
         if (ack := self._from_node(msg, Ack)) is None:
             return
         self.tracker.record_ack(ack, self.clock())
+        known = self.versions.get(ack.node)
+        if ack.applied_version > (known.version if known else 0):
+            # The node holds a version we never issued (the store was lost or restored from an
+            # older backup): continue above it, or the agent would refuse everything as stale.
+            log.warning(
+                "controller: node %s has applied version %d, above ours (%d); continuing above it",
+                ack.node, ack.applied_version, known.version if known else 0,
+            )  # fmt: skip
+            self.versions[ack.node] = NodeVersion(
+                node=ack.node, version=ack.applied_version, digest=""
+            )
+            self._wake()
         if not ack.ok:
             log.warning(
                 "controller: node %s refused or failed version %d: %s",

@@ -201,3 +201,20 @@ async def test_ack_on_another_nodes_subject_is_ignored(api, nc):
     n1 = (await api.status()).nodes[0]
     assert n1.node.name == "n1" and n1.last_ack is None and n1.applied_version == 0
     assert not n1.converged
+
+
+async def test_versions_continue_above_what_a_node_already_applied(api, nc):
+    """A controller whose store was lost must not publish versions the agent calls stale."""
+    await api.node_register(name="n1")
+    listener = await Listener(nc, "n1").start()
+    first = await listener.live()
+    assert first.version < 500
+    refused = Ack(
+        node="n1", version=first.version, applied_version=500, ok=False, error="stale snapshot"
+    )
+    await nc.publish(naming.ack_subject("n1"), encode(refused))
+    deadline = time.monotonic() + 5
+    while (snap := (await listener.next())[1]).version <= 500:
+        assert time.monotonic() < deadline, snap.version
+    assert snap.version == 501 and snap.digest == first.digest  # same content, higher version
+    await wait_status(api, "n1", lambda s: s.desired_version == 501)
