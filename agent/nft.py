@@ -46,10 +46,11 @@ class NftObserved(msgspec.Struct, frozen=True):
 class _Rules(msgspec.Struct, frozen=True):
     postrouting: tuple[str, ...]
     input: tuple[str, ...]
+    forward: tuple[str, ...] = ()
 
     @property
     def count(self) -> int:
-        return len(self.postrouting) + len(self.input)
+        return len(self.postrouting) + len(self.input) + len(self.forward)
 
 
 def _rules(nat_subnets: Sequence[str], vxlan_only_via: str | None, vxlan_port: int) -> _Rules:
@@ -63,11 +64,25 @@ def _rules(nat_subnets: Sequence[str], vxlan_only_via: str | None, vxlan_port: i
         if not 0 < vxlan_port < 65536:
             raise ValueError(f"bad VXLAN port {vxlan_port}")
         guard = (f'udp dport {vxlan_port} iifname != "{vxlan_only_via}" drop',)
-    return _Rules(postrouting=nat, input=guard)
+    # NAT networks behave like a home router's LAN: nothing enters one from another subnet
+    # (another Otherix network on this node, or outside) unless it answers a connection made
+    # from inside. Matching on addresses, not devices, keeps bridged traffic within one network
+    # untouched even where br_netfilter sends it through this hook.
+    isolation = tuple(
+        rule
+        for s in subnets
+        for rule in (
+            f"ip daddr {s} ip saddr != {s} ct state established,related accept",
+            f"ip daddr {s} ip saddr != {s} drop",
+        )
+    )
+    return _Rules(postrouting=nat, input=guard, forward=isolation)
 
 
 def _digest(rules: _Rules) -> str:
-    text = "\n".join(["postrouting", *rules.postrouting, "input", *rules.input])
+    text = "\n".join(
+        ["postrouting", *rules.postrouting, "input", *rules.input, "forward", *rules.forward]
+    )
     return DIGEST_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -95,6 +110,10 @@ def render(
         # before the default filter priority so another table's accept cannot let it through
         lines += ["\tchain input {", "\t\ttype filter hook input priority filter - 10;"]
         lines += [f'\t\t{r} comment "{digest}"' for r in rules.input]
+        lines.append("\t}")
+    if rules.forward:
+        lines += ["\tchain forward {", "\t\ttype filter hook forward priority filter - 10;"]
+        lines += [f'\t\t{r} comment "{digest}"' for r in rules.forward]
         lines.append("\t}")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ import re
 IFNAMSIZ = 15  # usable characters (the kernel's IFNAMSIZ of 16 includes the NUL)
 PREFIX = "ot"
 WIREGUARD_IFNAME = "otwg0"
+BRIDGE_NETWORK_PREFIX = "otn"
 VXLAN_PORT = 4789
 WIREGUARD_PORT = 51820
 WIREGUARD_OVERHEAD = 60  # 20 IPv4 + 8 UDP + 32 WireGuard
@@ -50,7 +51,7 @@ def vxlan_device(vni: int) -> str:
 
 def bridge_network_bridge(network: str) -> str:
     """Bridge of a ``bridge`` network: ``otn`` + 8 hex digits of the name's SHA-256."""
-    return _checked("otn" + hashlib.sha256(network.encode()).hexdigest()[:8])
+    return _checked(BRIDGE_NETWORK_PREFIX + hashlib.sha256(network.encode()).hexdigest()[:8])
 
 
 def tap_name(nic_id: str) -> str:

@@ -5,7 +5,9 @@ import asyncio
 import pytest
 
 from lab.cluster import Lab
+from lab.netns import run
 from lab.topology import OUTSIDE_IP
+from lab.vm import ping
 from schemas import naming
 from schemas.codec import encode
 from schemas.desired import Bridge, Snapshot
@@ -31,6 +33,47 @@ async def test_two_vms_on_a_nat_bridge_ping_each_other_and_the_outside(lab: Lab)
     assert (await lab.exec_node("n1", "sysctl", "-n", "net.ipv4.ip_forward")).strip() == "1"
     # n2 hosts no NIC of lan: nothing of it there
     assert not [n for n in await links(lab, "n2") if n.startswith("ot")]
+
+
+async def test_nat_networks_are_isolated_from_each_other_and_from_outside(lab: Lab):
+    api = await lab.connect()
+    await api.network_create("lan2", "bridge", "10.13.0.0/24", "nat")
+    other = await lab.vm_add("c", "lan2", "n1")
+    await lab.wait_converged()
+    assert await lab.ping("c", OUTSIDE_IP)  # both have their way out...
+    assert not await lab.ping("a", other.ip, timeout=1)  # ...but no way into each other
+    # unsolicited traffic from outside, even with a route to the VM subnet, is dropped
+    n1_ip = lab.topology.nodes["n1"].underlay_ip
+    await run(
+        "ip",
+        "netns",
+        "exec",
+        lab.topology.outside,
+        "ip",
+        "route",
+        "add",
+        "10.13.0.0/24",
+        "via",
+        n1_ip,
+    )
+    try:
+        assert not await ping(lab.topology.outside, other.ip, timeout=1)
+        # the control: without Otherix's table the host would route both
+        await lab.stop_agent("n1")
+        try:
+            await lab.exec_node("n1", "nft", "delete", "table", "inet", "otherix")
+            assert await ping(lab.topology.outside, other.ip)
+            assert await lab.ping("a", other.ip)
+        finally:
+            await lab.start_agent("n1")
+        async with ack_stream(lab, "n1") as acks:
+            assert acks.first.ok
+        assert not await lab.ping("a", other.ip, timeout=1)
+    finally:
+        await run("ip", "netns", "exec", lab.topology.outside, "ip", "route", "del", "10.13.0.0/24")
+    await lab.vm_rm("c")
+    await api.network_delete("lan2")
+    await lab.wait_converged()
 
 
 async def test_bridge_without_nat_has_no_way_out(lab: Lab):

@@ -36,6 +36,13 @@ def test_render_text():
         "\t\ttype filter hook input priority filter - 10;\n"
         f'\t\tudp dport 4789 iifname != "otwg0" drop comment "{digest}"\n'
         "\t}\n"
+        "\tchain forward {\n"
+        "\t\ttype filter hook forward priority filter - 10;\n"
+        f'\t\tip daddr 10.0.0.0/16 ip saddr != 10.0.0.0/16 ct state established,related accept comment "{digest}"\n'
+        f'\t\tip daddr 10.0.0.0/16 ip saddr != 10.0.0.0/16 drop comment "{digest}"\n'
+        f'\t\tip daddr 10.1.0.0/24 ip saddr != 10.1.0.0/24 ct state established,related accept comment "{digest}"\n'
+        f'\t\tip daddr 10.1.0.0/24 ip saddr != 10.1.0.0/24 drop comment "{digest}"\n'
+        "\t}\n"
         "}\n"
     )
 
@@ -47,6 +54,7 @@ def test_render_is_deterministic_and_only_wanted_chains():
     assert "chain input" not in render(["10.1.0.0/24"], None)
     only_guard = render([], "otwg0", vxlan_port=8472)
     assert "chain postrouting" not in only_guard and "udp dport 8472" in only_guard
+    assert "chain forward" not in only_guard  # isolation comes with NAT networks only
     assert desired_digest(["10.1.0.0/24"], None) != desired_digest(["10.1.0.0/24"], "otwg0")
 
 
@@ -104,7 +112,7 @@ async def test_apply_observe_noop_replace_remove(ns, nft):
     assert await nft.apply(["10.1.0.0/24"], "otwg0") == 2  # forwarding + table
     assert sh(ns, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
     observed = await nft.observe()
-    assert observed.exists and observed.rule_count == 2
+    assert observed.exists and observed.rule_count == 4
     assert observed.digest == desired_digest(["10.1.0.0/24"], "otwg0")
     text = rules_text(ns)
     assert "ip saddr 10.1.0.0/24 ip daddr != 10.1.0.0/24 masquerade" in text
@@ -117,14 +125,14 @@ async def test_apply_observe_noop_replace_remove(ns, nft):
     text = rules_text(ns)
     assert "10.1.0.0" not in text and "10.2.0.0/24" in text and "10.3.0.0/24" in text
     assert "chain input" not in text
-    assert (await nft.observe()).rule_count == 2
+    assert (await nft.observe()).rule_count == 6  # 2 masquerade + 2 x 2 isolation
 
     # a hand-deleted rule is noticed and repaired
     listing = json.loads(sh(ns, "nft", "-j", "-a", "list", "table", "inet", "otherix").stdout)
     handle = next(i["rule"]["handle"] for i in listing["nftables"] if "rule" in i)
     sh(ns, "nft", "delete", "rule", "inet", "otherix", "postrouting", "handle", str(handle))
     assert await nft.apply(["10.2.0.0/24", "10.3.0.0/24"], None) == 1
-    assert (await nft.observe()).rule_count == 2
+    assert (await nft.observe()).rule_count == 6
 
     # nothing wanted: our table goes, the foreign table stays
     assert await nft.apply([], None) == 1
