@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-mesh", action="store_true", default=env("OTHERIX_NO_MESH") == "1",
                    help="do not join the WireGuard mesh, bridge networks only (env OTHERIX_NO_MESH=1)")  # fmt: skip
+    p.add_argument("--rotate-key", action="store_true",
+                   help="replace this node's WireGuard key at start; peers learn the new one on the next heartbeat")  # fmt: skip
     option(
         p,
         "--health-interval",
@@ -95,7 +97,9 @@ def make_wireguard(args: argparse.Namespace):
         if not args.no_mesh:
             log.warning("agent %s: no --underlay-ip, so not joining the overlay mesh", args.node)
         return None
-    private = load_or_create_private_key(args.state_dir)
+    private = load_or_create_private_key(args.state_dir, rotate=args.rotate_key)
+    if args.rotate_key:
+        log.warning("agent %s: WireGuard key rotated", args.node)
     return WireGuardApplier(private_key=private, backend=args.wg_backend)
 
 

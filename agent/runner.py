@@ -15,6 +15,7 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from agent import plan as planner
+from agent.model import CreateBridge, CreateTap, CreateVxlan, DeleteLink
 from agent.netlink import NetlinkThread
 from agent.nft import NftApplier
 from agent.state import AppliedState, load_applied, save_applied
@@ -224,7 +225,9 @@ class Agent:
             result = await self.netlink.apply(actions)
             changes += result.done
             errors += result.errors
-        self.devices = len(observed.links) + len(actions)  # approximate until next observe
+        created = {a.name for a in actions if isinstance(a, CreateBridge | CreateTap | CreateVxlan)}
+        deleted = {a.name for a in actions if isinstance(a, DeleteLink)}
+        self.devices = len((set(observed.links) - deleted) | created)
         try:
             changes += await self.nft.apply(snap.nat_subnets, snap.vxlan_only_via)
         except Exception as e:

@@ -95,15 +95,18 @@ def x25519(scalar: bytes, u: bytes) -> bytes:
     return (x2 * pow(z2, _P - 2, _P) % _P).to_bytes(32, "little")
 
 
-def load_or_create_private_key(state_dir: Path) -> str:
+def load_or_create_private_key(state_dir: Path, rotate: bool = False) -> str:
     """Return the node's private key (base64), creating ``state_dir/wireguard.key`` if absent.
 
     A file that exists but does not hold a valid key is an error, never silently replaced: a
     new identity would cut this node off until the controller learns the new public key.
+    ``rotate`` replaces the key on purpose (the agent then re-registers its new public key).
     """
     state_dir = Path(state_dir)
     path = state_dir / KEY_FILE
     try:
+        if rotate:
+            raise FileNotFoundError  # write a fresh key over the old one, atomically
         text = path.read_text().strip()
     except FileNotFoundError:
         pass

@@ -211,7 +211,7 @@ class Lab:
         pid = read_pidfile(self.state_dir / f"agent-{name}.pid")
         return pid if pid is not None and alive(pid) else None
 
-    async def start_agent(self, name: str) -> None:
+    async def start_agent(self, name: str, *extra: str) -> None:
         node = self.topology.nodes[name]
         WIREGUARD_RUN.mkdir(parents=True, exist_ok=True)
         agent = python_module(
@@ -221,6 +221,7 @@ class Lab:
         )  # fmt: skip
         if not self.state.mesh:
             agent.append("--no-mesh")
+        agent += extra
         # `ip netns exec` gives a private mount namespace; binding a per-node directory there
         # keeps each node's wireguard-go socket (always /run/wireguard/otwg0.sock) apart from
         # the others', and lets a restarted agent find and adopt its node's running daemon.

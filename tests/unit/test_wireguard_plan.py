@@ -282,3 +282,12 @@ def test_normalize_endpoint():
     assert normalize_endpoint("198.18.0.1:51820") == "198.18.0.1:51820"
     assert normalize_endpoint("[2001:DB8::1]:1") == "[2001:db8::1]:1"
     assert normalize_endpoint("") is None
+
+
+def test_rotation_replaces_the_key_file_atomically(tmp_path):
+    first = wgkeys.load_or_create_private_key(tmp_path)
+    rotated = wgkeys.load_or_create_private_key(tmp_path, rotate=True)
+    assert rotated != first
+    assert wgkeys.load_or_create_private_key(tmp_path) == rotated  # the new key is the one kept
+    assert (tmp_path / "wireguard.key").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["wireguard.key"]  # no temp file left
