@@ -8,11 +8,9 @@ import asyncio
 import secrets
 import time
 
-from bench import summary
+from bench import summary, timed_acks
 from lab.cluster import Lab
 from schemas import naming
-from schemas.codec import decode
-from schemas.messages import Ack
 
 RUNS = 20
 
@@ -23,13 +21,7 @@ async def main() -> None:
         await lab.up(1)
         api = await lab.connect()
         await api.network_create("bench", "bridge", "10.30.0.0/16")
-        acks: asyncio.Queue[tuple[float, Ack]] = asyncio.Queue()
-
-        async def on_ack(msg):
-            acks.put_nowait((time.perf_counter(), decode(msg.data, Ack)))
-
-        await lab.nc.subscribe(naming.ack_subject("n1"), cb=on_ack)
-        await asyncio.wait_for(acks.get(), 10)  # the subscription is live
+        acks = await timed_acks(lab.nc, "n1")
 
         attach = []
         for i in range(RUNS):

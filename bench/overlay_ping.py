@@ -8,12 +8,9 @@ import asyncio
 import secrets
 import time
 
-from bench import summary
+from bench import summary, timed_acks
 from lab.cluster import Lab
 from lab.vm import ping
-from schemas import naming
-from schemas.codec import decode
-from schemas.messages import Ack
 
 RUNS = 10
 
@@ -26,13 +23,7 @@ async def main() -> None:
         await api.network_create("bench", "overlay", "10.60.0.0/24")
         target = await lab.vm_add("target", "bench", "n2")
         await lab.wait_converged()
-        acks: asyncio.Queue[tuple[float, Ack]] = asyncio.Queue()
-
-        async def on_ack(msg):
-            acks.put_nowait((time.perf_counter(), decode(msg.data, Ack)))
-
-        await lab.nc.subscribe(naming.ack_subject("n1"), cb=on_ack)
-        await asyncio.wait_for(acks.get(), 10)
+        acks = await timed_acks(lab.nc, "n1")
 
         to_ping, to_ack, rtt = [], [], []
         for i in range(RUNS):
