@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_wireguard(args: argparse.Namespace):
+def make_wireguard(args: argparse.Namespace, netlink: NetlinkThread):
     if args.no_mesh or not args.underlay_ip:
         if not args.no_mesh:
             log.warning("agent %s: no --underlay-ip, so not joining the overlay mesh", args.node)
@@ -100,17 +100,18 @@ def make_wireguard(args: argparse.Namespace):
     private = load_or_create_private_key(args.state_dir, rotate=args.rotate_key)
     if args.rotate_key:
         log.warning("agent %s: WireGuard key rotated", args.node)
-    return WireGuardApplier(private_key=private, backend=args.wg_backend)
+    return WireGuardApplier(netlink, private_key=private, backend=args.wg_backend)
 
 
 async def run(args: argparse.Namespace) -> None:
     args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        wireguard = make_wireguard(args)
-    except InvalidKey as e:
-        sys.exit(f"otherix-agent: {e}")
-    netlink = NetlinkThread()
+    netlink = NetlinkThread()  # the one rtnetlink socket: links, FDB and otwg0's link
     netlink.start()
+    try:
+        wireguard = make_wireguard(args, netlink)
+    except InvalidKey as e:
+        netlink.stop()
+        sys.exit(f"otherix-agent: {e}")
     nc = await nats.connect(args.nats, name=f"otherix-agent-{args.node}", max_reconnect_attempts=-1)
     config = AgentConfig(
         node=args.node,

@@ -57,6 +57,10 @@ class CreateVxlan(msgspec.Struct, frozen=True, tag=True):
     mtu: int
 
 
+class CreateWireGuard(msgspec.Struct, frozen=True, tag=True):
+    name: str  # a kernel WireGuard device; its keys and peers are set over genl, not here
+
+
 class SetMtu(msgspec.Struct, frozen=True, tag=True):
     name: str
     mtu: int
@@ -101,6 +105,7 @@ Action = (
     CreateBridge
     | CreateTap
     | CreateVxlan
+    | CreateWireGuard
     | SetMtu
     | SetMaster
     | SetUp

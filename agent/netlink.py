@@ -30,6 +30,7 @@ from agent.model import (
     CreateBridge,
     CreateTap,
     CreateVxlan,
+    CreateWireGuard,
     DelAddress,
     DeleteLink,
     DelFdb,
@@ -149,6 +150,12 @@ class NetlinkThread:
     async def apply(self, actions: Sequence[Action]) -> ApplyResult:
         return await self._in_thread(self._locked(self._apply(tuple(actions))))
 
+    async def observe_link(self, name: str) -> Link | None:
+        """One managed link (no FDB), or None when it does not exist; cheap enough per apply."""
+        if not is_managed(name):
+            raise ValueError(f"refusing to read {name!r}: not an Otherix ('ot…') device")
+        return await self._in_thread(self._locked(self._observe_link(name)))
+
     async def _locked(self, coro: Coroutine[Any, Any, T]) -> T:
         assert self._lock is not None
         async with self._lock:
@@ -166,35 +173,16 @@ class NetlinkThread:
         addresses: dict[int, set[str]] = {i: set() for i in managed}
         async for a in await ipr.addr("dump", family=socket.AF_INET):
             if a["index"] in addresses:
-                ip = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
-                addresses[a["index"]].add(f"{ip}/{a['prefixlen']}")
+                addresses[a["index"]].add(_address(a))
 
         links: dict[str, Link] = {}
         vxlans: dict[int, str] = {}
         for index, m in managed.items():
-            name = names[index]
-            info = m.get_attr("IFLA_LINKINFO")
-            kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
-            vxlan = None
-            if kind == "vxlan":
-                vxlans[index] = name
-                data = info.get_attr("IFLA_INFO_DATA")
-                vxlan = VxlanInfo(
-                    vni=data.get_attr("IFLA_VXLAN_ID"),
-                    local=data.get_attr("IFLA_VXLAN_LOCAL"),
-                    port=data.get_attr("IFLA_VXLAN_PORT"),
-                    learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
-                )
             master = m.get_attr("IFLA_MASTER")
-            links[name] = Link(
-                name=name,
-                kind=kind,
-                mtu=m.get_attr("IFLA_MTU"),
-                up=bool(m["flags"] & IFF_UP),
-                master=names.get(master) if master else None,
-                addresses=frozenset(addresses[index]),
-                vxlan=vxlan,
-            )
+            link = _link(m, names[index], addresses[index], names.get(master) if master else None)
+            links[link.name] = link
+            if link.kind == "vxlan":
+                vxlans[index] = link.name
 
         fdb: dict[int, set[FdbEntry]] = {i: set() for i in vxlans}
         learned: dict[int, set[str]] = {i: set() for i in vxlans}
@@ -213,6 +201,25 @@ class NetlinkThread:
             fdb={vxlans[i]: frozenset(e) for i, e in fdb.items()},
             learned={vxlans[i]: frozenset(e) for i, e in learned.items()},
         )
+
+    async def _observe_link(self, name: str) -> Link | None:
+        ipr = self._ipr
+        assert ipr is not None
+        try:
+            (m,) = await ipr.link("get", ifname=name)
+        except NetlinkError as e:
+            if e.code in _GONE:
+                return None
+            raise
+        master_name = None
+        if master := m.get_attr("IFLA_MASTER"):
+            (mm,) = await ipr.link("get", index=master)
+            master_name = mm.get_attr("IFLA_IFNAME")
+        addresses = {
+            _address(a)
+            async for a in await ipr.addr("dump", family=socket.AF_INET, index=m["index"])
+        }
+        return _link(m, name, addresses, master_name)
 
     # --- apply (netlink thread) --------------------------------------------------------------
 
@@ -308,6 +315,9 @@ class NetlinkThread:
                     vxlan_learning=0,
                     mtu=mtu,
                 )
+            case CreateWireGuard(name):
+                log.info("netlink %s: create wireguard", name)
+                await ipr.link("add", ifname=name, kind="wireguard")
             case SetMtu(name, mtu):
                 log.info("netlink %s: mtu %d", name, mtu)
                 await ipr.link("set", index=await self._index(name), mtu=mtu)
@@ -399,6 +409,34 @@ def _open_fdb_socket(netns: str | None) -> FdbSocket:
         return FdbSocket()
     finally:
         popns()
+
+
+def _link(m: Any, name: str, addresses: set[str], master: str | None) -> Link:
+    """A ``Link`` from an RTM_NEWLINK message and what was looked up around it."""
+    info = m.get_attr("IFLA_LINKINFO")
+    kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
+    vxlan = None
+    if kind == "vxlan":
+        data = info.get_attr("IFLA_INFO_DATA")
+        vxlan = VxlanInfo(
+            vni=data.get_attr("IFLA_VXLAN_ID"),
+            local=data.get_attr("IFLA_VXLAN_LOCAL"),
+            port=data.get_attr("IFLA_VXLAN_PORT"),
+            learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
+        )
+    return Link(
+        name=name,
+        kind=kind,
+        mtu=m.get_attr("IFLA_MTU"),
+        up=bool(m["flags"] & IFF_UP),
+        master=master,
+        addresses=frozenset(addresses),
+        vxlan=vxlan,
+    )
+
+
+def _address(a: Any) -> str:
+    return f"{a.get_attr('IFA_LOCAL') or a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
 
 
 def _device(action: Action) -> str:

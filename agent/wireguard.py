@@ -19,9 +19,11 @@ Two backends behind one applier:
 ``auto`` picks: an existing ``otwg0`` of kind wireguard -> kernel; a live UAPI socket -> userspace;
 a resolvable ``wireguard`` genl family (module present, it autoloads) -> kernel; else userspace.
 
-Link work (create, MTU, address, up) uses sync ``pyroute2.IPRoute`` in ``asyncio.to_thread``:
-pyroute2's async sockets do not run on uvloop, the agent's main loop. This module never touches
-any device but its own ``ot…`` interface and never logs keys.
+Link work (observe, create, delete, MTU, address, up) goes through the agent's one rtnetlink
+socket, ``agent.netlink.NetlinkThread``, the same the bridge/VXLAN applier uses. The genl side
+(keys, peers) is sync ``pyroute2.WireGuard`` in ``asyncio.to_thread``: pyroute2's async sockets do
+not run on uvloop, the agent's main loop. This module never touches any device but its own
+``ot…`` interface and never logs keys.
 """
 
 import asyncio
@@ -39,12 +41,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pyroute2 import IPRoute
 from pyroute2 import WireGuard as Pyroute2WireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent import wgkeys
-from agent.model import Action, AddAddress, DelAddress, Link, SetMtu, SetUp
+from agent.model import Action, CreateWireGuard, DeleteLink, Link
+from agent.netlink import NetlinkThread
 from agent.wgplan import (
     DeviceMissing,
     DevicePlan,
@@ -70,62 +72,36 @@ UAPI_TIMEOUT = 5.0
 Backend = Literal["auto", "kernel", "userspace"]
 
 
-# --- links: sync pyroute2, called through asyncio.to_thread -------------------------------------
+# --- links: otwg0's rtnetlink side ---------------------------------------------------------------
 
 
 class Links(Protocol):
-    def observe(self, name: str) -> Link | None: ...
-    def create_wireguard(self, name: str) -> None: ...
-    def execute(self, name: str, actions: Sequence[Action]) -> None: ...
-    def delete(self, name: str) -> None: ...
+    async def observe(self, name: str) -> Link | None: ...
+    async def create_wireguard(self, name: str) -> None: ...
+    async def execute(self, name: str, actions: Sequence[Action]) -> None: ...
+    async def delete(self, name: str) -> None: ...
 
 
-class IPRouteLinks:
-    """One short-lived sync ``IPRoute`` per call, so any worker thread may run it."""
+class NetlinkLinks:
+    """``Links`` on the agent's ``NetlinkThread``; a failed action raises ``WireGuardError``."""
 
-    def observe(self, name: str) -> Link | None:
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=name)
-            if not idx:
-                return None
-            (msg,) = tuple(ipr.get_links(idx[0]))
-            addrs = ipr.get_addr(index=idx[0], family=socket.AF_INET)
-            return Link(
-                name=name,
-                kind=msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") or "",
-                mtu=msg.get("mtu"),
-                up=bool(msg["flags"] & 1),
-                addresses=frozenset(f"{a.get('address')}/{a['prefixlen']}" for a in addrs),
-            )
+    def __init__(self, netlink: NetlinkThread):
+        self.netlink = netlink
 
-    def create_wireguard(self, name: str) -> None:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=name, kind="wireguard")
+    async def observe(self, name: str) -> Link | None:
+        return await self.netlink.observe_link(name)
 
-    def execute(self, name: str, actions: Sequence[Action]) -> None:
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=name)
-            if not idx:
-                raise DeviceMissing(f"{name}: device vanished")
-            for action in actions:
-                try:
-                    match action:
-                        case SetMtu(mtu=mtu):
-                            ipr.link("set", index=idx[0], mtu=mtu)
-                        case SetUp():
-                            ipr.link("set", index=idx[0], state="up")
-                        case AddAddress(address=a) | DelAddress(address=a):
-                            ip, _, plen = a.partition("/")
-                            cmd = "add" if isinstance(action, AddAddress) else "del"
-                            ipr.addr(cmd, index=idx[0], address=ip, prefixlen=int(plen))
-                except NetlinkError as exc:  # already there / already gone: converged
-                    if exc.code not in (errno.EEXIST, errno.EADDRNOTAVAIL):
-                        raise
+    async def create_wireguard(self, name: str) -> None:
+        await self.execute(name, [CreateWireGuard(name)])
 
-    def delete(self, name: str) -> None:
-        with IPRoute() as ipr:
-            if idx := ipr.link_lookup(ifname=name):
-                ipr.link("del", index=idx[0])
+    async def execute(self, name: str, actions: Sequence[Action]) -> None:
+        # existing address on add, missing one on delete: the netlink applier counts them done
+        result = await self.netlink.apply(actions)
+        if result.errors:
+            raise WireGuardError("; ".join(result.errors))
+
+    async def delete(self, name: str) -> None:
+        await self.execute(name, [DeleteLink(name)])  # already gone counts as done
 
 
 # --- backends ---------------------------------------------------------------------------------
@@ -196,7 +172,7 @@ class KernelBackend:
         self.ifname, self.links, self.wg_factory = ifname, links, wg_factory
 
     async def ensure_device(self) -> int:
-        link = await asyncio.to_thread(self.links.observe, self.ifname)
+        link = await self.links.observe(self.ifname)
         if link is not None and link.kind == "wireguard":
             return 0
         writes = 1
@@ -204,9 +180,9 @@ class KernelBackend:
             log.warning(
                 "%s: replacing a %r device with a kernel WireGuard one", self.ifname, link.kind
             )
-            await asyncio.to_thread(self.links.delete, self.ifname)
+            await self.links.delete(self.ifname)
             writes += 1
-        await asyncio.to_thread(self.links.create_wireguard, self.ifname)
+        await self.links.create_wireguard(self.ifname)
         log.info("%s: created (kernel WireGuard)", self.ifname)
         return writes
 
@@ -261,7 +237,7 @@ class KernelBackend:
         return True  # nothing to supervise: the heartbeat re-creates a deleted device
 
     async def remove(self) -> None:
-        await asyncio.to_thread(self.links.delete, self.ifname)
+        await self.links.delete(self.ifname)
 
     async def stop(self) -> None:
         pass
@@ -293,9 +269,9 @@ class UserspaceBackend:
         if binary is None:
             raise WireGuardError(f"{self.binary} not found (install the wireguard-go package)")
         # Leftovers of a dead or unreachable daemon are ours (``ot`` name, our socket): clear them.
-        if await asyncio.to_thread(self.links.observe, self.ifname) is not None:
+        if await self.links.observe(self.ifname) is not None:
             log.warning("%s: device without a live UAPI socket; deleting it", self.ifname)
-            await asyncio.to_thread(self.links.delete, self.ifname)
+            await self.links.delete(self.ifname)
         with contextlib.suppress(FileNotFoundError):
             self.uapi.path.unlink()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -347,7 +323,7 @@ class UserspaceBackend:
                     break
                 await asyncio.sleep(0.02)
         await self.stop()
-        await asyncio.to_thread(self.links.delete, self.ifname)
+        await self.links.delete(self.ifname)
         with contextlib.suppress(FileNotFoundError):
             self.uapi.path.unlink()
 
@@ -368,12 +344,12 @@ class UserspaceBackend:
 class WireGuardApplier:
     def __init__(
         self,
+        netlink: NetlinkThread | Links,
         ifname: str = WIREGUARD_IFNAME,
         *,
         private_key: str,
         backend: Backend = "auto",
         run_dir: Path | str = RUN_DIR,
-        links: Links | None = None,
         wg_factory: Callable[[], Any] | None = None,
         wireguard_go: str = "wireguard-go",
         check_interval: float = 1.0,
@@ -386,7 +362,8 @@ class WireGuardApplier:
         self.private_key = private_key
         self._requested = backend
         self._run_dir = Path(run_dir)
-        self._links = links or IPRouteLinks()
+        # the agent passes its NetlinkThread: one rtnetlink socket for all link work
+        self._links = NetlinkLinks(netlink) if isinstance(netlink, NetlinkThread) else netlink
         self._wg_factory = wg_factory or _pyroute2_wireguard
         self._wireguard_go = wireguard_go
         self._check_interval = check_interval
@@ -447,11 +424,11 @@ class WireGuardApplier:
                 len(p.add), len(p.update), len(p.remove),
             )  # fmt: skip
         self._last = desired  # the supervisor re-applies this after a daemon restart
-        link = await asyncio.to_thread(self._links.observe, self.ifname)
+        link = await self._links.observe(self.ifname)
         if link is None:
             raise DeviceMissing(f"{self.ifname}: device vanished during apply")
         if actions := plan_link(desired, link):
-            await asyncio.to_thread(self._links.execute, self.ifname, actions)
+            await self._links.execute(self.ifname, actions)
             log.info("%s: link %s", self.ifname, ", ".join(type(a).__name__ for a in actions))
         return writes + plan.writes + len(actions)
 
@@ -525,7 +502,7 @@ class WireGuardApplier:
         if self._backend is None:
             name = self._requested
             if name == "auto":
-                name = await asyncio.to_thread(self._probe_sync)
+                name = await self._probe()
                 log.info("%s: WireGuard backend %s", self.ifname, name)
             if name == "kernel":
                 self._backend = KernelBackend(self.ifname, self._links, self._wg_factory)
@@ -535,10 +512,13 @@ class WireGuardApplier:
                 )
         return self._backend
 
-    def _probe_sync(self) -> str:
-        link = self._links.observe(self.ifname)
+    async def _probe(self) -> str:
+        link = await self._links.observe(self.ifname)
         if link is not None and link.kind == "wireguard":
             return "kernel"
+        return await asyncio.to_thread(self._probe_sync)
+
+    def _probe_sync(self) -> str:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(1.0)
             try:

@@ -15,13 +15,23 @@ import sys
 import msgspec
 import uvloop
 
+from agent.netlink import NetlinkThread
 from agent.wireguard import WireGuardApplier
 from schemas.desired import WireGuard
 
 
 async def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    applier = WireGuardApplier(private_key=os.environ["OTWG_TEST_KEY"], check_interval=0.2)
+    netlink = NetlinkThread()  # as in the agent: link work on its own netlink thread
+    netlink.start()
+    try:
+        await serve(netlink)
+    finally:
+        netlink.stop()
+
+
+async def serve(netlink: NetlinkThread) -> None:
+    applier = WireGuardApplier(netlink, private_key=os.environ["OTWG_TEST_KEY"], check_interval=0.2)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

@@ -24,18 +24,20 @@ pytestmark = pytest.mark.timeout(20)
 
 
 class FakeLinks:
+    """The applier's async ``Links`` seam, in memory."""
+
     def __init__(self):
         self.links: dict[str, Link] = {}
         self.writes: list[str] = []
 
-    def observe(self, name):
+    async def observe(self, name):
         return self.links.get(name)
 
-    def create_wireguard(self, name):
+    async def create_wireguard(self, name):
         self.writes.append(f"create {name}")
         self.links[name] = Link(name=name, kind="wireguard", mtu=1420, up=False)
 
-    def execute(self, name, actions):
+    async def execute(self, name, actions):
         link = self.links[name]
         for a in actions:
             self.writes.append(f"{type(a).__name__} {name}")
@@ -50,7 +52,7 @@ class FakeLinks:
                     link = Link(**{**_fields(link), "addresses": link.addresses - {x}})
         self.links[name] = link
 
-    def delete(self, name):
+    async def delete(self, name):
         self.writes.append(f"delete {name}")
         self.links.pop(name, None)
 
@@ -192,9 +194,7 @@ def fake():
     links = FakeLinks()
     wg = FakeWireGuard(links, split=True)
     key = wgkeys.generate_private_key()
-    applier = WireGuardApplier(
-        private_key=key, backend="kernel", links=links, wg_factory=lambda: wg
-    )
+    applier = WireGuardApplier(links, private_key=key, backend="kernel", wg_factory=lambda: wg)
     return applier, links, wg
 
 
@@ -317,9 +317,9 @@ async def test_every_transition_converges_in_any_order(fake):
         assert await applier.apply(b) == 0
 
 
-def test_fake_speaks_real_pyroute2_shapes():
+async def test_fake_speaks_real_pyroute2_shapes():
     links = FakeLinks()
-    links.create_wireguard("otwg0")
+    await links.create_wireguard("otwg0")
     wg = FakeWireGuard(links)
     wg.set(
         "otwg0",
