@@ -13,6 +13,7 @@ from agent.model import (
     CreateBridge,
     CreateTap,
     CreateVxlan,
+    CreateWireGuard,
     DelAddress,
     DeleteLink,
     DelFdb,
@@ -255,3 +256,22 @@ async def test_bulk_fdb_spans_several_chunks_and_reports_each_failure(nl, ns):
     )
     assert deleted.errors == () and deleted.done == 1500
     assert not {e.mac for e in (await nl.observe()).fdb[VX]} & set(macs)
+
+
+async def test_observe_link_reads_one_device_like_observe(nl):
+    await nl.apply(overlay_plan())
+    full = await nl.observe()
+    for name in (BR, TAP, VX):
+        assert await nl.observe_link(name) == full.links[name]
+    assert await nl.observe_link("otmissing0") is None
+    with pytest.raises(ValueError, match="eth9"):
+        await nl.observe_link("eth9")
+
+
+async def test_create_wireguard_reports_a_kernel_without_the_module(nl):
+    result = await nl.apply([CreateWireGuard("otwg0")])
+    observed = await nl.observe()
+    if result.errors:  # this CI kernel has no WireGuard module: a clear error, nothing created
+        assert "CreateWireGuard otwg0" in result.errors[0] and "otwg0" not in observed.links
+    else:
+        assert observed.links["otwg0"].kind == "wireguard"
