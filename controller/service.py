@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
 import nats.micro
 from nats.aio.client import Client
 from nats.micro.request import Request as MicroRequest
@@ -127,7 +128,13 @@ class Controller:
                 await self._restamp()
             encoded = dict(self._encoded)
         for node, data in encoded.items():
-            await self.nc.publish(naming.desired_subject(node), data)
+            try:
+                await self.nc.publish(naming.desired_subject(node), data)
+            except nats.errors.MaxPayloadError:  # one oversized node must not starve the rest
+                log.error(
+                    "controller: snapshot of node %s is %d bytes, above the server's max_payload; not sent",
+                    node, len(data),
+                )  # fmt: skip
         self.publishes += 1
 
     async def _restamp(self) -> None:

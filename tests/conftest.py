@@ -32,8 +32,9 @@ def free_port() -> int:
 class NatsServer:
     """One nats-server process on 127.0.0.1; ``restart()`` keeps its port and store dir."""
 
-    def __init__(self, store_dir: Path, port: int | None = None):
+    def __init__(self, store_dir: Path, port: int | None = None, max_payload: int | None = None):
         self.store_dir, self.port = store_dir, port or free_port()
+        self.max_payload = max_payload
         self.url = f"nats://127.0.0.1:{self.port}"
         self.log = store_dir.parent / f"nats-server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
@@ -41,6 +42,10 @@ class NatsServer:
     def start(self, timeout: float = 10.0) -> None:
         cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
         cmd += ["-js", "-sd", str(self.store_dir)]
+        if self.max_payload is not None:  # only settable in a config file
+            conf = self.store_dir.parent / f"nats-{self.port}.conf"
+            conf.write_text(f"max_payload: {self.max_payload}\n")
+            cmd += ["-c", str(conf)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

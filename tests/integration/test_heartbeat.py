@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 
+import nats
 import pytest
 
 from controller.client import ApiClient
@@ -16,7 +17,7 @@ from schemas import naming
 from schemas.codec import decode, encode
 from schemas.desired import Snapshot
 from schemas.messages import Ack, Health
-from tests.conftest import start_controller
+from tests.conftest import NatsServer, start_controller
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -218,3 +219,27 @@ async def test_versions_continue_above_what_a_node_already_applied(api, nc):
         assert time.monotonic() < deadline, snap.version
     assert snap.version == 501 and snap.digest == first.digest  # same content, higher version
     await wait_status(api, "n1", lambda s: s.desired_version == 501)
+
+
+async def test_an_oversized_snapshot_does_not_starve_other_nodes(tmp_path):
+    server = NatsServer(tmp_path / "js", max_payload=4096)
+    server.start()
+    nc = await nats.connect(server.url)
+    ctl = await start_controller(nc, heartbeat=0.2)
+    try:
+        api = ApiClient(nc)
+        await api.node_register(name="big")  # published first, and too large once it has NICs
+        await api.node_register(name="small")
+        await api.network_create("lan", "bridge", "10.0.0.0/20")
+        for i in range(60):
+            await api.nic_attach("lan", "big", f"vm{i}")
+        small = await Listener(nc, "small").start()
+        await small.live()
+        big = await Listener(nc, "big").start()
+        got = await small.collect(1.0)
+        assert len(got) >= 3  # the small node keeps its heartbeat
+        assert big.drain() == []  # the big one's snapshot exceeds max_payload and is not sent
+    finally:
+        await ctl.stop()
+        await nc.close()
+        server.stop()
