@@ -49,9 +49,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 IFF_UP = 0x1
-NTF_SELF = 0x02  # entry of the device itself (vxlan), not of its bridge master
-NUD_PERMANENT = 0x80
-AF_BRIDGE = 7
 START_TIMEOUT = 10.0
 
 # "gone already" answers that make a delete a success (idempotent deletes)
@@ -352,18 +349,6 @@ class NetlinkThread:
             case DeleteLink(name):
                 log.info("netlink %s: delete link", name)
                 await _gone_ok(self._del_link(name))
-            case AddFdb(device, mac, dst):
-                log.info("netlink %s: fdb append %s dst %s", device, mac, dst)
-                # append (NLM_F_APPEND): several all-zero flood entries share one MAC
-                await _tolerate(
-                    {errno.EEXIST},
-                    ipr.fdb(
-                        "append", ifindex=await self._index(device), lladdr=mac.lower(), dst=dst
-                    ),
-                )
-            case DelFdb(device, mac, dst):
-                log.info("netlink %s: fdb delete %s dst %s", device, mac, dst or "-")
-                await _gone_ok(self._del_fdb(device, mac.lower(), dst))
             case _:
                 raise _Refused(f"unknown action {action!r}")
 
@@ -374,11 +359,6 @@ class NetlinkThread:
     async def _del_link(self, name: str) -> None:
         assert self._ipr is not None
         await self._ipr.link("del", index=await self._index(name))
-
-    async def _del_fdb(self, device: str, mac: str, dst: str | None) -> None:
-        assert self._ipr is not None
-        extra = {"dst": dst} if dst else {}
-        await self._ipr.fdb("del", ifindex=await self._index(device), lladdr=mac, **extra)
 
 
 def _fdb_batches(actions: Sequence[Action]) -> list[Action | list[AddFdb | DelFdb]]:

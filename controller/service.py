@@ -63,7 +63,6 @@ class Controller:
         self._service: nats.micro.service.Service | None = None
         self._subs: list[Any] = []
         self._stopping = False
-        self.publishes = 0
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -135,7 +134,6 @@ class Controller:
                     "controller: snapshot of node %s is %d bytes, above the server's max_payload; not sent",
                     node, len(data),
                 )  # fmt: skip
-        self.publishes += 1
 
     async def _restamp(self) -> None:
         """Recompute snapshots after an intent change; persist versions before publishing them."""
