@@ -1,5 +1,6 @@
 """The netlink applier: observes managed (``ot…``) links, addresses and VXLAN FDB entries, and
-executes planned ``Action``s, through pyroute2's ``AsyncIPRoute``.
+executes planned ``Action``s, through pyroute2's ``AsyncIPRoute`` (links, addresses) and
+``agent.fdb_netlink`` (FDB dumps and runs of FDB changes, in bulk).
 
 pyroute2's async sockets do not run on uvloop, so all netlink work happens in a dedicated thread
 with a stock asyncio loop; ``observe``/``apply`` can be awaited from any other loop. This module
