@@ -118,9 +118,7 @@ async def run(args: argparse.Namespace) -> None:
         state_dir=args.state_dir,
         underlay_ip=args.underlay_ip,
         wg_listen_port=args.wg_port,
-        wg_backend=args.wg_backend,
         health_interval=args.health_interval,
-        mesh=wireguard is not None,
     )
     agent = Agent(nc, config, netlink, NftApplier(), wireguard)
     await agent.start()

@@ -35,9 +35,7 @@ class AgentConfig:
     state_dir: Path
     underlay_ip: str | None = None
     wg_listen_port: int = naming.WIREGUARD_PORT
-    wg_backend: str = "auto"
     health_interval: float = 5.0
-    mesh: bool = True  # join the WireGuard mesh (needs underlay_ip)
 
 
 class Agent:
@@ -58,7 +56,6 @@ class Agent:
         self.last_snapshot_at = 0.0
         self.devices = 0
         self.tunnel_address: str | None = None
-        self.registered = asyncio.Event()
         self._latest: bytes | None = None
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -85,15 +82,11 @@ class Agent:
     # --- registration ---------------------------------------------------------------------------
 
     def registration(self) -> dict:
-        fields: dict = {"name": self.config.node}
-        if self.wireguard is not None and self.config.underlay_ip:
+        fields: dict = {"name": self.config.node, "underlay_ip": self.config.underlay_ip}
+        if self.wireguard is not None:  # only built with an underlay address (agent.main)
             fields.update(
-                underlay_ip=self.config.underlay_ip,
-                wg_public_key=self.wireguard.public_key,
-                wg_listen_port=self.config.wg_listen_port,
+                wg_public_key=self.wireguard.public_key, wg_listen_port=self.config.wg_listen_port
             )
-        elif self.config.underlay_ip:
-            fields["underlay_ip"] = self.config.underlay_ip
         return fields
 
     async def _register(self) -> None:
@@ -117,7 +110,6 @@ class Agent:
                 delay = min(delay * 2, 5.0)
                 continue
             log.info("agent %s: registered", self.config.node)
-            self.registered.set()
             return
 
     # --- snapshots ------------------------------------------------------------------------------
@@ -210,17 +202,18 @@ class Agent:
     async def reconcile(self, snap: Snapshot) -> tuple[int, list[str]]:
         """Bring WireGuard, links/FDB and nftables to the snapshot; report writes and errors."""
         changes, errors = 0, []
+        observed = await self.netlink.observe()  # one dump serves WireGuard and the planner
         if snap.wireguard is not None:
             if self.wireguard is None:
                 errors.append("snapshot asks for the WireGuard mesh but this agent runs without it")
             else:
                 self.tunnel_address = snap.wireguard.address.split("/")[0]
+                link = observed.links.get(snap.wireguard.name)
                 try:
-                    changes += await self.wireguard.apply(snap.wireguard)
+                    changes += await self.wireguard.apply(snap.wireguard, link)
                 except Exception as e:
                     errors.append(f"wireguard {snap.wireguard.name}: {e}")
-        observed = await self.netlink.observe()
-        actions = planner.plan(snap, observed)
+        actions = planner.plan(snap, observed)  # otwg0 is left to the WireGuard applier
         if actions:
             result = await self.netlink.apply(actions)
             changes += result.done

@@ -394,8 +394,12 @@ class WireGuardApplier:
     async def probe(self) -> str:
         return (await self._resolve()).name
 
-    async def apply(self, desired: WireGuard | None) -> int:
-        """Converge the device on ``desired``; returns the number of writes (0 when in sync)."""
+    async def apply(self, desired: WireGuard | None, link: Link | None = None) -> int:
+        """Converge the device on ``desired``; returns the number of writes (0 when in sync).
+
+        ``link``: the device as the caller just observed it (the agent's heartbeat already dumps
+        every ``ot…`` link), so a no-op heartbeat does not read it a second time.
+        """
         if desired is None:
             return 0  # silence never tears the data plane down
         if desired.name != self.ifname:
@@ -404,14 +408,14 @@ class WireGuardApplier:
             )
         validate(desired)
         async with self._lock:
-            writes = await self._apply_locked(desired)
+            writes = await self._apply_locked(desired, link)
         if self.backend_name == "userspace" and self._supervisor is None:
             self._supervisor = asyncio.create_task(
                 self._supervise(), name=f"wg-supervise-{self.ifname}"
             )
         return writes
 
-    async def _apply_locked(self, desired: WireGuard) -> int:
+    async def _apply_locked(self, desired: WireGuard, observed: Link | None) -> int:
         backend = await self._resolve()
         writes = await backend.ensure_device()
         plan = plan_device(desired, self._private_key, await backend.observe(), self._public_key)
@@ -424,7 +428,12 @@ class WireGuardApplier:
                 len(p.add), len(p.update), len(p.remove),
             )  # fmt: skip
         self._last = desired  # the supervisor re-applies this after a daemon restart
-        link = await self._links.observe(self.ifname)
+        # the caller's observation holds unless this apply just (re)created the device
+        link = (
+            observed
+            if observed is not None and not writes
+            else await self._links.observe(self.ifname)
+        )
         if link is None:
             raise DeviceMissing(f"{self.ifname}: device vanished during apply")
         if actions := plan_link(desired, link):
@@ -488,7 +497,7 @@ class WireGuardApplier:
                     if self._last is None or await self._backend.alive():  # type: ignore[union-attr]
                         continue
                     log.warning("%s: wireguard-go is gone; restarting it", self.ifname)
-                    await self._apply_locked(self._last)
+                    await self._apply_locked(self._last, None)  # the daemon is new: observe afresh
                 failures = 0
                 log.info("%s: wireguard-go restarted and configured", self.ifname)
             except asyncio.CancelledError:

@@ -29,8 +29,10 @@ class FakeLinks:
     def __init__(self):
         self.links: dict[str, Link] = {}
         self.writes: list[str] = []
+        self.reads = 0
 
     async def observe(self, name):
+        self.reads += 1
         return self.links.get(name)
 
     async def create_wireguard(self, name):
@@ -212,6 +214,18 @@ async def test_cold_apply_then_noop(fake):
     assert await applier.apply(desired) == 0
     assert (len(wg.sets), len(links.writes)) == (sets, link_writes)  # zero writes on no-op
     assert await applier.apply(None) == 0
+
+
+async def test_callers_observation_saves_a_link_read_but_never_hides_drift(fake):
+    applier, links, _ = fake
+    desired = spec(peer(0))
+    await applier.apply(desired)
+    reads = links.reads
+    assert await applier.apply(desired, links.links["otwg0"]) == 0
+    assert links.reads == reads + 1  # the backend's device check only, not a second link read
+    stale = Link(**{**_fields(links.links["otwg0"]), "mtu": 1280})  # what the caller saw
+    assert await applier.apply(desired, stale) == 1  # it is acted on: MTU back to 1440
+    assert links.links["otwg0"].mtu == 1440
 
 
 async def test_only_changed_peers_are_written(fake):
