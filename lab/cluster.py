@@ -309,7 +309,7 @@ class Lab:
         """Ping the outside host from ``vm``; return the source address the outside host saw."""
         outside = self.topology.outside
         capture = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", outside, "tcpdump", "-l", "-n", "-i", "eth0", "-c", "1",
+            "ip", "netns", "exec", outside, "tcpdump", "-l", "--immediate-mode", "-n", "-i", "eth0", "-c", "1",
             "icmp[icmptype] == icmp-echo", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         try:

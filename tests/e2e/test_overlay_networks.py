@@ -174,4 +174,7 @@ async def test_nic_moved_to_another_node_keeps_mac_and_ip(lab: Lab):
         assert await lab.ping(src, ip, count=2, timeout=5), src
     tip3 = await tunnel_ip(lab, "n3")
     assert f"{mac} dst {tip3} self permanent" in await fdb(lab, "n1", "otvx1000")
-    assert await api.nic_list(node="n3")
+    tip1 = await tunnel_ip(lab, "n1")
+    assert not [e for e in await fdb(lab, "n2", "otvx1000") if e.startswith(mac) and tip1 in e]
+    [nic] = [n.nic for n in await api.nic_list(node="n3") if n.nic.vm == "o4"]
+    assert (nic.mac, nic.ip) == (mac, ip)
