@@ -12,6 +12,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml ./
 COPY schemas ./schemas
+COPY client ./client
 COPY controller ./controller
 COPY agent ./agent
 COPY lab ./lab

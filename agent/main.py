@@ -18,7 +18,7 @@ from agent.nft import NftApplier
 from agent.runner import Agent, AgentConfig
 from agent.wgkeys import InvalidKey, load_or_create_private_key
 from agent.wireguard import WireGuardApplier
-from controller.options import add_common, env, option, setup_logging
+from schemas.options import add_common, env, option, setup_logging
 from schemas import naming
 
 log = logging.getLogger("agent")

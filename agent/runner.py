@@ -20,7 +20,7 @@ from agent.netlink import NetlinkThread
 from agent.nft import NftApplier
 from agent.state import AppliedState, load_applied, save_applied
 from agent.validate import Rejected, accept
-from controller.client import ApiClient, ApiError
+from client.api import ApiClient, ApiError
 from schemas import naming
 from schemas.codec import encode
 from schemas.desired import Snapshot

@@ -11,7 +11,7 @@ import nats
 import uvloop
 
 from controller.compute import ClusterConfig
-from controller.options import add_common, option, setup_logging
+from schemas.options import add_common, option, setup_logging
 from controller.service import Controller
 from controller.store import BUCKET, Store
 from schemas import naming

@@ -20,7 +20,7 @@ import msgspec
 import nats
 from nats.aio.client import Client
 
-from controller.client import ApiClient, ApiError
+from client.api import ApiClient, ApiError
 from lab.netns import LabError, alive, python_module, read_pidfile, run, spawn, stop_pidfile
 from lab.relay import start_relay
 from lab.topology import OUTSIDE_IP, Topology, cleanup_prefix, default_state_dir

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from controller.client import ApiError
+from client.api import ApiError
 from lab.cluster import Lab
 from lab.netns import LabError, check_prefix
 from lab.topology import OUTSIDE_IP, cleanup_prefix, default_state_dir
@@ -101,7 +101,7 @@ async def run_ctl(lab: Lab, *argv: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.ctl",
+        "client.cli",
         *argv,
         env={**os.environ, "OTHERIX_NATS_URL": lab.nats_url},
     )

@@ -44,7 +44,7 @@ def test_up_vm_and_down_after_a_crash():
         url = next(
             w.split("=", 1)[1] for w in up.stdout.split() if w.startswith("OTHERIX_NATS_URL=")
         )
-        net = subprocess.run([sys.executable, "-m", "controller.ctl", "--nats", url, "network", "create", "lan",
+        net = subprocess.run([sys.executable, "-m", "client.cli", "--nats", url, "network", "create", "lan",
                               "--type", "bridge", "--subnet", "10.70.0.0/24"], capture_output=True, text=True, timeout=30)  # fmt: skip
         assert net.returncode == 0, net.stderr
         vm = lab_cli(prefix, "vm", "add", "web", "--network", "lan", "--node", "n1")

@@ -11,7 +11,7 @@ import msgspec
 import nats
 import pytest
 
-from controller.client import ApiClient, ApiError
+from client.api import ApiClient, ApiError
 from controller.store import BUCKET
 from schemas import SCHEMA_VERSION, naming
 from schemas.codec import decode

@@ -17,7 +17,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from controller.client import ApiClient, ApiError
+from client.api import ApiClient, ApiError
 from schemas import naming
 from schemas.codec import encode
 from schemas.messages import Ack

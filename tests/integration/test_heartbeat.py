@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import nats
 import pytest
 
-from controller.client import ApiClient
+from client.api import ApiClient
 from schemas import naming
 from schemas.codec import decode, encode
 from schemas.desired import Snapshot

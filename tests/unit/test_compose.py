@@ -19,8 +19,8 @@ from tests.conftest import nats_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = {  # console script -> the modules whose argparse reads its environment
-    "otherix-controller": [ROOT / "controller" / "main.py", ROOT / "controller" / "options.py"],
-    "otherix-agent": [ROOT / "agent" / "main.py", ROOT / "controller" / "options.py"],
+    "otherix-controller": [ROOT / "controller" / "main.py", ROOT / "schemas" / "options.py"],
+    "otherix-agent": [ROOT / "agent" / "main.py", ROOT / "schemas" / "options.py"],
 }
 _DEFAULTED = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 

@@ -1,5 +1,7 @@
-"""Command-line plumbing shared by otherix-controller and otherix-agent: flags that fall back to
-OTHERIX_* environment variables, and logging (text, or JSON lines for log shippers).
+"""The process contract every command shares: flags that fall back to ``OTHERIX_*`` environment
+variables (compose files and units rely on those names), and logging (text, or JSON lines for log
+shippers). It sits in ``schemas`` because the controller depends on ``schemas`` alone; this is the
+one module here that reads the environment.
 """
 
 import argparse

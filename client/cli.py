@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import msgspec
 import nats
 
-from controller.client import ApiClient, ApiError
+from client.api import ApiClient, ApiError
 from schemas import api, naming
 from schemas.codec import decode
 from schemas.intent import Egress, NetworkType
