@@ -18,8 +18,8 @@ from agent.nft import NftApplier
 from agent.runner import Agent, AgentConfig
 from agent.wgkeys import InvalidKey, load_or_create_private_key
 from agent.wireguard import WireGuardApplier
-from schemas.options import add_common, env, option, setup_logging
 from schemas import naming
+from schemas.options import add_common, env, option, setup_logging
 
 log = logging.getLogger("agent")
 

@@ -11,10 +11,10 @@ import nats
 import uvloop
 
 from controller.compute import ClusterConfig
-from schemas.options import add_common, option, setup_logging
 from controller.service import Controller
 from controller.store import BUCKET, Store
 from schemas import naming
+from schemas.options import add_common, option, setup_logging
 
 log = logging.getLogger("controller")
 
