@@ -1,4 +1,9 @@
-"""Typed client of the controller API, used by otherixctl, the agent, the lab and tests."""
+"""Typed client of the controller API, used by otherixctl, the agent, the lab and tests.
+
+Errors are the controller's own ``schemas.errors`` classes, re-created from a reply's code
+(``ApiError`` is re-exported here), plus ``Unavailable`` and ``Timeout`` when no controller
+answers. It never retries: callers decide.
+"""
 
 from typing import Any, TypeVar
 
@@ -7,19 +12,14 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from schemas import api, naming
+from schemas import api, errors, naming
 from schemas.codec import decode, encode
+from schemas.errors import ApiError
 from schemas.intent import Egress, NetworkType
 
+__all__ = ["ApiClient", "ApiError"]
+
 T = TypeVar("T")
-
-
-class ApiError(Exception):
-    """The controller refused a request (``code`` as in schemas.api.ApiError) or is unreachable."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class ApiClient:
@@ -32,15 +32,15 @@ class ApiClient:
                 naming.api_subject(endpoint), encode(request), timeout=self.timeout
             )
         except NoRespondersError:
-            raise ApiError(503, "no controller is answering on this NATS server") from None
+            raise errors.Unavailable("no controller is answering on this NATS server") from None
         except NatsTimeout:
-            raise ApiError(
-                504, f"the controller did not answer {endpoint} within {self.timeout}s"
+            raise errors.Timeout(
+                f"the controller did not answer {endpoint} within {self.timeout}s"
             ) from None
         headers = msg.headers or {}
         if "Nats-Service-Error-Code" in headers:
             code = int(headers["Nats-Service-Error-Code"] or 500)
-            raise ApiError(code, headers.get("Nats-Service-Error", "unknown error"))
+            raise errors.from_code(code, headers.get("Nats-Service-Error", "unknown error"))
         return decode(msg.data, reply_type)
 
     async def network_create(

@@ -1,7 +1,7 @@
 """Pure allocation and validation: subnets, NIC IPs, MACs, VNIs, tunnel addresses.
 
-Every function takes what is already allocated and returns a value or raises ``AllocationError``
-with a message an operator can act on. No I/O here.
+Every function takes what is already allocated and returns a value or raises ``BadRequest`` or
+``Conflict`` (``schemas.errors``) with a message an operator can act on. No I/O here.
 """
 
 import ipaddress
@@ -9,18 +9,11 @@ import random
 import re
 from collections.abc import Callable, Collection, Iterable
 
+from schemas.errors import BadRequest, Conflict
 from schemas.naming import VNI_MAX, VNI_MIN
 
 DEFAULT_VNI_START = 1000
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-
-
-class AllocationError(ValueError):
-    """Bad or conflicting request; ``code`` maps onto the API's error codes."""
-
-    def __init__(self, message: str, code: int = 400):
-        super().__init__(message)
-        self.code = code
 
 
 def parse_subnet(cidr: str) -> ipaddress.IPv4Network:
@@ -28,11 +21,11 @@ def parse_subnet(cidr: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.ip_network(cidr, strict=True)
     except ValueError as e:
-        raise AllocationError(f"subnet {cidr!r} is not a valid network in CIDR form: {e}") from None
+        raise BadRequest(f"subnet {cidr!r} is not a valid network in CIDR form: {e}") from None
     if net.version != 4:
-        raise AllocationError(f"subnet {cidr}: only IPv4 subnets are supported")
+        raise BadRequest(f"subnet {cidr}: only IPv4 subnets are supported")
     if not 8 <= net.prefixlen <= 30:
-        raise AllocationError(
+        raise BadRequest(
             f"subnet {cidr}: prefix length must be between /8 and /30 "
             "(room for a gateway and at least one NIC)"
         )
@@ -47,7 +40,7 @@ def check_subnet_free(net: ipaddress.IPv4Network, taken: dict[str, str]) -> None
     """``taken`` maps network name → subnet; overlapping subnets would make routing ambiguous."""
     for name, other in taken.items():
         if net.overlaps(ipaddress.ip_network(other)):
-            raise AllocationError(f"subnet {net} overlaps {other} of network {name!r}", 409)
+            raise Conflict(f"subnet {net} overlaps {other} of network {name!r}")
 
 
 def allocate_ip(net: ipaddress.IPv4Network, used: Collection[str], wanted: str | None) -> str:
@@ -57,31 +50,31 @@ def allocate_ip(net: ipaddress.IPv4Network, used: Collection[str], wanted: str |
         try:
             ip = ipaddress.ip_address(wanted)
         except ValueError:
-            raise AllocationError(f"ip {wanted!r} is not a valid IPv4 address") from None
+            raise BadRequest(f"ip {wanted!r} is not a valid IPv4 address") from None
         if ip not in net:
-            raise AllocationError(f"ip {ip} is outside the network's subnet {net}")
+            raise BadRequest(f"ip {ip} is outside the network's subnet {net}")
         if ip in (net.network_address, net.broadcast_address):
-            raise AllocationError(f"ip {ip} is the network or broadcast address of {net}")
+            raise BadRequest(f"ip {ip} is the network or broadcast address of {net}")
         if ip == gateway:
-            raise AllocationError(f"ip {ip} is the gateway of {net}")
+            raise BadRequest(f"ip {ip} is the gateway of {net}")
         if str(ip) in used:
-            raise AllocationError(f"ip {ip} is already in use in {net}", 409)
+            raise Conflict(f"ip {ip} is already in use in {net}")
         return str(ip)
     for host in net.hosts():
         if host != gateway and str(host) not in used:
             return str(host)
-    raise AllocationError(f"subnet {net} is exhausted: no free address left", 409)
+    raise Conflict(f"subnet {net} is exhausted: no free address left")
 
 
 def normalise_mac(mac: str) -> str:
     value = mac.strip().lower().replace("-", ":")
     if not _MAC.match(value):
-        raise AllocationError(f"mac {mac!r} is not a MAC address like 02:00:00:00:00:01")
+        raise BadRequest(f"mac {mac!r} is not a MAC address like 02:00:00:00:00:01")
     first = int(value[:2], 16)
     if first & 1:
-        raise AllocationError(f"mac {mac} is a multicast address; a NIC needs a unicast one")
+        raise BadRequest(f"mac {mac} is a multicast address; a NIC needs a unicast one")
     if value == "00:00:00:00:00:00":
-        raise AllocationError("mac 00:00:00:00:00:00 is not a usable NIC address")
+        raise BadRequest("mac 00:00:00:00:00:00 is not a usable NIC address")
     return value
 
 
@@ -92,29 +85,29 @@ def allocate_mac(
     if wanted is not None:
         mac = normalise_mac(wanted)
         if mac in used:
-            raise AllocationError(f"mac {mac} is already used by another NIC", 409)
+            raise Conflict(f"mac {mac} is already used by another NIC")
         return mac
     for _ in range(64):
         octets = [0x02] + [rand(8) for _ in range(5)]  # 0x02: locally administered, unicast
         mac = ":".join(f"{o:02x}" for o in octets)
         if mac not in used:
             return mac
-    raise AllocationError("could not find a free MAC address", 409)
+    raise Conflict("could not find a free MAC address")
 
 
 def allocate_vni(used: Iterable[int], wanted: int | None) -> int:
     taken = set(used)
     if wanted is not None:
         if not VNI_MIN <= wanted <= VNI_MAX:
-            raise AllocationError(f"vni {wanted} is out of range {VNI_MIN}..{VNI_MAX}")
+            raise BadRequest(f"vni {wanted} is out of range {VNI_MIN}..{VNI_MAX}")
         if wanted in taken:
-            raise AllocationError(f"vni {wanted} is already used by another network", 409)
+            raise Conflict(f"vni {wanted} is already used by another network")
         return wanted
     vni = DEFAULT_VNI_START
     while vni in taken:
         vni += 1
     if vni > VNI_MAX:
-        raise AllocationError("no free VNI left", 409)
+        raise Conflict("no free VNI left")
     return vni
 
 
@@ -124,4 +117,4 @@ def allocate_tunnel_ip(prefix: str, used: Collection[str]) -> str:
     for host in net.hosts():
         if str(host) not in used:
             return str(host)
-    raise AllocationError(f"mesh prefix {prefix} is exhausted: no tunnel address left", 409)
+    raise Conflict(f"mesh prefix {prefix} is exhausted: no tunnel address left")

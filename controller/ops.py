@@ -1,7 +1,8 @@
 """Pure API semantics: validate a request against the current intent and return what to write.
 
-Each function either returns the new objects or raises ``AllocationError``; the service persists
-the result only after validation passed, so a refused request changes nothing.
+Each function either returns the new objects or raises an ``ApiError`` (``schemas.errors``); the
+API persists the result only after validation passed, so a refused request changes nothing. No I/O
+here: these functions never touch the store, the bus or the clock.
 """
 
 import base64
@@ -11,23 +12,21 @@ import uuid
 from collections.abc import Callable
 
 from controller import ipam
-from controller.ipam import AllocationError
 from schemas import SCHEMA_VERSION, api, naming
+from schemas.errors import BadRequest, Conflict, Deferred, NotFound
 from schemas.intent import DEFERRED_TYPES, Egress, Intent, Network, NetworkType, Nic, Node
-
-NOT_FOUND, CONFLICT, DEFERRED = 404, 409, 501
 
 
 def check_schema(req: api.Request) -> None:
     if req.schema != SCHEMA_VERSION:
-        raise AllocationError(
+        raise BadRequest(
             f"request schema {req.schema} is not supported (this controller speaks {SCHEMA_VERSION})"
         )
 
 
 def _check_id(kind: str, value: str) -> None:
     if not naming.valid_id(value):
-        raise AllocationError(
+        raise BadRequest(
             f"{kind} name {value!r} is invalid: use 1-63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
         )
@@ -36,20 +35,18 @@ def _check_id(kind: str, value: str) -> None:
 def create_network(intent: Intent, req: api.NetworkCreate, now: float) -> Network:
     _check_id("network", req.name)
     if req.type in DEFERRED_TYPES:
-        raise AllocationError(
-            f"network type {req.type.value!r} is deferred: not supported yet", DEFERRED
-        )
+        raise Deferred(f"network type {req.type.value!r} is deferred: not supported yet")
     if req.name in intent.networks:
-        raise AllocationError(f"network {req.name!r} already exists", CONFLICT)
+        raise Conflict(f"network {req.name!r} already exists")
     subnet = ipam.parse_subnet(req.subnet)
     ipam.check_subnet_free(subnet, {n.name: n.subnet for n in intent.networks.values()})
     vni = None
     if req.type == NetworkType.OVERLAY:
         if req.egress != Egress.NONE:
-            raise AllocationError("egress 'nat' is only available on bridge networks")
+            raise BadRequest("egress 'nat' is only available on bridge networks")
         vni = ipam.allocate_vni((n.vni for n in intent.networks.values() if n.vni), req.vni)
     elif req.vni is not None:
-        raise AllocationError("--vni only applies to overlay networks")
+        raise BadRequest("--vni only applies to overlay networks")
     bridge = naming.bridge_network_bridge(req.name) if req.type == NetworkType.BRIDGE else None
     for other in intent.networks.values():
         if (
@@ -57,10 +54,9 @@ def create_network(intent: Intent, req: api.NetworkCreate, now: float) -> Networ
             and other.type == NetworkType.BRIDGE
             and naming.bridge_network_bridge(other.name) == bridge
         ):
-            raise AllocationError(
+            raise Conflict(
                 f"network {req.name!r} would share bridge device {bridge} with {other.name!r}; "
-                "choose another name",
-                CONFLICT,
+                "choose another name"
             )
     return Network(
         name=req.name,
@@ -77,7 +73,7 @@ def network(intent: Intent, name: str) -> Network:
     try:
         return intent.networks[name]
     except KeyError:
-        raise AllocationError(f"network {name!r} does not exist", NOT_FOUND) from None
+        raise NotFound(f"network {name!r} does not exist") from None
 
 
 def delete_network(intent: Intent, req: api.NetworkDelete) -> tuple[Network, list[Nic]]:
@@ -85,10 +81,9 @@ def delete_network(intent: Intent, req: api.NetworkDelete) -> tuple[Network, lis
     net = network(intent, req.name)
     nics = [n for n in intent.nics.values() if n.network == net.name]
     if nics and not req.force:
-        raise AllocationError(
+        raise Conflict(
             f"network {net.name!r} still has {len(nics)} NIC(s) attached; "
-            "detach them first or delete with force",
-            CONFLICT,
+            "detach them first or delete with force"
         )
     return net, nics
 
@@ -101,9 +96,9 @@ def attach_nic(
 ) -> Nic:
     net = network(intent, req.network)
     if req.node not in intent.nodes:
-        raise AllocationError(f"node {req.node!r} is not registered", NOT_FOUND)
+        raise NotFound(f"node {req.node!r} is not registered")
     if not req.vm or len(req.vm) > 128 or not req.vm.isprintable():
-        raise AllocationError("vm must be a printable name of 1 to 128 characters")
+        raise BadRequest("vm must be a printable name of 1 to 128 characters")
     members = [n for n in intent.nics.values() if n.network == net.name]
     ip = ipam.allocate_ip(ipaddress.ip_network(net.subnet), {n.ip for n in members}, req.ip)
     mac = ipam.allocate_mac({n.mac for n in intent.nics.values()}, req.mac)
@@ -121,14 +116,12 @@ def find_nic(intent: Intent, id_or_prefix: str) -> Nic:
     if key.startswith(naming.PREFIX) and len(key) == 14:
         key = key[2:]  # a tap name names its NIC too
     if len(key) < 12:
-        raise AllocationError(
-            f"NIC id {id_or_prefix!r}: give the full id or at least 12 hex digits"
-        )
+        raise BadRequest(f"NIC id {id_or_prefix!r}: give the full id or at least 12 hex digits")
     matches = [n for n in intent.nics.values() if n.id.startswith(key)]
     if not matches:
-        raise AllocationError(f"NIC {id_or_prefix!r} does not exist", NOT_FOUND)
+        raise NotFound(f"NIC {id_or_prefix!r} does not exist")
     if len(matches) > 1:
-        raise AllocationError(f"NIC id {id_or_prefix!r} is ambiguous", CONFLICT)
+        raise Conflict(f"NIC id {id_or_prefix!r} is ambiguous")
     return matches[0]
 
 
@@ -139,20 +132,18 @@ def register_node(intent: Intent, req: api.NodeRegister, now: float, mesh_prefix
         try:
             ipaddress.IPv4Address(req.underlay_ip)
         except ValueError:
-            raise AllocationError(
-                f"underlay_ip {req.underlay_ip!r} is not an IPv4 address"
-            ) from None
+            raise BadRequest(f"underlay_ip {req.underlay_ip!r} is not an IPv4 address") from None
     if req.wg_public_key is not None and not _is_wg_key(req.wg_public_key):
-        raise AllocationError("wg_public_key is not a base64 WireGuard key (44 characters)")
+        raise BadRequest("wg_public_key is not a base64 WireGuard key (44 characters)")
     if req.wg_listen_port is not None and not 1 <= req.wg_listen_port <= 65535:
-        raise AllocationError(f"wg_listen_port {req.wg_listen_port} is not a UDP port")
+        raise BadRequest(f"wg_listen_port {req.wg_listen_port} is not a UDP port")
     for other in intent.nodes.values():
         if (
             other.name != req.name
             and req.wg_public_key
             and other.wg_public_key == req.wg_public_key
         ):
-            raise AllocationError(f"public key already belongs to node {other.name!r}", CONFLICT)
+            raise Conflict(f"public key already belongs to node {other.name!r}")
     existing = intent.nodes.get(req.name)
     tunnel_ip = existing.tunnel_ip if existing else None
     if tunnel_ip is None and req.wg_public_key:
@@ -171,12 +162,11 @@ def register_node(intent: Intent, req: api.NodeRegister, now: float, mesh_prefix
 def remove_node(intent: Intent, req: api.NodeRemove) -> tuple[Node, list[Nic]]:
     node = intent.nodes.get(req.name)
     if node is None:
-        raise AllocationError(f"node {req.name!r} is not registered", NOT_FOUND)
+        raise NotFound(f"node {req.name!r} is not registered")
     nics = [n for n in intent.nics.values() if n.node == node.name]
     if nics and not req.force:
-        raise AllocationError(
-            f"node {node.name!r} still hosts {len(nics)} NIC(s); detach them first or remove with force",
-            CONFLICT,
+        raise Conflict(
+            f"node {node.name!r} still hosts {len(nics)} NIC(s); detach them first or remove with force"
         )
     return node, nics
 

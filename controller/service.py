@@ -19,12 +19,12 @@ from nats.micro.request import Request as MicroRequest
 
 from controller import ops
 from controller.compute import ClusterConfig, compute_snapshots, network_bridge, network_mtu
-from controller.ipam import AllocationError
 from controller.store import Store
 from controller.tracker import Tracker
 from schemas import api, naming
 from schemas.codec import decode, encode
 from schemas.desired import Snapshot
+from schemas.errors import ApiError, BadRequest, Internal
 from schemas.intent import Intent, NodeVersion
 from schemas.messages import Ack, Health
 
@@ -212,12 +212,12 @@ class Controller:
                 async with self._lock:
                     reply = await handler(parsed)
             except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                await _respond_error(req, 400, f"invalid {name} request: {e}")
-            except AllocationError as e:
-                await _respond_error(req, e.code, str(e))
+                await _respond_error(req, BadRequest(f"invalid {name} request: {e}"))
+            except ApiError as e:
+                await _respond_error(req, e)
             except Exception as e:
                 log.exception("controller: %s failed", name)
-                await _respond_error(req, 500, f"{name} failed: {e}")
+                await _respond_error(req, Internal(f"{name} failed: {e}"))
             else:
                 await req.respond(encode(reply))
 
@@ -374,7 +374,6 @@ class Controller:
         )
 
 
-async def _respond_error(req: MicroRequest, code: int, message: str) -> None:
-    await req.respond_error(
-        str(code), message, data=encode(api.ApiError(code=code, message=message))
-    )
+async def _respond_error(req: MicroRequest, error: ApiError) -> None:
+    reply = api.ErrorReply(code=error.code, message=error.message)
+    await req.respond_error(str(error.code), error.message, data=encode(reply))

@@ -2,7 +2,8 @@
 
 Requests are input we own, so they are decoded with ``forbid_unknown_fields``: a typo in a field
 name is an error, not a silently ignored option. Errors travel as micro-service error headers
-(``Nats-Service-Error-Code`` / ``Nats-Service-Error``) with an ``ApiError`` body.
+(``Nats-Service-Error-Code`` / ``Nats-Service-Error``) with an ``ErrorReply`` body; the exceptions
+they stand for are ``schemas.errors``.
 """
 
 import msgspec
@@ -116,7 +117,9 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     schema: int = SCHEMA_VERSION
 
 
-class ApiError(msgspec.Struct, frozen=True, kw_only=True):
+class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
+    """Body of an error reply (the wire form of ``schemas.errors.ApiError``)."""
+
     code: int  # 400 bad request, 404 not found, 409 conflict, 501 deferred, 500 internal
     message: str
     schema: int = SCHEMA_VERSION

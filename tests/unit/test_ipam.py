@@ -3,7 +3,7 @@ import ipaddress
 import pytest
 
 from controller import ipam
-from controller.ipam import AllocationError
+from schemas.errors import ApiError, BadRequest, Conflict
 
 
 def net(cidr):
@@ -21,24 +21,24 @@ def test_allocation_fills_gaps_then_exhausts():
     used = {"10.0.0.2", "10.0.0.4"}
     assert ipam.allocate_ip(n, used, None) == "10.0.0.3"
     used = {f"10.0.0.{i}" for i in range(2, 7)}
-    with pytest.raises(AllocationError, match="exhausted") as e:
+    with pytest.raises(Conflict, match="exhausted") as e:
         ipam.allocate_ip(n, used, None)
-    assert e.value.code == 409
+    assert e.value.code == 409 and isinstance(e.value, ApiError)
 
 
 @pytest.mark.parametrize(
-    ("wanted", "message"),
+    ("wanted", "error", "message"),
     [
-        ("10.0.1.5", "outside the network's subnet"),
-        ("10.0.0.0", "network or broadcast"),
-        ("10.0.0.255", "network or broadcast"),
-        ("10.0.0.1", "gateway"),
-        ("10.0.0.7", "already in use"),
-        ("banana", "not a valid IPv4"),
+        ("10.0.1.5", BadRequest, "outside the network's subnet"),
+        ("10.0.0.0", BadRequest, "network or broadcast"),
+        ("10.0.0.255", BadRequest, "network or broadcast"),
+        ("10.0.0.1", BadRequest, "gateway"),
+        ("10.0.0.7", Conflict, "already in use"),
+        ("banana", BadRequest, "not a valid IPv4"),
     ],
 )
-def test_chosen_ip_rules(wanted, message):
-    with pytest.raises(AllocationError, match=message):
+def test_chosen_ip_rules(wanted, error, message):
+    with pytest.raises(error, match=message):
         ipam.allocate_ip(net("10.0.0.0/24"), {"10.0.0.7"}, wanted)
 
 
@@ -56,12 +56,12 @@ def test_chosen_ip_accepted_when_free():
     ],
 )
 def test_bad_subnets(cidr, message):
-    with pytest.raises(AllocationError, match=message):
+    with pytest.raises(BadRequest, match=message):
         ipam.parse_subnet(cidr)
 
 
 def test_overlapping_subnet_refused():
-    with pytest.raises(AllocationError, match="overlaps 10.0.0.0/16 of network 'big'"):
+    with pytest.raises(Conflict, match="overlaps 10.0.0.0/16 of network 'big'"):
         ipam.check_subnet_free(net("10.0.3.0/24"), {"big": "10.0.0.0/16"})
 
 
@@ -75,16 +75,16 @@ def test_macs_are_locally_administered_unicast_and_unique():
 
 
 @pytest.mark.parametrize(
-    ("wanted", "message"),
+    ("wanted", "error", "message"),
     [
-        ("01:00:00:00:00:01", "multicast"),
-        ("zz:00:00:00:00:01", "not a MAC"),
-        ("00:00:00:00:00:00", "not a usable"),
-        ("02:00:00:00:00:01", "already used"),
+        ("01:00:00:00:00:01", BadRequest, "multicast"),
+        ("zz:00:00:00:00:01", BadRequest, "not a MAC"),
+        ("00:00:00:00:00:00", BadRequest, "not a usable"),
+        ("02:00:00:00:00:01", Conflict, "already used"),
     ],
 )
-def test_chosen_mac_rules(wanted, message):
-    with pytest.raises(AllocationError, match=message):
+def test_chosen_mac_rules(wanted, error, message):
+    with pytest.raises(error, match=message):
         ipam.allocate_mac({"02:00:00:00:00:01"}, wanted)
 
 
@@ -96,14 +96,14 @@ def test_vni_allocation():
     assert ipam.allocate_vni([], None) == 1000
     assert ipam.allocate_vni([1000, 1001], None) == 1002
     assert ipam.allocate_vni([1000], 42) == 42
-    with pytest.raises(AllocationError, match="already used"):
+    with pytest.raises(Conflict, match="already used"):
         ipam.allocate_vni([42], 42)
-    with pytest.raises(AllocationError, match="out of range"):
+    with pytest.raises(BadRequest, match="out of range"):
         ipam.allocate_vni([], 2**24)
 
 
 def test_tunnel_ips():
     assert ipam.allocate_tunnel_ip("100.64.0.0/16", set()) == "100.64.0.1"
     assert ipam.allocate_tunnel_ip("100.64.0.0/16", {"100.64.0.1"}) == "100.64.0.2"
-    with pytest.raises(AllocationError, match="exhausted"):
+    with pytest.raises(Conflict, match="exhausted"):
         ipam.allocate_tunnel_ip("100.64.0.0/30", {"100.64.0.1", "100.64.0.2"})
