@@ -1,0 +1,74 @@
+"""What agents report: acks and health on ``otherix.v1.ack.*`` / ``otherix.v1.health.*``.
+
+It accepts only a registered node's own message on that node's own subject, records it in the
+tracker, and asks the publisher to continue above a version a node has applied that we never
+issued. It never writes intent or the store and never replies: agents get their answer from the
+next snapshot.
+"""
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+from nats.aio.client import Client
+
+from controller.publisher import Publisher
+from controller.tracker import Tracker
+from schemas import naming
+from schemas.codec import decode
+from schemas.intent import Intent
+from schemas.messages import Ack, Health
+
+log = logging.getLogger(__name__)
+T = TypeVar("T", Ack, Health)
+
+
+class Acks:
+    def __init__(
+        self, intent: Intent, tracker: Tracker, publisher: Publisher, clock: Callable[[], float]
+    ):
+        self.intent, self.tracker, self.publisher, self.clock = intent, tracker, publisher, clock
+
+    async def subscribe(self, nc: Client) -> list[Any]:
+        return [
+            await nc.subscribe(naming.ack_subject("*"), cb=self.on_ack),
+            await nc.subscribe(naming.health_subject("*"), cb=self.on_health),
+        ]
+
+    def _from_node(self, msg, type_: type[T]) -> T | None:
+        """A registered node's own ack or health; anything else is logged and dropped."""
+        try:
+            value = decode(msg.data, type_)
+        except msgspec.DecodeError as e:
+            log.warning("controller: malformed %s on %s: %s", type_.__name__, msg.subject, e)
+            return None
+        if value.node != msg.subject.rsplit(".", 1)[-1]:
+            log.warning(
+                "controller: %s of node %s arrived on %s; ignored",
+                type_.__name__,
+                value.node,
+                msg.subject,
+            )
+            return None
+        # unregistered nodes are not tracked: memory stays bounded by registered nodes
+        return value if value.node in self.intent.nodes else None
+
+    async def on_ack(self, msg) -> None:
+        if (ack := self._from_node(msg, Ack)) is None:
+            return
+        self.tracker.record_ack(ack, self.clock())
+        # The node may hold a version we never issued (the store was lost or restored from an
+        # older backup): continue above it, or the agent would refuse everything as stale.
+        self.publisher.continue_above(ack.node, ack.applied_version)
+        if not ack.ok:
+            log.warning(
+                "controller: node %s refused or failed version %d: %s",
+                ack.node,
+                ack.version,
+                ack.error,
+            )
+
+    async def on_health(self, msg) -> None:
+        if (health := self._from_node(msg, Health)) is not None:
+            self.tracker.record_health(health, self.clock())

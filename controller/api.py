@@ -1,0 +1,240 @@
+"""The API as a NATS micro service: the endpoint table and one handler per endpoint.
+
+Every request runs under the controller's one lock. A mutation validates first (pure,
+``controller.ops``), then persists, then updates memory and wakes the publisher: a refused
+request returns before the first write. Read endpoints (``status``, ``node.list``, ``network.*``
+list/show, ``nic.list``) never write the store; the versions they show come from the
+publisher's memory. Errors are ``schemas.errors`` classes, sent as their code and message.
+"""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import nats.micro
+from nats.aio.client import Client
+from nats.micro.request import Request as MicroRequest
+from nats.micro.service import Service
+
+from controller import ops
+from controller.compute import ClusterConfig, network_bridge, network_mtu
+from controller.publisher import Publisher
+from controller.store import Store
+from controller.tracker import Tracker
+from schemas import api, naming
+from schemas.codec import decode, encode
+from schemas.errors import ApiError, BadRequest, Internal
+from schemas.intent import Intent
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+def stale_after(config: ClusterConfig) -> float:
+    """Agents ack every heartbeat; this many seconds of silence mark a node stale."""
+    return max(5 * config.heartbeat_interval, 10.0)
+
+
+class Api:
+    def __init__(
+        self,
+        store: Store,
+        config: ClusterConfig,
+        intent: Intent,
+        tracker: Tracker,
+        publisher: Publisher,
+        lock: asyncio.Lock,
+        clock: Callable[[], float],
+    ):
+        self.store, self.config, self.intent, self.tracker = store, config, intent, tracker
+        self.publisher, self._lock, self.clock = publisher, lock, clock
+
+    def table(self) -> dict[str, tuple[type, Handler]]:
+        """Endpoint name → (request type, handler); the names are ``schemas.api.ENDPOINTS``."""
+        return {
+            "network.create": (api.NetworkCreate, self.network_create),
+            "network.list": (api.Empty, self.network_list),
+            "network.show": (api.ByName, self.network_show),
+            "network.delete": (api.NetworkDelete, self.network_delete),
+            "nic.attach": (api.NicAttach, self.nic_attach),
+            "nic.detach": (api.NicDetach, self.nic_detach),
+            "nic.list": (api.NicFilter, self.nic_list),
+            "node.register": (api.NodeRegister, self.node_register),
+            "node.list": (api.Empty, self.node_list),
+            "node.remove": (api.NodeRemove, self.node_remove),
+            "status": (api.Empty, self.status),
+        }
+
+    async def serve(self, nc: Client) -> Service:
+        service = await nats.micro.add_service(
+            nc,
+            name="otherix-networking",
+            version="1.0.0",
+            description="Otherix networking controller API",
+            queue_group="otherix-controller",
+        )
+        table = self.table()
+        for name in api.ENDPOINTS:
+            await service.add_endpoint(
+                name=name.replace(".", "-"),
+                subject=naming.api_subject(name),
+                handler=self._endpoint(name, *table[name]),
+            )
+        return service
+
+    def _endpoint(
+        self, name: str, request_type: type, handler: Handler
+    ) -> Callable[[MicroRequest], Awaitable[None]]:
+        async def handle(req: MicroRequest) -> None:
+            try:
+                parsed = decode(req.data or b"{}", request_type)
+                ops.check_schema(parsed)
+                async with self._lock:
+                    reply = await handler(parsed)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                await _respond_error(req, BadRequest(f"invalid {name} request: {e}"))
+            except ApiError as e:
+                await _respond_error(req, e)
+            except Exception as e:
+                log.exception("controller: %s failed", name)
+                await _respond_error(req, Internal(f"{name} failed: {e}"))
+            else:
+                await req.respond(encode(reply))
+
+        return handle
+
+    # --- networks -------------------------------------------------------------------------------
+
+    def _network_info(self, name: str) -> api.NetworkInfo:
+        net = ops.network(self.intent, name)
+        return api.NetworkInfo(
+            network=net,
+            mtu=network_mtu(net, self.config.underlay_mtu),
+            nics=sum(1 for n in self.intent.nics.values() if n.network == name),
+            bridge=network_bridge(net),
+        )
+
+    async def network_create(self, req: api.NetworkCreate) -> api.NetworkInfo:
+        net = ops.create_network(self.intent, req, self.clock())
+        await self.store.put(net)
+        self.intent.networks[net.name] = net
+        log.info("controller: network %s created (%s %s)", net.name, net.type.value, net.subnet)
+        self.publisher.wake()
+        return self._network_info(net.name)
+
+    async def network_list(self, _: api.Empty) -> list[api.NetworkInfo]:
+        return [self._network_info(name) for name in sorted(self.intent.networks)]
+
+    async def network_show(self, req: api.ByName) -> api.NetworkInfo:
+        return self._network_info(req.name)
+
+    async def network_delete(self, req: api.NetworkDelete) -> api.NetworkInfo:
+        info = self._network_info(req.name)
+        net, nics = ops.delete_network(self.intent, req)
+        for nic in nics:
+            await self.store.delete(nic)
+            del self.intent.nics[nic.id]
+        await self.store.delete(net)
+        del self.intent.networks[net.name]
+        log.info("controller: network %s deleted (%d NICs with it)", net.name, len(nics))
+        self.publisher.wake()
+        return info
+
+    # --- NICs -----------------------------------------------------------------------------------
+
+    async def nic_attach(self, req: api.NicAttach) -> api.NicInfo:
+        nic = ops.attach_nic(self.intent, req, self.clock())
+        await self.store.put(nic)
+        self.intent.nics[nic.id] = nic
+        log.info(
+            "controller: NIC %s of vm %s attached to %s on %s",
+            nic.id,
+            nic.vm,
+            nic.network,
+            nic.node,
+        )
+        self.publisher.wake()
+        return api.NicInfo(nic=nic, tap=naming.tap_name(nic.id))
+
+    async def nic_detach(self, req: api.NicDetach) -> api.NicInfo:
+        nic = ops.find_nic(self.intent, req.id)
+        await self.store.delete(nic)
+        del self.intent.nics[nic.id]
+        log.info("controller: NIC %s detached from %s on %s", nic.id, nic.network, nic.node)
+        self.publisher.wake()
+        return api.NicInfo(nic=nic, tap=naming.tap_name(nic.id))
+
+    async def nic_list(self, req: api.NicFilter) -> list[api.NicInfo]:
+        if req.network is not None:
+            ops.network(self.intent, req.network)
+        nics = sorted(self.intent.nics.values(), key=lambda n: (n.network, n.node, n.ip))
+        return [
+            api.NicInfo(nic=n, tap=naming.tap_name(n.id))
+            for n in nics
+            if req.network in (None, n.network) and req.node in (None, n.node)
+        ]
+
+    # --- nodes and status -----------------------------------------------------------------------
+
+    async def node_register(self, req: api.NodeRegister) -> api.NodeStatus:
+        node = ops.register_node(self.intent, req, self.clock(), self.config.mesh_prefix)
+        previous = self.intent.nodes.get(node.name)
+        if previous is None or msgspec.structs.replace(
+            previous, registered_at=0
+        ) != msgspec.structs.replace(node, registered_at=0):
+            await self.store.put(node)
+            self.intent.nodes[node.name] = node
+            log.info(
+                "controller: node %s registered (underlay %s, tunnel %s)",
+                node.name,
+                node.underlay_ip,
+                node.tunnel_ip,
+            )
+            self.publisher.wake()
+        return self._node_status(node.name)
+
+    async def node_list(self, _: api.Empty) -> list[api.NodeStatus]:
+        return [self._node_status(name) for name in sorted(self.intent.nodes)]
+
+    async def node_remove(self, req: api.NodeRemove) -> api.NodeStatus:
+        status = self._node_status(req.name) if req.name in self.intent.nodes else None
+        node, nics = ops.remove_node(self.intent, req)
+        for nic in nics:
+            await self.store.delete(nic)
+            del self.intent.nics[nic.id]
+        await self.store.delete(node)
+        del self.intent.nodes[node.name]
+        # keep version.<node>: a node that comes back must never see its version go down
+        self.tracker.forget(node.name)
+        log.info("controller: node %s removed (%d NICs with it)", node.name, len(nics))
+        self.publisher.wake()
+        assert status is not None
+        return status
+
+    def _node_status(self, name: str) -> api.NodeStatus:
+        return self.tracker.status(
+            self.intent.nodes[name],
+            self.publisher.desired_version(name),  # the latest change's, not yet persisted
+            self.clock(),
+            stale_after(self.config),
+        )
+
+    async def status(self, _: api.Empty) -> api.Status:
+        nodes = tuple(self._node_status(name) for name in sorted(self.intent.nodes))
+        return api.Status(
+            nodes=nodes,
+            networks=len(self.intent.networks),
+            nics=len(self.intent.nics),
+            heartbeat_interval=self.config.heartbeat_interval,
+            underlay_mtu=self.config.underlay_mtu,
+            converged=all(n.converged for n in nodes),
+            now=self.clock(),
+        )
+
+
+async def _respond_error(req: MicroRequest, error: ApiError) -> None:
+    reply = api.ErrorReply(code=error.code, message=error.message)
+    await req.respond_error(str(error.code), error.message, data=encode(reply))

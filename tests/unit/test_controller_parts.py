@@ -1,0 +1,109 @@
+"""The controller's parts without a broker: the publisher's stamping against an in-memory store,
+ack filtering, and the API's endpoint table."""
+
+import asyncio
+from types import SimpleNamespace
+
+from controller.acks import Acks
+from controller.api import Api
+from controller.compute import ClusterConfig
+from controller.publisher import Publisher
+from controller.tracker import Tracker
+from schemas import api, naming
+from schemas.codec import encode
+from schemas.intent import Intent, NodeVersion
+from schemas.messages import Ack
+from tests.unit.factories import bridge_net, nic, node
+
+
+class MemoryStore:
+    """Records every write; the publisher's only store calls are put."""
+
+    def __init__(self):
+        self.writes: list[NodeVersion] = []
+
+    async def put(self, obj):
+        self.writes.append(obj)
+
+
+def publisher(it: Intent) -> tuple[Publisher, MemoryStore]:
+    store = MemoryStore()
+    return Publisher(None, store, ClusterConfig(), it, asyncio.Lock(), clock=lambda: 1.0), store
+
+
+def cluster() -> Intent:
+    return Intent(networks={"lan": bridge_net()}, nodes={"n1": node("n1", False)})
+
+
+async def test_pending_version_is_computed_in_memory_and_persisted_once():
+    it = cluster()
+    pub, store = publisher(it)
+    assert pub.desired_version("n1") == 1 and store.writes == []
+    await pub._restamp()
+    assert [(v.node, v.version) for v in store.writes] == [("n1", 1)]
+
+    it.nics["a"] = nic(1, "lan", "n1")
+    pub.wake()
+    for _ in range(3):
+        assert pub.desired_version("n1") == 2
+    assert len(store.writes) == 1  # reads wrote nothing
+    await pub._restamp()
+    assert [v.version for v in store.writes] == [1, 2] and pub.versions["n1"].version == 2
+
+
+async def test_unchanged_content_is_not_written_again():
+    pub, store = publisher(cluster())
+    await pub._restamp()
+    pub.wake()  # woken without a content change
+    await pub._restamp()
+    assert len(store.writes) == 1 and pub.desired_version("n1") == 1
+
+
+async def test_a_failed_write_leaves_the_change_pending():
+    pub, store = publisher(cluster())
+
+    async def broken(obj):
+        raise ConnectionError("store down")
+
+    store.put = broken
+    try:
+        await pub._restamp()
+    except ConnectionError:
+        pass
+    assert pub._dirty and pub.desired_version("n1") == 1 and pub.versions == {}
+
+
+async def test_continuing_above_a_node_is_pending_until_restamped():
+    pub, store = publisher(cluster())
+    await pub._restamp()
+    pub.continue_above("n1", 500)
+    assert pub.desired_version("n1") == 501 and len(store.writes) == 1
+    pub.continue_above("n1", 3)  # behind us: nothing to do
+    await pub._restamp()
+    assert store.writes[-1].version == 501
+
+
+def msg(subject: str, value) -> SimpleNamespace:
+    return SimpleNamespace(subject=subject, data=encode(value))
+
+
+async def test_acks_count_only_a_registered_nodes_own():
+    it = cluster()
+    pub, _ = publisher(it)
+    tracker = Tracker()
+    acks = Acks(it, tracker, pub, clock=lambda: 2.0)
+    ok = Ack(node="n1", version=1, applied_version=1)
+    await acks.on_ack(msg(naming.ack_subject("n2"), ok))  # on another node's subject
+    stranger = Ack(node="n9", version=1, applied_version=1)
+    await acks.on_ack(msg(naming.ack_subject("n9"), stranger))  # not registered
+    await acks.on_ack(SimpleNamespace(subject=naming.ack_subject("n1"), data=b"{nope"))
+    assert tracker.nodes == {}
+    await acks.on_ack(msg(naming.ack_subject("n1"), ok))
+    assert tracker.nodes["n1"].last_ack == ok and tracker.nodes["n1"].last_heard == 2.0
+
+
+def test_endpoint_table_is_the_published_list():
+    it = cluster()
+    pub, store = publisher(it)
+    table = Api(store, ClusterConfig(), it, Tracker(), pub, asyncio.Lock(), clock=lambda: 0.0)
+    assert set(table.table()) == set(api.ENDPOINTS)
