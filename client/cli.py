@@ -1,7 +1,8 @@
 """``otherixctl``: the operator CLI. Talks to the controller API over NATS; prints tables or JSON.
 
 Errors print the controller's message and exit 1 (2 for bad flags, 3 when ``status --wait`` times
-out before every node converged).
+out before every node converged). It never reads the store or computes state itself: everything
+it shows comes from the API (and, for ``watch``, the acks and health agents publish).
 """
 
 import argparse

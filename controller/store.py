@@ -3,7 +3,8 @@
 Keys: ``network.<name>``, ``nic.<id>``, ``node.<name>``, ``version.<node>``. The controller keeps
 the whole intent in memory and writes through; a restart reloads it with ``load()``. The bucket's
 durability comes from the server (JetStream file storage, ``sync_interval: always`` in the
-shipped server config).
+shipped server config). It never validates or decides: callers write only what passed
+``controller.ops``, and versions only through ``controller.publisher``.
 """
 
 import logging

@@ -1,4 +1,8 @@
-"""What the controller knows of each agent: last ack, last health, last error, when last heard."""
+"""What the controller knows of each agent: last ack, last health, last error, when last heard.
+
+In memory only, by design: it is rebuilt from the next acks after a restart, never persisted and
+never read by the publisher.
+"""
 
 import msgspec
 
