@@ -3,12 +3,13 @@
 import asyncio
 import sys
 
-from bench import attach_ack, fdb_apply, overlay_ping
+from bench import attach_ack, fdb_apply, heartbeat, overlay_ping
 
 BENCHES = {
     "attach_ack": attach_ack.main,
     "overlay_ping": overlay_ping.main,
     "fdb_apply": fdb_apply.main,
+    "heartbeat": heartbeat.main,
 }
 
 
