@@ -84,3 +84,11 @@ def health_subject(node: str) -> str:
 
 def api_subject(*parts: str) -> str:
     return ".".join((API_PREFIX, *parts))
+
+
+def node_api_subject(endpoint: str, node: str) -> str:
+    """A node-scoped API call (``otherix.v1.api.node.register.<node>``): the node is the last
+    token so nats-server, not the handler, decides who may call it."""
+    if not valid_id(node):
+        raise ValueError(f"node name {node!r} is not a lowercase DNS label")
+    return api_subject(endpoint, node)

@@ -1,0 +1,115 @@
+"""``otherix-bus``: create a bus directory, add or revoke a node, reload the server.
+
+Parses arguments and prints; the work is in ``client.bus.files``."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import msgspec
+
+from client.bus import files, permissions
+
+
+def _reload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--reload-pid", type=int, metavar="PID", help="nats-server to reload after")
+    g.add_argument("--pid-file", type=Path, help="file holding the pid of nats-server to reload")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="otherix-bus", description="Identities, permissions and TLS of the Otherix bus."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init", help="create DIR: CA, server certificate, seeds, configuration")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--nodes", default="", help="comma-separated node names")
+    p.add_argument("--host", action="append", default=[], help="server DNS name or IP (repeatable)")
+    p.add_argument("--port", type=int, default=permissions.DEFAULT_PORT)
+    p.add_argument("--bucket", default=permissions.DEFAULT_BUCKET, help="intent KV bucket")
+    p.add_argument("--server-dir", help="DIR as nats-server sees it (default: DIR)")
+    p.add_argument("--store-dir", help="JetStream store as nats-server sees it")
+    for name, help_ in [
+        ("add-node", "give a node an identity"),
+        ("revoke-node", "remove a node's identity"),
+    ]:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("dir", type=Path)
+        p.add_argument("node")
+        _reload_args(p)
+    p = sub.add_parser("render", help="rewrite authorization.conf from roster.json")
+    p.add_argument("dir", type=Path)
+    _reload_args(p)
+    p = sub.add_parser("show", help="identities and their permissions")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _reload(args: argparse.Namespace) -> None:
+    pid = args.reload_pid
+    if args.pid_file is not None:
+        pid = files.read_pid_file(args.pid_file)
+    if pid is not None:
+        files.reload_server(pid)
+        print(f"reloaded nats-server (pid {pid})")
+
+
+def _show(directory: Path, as_json: bool) -> None:
+    roster = files.load_roster(directory)
+    rows = [
+        {"identity": label, "public_key": key, **msgspec.structs.asdict(perms)}
+        for label, key, perms in permissions.identities(roster)
+    ]
+    if as_json:
+        print(msgspec.json.encode(rows).decode())
+        return
+    for row in rows:
+        print(f"{row['identity']}  {row['public_key']}")
+        print(f"  publish:   {' '.join(row['publish'])}")
+        if row["allow_responses"]:
+            print("             + replies to requests it received (allow_responses)")
+        print(f"  subscribe: {' '.join(row['subscribe'])}")
+
+
+def run(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    match args.command:
+        case "init":
+            nodes = tuple(n.strip() for n in args.nodes.split(",") if n.strip())
+            files.init(
+                args.dir,
+                nodes=nodes,
+                hosts=tuple(args.host),
+                port=args.port,
+                bucket=args.bucket,
+                server_dir=args.server_dir,
+                store_dir=args.store_dir,
+            )
+            print(f"created {args.dir}: nats-server -c {args.dir / files.SERVER_CONF}")
+        case "add-node":
+            seed = files.add_node(args.dir, args.node)
+            print(f"node {args.node}: credentials in {seed}")
+            _reload(args)
+        case "revoke-node":
+            files.revoke_node(args.dir, args.node)
+            print(f"node {args.node}: revoked")
+            _reload(args)
+        case "render":
+            files.render(args.dir)
+            _reload(args)
+        case "show":
+            _show(args.dir, args.json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(argv)
+    except files.BusError as e:
+        print(f"otherix-bus: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
