@@ -1,10 +1,16 @@
 """The console scripts as an operator runs them: ``otherixctl`` against ``otherix-controller``
-(both real subprocesses) on a real nats-server, plus the flag checks of controller and agent.
+(a real subprocess) on a real nats-server, plus the flag checks of controller and agent.
 
-One server and one controller serve the whole module (each test uses its own names).
+What is tested here is the CLI's own behaviour: tables, ``--json``, exit codes 1/2/3, flags and
+environment. The API's answers themselves are test_api.py's. ``otherixctl`` runs in-process
+(``client.cli.main``, the console script's entry point) except where the installed script and
+its environment are the point. One server and one controller serve the whole module (each test
+uses its own names).
 """
 
 import asyncio
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -17,6 +23,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from client import cli
 from client.api import ApiClient, ApiError
 from schemas import naming
 from schemas.codec import encode
@@ -79,16 +86,19 @@ def cluster(tmp_path_factory):
         server.stop()
 
 
-def ctl(url: str, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [script("otherixctl"), *args],
-        env={**os.environ, "OTHERIX_NATS_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+def otherixctl(*argv: str, rc: int = 0) -> subprocess.CompletedProcess:
+    """``otherixctl ARGV`` in-process: its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(list(argv))
+    done = subprocess.CompletedProcess(argv, exited.value.code or 0, out.getvalue(), err.getvalue())
     assert done.returncode == rc, (done.returncode, done.stdout, done.stderr)
     return done
+
+
+def ctl(url: str, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
+    return otherixctl("--nats", url, *args, rc=rc)
 
 
 def ctl_json(url: str, *args: str):
@@ -106,17 +116,27 @@ def ctl_json(url: str, *args: str):
         (["otherix-controller", "--mesh-prefix", "10.0.0.0/31"], "too small for a mesh"),
         (["otherix-agent", "--node", "Bad Name"], "--node 'Bad Name'"),
         (["otherix-agent", "--node", "n1", "--underlay-ip", "nope"], "not an IPv4 address"),
-        (["otherixctl", "frobnicate"], "invalid choice: 'frobnicate'"),
-        (["otherixctl", "network", "create", "x", "--subnet", "10.0.0.0/24"], "--type"),
-        (["otherixctl", "network", "create", "x", "--type", "mesh", "--subnet", "1/1"], "mesh"),
-        (["otherixctl", "nic", "attach", "--network", "a"], "--node"),
-        (["otherixctl", "status", "--wait", "soon"], "invalid float value"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(argv, message):
     done = subprocess.run([script(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert message in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["network", "create", "x", "--subnet", "10.0.0.0/24"], "--type"),
+        (["network", "create", "x", "--type", "mesh", "--subnet", "1/1"], "mesh"),
+        (["nic", "attach", "--network", "a"], "--node"),
+        (["status", "--wait", "soon"], "invalid float value"),
+    ],
+)
+def test_bad_otherixctl_flags_exit_2_with_a_message(argv, message):
+    done = otherixctl(*argv, rc=2)
+    assert done.stdout == "" and message in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -147,6 +167,14 @@ def test_unreachable_nats_is_one_clear_line():
     assert done.stderr.strip().splitlines() == [
         "otherixctl: cannot reach NATS at nats://127.0.0.1:1: nats: no servers available for connection"
     ]
+
+
+def test_installed_script_takes_the_server_from_the_environment(cluster):
+    done = subprocess.run([script("otherixctl"), "network", "list", "--json"],
+                          env={**os.environ, "OTHERIX_NATS_URL": cluster},
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert isinstance(json.loads(done.stdout), list)
 
 
 # --- commands against the controller ------------------------------------------------------------
@@ -216,7 +244,7 @@ def test_nic_and_node_commands(cluster):
     assert ctl_json(cluster, "nic", "list", "--network", "lan") == []
 
 
-def test_status_and_wait_timeout(cluster):
+def test_status_table_and_json(cluster):
     api(cluster, lambda a: a.node_register(name="silent"))
     st = ctl_json(cluster, "status")
     silent = next(n for n in st["nodes"] if n["node"]["name"] == "silent")
@@ -224,27 +252,71 @@ def test_status_and_wait_timeout(cluster):
     assert st["converged"] is False and st["heartbeat_interval"] == 0.2
     assert "silent" in ctl(cluster, "status").stdout
 
-    start = time.monotonic()
-    done = ctl(cluster, "status", "--wait", "1", rc=3)
-    assert 1.0 <= time.monotonic() - start < 10
-    assert "not converged after 1.0s" in done.stderr and "pending" in done.stdout
+
+async def status_requests(nc) -> asyncio.Queue:
+    """Every ``status`` request on the bus (the controller answers; we only count them)."""
+    seen: asyncio.Queue = asyncio.Queue()
+
+    async def on_request(msg):
+        seen.put_nowait(msg)
+
+    await nc.subscribe(naming.api_subject("status"), cb=on_request)
+    async with asyncio.timeout(10):  # live once our own request shows up
+        while seen.empty():
+            await ApiClient(nc).status()
+    while not seen.empty():
+        seen.get_nowait()
+    return seen
 
 
-# fmt: off
-API_ERRORS = [
-    (["network", "create", "v", "--type", "vlan", "--subnet", "10.30.0.0/24"], "error 501: network type 'vlan' is deferred: not supported yet"),
-    (["network", "create", "Bad", "--type", "bridge", "--subnet", "10.30.0.0/24"], "error 400: network name 'Bad' is invalid"),
-    (["network", "create", "x", "--type", "bridge", "--subnet", "10.30.0.0/31"], "error 400: subnet 10.30.0.0/31: prefix length"),
-    (["network", "show", "nope"], "error 404: network 'nope' does not exist"),
-    (["network", "delete", "nope"], "error 404: network 'nope' does not exist"),
-    (["nic", "attach", "--network", "nope", "--node", "hv1", "--vm", "v"], "error 404: network 'nope' does not exist"),
-    (["nic", "detach", "0123456789abcdef"], "error 404: NIC '0123456789abcdef' does not exist"),
-    (["node", "remove", "nope"], "error 404: node 'nope' is not registered"),
-]
-# fmt: on
+def status_wait(url: str, wait: str) -> "asyncio.Task[int]":
+    args = cli.build_parser().parse_args(["--nats", url, "status", "--wait", wait])
+    return asyncio.create_task(cli.run(args))
 
 
-@pytest.mark.parametrize(("args", "message"), API_ERRORS)
+async def test_status_wait_gives_up_with_exit_3(cluster, capsys):
+    nc = await nats.connect(cluster)
+    try:
+        await ApiClient(nc).node_register(name="never-acks")
+        requests = await status_requests(nc)
+        assert await status_wait(cluster, "1") == cli.EXIT_TIMEOUT
+        assert requests.qsize() >= 2  # it asked again before giving up (how long: bench heartbeat)
+    finally:
+        await nc.close()
+    out, err = capsys.readouterr()
+    assert "not converged after 1.0s" in err and "pending" in out
+
+
+async def test_status_wait_returns_once_every_node_converged(cluster, capsys):
+    nc = await nats.connect(cluster)
+    try:
+        client = ApiClient(nc)
+        await client.node_register(name="late")
+        requests = await status_requests(nc)
+        waiting = status_wait(cluster, "30")
+        await asyncio.wait_for(requests.get(), 10)  # it has seen the cluster unconverged
+        for node in (await client.status()).nodes:  # now every node acks what it was given
+            v = node.desired_version
+            ack = Ack(node=node.node.name, version=v, applied_version=v, digest="d")
+            await nc.publish(naming.ack_subject(node.node.name), encode(ack))
+        assert await asyncio.wait_for(waiting, 20) == 0
+    finally:
+        await nc.close()
+    out, err = capsys.readouterr()
+    assert err == "" and "late" in out
+
+
+# Two rows: the error's formatting, in table and JSON mode (the messages are test_api.py's).
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["network", "show", "nope"], "error 404: network 'nope' does not exist"),
+        (
+            ["network", "create", "v", "--type", "vlan", "--subnet", "10.30.0.0/24"],
+            "error 501: network type 'vlan' is deferred: not supported yet",
+        ),
+    ],
+)
 def test_api_errors_go_to_stderr(cluster, args, message):
     for extra in ([], ["--json"]):
         done = ctl(cluster, *args, *extra, rc=1)
@@ -252,36 +324,20 @@ def test_api_errors_go_to_stderr(cluster, args, message):
         assert done.stderr.startswith(f"otherixctl: {message}"), done.stderr
 
 
-def test_watch_prints_a_crafted_ack(cluster):
+async def test_watch_prints_a_crafted_ack(cluster, capsys):
     ack = Ack(node="watched", version=7, applied_version=7, digest="abc", changes=2)
-    watch = subprocess.Popen(
-        [script("otherixctl"), "--nats", cluster, "watch", "--count", "1", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-    async def publish_until_exit():
-        nc = await nats.connect(cluster)
-        try:
-            deadline = time.monotonic() + 15
-            while watch.poll() is None and time.monotonic() < deadline:
-                # publish until the watcher has seen one (its subscription goes live at some point)
-                await nc.publish(naming.ack_subject("watched"), encode(ack))
-                await nc.flush()
-                await asyncio.sleep(0.1)
-        finally:
-            await nc.close()
-
+    args = cli.build_parser().parse_args(["--nats", cluster, "watch", "--count", "1", "--json"])
+    watching = asyncio.create_task(cli.run(args))
+    nc = await nats.connect(cluster)
     try:
-        asyncio.run(publish_until_exit())
-        out, err = watch.communicate(timeout=10)
+        async with asyncio.timeout(15):
+            while not watching.done():  # until the watcher saw one: its subscription goes live
+                await nc.publish(naming.ack_subject("watched"), encode(ack))  # at some point
+                await asyncio.sleep(0.1)
     finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait(timeout=5)
-    assert watch.returncode == 0, err
-    lines = out.strip().splitlines()
+        await nc.close()
+    assert await watching == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     got = json.loads(lines[0])
     assert got["subject"] == "otherix.v1.ack.watched"
