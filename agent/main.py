@@ -13,11 +13,13 @@ from pathlib import Path
 import nats
 import uvloop
 
-from agent.netlink import NetlinkThread
-from agent.nft import NftApplier
+from agent.links.applier import LinkApplier
+from agent.links.netlink import NetlinkLinks
+from agent.netlink_thread import NetlinkThread
+from agent.nft.applier import NftApplier
 from agent.runner import Agent, AgentConfig
-from agent.wgkeys import InvalidKey, load_or_create_private_key
-from agent.wireguard import WireGuardApplier
+from agent.wireguard.applier import WireGuardApplier
+from agent.wireguard.keys import InvalidKey, load_or_create_private_key
 from schemas import naming
 from schemas.options import add_common, env, option, setup_logging
 
@@ -92,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_wireguard(args: argparse.Namespace, netlink: NetlinkThread):
+def make_wireguard(args: argparse.Namespace, links: LinkApplier):
     if args.no_mesh or not args.underlay_ip:
         if not args.no_mesh:
             log.warning("agent %s: no --underlay-ip, so not joining the overlay mesh", args.node)
@@ -100,15 +102,16 @@ def make_wireguard(args: argparse.Namespace, netlink: NetlinkThread):
     private = load_or_create_private_key(args.state_dir, rotate=args.rotate_key)
     if args.rotate_key:
         log.warning("agent %s: WireGuard key rotated", args.node)
-    return WireGuardApplier(netlink, private_key=private, backend=args.wg_backend)
+    return WireGuardApplier(links, private_key=private, backend=args.wg_backend, node=args.node)
 
 
 async def run(args: argparse.Namespace) -> None:
     args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     netlink = NetlinkThread()  # the one rtnetlink socket: links, FDB and otwg0's link
     netlink.start()
+    links = LinkApplier(NetlinkLinks(netlink, node=args.node))
     try:
-        wireguard = make_wireguard(args, netlink)
+        wireguard = make_wireguard(args, links)
     except InvalidKey as e:
         netlink.stop()
         sys.exit(f"otherix-agent: {e}")
@@ -120,7 +123,7 @@ async def run(args: argparse.Namespace) -> None:
         wg_listen_port=args.wg_port,
         health_interval=args.health_interval,
     )
-    agent = Agent(nc, config, netlink, NftApplier(), wireguard)
+    agent = Agent(nc, config, links, NftApplier(node=args.node), wireguard)
     await agent.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,9 +1,10 @@
 """The agent's main loop (on the NATS / uvloop side): register, receive, apply, ack, report.
 
 Only the newest snapshot is kept (a slow apply never builds a backlog). Each snapshot is checked
-(``agent.validate``), then WireGuard, netlink and nftables are reconciled against what the kernel
-has *now*, and an ack says which version the data plane holds. Silence from the controller
-changes nothing: the data plane keeps its last good state.
+(``agent.validate``), then each subsystem (WireGuard, links + FDB, nftables) is reconciled
+against what the kernel has *now* (``agent.subsystem``: observe → plan → apply), and an ack says
+which version the data plane holds; its error text is built here, from the typed errors.
+Silence from the controller changes nothing: the data plane keeps its last good state.
 """
 
 import asyncio
@@ -14,11 +15,12 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from agent import plan as planner
-from agent.model import CreateBridge, CreateTap, CreateVxlan, DeleteLink
-from agent.netlink import NetlinkThread
-from agent.nft import NftApplier
+from agent.errors import ApplyError
+from agent.links.applier import LinkApplier
+from agent.logs import FailureLog, NodeLog
+from agent.nft.applier import NftApplier
 from agent.state import AppliedState, load_applied, save_applied
+from agent.subsystem import Subsystem
 from agent.validate import Rejected, accept
 from client.api import ApiClient, ApiError
 from schemas import naming
@@ -43,12 +45,18 @@ class Agent:
         self,
         nc: Client,
         config: AgentConfig,
-        netlink: NetlinkThread,
+        links: LinkApplier,
         nft: NftApplier,
         wireguard=None,
     ):
         self.nc, self.config = nc, config
-        self.netlink, self.nft, self.wireguard = netlink, nft, wireguard
+        self.links, self.nft, self.wireguard = links, nft, wireguard
+        # in this order: the mesh first, then the devices and FDB riding on it, then nftables
+        self.subsystems: list[Subsystem] = (
+            [links, nft] if wireguard is None else [wireguard, links, nft]
+        )
+        self.log = NodeLog(log, config.node)
+        self.failures = FailureLog(self.log)
         self.applied: AppliedState = load_applied(config.state_dir)
         self.started_at = time.time()
         self.counters = {"received": 0, "applied": 0, "rejected": 0, "apply_errors": 0}
@@ -129,7 +137,7 @@ class Agent:
             try:
                 await self.handle(raw)
             except Exception as e:  # never let one bad apply kill the loop
-                log.exception("agent %s: apply crashed", self.config.node)
+                self.log.exception("apply crashed")
                 await self._ack(
                     Ack(
                         node=self.config.node,
@@ -161,16 +169,10 @@ class Agent:
         started = time.perf_counter()
         changes, errors = await self.reconcile(snap)
         elapsed = (time.perf_counter() - started) * 1000
+        self.failures.record(errors)  # the first failure of a kind, then "in sync again"
         if errors:
             self.counters["apply_errors"] += 1
-            self.last_error = f"version {snap.version}: " + "; ".join(errors)
-            log.error(
-                "agent %s: version %d applied with %d error(s): %s",
-                self.config.node,
-                snap.version,
-                len(errors),
-                self.last_error,
-            )
+            self.last_error = f"version {snap.version}: " + "; ".join(map(str, errors))
         else:
             self.counters["applied"] += 1
             self.last_error = None
@@ -199,32 +201,42 @@ class Agent:
         await self._ack(ack)
         return ack
 
-    async def reconcile(self, snap: Snapshot) -> tuple[int, list[str]]:
-        """Bring WireGuard, links/FDB and nftables to the snapshot; report writes and errors."""
-        changes, errors = 0, []
-        observed = await self.netlink.observe()  # one dump serves WireGuard and the planner
+    async def reconcile(self, snap: Snapshot) -> tuple[int, list[ApplyError]]:
+        """Bring every subsystem to the snapshot; report writes and typed errors."""
+        changes, errors = 0, list[ApplyError]()
+        seen = await self.links.observe()  # one link dump per heartbeat serves every subsystem
+        devices: set[str] = set()
         if snap.wireguard is not None:
+            self.tunnel_address = snap.wireguard.address.split("/")[0]
             if self.wireguard is None:
-                errors.append("snapshot asks for the WireGuard mesh but this agent runs without it")
-            else:
-                self.tunnel_address = snap.wireguard.address.split("/")[0]
-                link = observed.links.get(snap.wireguard.name)
-                try:
-                    changes += await self.wireguard.apply(snap.wireguard, link)
-                except Exception as e:
-                    errors.append(f"wireguard {snap.wireguard.name}: {e}")
-        actions = planner.plan(snap, observed)  # otwg0 is left to the WireGuard applier
-        if actions:
-            result = await self.netlink.apply(actions)
-            changes += result.done
+                errors.append(
+                    ApplyError(
+                        snap.wireguard.name, "mesh",
+                        "snapshot asks for the WireGuard mesh but this agent runs without it",
+                        temporary=False,
+                    )
+                )  # fmt: skip
+        for sub in self.subsystems:
+            try:
+                desired = sub.desired(snap)
+                if desired is None:
+                    continue  # silence never tears down
+                result = await sub.reconcile(desired, seen)
+            except ApplyError as e:
+                errors.append(e)
+                continue
+            except ValueError as e:  # the plan refused the snapshot: nothing was written
+                errors.append(ApplyError(sub.name, "plan", str(e), temporary=False))
+                continue
+            except Exception as e:  # an unexpected failure must not hide the other subsystems
+                self.log.exception("%s: reconcile crashed", sub.name)
+                errors.append(ApplyError(sub.name, "reconcile", f"{type(e).__name__}: {e}"))
+                continue
+            changes += result.writes
             errors += result.errors
-        created = {a.name for a in actions if isinstance(a, CreateBridge | CreateTap | CreateVxlan)}
-        deleted = {a.name for a in actions if isinstance(a, DeleteLink)}
-        self.devices = len((set(observed.links) - deleted) | created)
-        try:
-            changes += await self.nft.apply(snap.nat_subnets, snap.vxlan_only_via)
-        except Exception as e:
-            errors.append(f"nftables: {e}")
+            if sub is self.links or sub is self.wireguard:  # managed devices that exist now
+                devices |= result.reached
+        self.devices = len(devices)
         return changes, errors
 
     async def _ack(self, ack: Ack) -> None:

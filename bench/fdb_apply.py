@@ -1,7 +1,7 @@
 """Cold apply of an overlay snapshot with 1,000 and 10,000 FDB entries, next to `bridge -batch`.
 
-Both sides run in fresh namespaces made here: the agent's planner + netlink applier (creating
-bridge, VXLAN and every FDB entry from scratch), and `ip link add` + `bridge -batch` loading the
+Both sides run in fresh namespaces made here: the agent's links subsystem, observe → plan →
+apply (creating bridge, VXLAN and every FDB entry from scratch), and `ip link add` + `bridge -batch` loading the
 same entries. Also the steady-state cost: a no-op heartbeat (observe + plan, zero writes).
 """
 
@@ -10,8 +10,9 @@ import secrets
 import tempfile
 import time
 
-from agent.netlink import NetlinkThread
-from agent.plan import plan
+from agent.links.applier import LinkApplier
+from agent.links.netlink import NetlinkLinks
+from agent.netlink_thread import NetlinkThread
 from lab.netns import netns_add, netns_del, run
 from schemas.desired import Bridge, FdbEntry, Snapshot, Vxlan
 
@@ -47,17 +48,17 @@ def snapshot(entries: int) -> Snapshot:
 async def agent_cold(ns: str, snap: Snapshot) -> tuple[float, float, int]:
     nl = NetlinkThread(netns=ns)
     nl.start()
+    links = LinkApplier(NetlinkLinks(nl))
     try:
         start = time.perf_counter()
-        actions = plan(snap, await nl.observe())
-        result = await nl.apply(actions)
+        result = await links.apply(links.plan(snap, await links.observe()))
         cold = time.perf_counter() - start
         assert not result.errors, result.errors[:3]
         start = time.perf_counter()
-        noop = plan(snap, await nl.observe())
+        noop = links.plan(snap, await links.observe())
         steady = time.perf_counter() - start
-        assert noop == [], noop[:3]
-        return cold, steady, result.done
+        assert noop.actions == (), noop.actions[:3]
+        return cold, steady, result.writes
     finally:
         nl.stop()
 

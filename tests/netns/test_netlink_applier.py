@@ -1,13 +1,20 @@
-"""NetlinkThread against the real kernel, in a throwaway network namespace."""
+"""The links subsystem's kernel side (``NetlinkLinks`` on a ``NetlinkThread``) against the real
+kernel, in a throwaway network namespace."""
 
+import errno
+import os
 import secrets
 import subprocess
 import sys
 import textwrap
+import threading
+from pathlib import Path
 
 import pytest
 
-from agent.model import (
+from agent.errors import ApplyError, Refused
+from agent.links.applier import LinkApplier
+from agent.links.model import (
     AddAddress,
     AddFdb,
     CreateBridge,
@@ -17,12 +24,14 @@ from agent.model import (
     DelAddress,
     DeleteLink,
     DelFdb,
+    LinkPlan,
     SetMaster,
     SetMtu,
     SetUp,
 )
-from agent.netlink import NetlinkThread
-from schemas.desired import FdbEntry
+from agent.links.netlink import NetlinkLinks
+from agent.netlink_thread import NetlinkThread
+from schemas.desired import Bridge, FdbEntry, Snapshot, Tap, Vxlan
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(30)]
 
@@ -48,12 +57,20 @@ def ns():
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
 
 
+class Kernel(NetlinkLinks):
+    async def apply(self, actions):
+        """Execute actions as the agent does: links the dump had are addressed by ifindex."""
+        seen = await self.observe()
+        indexes = {name: link.index for name, link in seen.links.items()}
+        return await self.execute(LinkPlan(actions=tuple(actions), indexes=indexes))
+
+
 @pytest.fixture
 def nl(ns):
     thread = NetlinkThread(netns=ns)
     thread.start()
     try:
-        yield thread
+        yield Kernel(thread)
     finally:
         thread.stop()
 
@@ -82,7 +99,7 @@ async def test_empty_namespace(nl):
 
 async def test_apply_overlay_then_observe_every_field(nl, ns):
     result = await nl.apply(overlay_plan())
-    assert result.errors == () and result.done == 12
+    assert result.errors == () and result.writes == 12 and result.reached == {BR, TAP, VX}
 
     observed = await nl.observe()
     assert set(observed.links) == {BR, TAP, VX}
@@ -152,11 +169,14 @@ async def test_foreign_device_never_reported_nor_touched(nl, ns):
     result = await nl.apply(
         [SetMtu("eth9", 1000), SetUp("eth9"), DeleteLink("eth9"), CreateBridge(BR, 1500)]
     )
-    assert result.done == 1 and len(result.errors) == 3
-    assert all(e.split(": ")[0].endswith(" eth9") and "refusing" in e for e in result.errors)
+    assert result.writes == 1 and len(result.errors) == 3
+    for error in result.errors:
+        assert isinstance(error, Refused) and error.device == "eth9" and not error.temporary
+        assert "refusing to touch 'eth9'" in str(error)
     # enslaving a managed device to a foreign master is refused too
     result = await nl.apply([SetMaster(BR, "eth9")])
-    assert result.done == 0 and "refusing" in result.errors[0]
+    assert result.writes == 0 and isinstance(result.errors[0], Refused)
+    assert "refusing to enslave" in str(result.errors[0])
     assert sh(ns, "ip", "-o", "link", "show", "eth9") == before
     assert "eth9" not in (await nl.observe()).links
 
@@ -186,12 +206,19 @@ async def test_failed_action_reported_others_still_applied(nl):
             SetUp(TAP),
         ]
     )
-    assert result.done == 3
+    assert result.writes == 3
+    enodev, eexist = errno.ENODEV, errno.EEXIST
     assert result.errors == (
+        ApplyError("otvx9", "SetMaster", "device otvx9 not found", errno=enodev, temporary=True),
+        ApplyError(TAP, "SetMaster", "device otb9 not found", errno=enodev, temporary=True),
+        ApplyError(BR, "CreateBridge", "File exists", errno=eexist, temporary=False),
+    )
+    assert [str(e) for e in result.errors] == [  # the ack's text
         "SetMaster otvx9: device otvx9 not found",
         "SetMaster ot0123456789ab: device otb9 not found",
         "CreateBridge otb1000: File exists",
-    )
+    ]
+    assert result.reached == {BR, TAP}
     observed = await nl.observe()
     assert set(observed.links) == {BR, TAP}
     assert observed.links[TAP].up and observed.links[TAP].master is None
@@ -229,9 +256,12 @@ def test_usable_from_uvloop(nl):
 
 
 def test_start_fails_cleanly_for_missing_namespace():
-    thread = NetlinkThread(netns="otnl-missing-" + secrets.token_hex(4))
-    with pytest.raises(Exception):  # noqa: B017 - pyroute2 raises its own flavour
+    name = "otnl-missing-" + secrets.token_hex(4)
+    threads = threading.active_count()
+    thread = NetlinkThread(netns=name)
+    with pytest.raises(FileNotFoundError, match=f"no network namespace {name}"):
         thread.start()
+    assert threading.active_count() == threads  # the netlink thread did not stay behind
     thread.stop()  # no-op, nothing left running
 
 
@@ -241,7 +271,7 @@ async def test_bulk_fdb_spans_several_chunks_and_reports_each_failure(nl, ns):
     result = await nl.apply(
         [AddFdb(VX, m, f"10.1.{i % 200}.{i % 250 + 1}") for i, m in enumerate(macs)]
     )
-    assert result.errors == () and result.done == 1500
+    assert result.errors == () and result.writes == 1500
     observed = await nl.observe()
     assert {e.mac for e in observed.fdb[VX]} >= set(macs)
     assert len(sh(ns, "bridge", "fdb", "show", "dev", VX).splitlines()) >= 1500
@@ -249,12 +279,14 @@ async def test_bulk_fdb_spans_several_chunks_and_reports_each_failure(nl, ns):
     # (the agent validates MACs before this point: this proves failures are matched per entry)
     again = await nl.apply([AddFdb(VX, macs[0], "10.1.0.1"), AddFdb(VX, "02:00:00:00:09", "10.1.0.1"),
                             AddFdb(VX, "02:cc:00:00:00:01", "10.1.0.1")])  # fmt: skip
-    assert again.done == 2 and len(again.errors) == 1
-    assert "02:00:00:00:09" in again.errors[0] and "Invalid argument" in again.errors[0]
+    assert again.writes == 2
+    assert again.errors == (
+        ApplyError(VX, "AddFdb", "02:00:00:00:09 dst 10.1.0.1: Invalid argument", errno=22),
+    )
     deleted = await nl.apply(
         [DelFdb(VX, m, f"10.1.{i % 200}.{i % 250 + 1}") for i, m in enumerate(macs)]
     )
-    assert deleted.errors == () and deleted.done == 1500
+    assert deleted.errors == () and deleted.writes == 1500
     assert not {e.mac for e in (await nl.observe()).fdb[VX]} & set(macs)
 
 
@@ -268,10 +300,71 @@ async def test_observe_link_reads_one_device_like_observe(nl):
         await nl.observe_link("eth9")
 
 
+KERNEL_HAS_WIREGUARD = Path("/sys/module/wireguard").exists() or any(
+    Path("/lib/modules", os.uname().release).rglob("wireguard.ko*")
+)
+
+
+@pytest.mark.skipif(KERNEL_HAS_WIREGUARD, reason="this kernel has WireGuard: nothing to refuse")
 async def test_create_wireguard_reports_a_kernel_without_the_module(nl):
     result = await nl.apply([CreateWireGuard("otwg0")])
-    observed = await nl.observe()
-    if result.errors:  # this CI kernel has no WireGuard module: a clear error, nothing created
-        assert "CreateWireGuard otwg0" in result.errors[0] and "otwg0" not in observed.links
-    else:
-        assert observed.links["otwg0"].kind == "wireguard"
+    assert result.writes == 0 and result.reached == frozenset()
+    assert result.errors == (
+        ApplyError(
+            "otwg0",
+            "CreateWireGuard",
+            "Operation not supported",
+            errno=errno.EOPNOTSUPP,
+            temporary=False,  # a refusal: retrying will not load a module that is not there
+        ),
+    )
+    assert "otwg0" not in (await nl.observe()).links
+
+
+SNAPSHOT = Snapshot(
+    node="n1",
+    version=1,
+    bridges=(Bridge(name=BR, mtu=1390, address="10.9.0.1/24"),),
+    taps=(Tap(name=TAP, bridge=BR, mtu=1390),),
+    vxlans=(
+        Vxlan(
+            name=VX,
+            vni=1000,
+            bridge=BR,
+            local="10.0.0.1",
+            mtu=1390,
+            fdb=(
+                FdbEntry(mac=FLOOD, dst="10.0.0.2"),
+                FdbEntry(mac="02:aa:00:00:00:01", dst="10.0.0.2"),
+            ),
+        ),
+    ),
+)
+
+
+async def test_subsystem_second_reconcile_plans_nothing_and_reads_no_link_by_name(
+    nl, ns, monkeypatch
+):
+    links = LinkApplier(nl)
+    result = await links.reconcile(SNAPSHOT)
+    assert result.errors == () and result.reached == {BR, TAP, VX}
+    again = links.plan(SNAPSHOT, await links.observe())
+    assert again.actions == () and (await links.apply(again)).writes == 0
+    # drift on every device: the repair addresses them by the dump's ifindex, no RTM_GETLINK
+    sh(ns, "ip", "link", "set", BR, "down")
+    sh(ns, "ip", "link", "set", TAP, "mtu", "1400")
+    sh(ns, "ip", "link", "set", VX, "nomaster")
+    plan = links.plan(SNAPSHOT, await links.observe())
+    assert {type(a).__name__ for a in plan.actions} == {"SetMtu", "SetMaster", "SetUp"}
+    lookups = []
+    ipr = nl.netlink._sockets.ipr
+    original = ipr.link_lookup
+
+    async def counted(**kw):
+        lookups.append(kw)
+        return await original(**kw)
+
+    monkeypatch.setattr(ipr, "link_lookup", counted)
+    result = await links.apply(plan)
+    assert result.errors == () and result.writes == len(plan.actions) and lookups == []
+    assert links.plan(SNAPSHOT, await links.observe()).actions == ()

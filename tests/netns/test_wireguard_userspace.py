@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import wgkeys
+from agent.wireguard import keys as wgkeys
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 

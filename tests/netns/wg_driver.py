@@ -15,8 +15,10 @@ import sys
 import msgspec
 import uvloop
 
-from agent.netlink import NetlinkThread
-from agent.wireguard import WireGuardApplier
+from agent.links.applier import LinkApplier
+from agent.links.netlink import NetlinkLinks
+from agent.netlink_thread import NetlinkThread
+from agent.wireguard.applier import WireGuardApplier
 from schemas.desired import WireGuard
 
 
@@ -31,7 +33,8 @@ async def main() -> None:
 
 
 async def serve(netlink: NetlinkThread) -> None:
-    applier = WireGuardApplier(netlink, private_key=os.environ["OTWG_TEST_KEY"], check_interval=0.2)
+    links = LinkApplier(NetlinkLinks(netlink))
+    applier = WireGuardApplier(links, private_key=os.environ["OTWG_TEST_KEY"], check_interval=0.2)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -43,9 +46,12 @@ async def serve(netlink: NetlinkThread) -> None:
                     if "private_key" in req:
                         applier.private_key = req["private_key"]
                     spec = msgspec.convert(req["spec"], WireGuard)
-                    writes = await applier.apply(spec)
+                    # as the agent's heartbeat does: one link dump, then observe → plan → apply
+                    result = await applier.reconcile(spec, await links.observe())
+                    if result.errors:
+                        raise result.errors[0]
                     out = {
-                        "writes": writes,
+                        "writes": result.writes,
                         "backend": applier.backend_name,
                         "public_key": applier.public_key,
                     }

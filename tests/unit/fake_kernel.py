@@ -6,7 +6,7 @@ kernel's habit of deleting a device's ports' master link and FDB with it.
 
 import msgspec
 
-from agent import model as m
+from agent.links import model as m
 from schemas.desired import FdbEntry
 
 

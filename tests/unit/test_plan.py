@@ -3,8 +3,8 @@ import random
 
 import msgspec
 
-from agent import model as m
-from agent.plan import plan
+from agent.links import model as m
+from agent.links.plan import plan
 from controller.compute import ClusterConfig, compute_snapshots
 from schemas.desired import Bridge, FdbEntry, Snapshot, Tap
 from tests.unit.factories import bridge_net, intent, nic, node, overlay_net

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from agent import wgkeys
-from agent.model import AddAddress, DelAddress, Link, SetMtu, SetUp
-from agent.wgplan import (
+from agent.links.model import AddAddress, DelAddress, Link, SetMtu, SetUp
+from agent.wireguard import keys as wgkeys
+from agent.wireguard.plan import (
     DevicePlan,
     ObservedDevice,
     ObservedPeer,

@@ -6,7 +6,7 @@ last. An equal state gives an empty plan: a no-op heartbeat makes zero netlink w
 Only devices named ``ot…`` appear in ``Observed``; ``otwg0`` belongs to the WireGuard applier.
 """
 
-from agent.model import (
+from agent.links.model import (
     Action,
     AddAddress,
     AddFdb,

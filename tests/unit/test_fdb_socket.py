@@ -1,6 +1,6 @@
 import socket
 
-from agent import fdb_netlink as f
+from agent.links import fdb_socket as f
 
 
 def test_encoded_entry_parses_back():

@@ -1,7 +1,8 @@
-"""Plain data the agent's pure planner works on: what the kernel has, and what to change.
+"""Plain data of the links subsystem: what the kernel has (``Observed``), what to change
+(``Action``s, a ``LinkPlan``).
 
-The netlink applier fills ``Observed`` from the kernel and executes ``Action``s; the planner
-(``agent.plan``) is a pure function between the two and never sees a socket.
+``agent.links.netlink`` fills ``Observed`` from the kernel and executes plans; the planner
+(``agent.links.plan``) is a pure function between the two and never sees a socket.
 """
 
 import msgspec
@@ -24,6 +25,7 @@ class Link(msgspec.Struct, frozen=True, kw_only=True):
     master: str | None = None
     addresses: frozenset[str] = frozenset()  # IPv4 "ip/prefixlen"
     vxlan: VxlanInfo | None = None
+    index: int = 0  # ifindex from the dump: actions on this link need no RTM_GETLINK (0: unknown)
 
 
 class Observed(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,3 +117,10 @@ Action = (
     | AddFdb
     | DelFdb
 )
+
+
+class LinkPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """Actions in order, and the ifindex of every link the observation had."""
+
+    actions: tuple[Action, ...] = ()
+    indexes: dict[str, int] = {}

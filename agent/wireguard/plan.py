@@ -1,12 +1,13 @@
 """Pure WireGuard planning for ``otwg0``: what the device should become, as plain values.
 
-Owns the data (``ObservedDevice``/``ObservedPeer`` as read back, ``DevicePlan``/``PeerPlan`` as
-the writes to make), the diff (``plan_peers``, ``plan_device``, ``plan_link``), snapshot
-``validate``, and the two wire formats: wireguard-go's UAPI text (``render_set``, ``parse_get``)
-and pyroute2's genl dump (``parse_genl``). Keys are base64 here and hex on the UAPI wire.
+Owns the data (``WgObserved``/``ObservedDevice``/``ObservedPeer`` as read back, ``WgPlan``/
+``DevicePlan``/``PeerPlan`` as the writes to make), the diff (``plan``, ``plan_peers``,
+``plan_device``, ``plan_link``), snapshot ``validate``, and the two wire formats: wireguard-go's
+UAPI text (``render_set``, ``parse_get``) and pyroute2's genl dump (``parse_genl``). Keys are
+base64 here and hex on the UAPI wire.
 
 Everything is a pure function of its arguments: this module does no I/O (no sockets, netlink,
-files or processes) and never logs. ``agent.wireguard`` observes, calls these and applies.
+files or processes) and never logs. ``agent.wireguard.applier`` observes, calls these and applies.
 """
 
 import ipaddress
@@ -15,19 +16,10 @@ from typing import Any
 
 import msgspec
 
-from agent import wgkeys
-from agent.model import Action, AddAddress, DelAddress, Link, SetMtu, SetUp
+from agent.errors import WireGuardError
+from agent.links.model import Action, AddAddress, DelAddress, Link, SetMtu, SetUp
+from agent.wireguard import keys as wgkeys
 from schemas.desired import WgPeer, WireGuard
-
-
-# Errors live here because ``parse_get`` raises them; the applier raises them too.
-class WireGuardError(Exception):
-    """WireGuard could not be configured (daemon failed, UAPI/netlink error)."""
-
-
-class DeviceMissing(WireGuardError):
-    pass
-
 
 # --- plain data -------------------------------------------------------------------------------
 
@@ -73,6 +65,26 @@ class DevicePlan(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def writes(self) -> int:
         return (self.private_key is not None) + (self.listen_port is not None) + self.peers.writes
+
+
+class WgObserved(msgspec.Struct, frozen=True, kw_only=True):
+    """``otwg0`` as read: the link (from the heartbeat's dump) and, when the device answers
+    (kernel genl / wireguard-go's socket), its keys and peers."""
+
+    link: Link | None = None
+    device: ObservedDevice | None = None  # None: no working device, create (or start) it
+
+
+class WgPlan(msgspec.Struct, frozen=True, kw_only=True):
+    desired: WireGuard
+    seen: Link | None = None  # otwg0's link as observed (its ifindex spares a lookup)
+    create: bool = False  # then ``device``/``link`` are planned after the device exists
+    device: DevicePlan = DevicePlan()
+    link: tuple[Action, ...] | None = None  # None: the link must be read first
+
+    @property
+    def empty(self) -> bool:
+        return not self.create and not self.device.writes and self.link == ()
 
 
 # --- pure functions ---------------------------------------------------------------------------
@@ -154,6 +166,22 @@ def plan_link(desired: WireGuard, link: Link) -> list[Action]:
     if not link.up:
         actions.append(SetUp(link.name))
     return actions
+
+
+def plan(
+    desired: WireGuard, private_key: str, observed: WgObserved, self_public: str | None = None
+) -> WgPlan:
+    """Device (key, port, peers) and link (MTU, address, up) writes; raises ``ValueError`` on
+    a snapshot we could only half apply, before any write."""
+    validate(desired)
+    if observed.device is None:
+        return WgPlan(desired=desired, seen=observed.link, create=True)
+    return WgPlan(
+        desired=desired,
+        seen=observed.link,
+        device=plan_device(desired, private_key, observed.device, self_public),
+        link=tuple(plan_link(desired, observed.link)) if observed.link is not None else None,
+    )
 
 
 def validate(desired: WireGuard) -> None:

@@ -1,0 +1,50 @@
+"""The links subsystem: bridges, taps, VXLAN devices, their addresses and VXLAN FDB entries.
+
+``observe`` reads every managed link (one dump per heartbeat, shared with the other
+subsystems), ``plan`` is ``agent.links.plan`` plus the observed ifindexes, ``apply`` executes
+the plan on the kernel (``agent.links.netlink.NetlinkLinks``, or a fake in the unit tests) and
+reports the managed devices that exist afterwards. ``otwg0`` is left to the WireGuard subsystem,
+which uses ``observe_link`` and ``apply`` for its own link work.
+"""
+
+from typing import Protocol
+
+from agent.errors import ApplyResult
+from agent.links.model import Link, LinkPlan, Observed
+from agent.links.plan import plan as plan_actions
+from agent.subsystem import Subsystem
+from schemas.desired import Snapshot
+
+
+class LinkKernel(Protocol):
+    async def observe(self) -> Observed: ...
+    async def observe_link(self, name: str) -> Link | None: ...
+    async def execute(self, plan: LinkPlan) -> ApplyResult[frozenset[str]]: ...
+
+
+class LinkApplier(Subsystem[Snapshot, Observed, LinkPlan, frozenset[str]]):
+    name = "links"
+
+    def __init__(self, kernel: LinkKernel):
+        self.kernel = kernel
+
+    def desired(self, snapshot: Snapshot) -> Snapshot:
+        return snapshot
+
+    async def observe(self, seen: Observed | None = None) -> Observed:
+        return seen if seen is not None else await self.kernel.observe()
+
+    def plan(self, desired: Snapshot, observed: Observed) -> LinkPlan:
+        return LinkPlan(
+            actions=tuple(plan_actions(desired, observed)),
+            indexes={name: link.index for name, link in observed.links.items()},
+        )
+
+    async def apply(self, plan: LinkPlan) -> ApplyResult[frozenset[str]]:
+        if not plan.actions:  # nothing to write: not even a trip to the netlink thread
+            return ApplyResult(writes=0, reached=frozenset(plan.indexes))
+        return await self.kernel.execute(plan)
+
+    async def observe_link(self, name: str) -> Link | None:
+        """One managed link, read now (for a device created or replaced outside this plan)."""
+        return await self.kernel.observe_link(name)

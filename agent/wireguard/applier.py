@@ -1,0 +1,289 @@
+"""The WireGuard subsystem: owns ``otwg0`` (its keys, listen port, peers, MTU, address, up).
+
+Desired state is ``schemas.desired.WireGuard``. ``observe`` takes otwg0's link from the
+heartbeat's dump and reads keys and peers from the backend; the pure ``agent.wireguard.plan``
+decides; ``apply`` writes only the difference, so an unchanged snapshot makes zero writes and an
+unchanged peer is never re-set (its session and handshake stay as they are). A snapshot without
+WireGuard leaves the device alone: silence never tears down.
+
+Backends (``agent.wireguard.backends``): the kernel module, or ``wireguard-go``. ``auto`` picks:
+an existing ``otwg0`` of kind wireguard -> kernel; a live UAPI socket -> userspace; a resolvable
+``wireguard`` genl family (module present, it autoloads) -> kernel; else userspace. With
+wireguard-go a supervisor task restarts a dead daemon and re-applies the last snapshot.
+``close()`` leaves the daemon running by default, so the data plane survives an agent restart;
+under systemd that needs ``KillMode=process`` (or a separate unit) for the same effect.
+"""
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Literal
+
+from pyroute2 import WireGuard as Pyroute2WireGuard
+
+from agent.errors import ApplyError, ApplyResult, DeviceMissing
+from agent.links.model import Observed
+from agent.logs import NodeLog
+from agent.subsystem import Subsystem
+from agent.wireguard import keys as wgkeys
+from agent.wireguard.backends import KernelBackend, Links, UserspaceBackend, link_actions
+from agent.wireguard.plan import WgObserved, WgPlan, plan, plan_device, plan_link
+from schemas.desired import Snapshot, WireGuard
+from schemas.messages import PeerHealth
+from schemas.naming import WIREGUARD_IFNAME, is_managed
+
+RUN_DIR = Path("/var/run/wireguard")  # wireguard-go hard-codes this directory for its socket
+Backend = Literal["auto", "kernel", "userspace"]
+
+
+class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]]):
+    name = "wireguard"
+
+    def __init__(
+        self,
+        links: Links,
+        ifname: str = WIREGUARD_IFNAME,
+        *,
+        private_key: str,
+        backend: Backend = "auto",
+        run_dir: Path | str = RUN_DIR,
+        wg_factory: Callable[[], Any] | None = None,
+        wireguard_go: str = "wireguard-go",
+        check_interval: float = 1.0,
+        node: str | None = None,
+    ):
+        if not is_managed(ifname):
+            raise ValueError(f"{ifname!r} is not an Otherix device name")
+        if backend not in ("auto", "kernel", "userspace"):
+            raise ValueError(f"unknown WireGuard backend {backend!r}")
+        self.ifname = ifname
+        self.private_key = private_key
+        self._requested = backend
+        self._run_dir = Path(run_dir)
+        self._links = links  # the links subsystem: one rtnetlink socket for all link work
+        self._wg_factory = wg_factory or _pyroute2_wireguard
+        self._wireguard_go = wireguard_go
+        self._check_interval = check_interval
+        self.log = NodeLog(logging.getLogger(__name__), node)
+        self._backend: KernelBackend | UserspaceBackend | None = None
+        self._lock = asyncio.Lock()
+        self._last: WireGuard | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @property
+    def private_key(self) -> str:
+        return self._private_key
+
+    @private_key.setter
+    def private_key(self, key: str) -> None:
+        """Rotate the key; the next ``apply`` writes it."""
+        self._public_key = wgkeys.public_key(key)  # validates
+        self._private_key = key
+
+    @property
+    def public_key(self) -> str:
+        return self._public_key
+
+    @property
+    def backend_name(self) -> str:
+        """The resolved backend, kernel or userspace; the requested mode until the first use."""
+        return self._backend.name if self._backend is not None else self._requested
+
+    async def probe(self) -> str:
+        return (await self._resolve(None)).name  # reads otwg0's link
+
+    # --- the subsystem contract ------------------------------------------------------------------
+
+    def desired(self, snapshot: Snapshot) -> WireGuard | None:
+        return snapshot.wireguard
+
+    def exclusive(self) -> AbstractAsyncContextManager[Any]:
+        return self._lock  # the supervisor must not restart the daemon mid-apply
+
+    async def observe(self, seen: Observed | None = None) -> WgObserved:
+        """``seen``: the heartbeat's link dump (otwg0's link is read here only without one)."""
+        link = (
+            seen.links.get(self.ifname)
+            if seen is not None
+            else await self._links.observe_link(self.ifname)
+        )
+        backend = await self._resolve(link, known=True)
+        if not await backend.ready(link):
+            return WgObserved(link=link)
+        try:
+            return WgObserved(link=link, device=await backend.observe())
+        except DeviceMissing:
+            return WgObserved(link=link)
+
+    def plan(self, desired: WireGuard, observed: WgObserved) -> WgPlan:
+        if desired.name != self.ifname:
+            raise ValueError(
+                f"snapshot names WireGuard device {desired.name!r}, not {self.ifname!r}"
+            )
+        return plan(desired, self._private_key, observed, self._public_key)
+
+    async def apply(self, plan: WgPlan) -> ApplyResult[frozenset[str]]:
+        result = await self._apply(plan)
+        if self.backend_name == "userspace" and self._supervisor is None:
+            self._supervisor = asyncio.create_task(
+                self._supervise(), name=f"wg-supervise-{self.ifname}"
+            )
+        return result
+
+    async def _apply(self, wg: WgPlan) -> ApplyResult[frozenset[str]]:
+        backend = await self._resolve(None)
+        desired, device, link_plan = wg.desired, wg.device, wg.link
+        self._last = desired  # the supervisor re-applies this after a daemon restart
+        if wg.empty:
+            return ApplyResult(writes=0, reached=frozenset({self.ifname}))
+        writes, errors = 0, list[ApplyError]()
+        link = wg.seen
+        if wg.create:
+            link = None  # replaced or new: read below
+            try:
+                writes += await backend.create(wg.seen)
+                # created in this apply: the only case where the device and link are read again
+                device = plan_device(
+                    desired, self._private_key, await backend.observe(), self._public_key
+                )
+            except ApplyError as e:
+                return ApplyResult(writes=writes, reached=frozenset(), errors=(e,))
+        if device.writes:
+            done, failed = await backend.configure(device)
+            writes += done
+            errors += failed
+            p = device.peers
+            self.log.info(
+                "%s: wrote %d (key=%s port=%s peers +%d ~%d -%d)",
+                self.ifname, done, device.private_key is not None, device.listen_port,
+                len(p.add), len(p.update), len(p.remove),
+            )  # fmt: skip
+        if link_plan is None:  # created now, or the device works but its link was not seen
+            link = await self._links.observe_link(self.ifname)
+            if link is None:
+                errors.append(DeviceMissing("device vanished during apply", device=self.ifname))
+                return ApplyResult(writes=writes, reached=frozenset(), errors=tuple(errors))
+            link_plan = tuple(plan_link(desired, link))
+        if link_plan:
+            result = await link_actions(self._links, self.ifname, link_plan, link)
+            writes += result.writes
+            errors += result.errors
+            self.log.info(
+                "%s: link %s", self.ifname, ", ".join(type(a).__name__ for a in link_plan)
+            )
+        return ApplyResult(writes=writes, reached=frozenset({self.ifname}), errors=tuple(errors))
+
+    # --- health and lifecycle --------------------------------------------------------------------
+
+    async def peers(self) -> list[PeerHealth]:
+        """Peer health as the device reports it ([] when there is no device)."""
+        async with self._lock:
+            try:
+                dev = await (await self._resolve(None)).observe()
+            except DeviceMissing:
+                return []
+        nodes = {p.public_key: p.node for p in self._last.peers} if self._last else {}
+        return [
+            PeerHealth(
+                public_key=p.public_key,
+                node=nodes.get(p.public_key, ""),
+                endpoint=p.endpoint,
+                latest_handshake=p.latest_handshake,
+                rx_bytes=p.rx_bytes,
+                tx_bytes=p.tx_bytes,
+            )
+            for p in dev.peers
+        ]
+
+    async def daemon_pid(self) -> int | None:
+        """wireguard-go's pid (userspace backend), whether we started it or adopted it."""
+        backend = await self._resolve(None)
+        return await backend.pid() if isinstance(backend, UserspaceBackend) else None
+
+    async def remove(self) -> None:
+        """Explicit teardown: delete the device (and stop wireguard-go)."""
+        await self._stop_supervisor()
+        async with self._lock:
+            await (await self._resolve(None)).remove()
+            self._last = None
+        self.log.info("%s: removed", self.ifname)
+
+    async def close(self, *, stop_daemon: bool = False) -> None:
+        """Stop supervising. wireguard-go keeps running unless ``stop_daemon`` (data plane first)."""
+        await self._stop_supervisor()
+        if stop_daemon and self._backend is not None:
+            async with self._lock:
+                await self._backend.stop()
+
+    async def _stop_supervisor(self) -> None:
+        if (task := self._supervisor) is not None:
+            self._supervisor = None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self._check_interval)
+            try:
+                async with self._lock:
+                    if self._last is None or await self._backend.alive():  # type: ignore[union-attr]
+                        continue
+                    self.log.warning("%s: wireguard-go is gone; restarting it", self.ifname)
+                    # the daemon is new: observe afresh, without the heartbeat's dump
+                    result = await self._apply(self.plan(self._last, await self.observe(None)))
+                if result.errors:
+                    raise result.errors[0]
+                failures = 0
+                self.log.info("%s: wireguard-go restarted and configured", self.ifname)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                if failures == 1:  # the first failure in full, then quietly keep trying
+                    self.log.exception("%s: restarting wireguard-go failed", self.ifname)
+
+    async def _resolve(self, link: Any, known: bool = False) -> KernelBackend | UserspaceBackend:
+        """``known``: ``link`` is otwg0 as just observed (None: absent), no need to read it."""
+        if self._backend is None:
+            name = self._requested
+            if name == "auto":
+                name = await self._probe(link, known)
+                self.log.info("%s: WireGuard backend %s", self.ifname, name)
+            if name == "kernel":
+                self._backend = KernelBackend(self.ifname, self._links, self._wg_factory, self.log)
+            else:
+                self._backend = UserspaceBackend(
+                    self.ifname, self._run_dir, self._links, self._wireguard_go, self.log
+                )
+        return self._backend
+
+    async def _probe(self, link: Any, known: bool) -> str:
+        if not known:
+            link = await self._links.observe_link(self.ifname)
+        if link is not None and link.kind == "wireguard":
+            return "kernel"
+        return await asyncio.to_thread(self._probe_sync)
+
+    def _probe_sync(self) -> str:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(str(self._run_dir / f"{self.ifname}.sock"))
+                return "userspace"  # adopt the running daemon
+            except OSError:
+                pass
+        try:
+            self._wg_factory().close()  # resolving the genl family autoloads the module
+            return "kernel"
+        except Exception:
+            return "userspace"
+
+
+def _pyroute2_wireguard() -> Any:
+    return Pyroute2WireGuard()
