@@ -1,12 +1,14 @@
 """What agents report: acks and health on ``otherix.v1.ack.*`` / ``otherix.v1.health.*``.
 
-It accepts only a registered node's own message on that node's own subject, records it in the
-tracker, and asks the publisher to continue above a version a node has applied that we never
+It accepts only a registered node's own message on that node's own subject, and an ack only for
+a version that was published to that node; everything else is refused and counted. It records
+what it accepts in the tracker, and asks the publisher to continue above a version a node has applied that we never
 issued. It never writes intent or the store and never replies: agents get their answer from the
 next snapshot.
 """
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -29,6 +31,7 @@ class Acks:
         self, intent: Intent, tracker: Tracker, publisher: Publisher, clock: Callable[[], float]
     ):
         self.intent, self.tracker, self.publisher, self.clock = intent, tracker, publisher, clock
+        self.refused: Counter[str] = Counter()  # reason → reports refused (shown by status)
 
     async def subscribe(self, nc: Client) -> list[Any]:
         return [
@@ -36,20 +39,22 @@ class Acks:
             await nc.subscribe(naming.health_subject("*"), cb=self.on_health),
         ]
 
+    def _refuse(self, reason: str, detail: str) -> None:
+        self.refused[reason] += 1
+        # the first of a kind in full, then every 100th: a flood must not flood the log too
+        if self.refused[reason] % 100 == 1:
+            log.warning("controller: refused agent report (%s, %d so far): %s",
+                        reason, self.refused[reason], detail)  # fmt: skip
+
     def _from_node(self, msg, type_: type[T]) -> T | None:
-        """A registered node's own ack or health; anything else is logged and dropped."""
+        """A registered node's own ack or health; anything else is refused and counted."""
         try:
             value = decode(msg.data, type_)
         except msgspec.DecodeError as e:
-            log.warning("controller: malformed %s on %s: %s", type_.__name__, msg.subject, e)
+            self._refuse("malformed", f"{type_.__name__} on {msg.subject}: {e}")
             return None
         if value.node != msg.subject.rsplit(".", 1)[-1]:
-            log.warning(
-                "controller: %s of node %s arrived on %s; ignored",
-                type_.__name__,
-                value.node,
-                msg.subject,
-            )
+            self._refuse("wrong subject", f"{type_.__name__} of {value.node} on {msg.subject}")
             return None
         # unregistered nodes are not tracked: memory stays bounded by registered nodes
         return value if value.node in self.intent.nodes else None
@@ -57,9 +62,16 @@ class Acks:
     async def on_ack(self, msg) -> None:
         if (ack := self._from_node(msg, Ack)) is None:
             return
+        published = self.publisher.versions.get(ack.node)
+        if ack.version > (published.version if published else 0):
+            # nothing we sent carries this version: a forged or confused ack must not make a
+            # node look converged (version 0 is an agent's "no snapshot" error ack)
+            self._refuse("unpublished version", f"node {ack.node} acked version {ack.version}")
+            return
         self.tracker.record_ack(ack, self.clock())
         # The node may hold a version we never issued (the store was lost or restored from an
-        # older backup): continue above it, or the agent would refuse everything as stale.
+        # older backup): continue above it, or the agent would refuse everything as stale. Only
+        # the node's own identity may publish here (bus permissions), and never past the bound.
         self.publisher.continue_above(ack.node, ack.applied_version)
         if not ack.ok:
             log.warning(

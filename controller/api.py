@@ -9,7 +9,7 @@ publisher's memory. Errors are ``schemas.errors`` classes, sent as their code an
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -26,7 +26,7 @@ from controller.tracker import Tracker
 from schemas import api, naming
 from schemas.codec import decode, encode
 from schemas.errors import ApiError, BadRequest, Internal
-from schemas.intent import Intent
+from schemas.intent import Intent, Nic
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,11 @@ class Api:
         publisher: Publisher,
         lock: asyncio.Lock,
         clock: Callable[[], float],
+        refused: Mapping[str, int] | None = None,
     ):
         self.store, self.config, self.intent, self.tracker = store, config, intent, tracker
         self.publisher, self._lock, self.clock = publisher, lock, clock
+        self.refused = refused if refused is not None else {}  # agent reports refused, by reason
 
     def table(self) -> dict[str, tuple[type, Handler]]:
         """Endpoint name → (request type, handler); the names are ``schemas.api.ENDPOINTS``."""
@@ -171,11 +173,20 @@ class Api:
         if req.network is not None:
             ops.network(self.intent, req.network)
         nics = sorted(self.intent.nics.values(), key=lambda n: (n.network, n.node, n.ip))
+        now, stale = self.clock(), stale_after(self.config)
         return [
-            api.NicInfo(nic=n, tap=naming.tap_name(n.id))
+            api.NicInfo(nic=n, tap=naming.tap_name(n.id), state=self._nic_state(n, now, stale))
             for n in nics
             if req.network in (None, n.network) and req.node in (None, n.node)
         ]
+
+    def _nic_state(self, nic: Nic, now: float, stale: float) -> api.NicState:
+        """From the node's fresh health: is the tap there, and does a hypervisor hold it?"""
+        health = self.tracker.fresh_health(nic.node, now, stale)
+        carrier = health.taps.get(naming.tap_name(nic.id)) if health else None
+        if carrier is None:
+            return api.NicState.PENDING
+        return api.NicState.UP if carrier else api.NicState.NO_CARRIER
 
     # --- nodes and status -----------------------------------------------------------------------
 
@@ -217,7 +228,7 @@ class Api:
     def _node_status(self, name: str) -> api.NodeStatus:
         return self.tracker.status(
             self.intent.nodes[name],
-            self.publisher.desired_version(name),  # the latest change's, not yet persisted
+            self.publisher.desired(name),  # the latest change's, not yet persisted
             self.clock(),
             stale_after(self.config),
         )
@@ -232,6 +243,7 @@ class Api:
             underlay_mtu=self.config.underlay_mtu,
             converged=all(n.converged for n in nodes),
             now=self.clock(),
+            refused_reports=dict(self.refused),
         )
 
 

@@ -7,6 +7,7 @@ content digest set; the publisher stamps versions (see ``controller.versions``).
 import hashlib
 import ipaddress
 from collections import defaultdict
+from collections.abc import Callable
 
 import msgspec
 
@@ -45,7 +46,13 @@ def snapshot_digest(snapshot: Snapshot) -> str:
     return hashlib.sha256(msgspec.json.encode(content)).hexdigest()[:16]
 
 
-def compute_snapshots(intent: Intent, config: ClusterConfig) -> dict[str, Snapshot]:
+def compute_snapshots(
+    intent: Intent,
+    config: ClusterConfig,
+    on_error: Callable[[str, Exception], None] | None = None,
+) -> dict[str, Snapshot]:
+    """Every node's snapshot. With ``on_error``, a node whose records cannot be computed (e.g. a
+    damaged store entry) is reported there and left out, so it cannot stop the others."""
     nics_by_node: dict[str, list[Nic]] = defaultdict(list)
     # network → node → NICs, for FDB and flood lists
     placement: dict[str, dict[str, list[Nic]]] = defaultdict(lambda: defaultdict(list))
@@ -53,10 +60,15 @@ def compute_snapshots(intent: Intent, config: ClusterConfig) -> dict[str, Snapsh
         if nic.network in intent.networks and nic.node in intent.nodes:
             nics_by_node[nic.node].append(nic)
             placement[nic.network][nic.node].append(nic)
-    return {
-        name: _node_snapshot(intent, node, nics_by_node[name], placement, config)
-        for name, node in intent.nodes.items()
-    }
+    snapshots = {}
+    for name, node in intent.nodes.items():
+        try:
+            snapshots[name] = _node_snapshot(intent, node, nics_by_node[name], placement, config)
+        except Exception as e:
+            if on_error is None:
+                raise
+            on_error(name, e)
+    return snapshots
 
 
 def _node_snapshot(

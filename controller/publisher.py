@@ -53,9 +53,7 @@ class Publisher:
 
     def desired_version(self, node: str) -> int:
         """The version ``node``'s next snapshot carries. In memory only: reads never persist."""
-        if self._dirty and node in self.intent.nodes:
-            return self._plan()[node][1].version
-        known = self.versions.get(node)
+        known = self.desired(node)
         return known.version if known else 0
 
     def continue_above(self, node: str, applied_version: int) -> None:
@@ -106,35 +104,64 @@ class Publisher:
                     "controller: snapshot of node %s is %d bytes, above the server's max_payload; not sent",
                     node, len(data),
                 )  # fmt: skip
+            except nats.errors.Error as e:
+                log.error("controller: snapshot of node %s not sent: %s", node, e)
 
     # --- stamping -------------------------------------------------------------------------------
 
     def _plan(self) -> dict[str, tuple[Snapshot, NodeVersion]]:
-        """Each node's snapshot and the version it will carry; computed once per change."""
+        """Each node's snapshot and the version it will carry; computed once per change.
+
+        A node that cannot be computed or stamped is left out (and logged): it keeps its last
+        good snapshot, and the others are never held back by it.
+        """
         if self._pending is None:
-            snapshots = compute_snapshots(self.intent, self.config)
-            stamped = versions.stamp_all(self.versions, snapshots)
-            self._pending = {node: (snapshots[node], stamped[node]) for node in snapshots}
+            failed: dict[str, Exception] = {}
+            snapshots = compute_snapshots(self.intent, self.config, on_error=failed.__setitem__)
+            plan = {}
+            for node, snapshot in snapshots.items():
+                try:
+                    plan[node] = (snapshot, versions.stamp(self.versions.get(node), snapshot))
+                except versions.VersionExhausted as e:
+                    failed[node] = e
+            for node, e in failed.items():
+                log.error("controller: node %s: no new snapshot (%s); its last one stays", node, e)
+            self._pending = plan
         return self._pending
 
+    def desired(self, node: str) -> NodeVersion | None:
+        """Version and digest of ``node``'s next snapshot. In memory only: reads never persist."""
+        if self._dirty and node in self.intent.nodes:
+            planned = self._plan().get(node)
+            if planned is not None:
+                return planned[1]
+        return self.versions.get(node)
+
     async def _restamp(self) -> None:
-        """Persist new versions, then encode every snapshot with its version."""
+        """Persist new versions, then encode every snapshot with its version. A node whose write
+        or encoding fails keeps its last good bytes and is retried on the next heartbeat."""
         plan = self._plan()
         self._dirty, self._pending = False, None  # a wake during the writes below counts again
+        now = self.clock()
+        encoded = {n: data for n, data in self._encoded.items() if n in self.intent.nodes}
         try:
-            now = self.clock()
-            encoded = {}
             for node, (snapshot, version) in plan.items():
                 previous = self.versions.get(node)
-                if version is not previous:
-                    await self.store.put(version)
-                    if self.versions.get(node) is previous:  # not continued meanwhile
-                        self.versions[node] = version
-                stamped = msgspec.structs.replace(
-                    snapshot, version=version.version, published_at=now
-                )
-                encoded[node] = encode(stamped)
-        except BaseException:
+                try:
+                    if version is not previous:
+                        await self.store.put(version)
+                        if self.versions.get(node) is previous:  # not continued meanwhile
+                            self.versions[node] = version
+                    stamped = msgspec.structs.replace(
+                        snapshot, version=version.version, published_at=now
+                    )
+                    encoded[node] = encode(stamped)
+                except Exception as e:
+                    self._dirty = True
+                    log.error("controller: node %s: version %d not published: %s",
+                              node, version.version, e)  # fmt: skip
+        except BaseException:  # cancelled mid-way: what was not written is still pending
             self._dirty = True
             raise
-        self._encoded = encoded
+        finally:
+            self._encoded = encoded

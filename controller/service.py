@@ -40,8 +40,10 @@ class Controller:
         self.tracker = Tracker()
         lock = asyncio.Lock()
         self.publisher = Publisher(nc, store, config, self.intent, lock, clock)
-        self.api = Api(store, config, self.intent, self.tracker, self.publisher, lock, clock)
         self.acks = Acks(self.intent, self.tracker, self.publisher, clock)
+        self.api = Api(
+            store, config, self.intent, self.tracker, self.publisher, lock, clock, self.acks.refused
+        )
         self._tasks: list[asyncio.Task] = []
         self._service: Service | None = None
         self._subs: list[Any] = []

@@ -7,7 +7,7 @@ never read by the publisher.
 import msgspec
 
 from schemas.api import NodeStatus
-from schemas.intent import Node
+from schemas.intent import Node, NodeVersion
 from schemas.messages import Ack, Health
 
 
@@ -16,6 +16,7 @@ class NodeTrack(msgspec.Struct, kw_only=True):
     last_error: str | None = None
     last_heard: float = 0.0
     health: Health | None = None
+    health_heard: float = 0.0
 
 
 class Tracker:
@@ -29,33 +30,46 @@ class Tracker:
 
     def record_health(self, health: Health, now: float) -> None:
         track = self.nodes.setdefault(health.node, NodeTrack())
-        track.health, track.last_heard = health, now
+        track.health, track.last_heard, track.health_heard = health, now, now
 
     def forget(self, node: str) -> None:
         self.nodes.pop(node, None)
 
+    def fresh_health(self, node: str, now: float, stale_after: float) -> Health | None:
+        track = self.nodes.get(node)
+        if track is None or track.health is None or now - track.health_heard > stale_after:
+            return None
+        return track.health
+
     def status(
-        self, node: Node, desired_version: int, now: float, stale_after: float
+        self, node: Node, desired: NodeVersion | None, now: float, stale_after: float
     ) -> NodeStatus:
-        """``stale``: not heard from for ``stale_after`` seconds; a silent agent is not converged."""
+        """Converged only when the last ack applied exactly the desired content (its digest)
+        without error and the agent's health is fresh; a silent agent is ``stale``."""
         track = self.nodes.get(node.name, NodeTrack())
-        applied = track.last_ack.applied_version if track.last_ack else 0
+        ack = track.last_ack
+        applied = ack.applied_version if ack else 0
         if track.health and track.health.applied_version > applied:
             applied = track.health.applied_version
         stale = bool(track.last_heard) and now - track.last_heard > stale_after
+        health = self.fresh_health(node.name, now, stale_after)
         return NodeStatus(
             node=node,
-            desired_version=desired_version,
+            desired_version=desired.version if desired else 0,
             applied_version=applied,
             converged=bool(
-                desired_version
-                and applied >= desired_version
-                and not track.last_error
+                desired
+                and ack is not None
+                and ack.ok
+                and ack.digest == desired.digest
+                and ack.applied_version >= desired.version
+                and health is not None
                 and not stale
             ),
             stale=stale,
-            last_ack=track.last_ack,
+            last_ack=ack,
             last_error=track.last_error,
             last_heard=track.last_heard,
             health=track.health,
+            no_carrier=tuple(sorted(t for t, up in health.taps.items() if not up)) if health else (),
         )

@@ -5,4 +5,13 @@ touches the network, the kernel or the clock; ``schemas.options`` alone reads th
 (the ``OTHERIX_*`` variables every command shares).
 """
 
+from typing import Annotated
+
+import msgspec
+
 SCHEMA_VERSION = 1
+
+# Versions are signed 64-bit wherever they travel or are stored; anything beyond is refused when
+# decoded, so a forged huge number can never reach arithmetic (or int-to-string limits).
+MAX_VERSION = 2**63 - 1
+Version = Annotated[int, msgspec.Meta(ge=0, le=MAX_VERSION)]

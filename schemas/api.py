@@ -6,6 +6,8 @@ name is an error, not a silently ignored option. Errors travel as micro-service 
 they stand for are ``schemas.errors``.
 """
 
+import enum
+
 import msgspec
 
 from schemas import SCHEMA_VERSION
@@ -89,9 +91,16 @@ class NetworkInfo(msgspec.Struct, frozen=True, kw_only=True):
     bridge: str  # device name on the nodes
 
 
+class NicState(enum.StrEnum):
+    UP = "up"  # the tap exists and a hypervisor holds it (carrier)
+    NO_CARRIER = "no-carrier"  # the tap exists but nothing is attached to it
+    PENDING = "pending"  # the node has not reported the tap (yet), or its health is stale
+
+
 class NicInfo(msgspec.Struct, frozen=True, kw_only=True):
     nic: Nic
     tap: str
+    state: NicState = NicState.PENDING
 
 
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,6 +113,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None = None
     last_heard: float = 0.0  # unix time of the last ack or health, 0 = never
     health: Health | None = None
+    no_carrier: tuple[str, ...] = ()  # taps of this node without a hypervisor attached
 
 
 class Status(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,6 +124,8 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     underlay_mtu: int
     converged: bool
     now: float
+    # agent reports refused since the controller started, by reason (forged or malformed)
+    refused_reports: dict[str, int] = {}
     schema: int = SCHEMA_VERSION
 
 

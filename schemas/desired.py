@@ -7,7 +7,7 @@ rolling upgrade; an unknown *schema version* is still refused.
 
 import msgspec
 
-from schemas import SCHEMA_VERSION
+from schemas import SCHEMA_VERSION, Version
 
 
 class Bridge(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,7 +57,7 @@ class WireGuard(msgspec.Struct, frozen=True, kw_only=True):
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     node: str
-    version: int
+    version: Version
     underlay_mtu: int = 1500
     bridges: tuple[Bridge, ...] = ()
     taps: tuple[Tap, ...] = ()

@@ -4,7 +4,7 @@ import enum
 
 import msgspec
 
-from schemas import SCHEMA_VERSION
+from schemas import SCHEMA_VERSION, Version
 
 
 class NetworkType(enum.StrEnum):
@@ -58,7 +58,7 @@ class NodeVersion(msgspec.Struct, frozen=True, kw_only=True):
     """Last published desired version per node, persisted so versions grow across restarts."""
 
     node: str
-    version: int
+    version: Version
     digest: str
     schema: int = SCHEMA_VERSION
 

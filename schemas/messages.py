@@ -2,13 +2,13 @@
 
 import msgspec
 
-from schemas import SCHEMA_VERSION
+from schemas import SCHEMA_VERSION, Version
 
 
 class Ack(msgspec.Struct, frozen=True, kw_only=True):
     node: str
-    version: int  # the snapshot version this ack answers (the refused one when ok is False)
-    applied_version: int  # newest version the data plane holds
+    version: Version  # the snapshot version this ack answers (the refused one when ok is False)
+    applied_version: Version  # newest version the data plane holds
     digest: str = ""
     ok: bool = True
     error: str | None = None
@@ -29,7 +29,7 @@ class PeerHealth(msgspec.Struct, frozen=True, kw_only=True):
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):
     node: str
-    applied_version: int
+    applied_version: Version
     ok: bool
     started_at: float
     sent_at: float
@@ -40,6 +40,8 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None = None
     last_snapshot_at: float = 0.0
     devices: int = 0
+    # every managed tap → carrier: False while no hypervisor holds the tap open (VM not attached)
+    taps: dict[str, bool] = {}
     wireguard_backend: str | None = None
     wg_public_key: str | None = None
     tunnel_ip: str | None = None

@@ -4,6 +4,8 @@ ack filtering, and the API's endpoint table."""
 import asyncio
 from types import SimpleNamespace
 
+import msgspec
+
 from controller.acks import Acks
 from controller.api import Api
 from controller.compute import ClusterConfig
@@ -90,6 +92,7 @@ def msg(subject: str, value) -> SimpleNamespace:
 async def test_acks_count_only_a_registered_nodes_own():
     it = cluster()
     pub, _ = publisher(it)
+    await pub._restamp()  # version 1 is published to n1
     tracker = Tracker()
     acks = Acks(it, tracker, pub, clock=lambda: 2.0)
     ok = Ack(node="n1", version=1, applied_version=1)
@@ -98,8 +101,60 @@ async def test_acks_count_only_a_registered_nodes_own():
     await acks.on_ack(msg(naming.ack_subject("n9"), stranger))  # not registered
     await acks.on_ack(SimpleNamespace(subject=naming.ack_subject("n1"), data=b"{nope"))
     assert tracker.nodes == {}
+    assert acks.refused == {"wrong subject": 1, "malformed": 1}
     await acks.on_ack(msg(naming.ack_subject("n1"), ok))
     assert tracker.nodes["n1"].last_ack == ok and tracker.nodes["n1"].last_heard == 2.0
+
+
+async def test_an_ack_of_a_version_never_published_is_refused_and_counted():
+    it = cluster()
+    pub, _ = publisher(it)
+    await pub._restamp()
+    tracker = Tracker()
+    acks = Acks(it, tracker, pub, clock=lambda: 2.0)
+    forged = Ack(node="n1", version=2, applied_version=2, digest=pub.versions["n1"].digest)
+    await acks.on_ack(msg(naming.ack_subject("n1"), forged))
+    assert tracker.nodes == {} and acks.refused == {"unpublished version": 1}
+    assert pub.desired_version("n1") == 1  # and no continuation above it
+    real = Ack(node="n1", version=1, applied_version=1, digest=pub.versions["n1"].digest)
+    await acks.on_ack(msg(naming.ack_subject("n1"), real))
+    assert tracker.nodes["n1"].last_ack == real
+
+
+async def test_a_node_that_cannot_be_computed_does_not_stop_the_others():
+    it = cluster()
+    it.nodes["n2"] = node("n2", False)
+    pub, store = publisher(it)
+    await pub._restamp()
+    good = dict(pub._encoded)
+    # a damaged record: a VNI whose device name cannot exist, on a NIC of n1 only
+    it.networks["bad"] = msgspec.structs.replace(bridge_net("bad"), type="overlay", vni=10**13)
+    it.nodes["n1"] = node("n1", True)
+    it.nics["x"] = nic(1, "bad", "n1")
+    it.nics["y"] = nic(2, "lan", "n2")
+    pub.wake()
+    await pub._restamp()
+    assert pub._encoded["n1"] == good["n1"]  # n1 keeps its last good snapshot
+    assert pub._encoded["n2"] != good["n2"] and pub.desired_version("n2") == 2
+
+
+async def test_a_failed_write_for_one_node_does_not_stop_the_others():
+    it = cluster()
+    it.nodes["n2"] = node("n2", False)
+    pub, store = publisher(it)
+    put = store.put
+
+    async def flaky(obj):
+        if obj.node == "n1":
+            raise ConnectionError("store down for n1")
+        await put(obj)
+
+    store.put = flaky
+    await pub._restamp()
+    assert set(pub._encoded) == {"n2"} and pub._dirty  # n1 is retried next heartbeat
+    store.put = put
+    await pub._restamp()
+    assert set(pub._encoded) == {"n1", "n2"}
 
 
 def test_endpoint_table_is_the_published_list():

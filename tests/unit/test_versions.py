@@ -4,7 +4,10 @@ version a node reports having applied that this controller never issued."""
 import msgspec
 
 from controller.compute import ClusterConfig, compute_snapshots
-from controller.versions import continue_above, stamp, stamp_all
+import pytest
+
+from controller.versions import VersionExhausted, continue_above, stamp
+from schemas import MAX_VERSION
 from schemas.intent import NodeVersion
 from tests.unit.factories import bridge_net, intent, nic, node
 
@@ -37,11 +40,18 @@ def test_changed_content_goes_one_up_and_never_back():
     assert (v3.version, v3.digest) == (3, empty.digest)
 
 
-def test_stamp_all_moves_only_changed_nodes():
-    before = stamp_all({}, snapshots())
-    after = stamp_all(before, snapshots(nic(1, "lan", "n1")))
-    assert after["n2"] is before["n2"]
-    assert after["n1"].version == before["n1"].version + 1
+def test_no_version_above_the_bound():
+    changed = snapshots(nic(1, "lan", "n1"))["n1"]
+    last = NodeVersion(node="n1", version=MAX_VERSION, digest="old")
+    with pytest.raises(VersionExhausted, match="n1: version 9223372036854775807 is the maximum"):
+        stamp(last, changed)
+    below = NodeVersion(node="n1", version=MAX_VERSION - 1, digest="old")
+    assert stamp(below, changed).version == MAX_VERSION
+
+
+def test_continue_above_leaves_room_for_the_next_stamp():
+    assert continue_above(None, "n1", MAX_VERSION) is None
+    assert continue_above(None, "n1", MAX_VERSION - 1).version == MAX_VERSION - 1
 
 
 def test_continue_above_only_when_the_node_is_ahead():
