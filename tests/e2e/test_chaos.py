@@ -30,14 +30,13 @@ lab = lab_fixture(nodes=2, mesh=True, heartbeat=0.5)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def workload(lab: Lab) -> Lab:
+async def workload(lab: Lab) -> None:
     """An overlay across both nodes and a NAT bridge on n1, each with its VMs."""
     await ensure_network(lab, "ov", "overlay", "10.80.0.0/24")
     await ensure_network(lab, "lan", "bridge", "10.81.0.0/24", "nat")
     await ensure_vms(lab, "ov", {"x1": "n1", "x2": "n2"})
     await ensure_vms(lab, "lan", {"b1": "n1"})
     assert await lab.ping("x1", lab.vms["x2"].ip, timeout=5)
-    return lab
 
 
 async def versions(lab: Lab) -> dict[str, int]:
@@ -45,8 +44,8 @@ async def versions(lab: Lab) -> dict[str, int]:
     return {n.node.name: n.desired_version for n in status.nodes}
 
 
-async def test_broker_restart_keeps_intent_and_versions(workload: Lab):
-    lab = workload
+@pytest.mark.usefixtures("workload")
+async def test_broker_restart_keeps_intent_and_versions(lab: Lab):
     before = await versions(lab)
     await lab.close()
     await lab.stop_nats()
@@ -64,8 +63,8 @@ async def test_broker_restart_keeps_intent_and_versions(workload: Lab):
     assert await lab.ping("x1", lab.vms["x3"].ip, timeout=5)
 
 
-async def test_controller_crash_changes_nothing_on_the_nodes(workload: Lab):
-    lab = workload
+@pytest.mark.usefixtures("workload")
+async def test_controller_crash_changes_nothing_on_the_nodes(lab: Lab):
     before = await versions(lab)
     devices = await links(lab, "n1")
     pid = int((lab.state_dir / "controller.pid").read_text().split()[0])
