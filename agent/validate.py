@@ -10,6 +10,7 @@ import re
 
 import msgspec
 
+from agent.errors import AgentError
 from schemas import SCHEMA_VERSION, naming
 from schemas.codec import decode
 from schemas.desired import Snapshot
@@ -18,7 +19,7 @@ MIN_MTU, MAX_MTU = 576, 65535
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
-class Rejected(Exception):
+class Rejected(AgentError):
     """The snapshot is refused; the message says why (it is acked to the controller)."""
 
     def __init__(self, reason: str, version: int = 0):

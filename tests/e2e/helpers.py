@@ -10,7 +10,7 @@ import pytest_asyncio
 from lab.cluster import Lab
 from schemas import naming
 from schemas.codec import decode
-from schemas.messages import Ack
+from schemas.messages import Ack, Health
 
 
 def lab_fixture(nodes: int = 2, **kwargs):
@@ -56,18 +56,43 @@ async def eventually(
 
 
 @contextlib.asynccontextmanager
-async def ack_stream(lab: Lab, node: str):
-    """Acks of ``node`` as an asyncio.Queue; live once the first ack has arrived."""
-    queue: asyncio.Queue[Ack] = asyncio.Queue()
+async def stream(lab: Lab, subject: str, type_):
+    """Messages on ``subject`` decoded as ``type_``, as an asyncio.Queue; live once the first one
+    has arrived (``queue.first``): a positive signal, not flush()."""
+    queue: asyncio.Queue = asyncio.Queue()
     await lab.connect()
 
-    async def on_ack(msg):
-        queue.put_nowait(decode(msg.data, Ack))
+    async def on_msg(msg):
+        queue.put_nowait(decode(msg.data, type_))
 
-    sub = await lab.nc.subscribe(naming.ack_subject(node), cb=on_ack)
+    sub = await lab.nc.subscribe(subject, cb=on_msg)
     try:
-        # positive signal that the subscription works; kept for callers that need it
         queue.first = await asyncio.wait_for(queue.get(), 10)
         yield queue
     finally:
         await sub.unsubscribe()
+
+
+def ack_stream(lab: Lab, node: str):
+    """Acks of ``node``; live once the first ack has arrived."""
+    return stream(lab, naming.ack_subject(node), Ack)
+
+
+def health_stream(lab: Lab, node: str):
+    """Health reports of ``node`` (every ``lab.health_interval``); live once the first arrived."""
+    return stream(lab, naming.health_subject(node), Health)
+
+
+async def ensure_network(lab: Lab, name: str, *args, **kwargs) -> None:
+    """Create the network unless a test before this one did (so any single test runs alone)."""
+    api = await lab.connect()
+    if name not in {i.network.name for i in await api.network_list()}:
+        await api.network_create(name, *args, **kwargs)
+
+
+async def ensure_vms(lab: Lab, network: str, placement: dict[str, str]) -> None:
+    """VM name → node: add the VMs still missing, then wait for the cluster to converge."""
+    for vm, node in placement.items():
+        if vm not in lab.vms:
+            await lab.vm_add(vm, network, node)
+    await lab.wait_converged()

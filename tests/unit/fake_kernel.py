@@ -1,11 +1,14 @@
-"""A fake kernel for planner tests: holds ``Observed`` state and executes actions like netlink.
+"""A fake kernel for the links subsystem: holds ``Observed`` state and executes actions like netlink.
 
 It models what matters to the planner: kinds, MTUs, masters, up flags, addresses, FDB, and the
-kernel's habit of deleting a device's ports' master link and FDB with it.
+kernel's habit of deleting a device's ports' master link and FDB with it. ``fail`` makes chosen
+actions fail with an errno, as the kernel would; the async methods make it the ``LinkKernel``
+behind a real ``LinkApplier``.
 """
 
 import msgspec
 
+from agent.errors import ApplyError, ApplyResult
 from agent.links import model as m
 from schemas.desired import FdbEntry
 
@@ -17,8 +20,9 @@ class FakeKernel:
         self.fdb = {k: set(v) for k, v in observed.fdb.items()}
         self.learned = {k: set(v) for k, v in observed.learned.items()}
         self.writes = 0
+        self.fail: dict[tuple[str, str], int] = {}  # (action name, device) -> errno
 
-    def observe(self) -> m.Observed:
+    def observe_now(self) -> m.Observed:
         return m.Observed(
             links=dict(self.links),
             fdb={k: frozenset(v) for k, v in self.fdb.items()},
@@ -27,6 +31,34 @@ class FakeKernel:
 
     def _set(self, name: str, **changes) -> None:
         self.links[name] = msgspec.structs.replace(self.links[name], **changes)
+
+    # --- the LinkKernel seam ------------------------------------------------------------------
+
+    async def observe(self) -> m.Observed:
+        return self.observe_now()
+
+    async def observe_link(self, name: str) -> m.Link | None:
+        return self.links.get(name)
+
+    async def execute(self, plan: m.LinkPlan) -> ApplyResult[frozenset[str]]:
+        done, errors = 0, []
+        for a in plan.actions:
+            device = a.device if isinstance(a, m.AddFdb | m.DelFdb) else a.name
+            code = self.fail.get((type(a).__name__, device))
+            if code is not None:
+                errors.append(ApplyError.from_errno(device, type(a).__name__, code))
+                continue
+            try:
+                self.apply([a])
+            except KeyError as e:  # like netlink: ENODEV for a device that is not there
+                errors.append(
+                    ApplyError(device, type(a).__name__, f"device {e.args[0]} not found", errno=19)
+                )
+                continue
+            done += 1
+        return ApplyResult(writes=done, reached=frozenset(self.links), errors=tuple(errors))
+
+    # --- the kernel's behaviour ---------------------------------------------------------------
 
     def apply(self, actions: list[m.Action]) -> None:
         for a in actions:

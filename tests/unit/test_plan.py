@@ -12,7 +12,7 @@ from tests.unit.fake_kernel import FakeKernel
 
 
 def converge(kernel: FakeKernel, desired: Snapshot) -> list[m.Action]:
-    actions = plan(desired, kernel.observe())
+    actions = plan(desired, kernel.observe_now())
     kernel.apply(actions)
     return actions
 
@@ -42,7 +42,7 @@ def test_from_scratch_then_noop():
     for desired in snapshots():
         kernel = FakeKernel()
         converge(kernel, desired)
-        assert plan(desired, kernel.observe()) == [], desired
+        assert plan(desired, kernel.observe_now()) == [], desired
 
 
 def test_every_transition_converges_in_one_pass():
@@ -51,7 +51,7 @@ def test_every_transition_converges_in_one_pass():
         kernel = FakeKernel()
         converge(kernel, a)
         converge(kernel, b)
-        assert plan(b, kernel.observe()) == [], (a, b)
+        assert plan(b, kernel.observe_now()) == [], (a, b)
 
 
 def test_random_walk_converges():
@@ -61,7 +61,7 @@ def test_random_walk_converges():
     for _ in range(50):
         desired = rng.choice(states)
         converge(kernel, desired)
-        assert plan(desired, kernel.observe()) == []
+        assert plan(desired, kernel.observe_now()) == []
 
 
 def test_wrong_stale_learned_and_foreign_state_repaired():
@@ -82,7 +82,7 @@ def test_wrong_stale_learned_and_foreign_state_repaired():
     assert m.DelFdb(device=vx.name, mac="02:de:ad:00:00:01", dst="100.64.0.99") in actions
     assert m.DelFdb(device=vx.name, mac="02:aa:bb:cc:dd:ee", dst=None) in actions
     assert m.DeleteLink(name="otb4242") in actions
-    assert plan(desired, kernel.observe()) == []
+    assert plan(desired, kernel.observe_now()) == []
     assert kernel.fdb[vx.name] == set(vx.fdb) and kernel.learned[vx.name] == set()
 
 
@@ -92,7 +92,7 @@ def test_fdb_adds_come_before_deletes():
     kernel = FakeKernel()
     converge(kernel, desired)
     kernel.fdb[vx.name] = {FdbEntry(mac="02:de:ad:00:00:01", dst="100.64.0.99")}
-    actions = plan(desired, kernel.observe())
+    actions = plan(desired, kernel.observe_now())
     kinds = [type(a) for a in actions]
     assert kinds.index(m.AddFdb) < kinds.index(m.DelFdb)
 
@@ -108,7 +108,7 @@ def test_wrong_kind_or_vni_recreated():
     kernel.links[vx.bridge] = m.Link(name=vx.bridge, kind="tun", mtu=1500, up=True)
     actions = converge(kernel, desired)
     assert set(actions[:2]) == {m.DeleteLink(name=vx.bridge), m.DeleteLink(name=vx.name)}
-    assert plan(desired, kernel.observe()) == []
+    assert plan(desired, kernel.observe_now()) == []
     assert set(kernel.fdb[vx.name]) == set(vx.fdb)
 
 
@@ -121,7 +121,7 @@ def test_foreign_addresses_removed_from_managed_bridge_only():
     kernel.links["otnaaaa0000"] = msgspec.structs.replace(
         kernel.links["otnaaaa0000"], addresses=frozenset({"10.0.0.1/24", "192.0.2.1/24"})
     )
-    assert plan(desired, kernel.observe()) == [
+    assert plan(desired, kernel.observe_now()) == [
         m.DelAddress(name="otnaaaa0000", address="192.0.2.1/24")
     ]
 
@@ -130,7 +130,7 @@ def test_wireguard_device_is_left_to_its_applier():
     kernel = FakeKernel(
         m.Observed(links={"otwg0": m.Link(name="otwg0", kind="tun", mtu=1440, up=True)})
     )
-    assert plan(Snapshot(node="n1", version=1), kernel.observe()) == []
+    assert plan(Snapshot(node="n1", version=1), kernel.observe_now()) == []
 
 
 def test_hypervisor_made_tap_is_adopted_not_recreated():
@@ -154,7 +154,7 @@ def test_ports_deleted_before_their_bridge():
     desired = snapshots()[2]
     kernel = FakeKernel()
     converge(kernel, desired)
-    actions = plan(Snapshot(node="n1", version=2), kernel.observe())
+    actions = plan(Snapshot(node="n1", version=2), kernel.observe_now())
     deletes = [a.name for a in actions if isinstance(a, m.DeleteLink)]
     bridges = {b.name for b in desired.bridges}
     assert deletes and all(name not in bridges for name in deletes[: len(desired.taps)])
