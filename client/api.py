@@ -26,10 +26,16 @@ class ApiClient:
     def __init__(self, nc: Client, timeout: float = 5.0):
         self.nc, self.timeout = nc, timeout
 
-    async def call(self, endpoint: str, request: msgspec.Struct, reply_type: type[T]) -> T:
+    async def call(
+        self,
+        endpoint: str,
+        request: msgspec.Struct,
+        reply_type: type[T],
+        subject: str | None = None,
+    ) -> T:
         try:
             msg = await self.nc.request(
-                naming.api_subject(endpoint), encode(request), timeout=self.timeout
+                subject or naming.api_subject(endpoint), encode(request), timeout=self.timeout
             )
         except NoRespondersError:
             raise errors.Unavailable("no controller is answering on this NATS server") from None
@@ -84,7 +90,15 @@ class ApiClient:
         )
 
     async def node_register(self, **fields: Any) -> api.NodeStatus:
-        return await self.call("node.register", api.NodeRegister(**fields), api.NodeStatus)
+        req = api.NodeRegister(**fields)
+        try:
+            subject = naming.node_api_subject("node.register", req.name)  # the bus checks who
+        except ValueError as e:
+            raise errors.BadRequest(str(e)) from None
+        return await self.call("node.register", req, api.NodeStatus, subject)
+
+    async def node_rekey(self, name: str) -> api.NodeStatus:
+        return await self.call("node.rekey", api.ByName(name=name), api.NodeStatus)
 
     async def node_list(self) -> list[api.NodeStatus]:
         return await self.call("node.list", api.Empty(), list[api.NodeStatus])

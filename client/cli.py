@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     rm = node.add_parser("remove", parents=[json_flag])
     rm.add_argument("name")
     rm.add_argument("--force", action="store_true", help="also detach the node's NICs")
+    rk = node.add_parser(
+        "rekey", parents=[json_flag], help="let the node's next registration change its key"
+    )
+    rk.add_argument("name")
 
     st = top.add_parser("status", parents=[json_flag], help="desired vs applied version per node")
     st.add_argument(
@@ -232,6 +236,9 @@ async def dispatch(args: argparse.Namespace, nc, client: ApiClient) -> int:
         case "node", "remove":
             removed = await client.node_remove(args.name, args.force)
             emit(args, removed, f"removed node {removed.node.name}")
+        case "node", "rekey":
+            st = await client.node_rekey(args.name)
+            emit(args, st, f"node {st.node.name} may now register a new key or endpoint once")
         case "status", _:
             return await status(args, client)
         case "watch", _:

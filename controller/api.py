@@ -67,6 +67,7 @@ class Api:
             "node.register": (api.NodeRegister, self.node_register),
             "node.list": (api.Empty, self.node_list),
             "node.remove": (api.NodeRemove, self.node_remove),
+            "node.rekey": (api.ByName, self.node_rekey),
             "status": (api.Empty, self.status),
         }
 
@@ -80,20 +81,24 @@ class Api:
         )
         table = self.table()
         for name in api.ENDPOINTS:
+            scoped = name in api.NODE_SCOPED_ENDPOINTS  # otherix.v1.api.<name>.<node>
             await service.add_endpoint(
                 name=name.replace(".", "-"),
-                subject=naming.api_subject(name),
-                handler=self._endpoint(name, *table[name]),
+                subject=naming.api_subject(name, "*") if scoped else naming.api_subject(name),
+                handler=self._endpoint(name, *table[name], scoped=scoped),
             )
         return service
 
     def _endpoint(
-        self, name: str, request_type: type, handler: Handler
+        self, name: str, request_type: type, handler: Handler, scoped: bool = False
     ) -> Callable[[MicroRequest], Awaitable[None]]:
         async def handle(req: MicroRequest) -> None:
             try:
                 parsed = decode(req.data or b"{}", request_type)
                 ops.check_schema(parsed)
+                if scoped and parsed.name != req.subject.rsplit(".", 1)[-1]:
+                    # the bus lets a node publish only on its own subject: the body must agree
+                    raise BadRequest(f"{name} for node {parsed.name!r} sent on {req.subject}")
                 async with self._lock:
                     reply = await handler(parsed)
             except (msgspec.ValidationError, msgspec.DecodeError) as e:
@@ -205,6 +210,13 @@ class Api:
                 node.tunnel_ip,
             )
             self.publisher.wake()
+        return self._node_status(node.name)
+
+    async def node_rekey(self, req: api.ByName) -> api.NodeStatus:
+        node = ops.rekey_node(self.intent, req)
+        await self.store.put(node)
+        self.intent.nodes[node.name] = node
+        log.info("controller: node %s may register a new key or endpoint once", node.name)
         return self._node_status(node.name)
 
     async def node_list(self, _: api.Empty) -> list[api.NodeStatus]:

@@ -11,6 +11,8 @@ import ipaddress
 import uuid
 from collections.abc import Callable
 
+import msgspec
+
 from controller import ipam
 from schemas import SCHEMA_VERSION, api, naming
 from schemas.errors import BadRequest, Conflict, Deferred, NotFound
@@ -25,11 +27,10 @@ def check_schema(req: api.Request) -> None:
 
 
 def _check_id(kind: str, value: str) -> None:
-    if not naming.valid_id(value):
-        raise BadRequest(
-            f"{kind} name {value!r} is invalid: use 1-63 lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit"
-        )
+    try:
+        naming.check_id(kind, value)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 def create_network(intent: Intent, req: api.NetworkCreate, now: float) -> Network:
@@ -145,6 +146,18 @@ def register_node(intent: Intent, req: api.NodeRegister, now: float, mesh_prefix
         ):
             raise Conflict(f"public key already belongs to node {other.name!r}")
     existing = intent.nodes.get(req.name)
+    if existing is not None and not existing.rekey:
+        changed = [
+            field
+            for field in ("wg_public_key", "underlay_ip", "wg_listen_port")
+            if getattr(existing, field) is not None
+            and getattr(existing, field) != getattr(req, field)
+        ]
+        if changed:
+            raise Conflict(
+                f"node {req.name!r} is registered with another {', '.join(changed)}; an admin"
+                f" must run 'otherixctl node rekey {req.name}' (or remove the node) first"
+            )
     tunnel_ip = existing.tunnel_ip if existing else None
     if tunnel_ip is None and req.wg_public_key:
         used = {n.tunnel_ip for n in intent.nodes.values() if n.tunnel_ip}
@@ -157,6 +170,14 @@ def register_node(intent: Intent, req: api.NodeRegister, now: float, mesh_prefix
         tunnel_ip=tunnel_ip,
         registered_at=existing.registered_at if existing else now,
     )
+
+
+def rekey_node(intent: Intent, req: api.ByName) -> Node:
+    """Allow the node's next registration to bring a new key or endpoint (once)."""
+    node = intent.nodes.get(req.name)
+    if node is None:
+        raise NotFound(f"node {req.name!r} is not registered")
+    return msgspec.structs.replace(node, rekey=True)
 
 
 def remove_node(intent: Intent, req: api.NodeRemove) -> tuple[Node, list[Nic]]:

@@ -56,6 +56,7 @@ class Tracker:
         return NodeStatus(
             node=node,
             desired_version=desired.version if desired else 0,
+            desired_digest=desired.digest if desired else "",
             applied_version=applied,
             converged=bool(
                 desired
@@ -71,5 +72,7 @@ class Tracker:
             last_error=track.last_error,
             last_heard=track.last_heard,
             health=track.health,
-            no_carrier=tuple(sorted(t for t, up in health.taps.items() if not up)) if health else (),
+            no_carrier=tuple(sorted(t for t, up in health.taps.items() if not up))
+            if health
+            else (),
         )

@@ -26,8 +26,14 @@ ENDPOINTS = (
     "node.register",
     "node.list",
     "node.remove",
+    "node.rekey",
     "status",
 )
+# Endpoints that never change intent: a viewer may call these.
+READ_ENDPOINTS = ("network.list", "network.show", "nic.list", "node.list", "status")
+# Endpoints an agent calls about itself: the node is the subject's last token
+# (otherix.v1.api.node.register.<node>), so the bus, not the handler, decides who may call them.
+NODE_SCOPED_ENDPOINTS = ("node.register",)
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -106,6 +112,7 @@ class NicInfo(msgspec.Struct, frozen=True, kw_only=True):
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     node: Node
     desired_version: int = 0
+    desired_digest: str = ""  # an ack must carry this digest for the node to count converged
     applied_version: int = 0
     converged: bool = False
     stale: bool = False  # not heard from for several heartbeats

@@ -51,6 +51,9 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
     wg_listen_port: int | None = None
     tunnel_ip: str | None = None  # allocated by the controller from the mesh prefix
     registered_at: float = 0.0
+    # An admin allowed the next registration to change key or endpoint (otherixctl node rekey);
+    # without it a registration that changes them is refused (no hijack of a node's identity).
+    rekey: bool = False
     schema: int = SCHEMA_VERSION
 
 

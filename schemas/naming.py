@@ -33,6 +33,15 @@ def valid_id(value: str) -> bool:
     return bool(_ID.match(value))
 
 
+def check_id(kind: str, value: str) -> None:
+    """``valid_id`` or a ValueError that says what a valid name is."""
+    if not valid_id(value):
+        raise ValueError(
+            f"{kind} name {value!r} is invalid: use 1-63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+
+
 def wireguard_mtu(underlay_mtu: int) -> int:
     return underlay_mtu - WIREGUARD_OVERHEAD
 
@@ -89,6 +98,5 @@ def api_subject(*parts: str) -> str:
 def node_api_subject(endpoint: str, node: str) -> str:
     """A node-scoped API call (``otherix.v1.api.node.register.<node>``): the node is the last
     token so nats-server, not the handler, decides who may call it."""
-    if not valid_id(node):
-        raise ValueError(f"node name {node!r} is not a lowercase DNS label")
+    check_id("node", node)
     return api_subject(endpoint, node)

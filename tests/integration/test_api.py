@@ -274,9 +274,11 @@ RAW_REQUESTS = [
     ("network.create", b'{"name":"x","type":"bridge"}', 400, ["missing required field `subnet`"]),
     ("network.delete", b'{"name":"br","force":"yes"}', 400, ["Expected `bool`", "$.force"]),
     ("network.create", b'{"schema":2,"name":"x","type":"bridge","subnet":"10.5.0.0/24"}', 400, ["schema 2 is not supported"]),
-    ("node.register", b'{"schema":0,"name":"n3"}', 400, ["schema 0 is not supported"]),
+    ("node.register.n3", b'{"schema":0,"name":"n3"}', 400, ["schema 0 is not supported"]),
+    # node-scoped: the body must name the node whose subject carries it
+    ("node.register.n4", b'{"name":"n3"}', 400, ["node.register for node 'n3' sent on otherix.v1.api.node.register.n4"]),
     ("network.create", b'{"name":"x",', 400, ["invalid network.create request", "truncated"]),
-    ("node.register", b"not json at all", 400, ["malformed"]),
+    ("node.register.n3", b"not json at all", 400, ["malformed"]),
     ("network.list", b"[]", 400, ["Expected `object`, got `array`"]),
 ]
 # fmt: on

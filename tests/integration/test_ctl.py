@@ -27,7 +27,7 @@ from client import cli
 from client.api import ApiClient, ApiError
 from schemas import naming
 from schemas.codec import encode
-from schemas.messages import Ack
+from schemas.messages import Ack, Health
 from tests.conftest import NatsServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -296,9 +296,11 @@ async def test_status_wait_returns_once_every_node_converged(cluster, capsys):
         waiting = status_wait(cluster, "30")
         await asyncio.wait_for(requests.get(), 10)  # it has seen the cluster unconverged
         for node in (await client.status()).nodes:  # now every node acks what it was given
-            v = node.desired_version
-            ack = Ack(node=node.node.name, version=v, applied_version=v, digest="d")
-            await nc.publish(naming.ack_subject(node.node.name), encode(ack))
+            name, v = node.node.name, node.desired_version
+            ack = Ack(node=name, version=v, applied_version=v, digest=node.desired_digest)
+            health = Health(node=name, applied_version=v, ok=True, started_at=0, sent_at=0)
+            await nc.publish(naming.health_subject(name), encode(health))
+            await nc.publish(naming.ack_subject(name), encode(ack))
         assert await asyncio.wait_for(waiting, 20) == 0
     finally:
         await nc.close()

@@ -160,14 +160,25 @@ async def test_acks_and_health_show_in_status(api, nc):
     desired = (await api.status()).nodes[0]
     v = desired.desired_version
     assert v >= 1 and desired.applied_version == 0 and not desired.converged
+    snap = await (await Listener(nc, "n1").start()).live()
+    assert snap.version == v
 
-    ok = Ack(node="n1", version=v, applied_version=v, digest="d", changes=3, sent_at=time.time())
+    # an ack of the right version but another content proves nothing
+    other = Ack(node="n1", version=v, applied_version=v, digest="not-the-snapshot")
+    await nc.publish(naming.ack_subject("n1"), encode(other))
+    st = await wait_status(api, "n1", lambda s: s.last_ack == other)
+    assert not st.converged
+    # the right digest, but no health yet: not converged either
+    ok = Ack(node="n1", version=v, applied_version=v, digest=snap.digest, changes=3)
     await nc.publish(naming.ack_subject("n1"), encode(ok))
-    st = await wait_status(api, "n1", lambda s: s.applied_version == v)
-    assert st.converged and st.last_error is None and st.last_ack == ok and st.last_heard > 0
-    assert (await api.status()).converged
+    st = await wait_status(api, "n1", lambda s: s.last_ack == ok)
+    assert not st.converged and st.last_error is None and st.last_heard > 0
+    health = Health(node="n1", applied_version=v, ok=True, started_at=1.0, sent_at=time.time())
+    await nc.publish(naming.health_subject("n1"), encode(health))
+    st = await wait_status(api, "n1", lambda s: s.health is not None)
+    assert st.health == health and st.converged and (await api.status()).converged
 
-    bad = Ack(node="n1", version=v + 1, applied_version=v, ok=False, error="netlink: boom")
+    bad = Ack(node="n1", version=v, applied_version=v, ok=False, error="netlink: boom")
     await nc.publish(naming.ack_subject("n1"), encode(bad))
     st = await wait_status(api, "n1", lambda s: s.last_error is not None)
     assert st.last_error == "netlink: boom" and not st.converged and st.applied_version == v
@@ -176,11 +187,6 @@ async def test_acks_and_health_show_in_status(api, nc):
     await nc.publish(naming.ack_subject("n1"), encode(ok))
     st = await wait_status(api, "n1", lambda s: s.last_error is None)
     assert st.converged
-
-    health = Health(node="n1", applied_version=v, ok=True, started_at=1.0, sent_at=time.time())
-    await nc.publish(naming.health_subject("n1"), encode(health))
-    st = await wait_status(api, "n1", lambda s: s.health is not None)
-    assert st.health == health
 
 
 async def test_ack_on_another_nodes_subject_is_ignored(api, nc):

@@ -1,0 +1,132 @@
+"""A controller that trusts no one on the bus, against a real nats-server: forged versions, acks
+of versions it never published, a node's identity taken over by re-registration, and a damaged
+record of one node. Each refusal is shown beside the same action succeeding when it is genuine.
+"""
+
+import pytest
+
+from client.api import ApiClient, ApiError
+from controller.store import Store
+from schemas import MAX_VERSION, naming
+from schemas.codec import encode
+from schemas.intent import Network, NetworkType, Nic
+from schemas.messages import Ack, Health
+from tests.conftest import start_controller
+from tests.integration.test_heartbeat import Listener, wait_status
+
+pytestmark = pytest.mark.timeout(30)
+
+KEY_A = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+KEY_B = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+
+
+@pytest.fixture
+def api(controller, nc):
+    return ApiClient(nc)
+
+
+async def genuine_ack(nc, api, node: str) -> None:
+    """What a healthy agent sends: health, then an ack of exactly the desired content."""
+    st = next(s for s in (await api.status()).nodes if s.node.name == node)
+    v = st.desired_version
+    health = Health(node=node, applied_version=v, ok=True, started_at=0, sent_at=0)
+    await nc.publish(naming.health_subject(node), encode(health))
+    ack = Ack(node=node, version=v, applied_version=v, digest=st.desired_digest)
+    await nc.publish(naming.ack_subject(node), encode(ack))
+
+
+async def test_a_version_beyond_the_bound_is_refused_and_the_heartbeat_goes_on(api, nc):
+    await api.node_register(name="n1")
+    listener = await Listener(nc, "n1").start()
+    first = await listener.live()
+    huge = "9" * 4300  # once overflowed Python's int-to-string limit in every heartbeat
+    forged = f'{{"node":"n1","version":1,"applied_version":{huge},"ok":false}}'.encode()
+    await nc.publish(naming.ack_subject("n1"), forged)
+    just_out = (
+        f'{{"node":"n1","version":1,"applied_version":{MAX_VERSION + 1},"ok":false}}'.encode()
+    )
+    await nc.publish(naming.ack_subject("n1"), just_out)
+    status = await api.status()  # still answers
+    while status.refused_reports.get("malformed", 0) < 2:
+        status = await api.status()
+    # the heartbeat goes on with the same version; a genuine ack still converges the node
+    assert (await listener.next()).version == first.version
+    await genuine_ack(nc, api, "n1")
+    st = await wait_status(api, "n1", lambda s: s.converged)
+    assert st.desired_version == first.version
+
+
+async def test_an_ack_of_a_version_never_published_is_refused_and_counted(api, nc):
+    await api.node_register(name="n1")
+    v = (await api.status()).nodes[0].desired_version
+    forged = Ack(node="n1", version=v + 1000, applied_version=v + 1000, digest="x")
+    await nc.publish(naming.ack_subject("n1"), encode(forged))
+    status = await api.status()
+    while "unpublished version" not in status.refused_reports:
+        status = await api.status()
+    n1 = status.nodes[0]
+    assert status.refused_reports["unpublished version"] == 1
+    assert n1.last_ack is None and not n1.converged and n1.desired_version == v
+    await genuine_ack(nc, api, "n1")
+    await wait_status(api, "n1", lambda s: s.converged)
+
+
+async def test_registering_an_existing_node_with_another_key_needs_an_admin(api, nc):
+    await api.node_register(
+        name="n1", underlay_ip="192.0.2.1", wg_public_key=KEY_A, wg_listen_port=51820
+    )
+    await api.node_register(name="n1", underlay_ip="192.0.2.1", wg_public_key=KEY_A, wg_listen_port=51820)  # fmt: skip
+    with pytest.raises(ApiError) as refused:
+        await api.node_register(
+            name="n1", underlay_ip="192.0.2.66", wg_public_key=KEY_B, wg_listen_port=51820
+        )
+    assert refused.value.code == 409
+    assert refused.value.message == (
+        "node 'n1' is registered with another wg_public_key, underlay_ip; an admin must run"
+        " 'otherixctl node rekey n1' (or remove the node) first"
+    )
+    (n1,) = await api.node_list()
+    assert (n1.node.wg_public_key, n1.node.underlay_ip) == (KEY_A, "192.0.2.1")
+
+    await api.node_rekey("n1")
+    moved = await api.node_register(
+        name="n1", underlay_ip="192.0.2.66", wg_public_key=KEY_B, wg_listen_port=51820
+    )
+    assert (moved.node.wg_public_key, moved.node.underlay_ip) == (KEY_B, "192.0.2.66")
+    assert moved.node.tunnel_ip == n1.node.tunnel_ip and not moved.node.rekey
+    with pytest.raises(ApiError, match="registered with another wg_public_key") as again:
+        await api.node_register(name="n1", underlay_ip="192.0.2.66", wg_public_key=KEY_A, wg_listen_port=51820)  # fmt: skip
+    assert again.value.code == 409  # the rekey allowed one change, not every later one
+
+
+async def test_rekey_of_an_unknown_node_is_not_found(api):
+    with pytest.raises(ApiError, match="node 'ghost' is not registered") as e:
+        await api.node_rekey("ghost")
+    assert e.value.code == 404
+
+
+async def test_a_damaged_record_of_one_node_does_not_stop_the_others(nc):
+    """A network record no snapshot can be built from (its VNI names an impossible device),
+    with a NIC on n1: n1 keeps its last good snapshot, n2's heartbeat and changes go on."""
+    store = await Store.open(nc.jetstream())
+    ctl = await start_controller(nc)
+    try:
+        api = ApiClient(nc)
+        await api.node_register(name="n1", underlay_ip="192.0.2.1", wg_public_key=KEY_A, wg_listen_port=51820)  # fmt: skip
+        await api.node_register(name="n2")
+        await api.network_create("lan", "bridge", "10.0.0.0/24")
+    finally:
+        await ctl.stop()
+    bad = Network(name="bad", type=NetworkType.OVERLAY, subnet="10.9.0.0/24", gateway="10.9.0.1", vni=10**13)  # fmt: skip
+    await store.put(bad)
+    await store.put(Nic(id="a" * 32, network="bad", node="n1", vm="v", mac="02:00:00:00:00:aa", ip="10.9.0.2"))  # fmt: skip
+    ctl = await start_controller(nc)
+    try:
+        n1, n2 = await Listener(nc, "n1").start(), await Listener(nc, "n2").start()
+        await n2.live()
+        await api.nic_attach("lan", "n2", "vm2")
+        snap = await n2.until(lambda s: len(s.taps) == 1)
+        assert snap.taps[0].bridge == naming.bridge_network_bridge("lan")
+        assert n1.seen == []  # n1 had no good snapshot in this controller: nothing, not garbage
+    finally:
+        await ctl.stop()
