@@ -57,12 +57,16 @@ def _tap_flags(fd: int) -> int:
 def open_tap(name: str, timeout: float) -> int:
     """Attach to the existing persistent tap ``name``, waiting up to ``timeout`` for it."""
     deadline = time.monotonic() + timeout
+    waiting = False
     while True:
         try:
             socket.if_nametoindex(name)
         except OSError:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"tap {name} did not appear within {timeout}s") from None
+            if not waiting:  # once: tests wait for this line rather than sleeping
+                log.info("waiting for tap %s", name)
+                waiting = True
             time.sleep(0.1)
             continue
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)

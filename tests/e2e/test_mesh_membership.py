@@ -3,9 +3,17 @@
 import asyncio
 
 import pytest
+import pytest_asyncio
 
 from lab.cluster import Lab
-from tests.e2e.helpers import ack_stream, eventually, lab_fixture, links
+from tests.e2e.helpers import (
+    ack_stream,
+    ensure_network,
+    ensure_vms,
+    eventually,
+    lab_fixture,
+    links,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 
@@ -35,19 +43,25 @@ async def fresh_convergence(lab: Lab, *nodes: str) -> None:
     await lab.wait_converged(nodes=set(nodes))
 
 
+@pytest_asyncio.fixture(loop_scope="module")
+async def ov(lab: Lab) -> None:
+    """Overlay ``ov`` with VM m<i> on node n<i> (made by the first test that needs it)."""
+    await ensure_network(lab, "ov", "overlay", "10.40.0.0/24")
+    await ensure_vms(lab, "ov", {"m1": "n1", "m2": "n2", "m3": "n3"})
+
+
+@pytest.mark.usefixtures("ov")
 async def test_overlay_across_three_nodes(lab: Lab):
-    api = await lab.connect()
-    await api.network_create("ov", "overlay", "10.40.0.0/24")
-    for i in (1, 2, 3):
-        await lab.vm_add(f"m{i}", "ov", f"n{i}")
-    await lab.wait_converged()
     for a, b in (("m1", "m2"), ("m1", "m3"), ("m2", "m3")):
         assert await lab.ping(a, lab.vms[b].ip, timeout=5), (a, b)
 
 
+@pytest.mark.usefixtures("ov")
 async def test_node_list_shows_tunnel_key_and_peer_handshakes(lab: Lab):
     n1 = await node_info(lab, "n1")
     assert n1.node.tunnel_ip and n1.node.wg_public_key
+    for vm in ("m2", "m3"):  # traffic to every peer, so each has a handshake to report
+        assert await lab.ping("m1", lab.vms[vm].ip, timeout=5), vm
     keys = await wg_show(lab, "n1", "latest-handshakes")
 
     async def reported():
@@ -62,6 +76,7 @@ async def test_node_list_shows_tunnel_key_and_peer_handshakes(lab: Lab):
     assert (await node_info(lab, "n1")).health.wireguard_backend == "userspace"
 
 
+@pytest.mark.usefixtures("ov")
 async def test_adding_a_node_leaves_unaffected_peers_alone(lab: Lab):
     n2_key = (await node_info(lab, "n2")).node.wg_public_key
     assert await lab.ping("m1", lab.vms["m2"].ip)
@@ -79,6 +94,7 @@ async def test_adding_a_node_leaves_unaffected_peers_alone(lab: Lab):
     assert await lab.ping("m1", lab.vms["m2"].ip)
 
 
+@pytest.mark.usefixtures("ov")
 async def test_key_rotation_keeps_the_mesh_working(lab: Lab):
     before = (await node_info(lab, "n2")).node
     old_key = before.wg_public_key
@@ -98,11 +114,13 @@ async def test_key_rotation_keeps_the_mesh_working(lab: Lab):
         assert await lab.ping(src, lab.vms["m2"].ip, count=2, timeout=5), src
 
 
+@pytest.mark.usefixtures("ov")
 async def test_removed_node_leaves_every_peer_set_and_fdb(lab: Lab):
     gone = await node_info(lab, "n3")
+    stay = [n.node.name for n in await (await lab.connect()).node_list() if n.node.name != "n3"]
     await (await lab.connect()).node_remove("n3", force=True)
-    await fresh_convergence(lab, "n1", "n2", "n4")
-    for node in ("n1", "n2", "n4"):
+    await fresh_convergence(lab, *stay)
+    for node in stay:
         assert gone.node.wg_public_key not in await wg_show(lab, node, "endpoints")
         fdb = await lab.exec_node(node, "bridge", "fdb", "show", "dev", "otvx1000")
         assert gone.node.tunnel_ip not in fdb

@@ -6,16 +6,24 @@ import socket
 import struct
 
 import pytest
+import pytest_asyncio
 
 from lab.cluster import Lab
 from lab.netns import run
-from tests.e2e.helpers import ack_stream, lab_fixture, links
+from tests.e2e.helpers import ack_stream, ensure_network, ensure_vms, lab_fixture, links
 
 pytestmark = [pytest.mark.netns, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 
 lab = lab_fixture(nodes=3, mesh=True, heartbeat=0.5)
 
-VMS = {"o1": "n1", "o2": "n2", "o3": "n3", "o4": "n1"}
+VMS = {"o1": "n1", "o2": "n2", "o3": "n3", "o4": "n1"}  # where each VM starts
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def ov(lab: Lab) -> None:
+    """Overlay ``ov`` (VNI 1000) with the VMS (made by the first test that needs it)."""
+    await ensure_network(lab, "ov", "overlay", "10.20.0.0/24", vni=1000)
+    await ensure_vms(lab, "ov", VMS)
 
 
 async def tunnel_ip(lab: Lab, node: str) -> str:
@@ -28,18 +36,15 @@ async def fdb(lab: Lab, node: str, dev: str) -> set[str]:
     return {line.strip() for line in out.splitlines() if line.strip()}
 
 
+@pytest.mark.usefixtures("ov")
 async def test_every_vm_pings_every_other_across_nodes(lab: Lab):
-    api = await lab.connect()
-    await api.network_create("ov", "overlay", "10.20.0.0/24", vni=1000)
-    for vm, node in VMS.items():
-        await lab.vm_add(vm, "ov", node)
-    await lab.wait_converged()
     results = await asyncio.gather(
         *(lab.ping(a, lab.vms[b].ip, count=2, timeout=5) for a, b in itertools.permutations(VMS, 2))
     )
     assert all(results), dict(zip(itertools.permutations(VMS, 2), results, strict=True))
 
 
+@pytest.mark.usefixtures("ov")
 async def test_mtu_1390_crosses_1391_refused_locally(lab: Lab):
     dst = lab.vms["o2"].ip
     assert await lab.ping("o1", dst, size=1390 - 28, dont_fragment=True, timeout=3)
@@ -56,6 +61,7 @@ async def test_mtu_1390_crosses_1391_refused_locally(lab: Lab):
     assert all(v.startswith("mtu 1390") for n, v in mtus.items() if n != "otwg0"), mtus
 
 
+@pytest.mark.usefixtures("ov")
 async def test_underlay_carries_only_wireguard(lab: Lab, tmp_path):
     pcap = tmp_path / "underlay.pcap"
     capture = await asyncio.create_subprocess_exec(
@@ -81,6 +87,7 @@ async def test_underlay_carries_only_wireguard(lab: Lab, tmp_path):
         assert lab.vms[vm].ip not in packets
 
 
+@pytest.mark.usefixtures("ov")
 async def test_fdb_holds_exactly_the_controllers_entries(lab: Lab):
     nics = {n.nic.vm: n.nic for n in await (await lab.connect()).nic_list(network="ov")}
     tips = {n: await tunnel_ip(lab, n) for n in ("n1", "n2", "n3")}
@@ -127,7 +134,7 @@ def vxlan_frame(vni: int, dst_mac: str, dst_ip: str, port: int, payload: bytes) 
 async def forged_delivered(lab: Lab, vm: str) -> bool:
     """Send a forged VXLAN packet from the outside host to the VM's node; did the VM get it?"""
     target = lab.vms[vm]
-    node_ip = lab.topology.nodes[VMS[vm]].underlay_ip
+    node_ip = next(n.underlay_ip for n in lab.topology.nodes.values() if n.netns == target.node_ns)
     listener = await asyncio.create_subprocess_exec(
         "ip", "netns", "exec", target.netns, "python3", "-c",
         "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 9999));"
@@ -146,6 +153,7 @@ async def forged_delivered(lab: Lab, vm: str) -> bool:
     return b"FORGED" in out
 
 
+@pytest.mark.usefixtures("ov")
 async def test_forged_vxlan_from_the_underlay_never_reaches_a_vm(lab: Lab):
     assert not await forged_delivered(lab, "o1")
     assert await lab.ping("o1", lab.vms["o2"].ip, timeout=5)  # mesh traffic keeps flowing
@@ -162,13 +170,13 @@ async def test_forged_vxlan_from_the_underlay_never_reaches_a_vm(lab: Lab):
     assert not await forged_delivered(lab, "o1")
 
 
+@pytest.mark.usefixtures("ov")
 async def test_nic_moved_to_another_node_keeps_mac_and_ip(lab: Lab):
     api = await lab.connect()
     moved = lab.vms["o4"]
     mac, ip = moved.mac, moved.ip
     await lab.vm_rm("o4")
     await lab.vm_add("o4", "ov", "n3", ip=ip, mac=mac)
-    VMS["o4"] = "n3"
     await lab.wait_converged()
     for src in ("o1", "o2"):
         assert await lab.ping(src, ip, count=2, timeout=5), src

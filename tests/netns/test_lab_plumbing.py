@@ -10,6 +10,7 @@ from lab.netns import alive, exec_in, netns_exists, netns_list, run
 from lab.relay import start_relay
 from lab.topology import OUTSIDE_IP, Topology, cleanup_prefix
 from lab.vm import ping, vm_add, vm_rm
+from tests.e2e.helpers import eventually
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 TAP = "ot0123456789ab"
@@ -132,7 +133,12 @@ async def test_wire_waits_for_tap_and_exits_when_it_goes(lab, tmp_path):
     node = lab.nodes["n2"]
     vm = await vm_add(lab.prefix, "late", node.netns, TAP, "02:00:00:00:00:0b", "10.77.0.3/24",
                       None, 1500, state_dir=state)  # fmt: skip
-    await asyncio.sleep(0.5)
+    log = state / "vm-late.log"
+
+    async def waiting():
+        return log.exists() and f"waiting for tap {TAP}" in log.read_text()
+
+    await eventually(waiting, what="the wire process waiting for its tap")
     # waiting must not create the tap (TUNSETIFF on a missing name would)
     assert TAP not in await run("ip", "-n", node.netns, "-br", "link")
     assert vm.process.returncode is None
