@@ -13,7 +13,9 @@ def desired(version: int, digest: str = "d") -> NodeVersion:
 
 
 def ack(version: int, digest: str = "d", **kw) -> Ack:
-    return Ack(node="n1", version=version, applied_version=version, digest=f"{digest}{version}", **kw)
+    return Ack(
+        node="n1", version=version, applied_version=version, digest=f"{digest}{version}", **kw
+    )
 
 
 def health(applied: int = 0, **kw) -> Health:

@@ -2,10 +2,9 @@
 version a node reports having applied that this controller never issued."""
 
 import msgspec
-
-from controller.compute import ClusterConfig, compute_snapshots
 import pytest
 
+from controller.compute import ClusterConfig, compute_snapshots
 from controller.versions import VersionExhausted, continue_above, stamp
 from schemas import MAX_VERSION
 from schemas.intent import NodeVersion
