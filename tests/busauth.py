@@ -36,17 +36,28 @@ def free_port() -> int:
 
 
 class BusServer:
-    """nats-server on 127.0.0.1 with the configuration of a bus directory (TLS, users)."""
+    """nats-server on 127.0.0.1 with the configuration of a bus directory (TLS, users).
 
-    def __init__(self, bus_dir: Path):
-        self.dir = bus_dir
+    ``extra`` is configuration added on top (e.g. ``max_payload: 65536``), through a wrapper file
+    beside the bus directory: nats-server resolves ``include`` relative to the including file
+    and rejects absolute paths there. The store must come from the bus configuration: ``-sd``
+    beside a configured ``store_dir`` is a "Duplicate 'store_dir'" error."""
+
+    def __init__(self, bus_dir: Path, extra: str = ""):
+        self.dir, self.extra = bus_dir, extra
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.log = bus_dir.parent / f"nats-server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 10.0) -> None:
-        cmd = [nats_server_binary(), "-c", str(self.dir / files.SERVER_CONF)]
+        conf = self.dir / files.SERVER_CONF
+        if self.extra:
+            wrapper = self.dir.parent / f"nats-{self.port}.conf"
+            include = os.path.relpath(conf, wrapper.parent)
+            wrapper.write_text(f'include "{include}"\n{self.extra}\n')
+            conf = wrapper
+        cmd = [nats_server_binary(), "-c", str(conf)]
         cmd += ["-a", "127.0.0.1", "-p", str(self.port)]  # JetStream stays in the bus dir
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -47,10 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _reload(args: argparse.Namespace) -> None:
+def _reload_target(args: argparse.Namespace) -> int | None:
+    """The pid to reload, checked before anything changes so a typo refuses the whole command."""
     pid = args.reload_pid
     if args.pid_file is not None:
         pid = files.read_pid_file(args.pid_file)
+    if pid is not None:
+        files.check_process(pid)
+    return pid
+
+
+def _reload(pid: int | None) -> None:
     if pid is not None:
         files.reload_server(pid)
         print(f"reloaded nats-server (pid {pid})")
@@ -89,16 +96,19 @@ def run(argv: list[str] | None = None) -> None:
             )
             print(f"created {args.dir}: nats-server -c {args.dir / files.SERVER_CONF}")
         case "add-node":
+            pid = _reload_target(args)
             seed = files.add_node(args.dir, args.node)
             print(f"node {args.node}: credentials in {seed}")
-            _reload(args)
+            _reload(pid)
         case "revoke-node":
+            pid = _reload_target(args)
             files.revoke_node(args.dir, args.node)
             print(f"node {args.node}: revoked")
-            _reload(args)
+            _reload(pid)
         case "render":
+            pid = _reload_target(args)
             files.render(args.dir)
-            _reload(args)
+            _reload(pid)
         case "show":
             _show(args.dir, args.json)
 

@@ -218,8 +218,21 @@ def reload_server(pid: int) -> None:
         raise BusError(f"no process {pid} to reload") from None
 
 
+def check_process(pid: int) -> None:
+    """Refuse a pid that names no process we may signal (before changing anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        raise BusError(f"no process {pid} to reload") from None
+    except PermissionError:
+        raise BusError(f"not allowed to signal process {pid}") from None
+
+
 def read_pid_file(path: Path) -> int:
-    text = Path(path).read_text().strip()
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as e:
+        raise BusError(f"cannot read pid file: {e}") from None
     if not text.isdigit():
         raise BusError(f"{path} does not hold a process id")
     return int(text)

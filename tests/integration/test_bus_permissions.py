@@ -480,6 +480,26 @@ async def test_node_added_at_runtime_can_connect_after_reload(own_bus):
             await peer.close()
 
 
+async def test_extra_configuration_keeps_users_and_tls(tmp_path):
+    """The lab's and tests' settings (here max_payload) layer over the bus configuration."""
+    files.init(tmp_path / "bus", nodes=("n1",))
+    server = BusServer(tmp_path / "bus", extra="max_payload: 65536")
+    server.start()
+    try:
+        controller = await connect_as(server, "controller")
+        n1 = await connect_as(server, "node:n1")
+        assert controller.nc.max_payload == 65536
+        await can_subscribe(n1, naming.desired_subject("n1"), controller)
+        with pytest.raises(nats.errors.Error, match="[Aa]uthorization"):
+            await Peer("anonymous").connect(
+                server.url, **connect_kwargs(None, tmp_path / "bus" / files.CA_CERT)
+            )
+        for peer in (controller, n1):
+            await peer.close()
+    finally:
+        server.stop()
+
+
 def test_every_identity_in_the_roster_has_a_seed_file(shared_bus):
     roster = files.load_roster(shared_bus.dir)
     for who in IDENTITIES:
