@@ -18,6 +18,7 @@ from agent.links.netlink import NetlinkLinks
 from agent.netlink_thread import NetlinkThread
 from agent.nft.applier import NftApplier
 from agent.runner import Agent, AgentConfig
+from agent.state import secure_state_dir
 from agent.wireguard.applier import WireGuardApplier
 from agent.wireguard.keys import InvalidKey, load_or_create_private_key
 from schemas import naming
@@ -106,7 +107,7 @@ def make_wireguard(args: argparse.Namespace, links: LinkApplier):
 
 
 async def run(args: argparse.Namespace) -> None:
-    args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secure_state_dir(args.state_dir)  # it holds the node's private key
     netlink = NetlinkThread()  # the one rtnetlink socket: links, FDB and otwg0's link
     netlink.start()
     links = LinkApplier(NetlinkLinks(netlink, node=args.node))

@@ -63,7 +63,10 @@ class Agent:
         self.last_error: str | None = None
         self.last_snapshot_at = 0.0
         self.devices = 0
+        self.taps: dict[str, bool] = {}  # this node's taps → carrier, as last observed
         self.tunnel_address: str | None = None
+        self.registered = False
+        self._snapshot_gap = 1.0  # recent time between snapshots: how long silence may last
         self._latest: bytes | None = None
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -76,7 +79,7 @@ class Agent:
         self._tasks = [
             asyncio.create_task(self._worker(), name="apply"),
             asyncio.create_task(self._health_loop(), name="health"),
-            asyncio.create_task(self._register(), name="register"),
+            asyncio.create_task(self._registration(), name="register"),
         ]
         log.info("agent %s: started, applied version %d", self.config.node, self.applied.version)
 
@@ -97,32 +100,46 @@ class Agent:
             )
         return fields
 
-    async def _register(self) -> None:
-        """Retry until the controller answers: a request/reply round trip is the positive signal."""
-        client, delay = ApiClient(self.nc, timeout=2.0), 0.2
+    def silent(self, now: float) -> bool:
+        """No snapshot for several heartbeats: the controller may not know this node (removed,
+        or its store lost); registering again is cheap, idempotent and brings it back."""
+        return now - self.last_snapshot_at > max(3 * self._snapshot_gap, 2.0)
+
+    async def _registration(self) -> None:
+        """Register at start (a request/reply round trip is the positive signal), then again
+        whenever snapshots stop coming; a refusal is logged once, with what to do about it."""
+        client, delay, refused = ApiClient(self.nc, timeout=2.0), 0.2, None
         while True:
+            if self.registered and not self.silent(time.time()):
+                await asyncio.sleep(min(self._snapshot_gap, 1.0))
+                continue
             try:
                 await client.node_register(**self.registration())
             except ApiError as e:
-                if e.code < 500:
-                    log.error("agent %s: registration refused: %s", self.config.node, e)
+                if e.code < 500:  # refused: retry slowly, an admin may fix it meanwhile
+                    if str(e) != refused:
+                        self.log.error("registration refused: %s", e)
+                    refused, delay = str(e), 5.0
                     self.last_error = f"registration refused: {e}"
                 else:
-                    log.warning(
-                        "agent %s: registration failed (%s); retrying in %.1fs",
-                        self.config.node,
-                        e,
-                        delay,
-                    )
+                    self.log.warning("registration failed (%s); retrying in %.1fs", e, delay)
+                    delay = min(delay * 2, 5.0)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
                 continue
-            log.info("agent %s: registered", self.config.node)
-            return
+            if not self.registered or refused:
+                self.log.info("registered")
+            if refused and self.last_error and self.last_error.startswith("registration"):
+                self.last_error = None
+            self.registered, refused, delay = True, None, 0.2
+            self.last_snapshot_at = max(self.last_snapshot_at, time.time())  # give it time
 
     # --- snapshots ------------------------------------------------------------------------------
 
     async def _on_snapshot(self, msg) -> None:
+        now = time.time()
+        if self.last_snapshot_at:
+            self._snapshot_gap = min(max(now - self.last_snapshot_at, 0.05), 60.0)
+        self.last_snapshot_at = now
         self.counters["received"] += 1
         self._latest = msg.data  # newer replaces older: no backlog
         self._wakeup.set()
@@ -149,7 +166,6 @@ class Agent:
                 )
 
     async def handle(self, raw: bytes) -> Ack:
-        self.last_snapshot_at = time.time()
         try:
             snap = accept(raw, self.config.node, self.applied.version)
         except Rejected as e:
@@ -205,6 +221,8 @@ class Agent:
         """Bring every subsystem to the snapshot; report writes and typed errors."""
         changes, errors = 0, list[ApplyError]()
         seen = await self.links.observe()  # one link dump per heartbeat serves every subsystem
+        wanted_taps = {t.name for t in snap.taps}
+        self.taps = {name: link.carrier for name, link in seen.links.items() if name in wanted_taps}
         devices: set[str] = set()
         if snap.wireguard is not None:
             self.tunnel_address = snap.wireguard.address.split("/")[0]
@@ -270,6 +288,7 @@ class Agent:
             last_error=self.last_error,
             last_snapshot_at=self.last_snapshot_at,
             devices=self.devices,
+            taps=self.taps,
             wireguard_backend=backend,
             wg_public_key=key,
             tunnel_ip=tunnel,

@@ -1,14 +1,33 @@
-"""The agent's state directory: the applied version survives restarts (never apply older)."""
+"""The agent's state directory: the applied version survives restarts (never apply older), and
+the directory holds the node's WireGuard key, so it is 0700 and every file in it 0600."""
 
+import logging
 import os
+import stat
 from pathlib import Path
 
 import msgspec
+
+log = logging.getLogger(__name__)
+
+DIR_MODE, FILE_MODE = 0o700, 0o600
 
 
 class AppliedState(msgspec.Struct, frozen=True, kw_only=True):
     version: int = 0
     digest: str = ""
+
+
+def secure_state_dir(state_dir: Path) -> None:
+    """Create the directory 0700, and tighten it and its files where someone loosened them."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    for path, mode in [(state_dir, DIR_MODE), *((p, FILE_MODE) for p in state_dir.iterdir())]:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            continue  # never chmod through a link to somewhere else
+        if stat.S_IMODE(st.st_mode) & ~mode:
+            log.warning("%s was mode %o; set to %o", path, stat.S_IMODE(st.st_mode), mode)
+            os.chmod(path, mode)
 
 
 def load_applied(state_dir: Path) -> AppliedState:
@@ -24,8 +43,12 @@ def load_applied(state_dir: Path) -> AppliedState:
 
 
 def save_applied(state_dir: Path, state: AppliedState) -> None:
-    """Write-then-rename so a crash never leaves a half-written file."""
+    """Write-then-rename (0600) so a crash never leaves a half-written file."""
     path = state_dir / "applied.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(msgspec.json.encode(state))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.write(fd, msgspec.json.encode(state))
+    finally:
+        os.close(fd)
     os.replace(tmp, path)

@@ -22,6 +22,7 @@ class Link(msgspec.Struct, frozen=True, kw_only=True):
     kind: str  # "bridge", "tun", "vxlan", "wireguard", ... ("" when the kernel gives none)
     mtu: int
     up: bool  # administratively up (IFF_UP), whatever the carrier
+    carrier: bool = False  # IFF_LOWER_UP; a tap has it while a hypervisor holds it open
     master: str | None = None
     addresses: frozenset[str] = frozenset()  # IPv4 "ip/prefixlen"
     vxlan: VxlanInfo | None = None

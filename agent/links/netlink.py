@@ -43,6 +43,7 @@ from schemas.desired import FdbEntry
 from schemas.naming import is_managed
 
 IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000  # carrier: for a tap, a hypervisor holds it open
 # "gone already" answers that make a delete a success (idempotent deletes)
 _GONE = {errno.ENODEV, errno.ENOENT, errno.EADDRNOTAVAIL, errno.ESRCH}
 _CREATES = CreateBridge | CreateTap | CreateVxlan | CreateWireGuard
@@ -143,6 +144,7 @@ def _link(m: Any, name: str, addresses: set[str], master: str | None) -> Link:
         kind=kind,
         mtu=m.get_attr("IFLA_MTU"),
         up=bool(m["flags"] & IFF_UP),
+        carrier=bool(m["flags"] & IFF_LOWER_UP),
         master=master,
         addresses=frozenset(addresses),
         vxlan=vxlan,

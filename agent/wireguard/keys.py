@@ -1,10 +1,9 @@
-"""The node's WireGuard identity: its private key file and the X25519 maths around it.
+"""The node's WireGuard identity: its private key file and the X25519 operations around it.
 
-Owns ``<state_dir>/wireguard.key`` (base64, mode 0600), created once and reused across agent
-restarts so peers keep knowing this node. Public keys are derived in pure Python (RFC 7748
-Montgomery ladder) instead of shelling out to ``wg pubkey``: it is called from the agent's event
-loop, needs no extra package and no subprocess. It is not constant-time, which is acceptable for
-deriving our own public key once from a key that never leaves this host. Keys are never logged.
+Owns ``<state_dir>/wireguard.key`` (base64, mode 0600, in a 0700 directory), created once and
+reused across agent restarts so peers keep knowing this node. Key generation and public-key
+derivation are ``cryptography``'s X25519 (constant-time, maintained); this module only encodes
+(base64 for schemas and ``wg``, hex for the UAPI). Keys are never logged.
 """
 
 import base64
@@ -12,11 +11,10 @@ import binascii
 import os
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 KEY_FILE = "wireguard.key"
 KEY_LEN = 32
-_P = 2**255 - 19
-_A24 = 121665
-_BASE_POINT = (9).to_bytes(32, "little")
 
 
 class InvalidKey(ValueError):
@@ -60,39 +58,15 @@ def clamp(private_b64: str) -> str:
 
 
 def generate_private_key() -> str:
-    """Like ``wg genkey``: 32 random bytes, clamped, base64."""
-    return clamp(base64.b64encode(os.urandom(KEY_LEN)).decode())
+    """Like ``wg genkey``: a fresh X25519 private key, clamped as WireGuard stores it, base64."""
+    raw = X25519PrivateKey.generate().private_bytes_raw()
+    return clamp(base64.b64encode(raw).decode())
 
 
 def public_key(private_b64: str) -> str:
-    """Like ``wg pubkey``: X25519(private, 9)."""
-    return base64.b64encode(x25519(decode_key(private_b64), _BASE_POINT)).decode()
-
-
-def x25519(scalar: bytes, u: bytes) -> bytes:
-    """RFC 7748 section 5, straight from the pseudo-code."""
-    k = bytearray(scalar)
-    k[0] &= 248
-    k[31] = (k[31] & 127) | 64
-    n = int.from_bytes(k, "little")
-    x1 = int.from_bytes(u, "little") & ((1 << 255) - 1)
-    x2, z2, x3, z3, swap = 1, 0, x1, 1, 0
-    for t in reversed(range(255)):
-        bit = (n >> t) & 1
-        swap ^= bit
-        if swap:
-            x2, x3, z2, z3 = x3, x2, z3, z2
-        swap = bit
-        a, b = x2 + z2, x2 - z2
-        aa, bb = a * a % _P, b * b % _P
-        e = aa - bb
-        c, d = x3 + z3, x3 - z3
-        da, cb = d * a % _P, c * b % _P
-        x3, z3 = (da + cb) ** 2 % _P, x1 * (da - cb) ** 2 % _P
-        x2, z2 = aa * bb % _P, e * (aa + _A24 * e) % _P
-    if swap:
-        x2, z2 = x3, z3
-    return (x2 * pow(z2, _P - 2, _P) % _P).to_bytes(32, "little")
+    """Like ``wg pubkey``: the X25519 public key of a base64 private key."""
+    private = X25519PrivateKey.from_private_bytes(decode_key(private_b64))
+    return base64.b64encode(private.public_key().public_bytes_raw()).decode()
 
 
 def load_or_create_private_key(state_dir: Path, rotate: bool = False) -> str:
