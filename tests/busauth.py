@@ -81,15 +81,21 @@ class BusServer:
         assert self.proc is not None
         return self.proc.pid
 
-    async def reload(self, timeout: float = TIMEOUT) -> None:
-        """SIGHUP, then wait for the log line that says the new configuration is in force."""
-        before = self.log.read_text().count("Reloaded server configuration")
-        files.reload_server(self.pid)
+    def reloads(self) -> int:
+        return self.log.read_text().count("Reloaded server configuration")
+
+    async def wait_reloaded(self, reloads_before: int, timeout: float = TIMEOUT) -> None:
+        """Wait for the log line that says a new configuration is in force."""
         deadline = time.monotonic() + timeout
-        while self.log.read_text().count("Reloaded server configuration") == before:
+        while self.reloads() == reloads_before:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no reload in {timeout}s: {self.log.read_text()[-2000:]}")
             await asyncio.sleep(0.02)
+
+    async def reload(self) -> None:
+        before = self.reloads()
+        files.reload_server(self.pid)
+        await self.wait_reloaded(before)
 
     def stop(self) -> None:
         if self.proc is None:

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from nats.js.api import KeyValueConfig, StorageType
 
-from client.bus import connect_kwargs, files, permissions, pki
+from client.bus import cli, connect_kwargs, files, permissions, pki
 from schemas import api, naming
 from tests.busauth import (
     BusServer,
@@ -281,6 +281,39 @@ async def test_operators_cannot_forge_desired_state_acks_or_health(
     )
 
 
+@pytest.mark.parametrize(
+    "subject, watcher, allowed",
+    [
+        ("otherix.v1.ack.n1", "controller", "node:n1"),
+        ("otherix.v1.health.n1", "viewer", "node:n1"),
+        ("otherix.v1.api.network.create", "controller", "admin"),
+    ],
+)
+async def test_controller_cannot_forge_reports_or_calls(peers, subject, watcher, allowed):
+    """Its publish rights are desired state, the intent bucket and replies, nothing else."""
+    await cannot_publish(
+        await peers("controller"),
+        subject,
+        watcher=await peers(watcher),
+        allowed=await peers(allowed),
+    )
+
+
+async def test_controller_replies_only_to_requests_it_received(shared_bus, peers):
+    """allow_responses, not a blanket _INBOX.>: an unsolicited message to the admin's inbox is
+    refused, while the admin's own request gets its reply."""
+    controller, admin = await peers("controller"), await peers("admin")
+    await _responder(controller)
+    await _request_ok(admin, naming.api_subject("status"))
+    inbox = f"_INBOX.{files.load_roster(shared_bus.dir).admin}.unsolicited"
+    sub = await admin.nc.subscribe(inbox)
+    await controller.nc.publish(inbox, b"unsolicited")
+    await controller.wait_error("Permissions Violation", "Publish", f'"{inbox}"')
+    await _request_ok(admin, naming.api_subject("status"))
+    with pytest.raises(nats.errors.TimeoutError):
+        await sub.next_msg(timeout=0.2)
+
+
 @pytest.mark.parametrize("who", ["admin", "viewer", "node:n1"])
 async def test_operators_and_agents_cannot_subscribe_desired_state(peers, who):
     if who == "node:n1":
@@ -467,7 +500,9 @@ async def test_node_added_at_runtime_can_connect_after_reload(own_bus):
     kwargs = connect_kwargs(seed, server.dir / files.CA_CERT)
     with pytest.raises(nats.errors.Error, match="[Aa]uthorization"):  # not before the reload
         await Peer("node:n3").connect(server.url, **kwargs)
-    await server.reload()
+    before = server.reloads()
+    cli.main(["render", str(server.dir), "--reload-pid", str(pid)])  # as an operator would
+    await server.wait_reloaded(before)
     controller, n1 = await connect_as(server, "controller"), await connect_as(server, "node:n1")
     n3 = await Peer("node:n3").connect(server.url, **kwargs)
     try:
