@@ -460,6 +460,14 @@ async def test_client_that_does_not_trust_the_ca_cannot_connect(shared_bus, tmp_
             await Peer("distrustful").connect(shared_bus.url, **kwargs)
 
 
+async def test_server_name_must_match_the_certificate(shared_bus):
+    kwargs = connect_kwargs(seed_of(shared_bus.dir, "admin"), shared_bus.dir / files.CA_CERT)
+    ok = await Peer("admin").connect(shared_bus.url, tls_hostname="localhost", **kwargs)
+    await ok.close()
+    with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):
+        await Peer("admin").connect(shared_bus.url, tls_hostname="nats.example", **kwargs)
+
+
 async def test_client_without_tls_cannot_connect(shared_bus):
     kwargs = connect_kwargs(seed_of(shared_bus.dir, "admin"), None)
     with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):
