@@ -202,6 +202,29 @@ def revoke_node(directory: Path, node: str) -> None:
         node_seed_file(directory, node).unlink(missing_ok=True)
 
 
+def renew_server_cert(directory: Path, hosts: tuple[str, ...] | None = None) -> Roster:
+    """A new server certificate from the same CA, for ``hosts`` (default: the roster's) besides
+    localhost and 127.0.0.1; clients keep trusting it. Reload the server to use it. If this is
+    interrupted between the key and the certificate, run it again."""
+    directory = Path(directory)
+    with _locked(directory):
+        roster = load_roster(directory)
+        hosts = roster.hosts if hosts is None else tuple(hosts)
+        bad = [h for h in hosts if not pki.valid_host(h)]
+        if bad:
+            raise BusError(f"not a DNS name or IP address: {', '.join(bad)}")
+        try:
+            ca_cert, ca_key = (directory / CA_CERT).read_bytes(), (directory / CA_KEY).read_bytes()
+        except OSError as e:
+            raise BusError(f"the CA is needed to sign a server certificate: {e}") from None
+        cert, key = pki.new_server_cert(ca_cert, ca_key, hosts)
+        roster = msgspec.structs.replace(roster, hosts=hosts)
+        _write(directory / SERVER_KEY, key)
+        _write(directory / SERVER_CERT, cert)
+        _save(directory, roster)
+    return roster
+
+
 def render(directory: Path) -> None:
     """Rewrite authorization.conf from the roster (after a crash, or a hand-edited roster)."""
     directory = Path(directory)

@@ -468,6 +468,20 @@ async def test_server_name_must_match_the_certificate(shared_bus):
         await Peer("admin").connect(shared_bus.url, tls_hostname="nats.example", **kwargs)
 
 
+async def test_renewed_certificate_is_served_after_reload(own_bus):
+    server = own_bus
+    kwargs = connect_kwargs(seed_of(server.dir, "admin"), server.dir / files.CA_CERT)
+    with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):
+        await Peer("admin").connect(server.url, tls_hostname="nats.example", **kwargs)
+    before = server.reloads()
+    cli.main(
+        ["renew-cert", str(server.dir), "--host", "nats.example", "--reload-pid", str(server.pid)]
+    )
+    await server.wait_reloaded(before)
+    peer = await Peer("admin").connect(server.url, tls_hostname="nats.example", **kwargs)
+    await peer.close()
+
+
 async def test_client_without_tls_cannot_connect(shared_bus):
     kwargs = connect_kwargs(seed_of(shared_bus.dir, "admin"), None)
     with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):

@@ -171,6 +171,23 @@ def test_server_certificate_is_signed_by_the_ca_for_every_host(tmp_path):
     }
 
 
+def test_renewed_certificate_has_the_new_hosts_and_the_same_ca(tmp_path):
+    bus = tmp_path / "bus"
+    files.init(bus, hosts=("10.1.2.3",))
+    old = (bus / "server-cert.pem").read_bytes()
+    with pytest.raises(files.BusError, match="not a DNS name"):
+        files.renew_server_cert(bus, ("bad host",))
+    assert (bus / "server-cert.pem").read_bytes() == old
+    assert files.renew_server_cert(bus, ("nats.example",)).hosts == ("nats.example",)
+    assert files.load_roster(bus).hosts == ("nats.example",)
+    assert file_modes(bus)["server-key.pem"] == 0o600
+    ca = x509.load_pem_x509_certificate((bus / "ca.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((bus / "server-cert.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "nats.example"}
+
+
 def test_server_dir_is_where_the_server_sees_the_files(tmp_path):
     files.init(tmp_path / "bus", server_dir="/etc/otherix-bus", store_dir="/data")
     conf = (tmp_path / "bus/nats-server.conf").read_text()
