@@ -1,4 +1,5 @@
-"""The bus directory: creates it, adds and revokes nodes, and asks nats-server to reload.
+"""The bus directory: creates it, adds and revokes nodes, renews the server certificate, and
+asks nats-server to reload (SIGHUP: no restart, removed users are disconnected).
 
 Layout of DIR (0700, every file 0600)::
 
@@ -8,6 +9,7 @@ Layout of DIR (0700, every file 0600)::
     ca.pem, ca-key.pem   the CA clients trust (keep ca-key.pem offline in production)
     server-cert.pem, server-key.pem
     controller.nk, admin.nk, viewer.nk, node-<name>.nk   one nkey seed per identity
+    .lock                serialises concurrent otherix-bus commands
 
 Every write goes to a temporary file that is renamed into place, under a lock on DIR, and every
 input is validated before the first write: a refused command leaves DIR as it was. ``init``
