@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=permissions.DEFAULT_PORT)
     p.add_argument("--bucket", default=permissions.DEFAULT_BUCKET, help="intent KV bucket")
     p.add_argument("--server-dir", help="DIR as nats-server sees it (default: DIR)")
-    p.add_argument("--store-dir", help="JetStream store as nats-server sees it")
+    p.add_argument(
+        "--store-dir",
+        help="JetStream store as nats-server sees it (default: DIR/jetstream; '' = its -sd flag)",
+    )
     for name, help_ in [
         ("add-node", "give a node an identity"),
         ("revoke-node", "remove a node's identity"),

@@ -119,7 +119,8 @@ def init(
     store_dir: str | None = None,
 ) -> Roster:
     """Create DIR with a CA, a server certificate, one seed per role and node, the roster and
-    the server configuration. DIR must not exist or be empty."""
+    the server configuration. DIR must not exist or be empty. ``store_dir=""`` leaves the
+    JetStream store to nats-server's ``-sd`` flag (which a configured store_dir forbids)."""
     directory = Path(directory).absolute()
     for node in nodes:
         _check_node(node)
@@ -138,7 +139,7 @@ def init(
         port=port,
         hosts=tuple(hosts),
         server_dir=server_dir,
-        store_dir=store_dir or server_dir.rstrip("/") + "/jetstream",
+        store_dir=server_dir.rstrip("/") + "/jetstream" if store_dir is None else store_dir,
         nodes={node: pki.public_key(seed) for node, seed in node_seeds.items()},
         **{role: pki.public_key(seed) for role, seed in seeds.items()},
     )

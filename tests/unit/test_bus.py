@@ -188,6 +188,18 @@ def test_renewed_certificate_has_the_new_hosts_and_the_same_ca(tmp_path):
     assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "nats.example"}
 
 
+def test_empty_store_dir_leaves_the_store_to_the_sd_flag(tmp_path):
+    files.init(tmp_path / "bus", store_dir="")
+    conf = (tmp_path / "bus/nats-server.conf").read_text()
+    assert "store_dir:" not in conf
+    result = subprocess.run(
+        [nats_server_binary(), "-c", str(tmp_path / "bus/nats-server.conf"), "-t"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_server_dir_is_where_the_server_sees_the_files(tmp_path):
     files.init(tmp_path / "bus", server_dir="/etc/otherix-bus", store_dir="/data")
     conf = (tmp_path / "bus/nats-server.conf").read_text()
