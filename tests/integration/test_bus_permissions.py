@@ -209,7 +209,7 @@ async def test_node_cannot_read_another_identitys_replies(shared_bus, peers):
         f"_INBOX.{roster.nodes['n2']}.>",
     ]:
         sub = await n1.nc.subscribe(foreign)
-        await n1.wait_error("Permissions Violation", "Subscription", f'"{foreign}"')
+        await n1.wait_denied("subscription", foreign)
         await _request_ok(admin, naming.api_subject("network.create"))
         await n1.nc.flush()
         with pytest.raises(nats.errors.TimeoutError):
@@ -253,7 +253,7 @@ async def test_viewer_cannot_mutate(peers, subject):
     await _request_ok(admin, subject)  # a real round trip through the controller's side
     with pytest.raises(nats.errors.TimeoutError):
         await viewer.nc.request(subject, b"{}", timeout=0.3)
-    await viewer.wait_error("Permissions Violation", "Publish", f'"{subject}"')
+    await viewer.wait_denied("publish", subject)
 
 
 @pytest.mark.parametrize("subject_of", [naming.ack_subject, naming.health_subject])
@@ -308,7 +308,7 @@ async def test_controller_replies_only_to_requests_it_received(shared_bus, peers
     inbox = f"_INBOX.{files.load_roster(shared_bus.dir).admin}.unsolicited"
     sub = await admin.nc.subscribe(inbox)
     await controller.nc.publish(inbox, b"unsolicited")
-    await controller.wait_error("Permissions Violation", "Publish", f'"{inbox}"')
+    await controller.wait_denied("publish", inbox)
     await _request_ok(admin, naming.api_subject("status"))
     with pytest.raises(nats.errors.TimeoutError):
         await sub.next_msg(timeout=0.2)
@@ -392,14 +392,14 @@ async def test_nobody_else_touches_jetstream(peers, intent_bucket, who):
     js = peer.nc.jetstream(timeout=0.5)
     with pytest.raises(nats.errors.TimeoutError):  # the request is dropped, no reply comes
         await js.key_value(BUCKET)
-    await peer.wait_error("Permissions Violation", "Publish", f"$JS.API.STREAM.INFO.KV_{BUCKET}")
+    await peer.wait_denied("publish", f"$JS.API.STREAM.INFO.KV_{BUCKET}")
     for subject in [f"$JS.API.STREAM.DELETE.KV_{BUCKET}", f"$JS.API.STREAM.PURGE.KV_{BUCKET}"]:
         await peer.nc.publish(subject, b"")
-        await peer.wait_error("Permissions Violation", "Publish", f'"{subject}"')
+        await peer.wait_denied("publish", subject)
     await peer.nc.publish(f"$KV.{BUCKET}.nodes.n1", b"forged")
-    await peer.wait_error("Permissions Violation", "Publish", f'"$KV.{BUCKET}.nodes.n1"')
+    await peer.wait_denied("publish", f"$KV.{BUCKET}.nodes.n1")
     await peer.nc.subscribe(f"$KV.{BUCKET}.>")
-    await peer.wait_error("Permissions Violation", "Subscription", f'"$KV.{BUCKET}.>"')
+    await peer.wait_denied("subscription", f"$KV.{BUCKET}.>")
     # the controller's bucket and value are untouched, and it can still write
     assert (await intent_bucket.get("nodes.n1")).value == b"original"
     await intent_bucket.put("nodes.n1", b"updated")
@@ -413,7 +413,7 @@ async def test_nobody_else_creates_a_bucket(peers, who):
         await peer.nc.jetstream(timeout=0.5).create_key_value(
             KeyValueConfig(bucket="stolen", storage=StorageType.MEMORY)
         )
-    await peer.wait_error("Permissions Violation", "Publish", "$JS.API.STREAM.CREATE.KV_stolen")
+    await peer.wait_denied("publish", "$JS.API.STREAM.CREATE.KV_stolen")
     js = (await peers("controller")).nc.jetstream(timeout=5)
     with pytest.raises(nats.js.errors.NotFoundError):
         await js.stream_info("KV_stolen")

@@ -286,6 +286,16 @@ def test_connect_kwargs_use_the_identitys_inbox(tmp_path):
         connect_kwargs(tmp_path / "junk.nk", None)
 
 
+def test_denied_recognises_permission_refusals():
+    from client.bus.connect import denied
+
+    e = Exception('nats: permissions violation for publish to "otherix.v1.api.network.delete"')
+    assert denied(e) == ("publish", "otherix.v1.api.network.delete")
+    e = Exception('nats: Permissions Violation for Subscription to "_INBOX.>"')
+    assert denied(e) == ("subscription", "_INBOX.>")
+    assert denied(Exception("nats: 'Authorization Violation'")) is None
+
+
 def test_cli_init_show_and_errors(tmp_path, capsys):
     bus = tmp_path / "bus"
     cli.main(["init", str(bus), "--nodes", "n1,n2", "--host", "10.0.0.5"])
