@@ -33,7 +33,11 @@ from tests.busauth import (
 pytestmark = pytest.mark.timeout(60)
 
 BUCKET = "otherix"
-MUTATING = tuple(e for e in api.ENDPOINTS if e not in permissions.READ_ENDPOINTS) + ("node.rekey",)
+MUTATING = tuple(
+    dict.fromkeys(
+        [*(e for e in api.ENDPOINTS if e not in permissions.READ_ENDPOINTS), "node.rekey"]
+    )
+)
 IDENTITIES = ("controller", "admin", "viewer", "node:n1", "node:n2")
 
 
@@ -196,25 +200,30 @@ async def test_agent_cannot_call_operator_endpoints(peers, endpoint):
     )
 
 
-async def test_node_cannot_read_another_identitys_replies(shared_bus, peers):
+@pytest.mark.parametrize("snoop", ["node:n1", "viewer", "admin"])
+async def test_no_one_reads_another_identitys_replies(shared_bus, peers, snoop):
     """Each identity subscribes only under its own inbox prefix, so replies to the admin (or to
-    n2) cannot be snooped, while the admin's own request/reply works."""
+    n2, or the viewer) cannot be snooped, while their own request/reply works."""
     roster = files.load_roster(shared_bus.dir)
-    controller, admin, n1 = await peers("controller"), await peers("admin"), await peers("node:n1")
-    await _responder(controller)
+    spy = await peers(snoop)
+    await _responder(await peers("controller"))
+    victim = "viewer" if snoop == "admin" else "admin"
+    calls = [(await peers(victim), naming.api_subject("status"))]
+    calls.append((await peers("node:n2"), naming.node_api_subject("node.register", "n2")))
     for foreign in [
         "_INBOX.>",
         "_INBOX.*",
-        f"_INBOX.{roster.admin}.>",
+        f"_INBOX.{getattr(roster, victim)}.>",
         f"_INBOX.{roster.nodes['n2']}.>",
+        f"_INBOX.{roster.controller}.>",
     ]:
-        sub = await n1.nc.subscribe(foreign)
-        await n1.wait_denied("subscription", foreign)
-        await _request_ok(admin, naming.api_subject("network.create"))
-        await n1.nc.flush()
+        sub = await spy.nc.subscribe(foreign)
+        await spy.wait_denied("subscription", foreign)
+        for caller, subject in calls:
+            await _request_ok(caller, subject)
+        await spy.nc.flush()
         with pytest.raises(nats.errors.TimeoutError):
             await sub.next_msg(timeout=0.2)
-    await _request_ok(await peers("node:n2"), naming.node_api_subject("node.register", "n2"))
 
 
 async def test_agent_without_its_inbox_prefix_gets_no_replies(shared_bus, peers):
