@@ -21,6 +21,7 @@ import nats
 from nats.aio.client import Client
 
 from client.bus import connect_kwargs, files
+from client.bus.connect import denied
 
 TIMEOUT = 5.0
 
@@ -81,15 +82,21 @@ class BusServer:
         assert self.proc is not None
         return self.proc.pid
 
-    async def reload(self, timeout: float = TIMEOUT) -> None:
-        """SIGHUP, then wait for the log line that says the new configuration is in force."""
-        before = self.log.read_text().count("Reloaded server configuration")
-        files.reload_server(self.pid)
+    def reloads(self) -> int:
+        return self.log.read_text().count("Reloaded server configuration")
+
+    async def wait_reloaded(self, reloads_before: int, timeout: float = TIMEOUT) -> None:
+        """Wait for the log line that says a new configuration is in force."""
         deadline = time.monotonic() + timeout
-        while self.log.read_text().count("Reloaded server configuration") == before:
+        while self.reloads() == reloads_before:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no reload in {timeout}s: {self.log.read_text()[-2000:]}")
             await asyncio.sleep(0.02)
+
+    async def reload(self) -> None:
+        before = self.reloads()
+        files.reload_server(self.pid)
+        await self.wait_reloaded(before)
 
     def stop(self) -> None:
         if self.proc is None:
@@ -109,11 +116,11 @@ class Peer:
     def __init__(self, label: str):
         self.label = label
         self.nc: Client | None = None
-        self.errors: list[str] = []
+        self.errors: list[Exception] = []
         self.closed = asyncio.Event()
 
     async def _on_error(self, e: Exception) -> None:
-        self.errors.append(str(e))
+        self.errors.append(e)
 
     async def _on_closed(self) -> None:
         self.closed.set()
@@ -135,10 +142,22 @@ class Peer:
         deadline = time.monotonic() + timeout
         while True:
             for e in self.errors:
-                if all(w.lower() in e.lower() for w in words):
-                    return e
+                if all(w.lower() in str(e).lower() for w in words):
+                    return str(e)
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.label}: no error with {words}; got {self.errors}")
+            await asyncio.sleep(0.01)
+
+    async def wait_denied(self, kind: str, subject: str, timeout: float = TIMEOUT) -> None:
+        """Wait until the server refused this ``"publish"`` or ``"subscription"`` on exactly
+        ``subject`` (nats-py lowercases the message, subject included)."""
+        want = (kind, subject.lower())
+        deadline = time.monotonic() + timeout
+        while not any(denied(e) == want for e in self.errors):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.label}: {kind} of {subject} not refused: {self.errors}"
+                )
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
@@ -187,7 +206,7 @@ async def cannot_subscribe(
     """The server refuses the subscription, and a message published afterwards does not arrive
     (a round trip on the subscriber's own connection shows it had time to)."""
     sub = await subscriber.nc.subscribe(subject)
-    await subscriber.wait_error("Permissions Violation", "Subscription", f'"{subject}"')
+    await subscriber.wait_denied("subscription", subject)
     await publisher.nc.publish(pub_subject or subject, b"probe")
     await publisher.nc.flush()
     await subscriber.nc.flush()
@@ -216,7 +235,7 @@ async def cannot_publish(publisher: Peer, subject: str, watcher: Peer, allowed: 
     except nats.errors.TimeoutError:
         pass
     await publisher.nc.publish(subject, b"forged")
-    await publisher.wait_error("Permissions Violation", "Publish", f'"{subject}"')
+    await publisher.wait_denied("publish", subject)
     await allowed.nc.publish(subject, b"marker")
     try:
         data = (await sub.next_msg(timeout=TIMEOUT)).data

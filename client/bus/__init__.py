@@ -3,7 +3,7 @@
 
 - ``permissions``: roster → nats-server configuration text (pure);
 - ``pki``: seeds, CA and server certificate (bytes, no files);
-- ``files``: the bus directory (init, add-node, revoke-node, reload);
+- ``files``: the bus directory (init, add-node, revoke-node, renew-cert, reload);
 - ``connect``: ``connect_kwargs(seed_file, ca_file)`` for ``nats.connect``;
 - ``cli``: the ``otherix-bus`` console script.
 

@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=permissions.DEFAULT_PORT)
     p.add_argument("--bucket", default=permissions.DEFAULT_BUCKET, help="intent KV bucket")
     p.add_argument("--server-dir", help="DIR as nats-server sees it (default: DIR)")
-    p.add_argument("--store-dir", help="JetStream store as nats-server sees it")
+    p.add_argument(
+        "--store-dir",
+        help="JetStream store as nats-server sees it (default: DIR/jetstream; '' = its -sd flag)",
+    )
     for name, help_ in [
         ("add-node", "give a node an identity"),
         ("revoke-node", "remove a node's identity"),
@@ -38,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("dir", type=Path)
         p.add_argument("node")
         _reload_args(p)
+    p = sub.add_parser("renew-cert", help="new server certificate (same CA), e.g. for new hosts")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--host", action="append", help="replaces the roster's hosts (repeatable)")
+    _reload_args(p)
     p = sub.add_parser("render", help="rewrite authorization.conf from roster.json")
     p.add_argument("dir", type=Path)
     _reload_args(p)
@@ -104,6 +111,12 @@ def run(argv: list[str] | None = None) -> None:
             pid = _reload_target(args)
             files.revoke_node(args.dir, args.node)
             print(f"node {args.node}: revoked")
+            _reload(pid)
+        case "renew-cert":
+            pid = _reload_target(args)
+            hosts = None if args.host is None else tuple(args.host)
+            roster = files.renew_server_cert(args.dir, hosts)
+            print(f"new server certificate for localhost, 127.0.0.1 {' '.join(roster.hosts)}")
             _reload(pid)
         case "render":
             pid = _reload_target(args)

@@ -1,4 +1,5 @@
-"""The bus directory: creates it, adds and revokes nodes, and asks nats-server to reload.
+"""The bus directory: creates it, adds and revokes nodes, renews the server certificate, and
+asks nats-server to reload (SIGHUP: no restart, removed users are disconnected).
 
 Layout of DIR (0700, every file 0600)::
 
@@ -8,6 +9,7 @@ Layout of DIR (0700, every file 0600)::
     ca.pem, ca-key.pem   the CA clients trust (keep ca-key.pem offline in production)
     server-cert.pem, server-key.pem
     controller.nk, admin.nk, viewer.nk, node-<name>.nk   one nkey seed per identity
+    .lock                serialises concurrent otherix-bus commands
 
 Every write goes to a temporary file that is renamed into place, under a lock on DIR, and every
 input is validated before the first write: a refused command leaves DIR as it was. ``init``
@@ -117,7 +119,8 @@ def init(
     store_dir: str | None = None,
 ) -> Roster:
     """Create DIR with a CA, a server certificate, one seed per role and node, the roster and
-    the server configuration. DIR must not exist or be empty."""
+    the server configuration. DIR must not exist or be empty. ``store_dir=""`` leaves the
+    JetStream store to nats-server's ``-sd`` flag (which a configured store_dir forbids)."""
     directory = Path(directory).absolute()
     for node in nodes:
         _check_node(node)
@@ -136,7 +139,7 @@ def init(
         port=port,
         hosts=tuple(hosts),
         server_dir=server_dir,
-        store_dir=store_dir or server_dir.rstrip("/") + "/jetstream",
+        store_dir=server_dir.rstrip("/") + "/jetstream" if store_dir is None else store_dir,
         nodes={node: pki.public_key(seed) for node, seed in node_seeds.items()},
         **{role: pki.public_key(seed) for role, seed in seeds.items()},
     )
@@ -200,6 +203,29 @@ def revoke_node(directory: Path, node: str) -> None:
         nodes = {n: k for n, k in roster.nodes.items() if n != node}
         _save(directory, msgspec.structs.replace(roster, nodes=nodes))
         node_seed_file(directory, node).unlink(missing_ok=True)
+
+
+def renew_server_cert(directory: Path, hosts: tuple[str, ...] | None = None) -> Roster:
+    """A new server certificate from the same CA, for ``hosts`` (default: the roster's) besides
+    localhost and 127.0.0.1; clients keep trusting it. Reload the server to use it. If this is
+    interrupted between the key and the certificate, run it again."""
+    directory = Path(directory)
+    with _locked(directory):
+        roster = load_roster(directory)
+        hosts = roster.hosts if hosts is None else tuple(hosts)
+        bad = [h for h in hosts if not pki.valid_host(h)]
+        if bad:
+            raise BusError(f"not a DNS name or IP address: {', '.join(bad)}")
+        try:
+            ca_cert, ca_key = (directory / CA_CERT).read_bytes(), (directory / CA_KEY).read_bytes()
+        except OSError as e:
+            raise BusError(f"the CA is needed to sign a server certificate: {e}") from None
+        cert, key = pki.new_server_cert(ca_cert, ca_key, hosts)
+        roster = msgspec.structs.replace(roster, hosts=hosts)
+        _write(directory / SERVER_KEY, key)
+        _write(directory / SERVER_CERT, cert)
+        _save(directory, roster)
+    return roster
 
 
 def render(directory: Path) -> None:

@@ -40,7 +40,7 @@ class Roster(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     port: int = DEFAULT_PORT
     hosts: tuple[str, ...] = ()  # names and IPs in the server certificate besides localhost
     server_dir: str  # this directory as nats-server sees it (certificates, authorization.conf)
-    store_dir: str  # JetStream store as nats-server sees it
+    store_dir: str  # JetStream store as nats-server sees it; "" = given by its -sd flag
     controller: str
     admin: str
     viewer: str
@@ -184,7 +184,7 @@ def render_server_conf(roster: Roster) -> str:
             "server_name: otherix-nats",
             f"listen: {_q(f'0.0.0.0:{roster.port}')}",
             "jetstream {",
-            f"  store_dir: {_q(roster.store_dir)}",
+            *([f"  store_dir: {_q(roster.store_dir)}"] if roster.store_dir else []),
             "  sync_interval: always  # an acknowledged intent write survives a power loss",
             "}",
             "tls {",

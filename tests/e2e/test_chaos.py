@@ -22,6 +22,7 @@ from tests.e2e.helpers import (
     health_stream,
     lab_fixture,
     links,
+    warm_up,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
@@ -36,7 +37,7 @@ async def workload(lab: Lab) -> None:
     await ensure_network(lab, "lan", "bridge", "10.81.0.0/24", "nat")
     await ensure_vms(lab, "ov", {"x1": "n1", "x2": "n2"})
     await ensure_vms(lab, "lan", {"b1": "n1"})
-    assert await lab.ping("x1", lab.vms["x2"].ip, timeout=5)
+    await warm_up(lab, ["x1", "x2"])
 
 
 async def versions(lab: Lab) -> dict[str, int]:

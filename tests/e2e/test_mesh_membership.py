@@ -1,6 +1,7 @@
 """The mesh follows cluster membership: nodes join, rotate keys and leave, all from the controller."""
 
 import asyncio
+import time
 
 import pytest
 import pytest_asyncio
@@ -13,6 +14,7 @@ from tests.e2e.helpers import (
     eventually,
     lab_fixture,
     links,
+    warm_up,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
@@ -48,6 +50,7 @@ async def ov(lab: Lab) -> None:
     """Overlay ``ov`` with VM m<i> on node n<i> (made by the first test that needs it)."""
     await ensure_network(lab, "ov", "overlay", "10.40.0.0/24")
     await ensure_vms(lab, "ov", {"m1": "n1", "m2": "n2", "m3": "n3"})
+    await warm_up(lab, ["m1", "m2", "m3"])
 
 
 @pytest.mark.usefixtures("ov")
@@ -82,7 +85,9 @@ async def test_adding_a_node_leaves_unaffected_peers_alone(lab: Lab):
     assert await lab.ping("m1", lab.vms["m2"].ip)
     before = (await wg_show(lab, "n1", "latest-handshakes"))[n2_key]
     assert before != "0"
-    await asyncio.sleep(1.1)  # handshake times have one-second resolution
+    # handshake times have one-second resolution: once the clock is past that second, a new
+    # handshake with n2 would show as a different value (usually no wait at all)
+    await eventually(lambda: asyncio.sleep(0, time.time() >= int(before) + 1), what="next second")
     await lab.add_node("n4")
     await lab.vm_add("m4", "ov", "n4")
     await lab.wait_converged()

@@ -10,7 +10,7 @@ import pytest_asyncio
 
 from lab.cluster import Lab
 from lab.netns import run
-from tests.e2e.helpers import ack_stream, ensure_network, ensure_vms, lab_fixture, links
+from tests.e2e.helpers import ack_stream, ensure_network, ensure_vms, lab_fixture, links, warm_up
 
 pytestmark = [pytest.mark.netns, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 
@@ -24,6 +24,7 @@ async def ov(lab: Lab) -> None:
     """Overlay ``ov`` (VNI 1000) with the VMS (made by the first test that needs it)."""
     await ensure_network(lab, "ov", "overlay", "10.20.0.0/24", vni=1000)
     await ensure_vms(lab, "ov", VMS)
+    await warm_up(lab, list(VMS))
 
 
 async def tunnel_ip(lab: Lab, node: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from nats.js.api import KeyValueConfig, StorageType
 
-from client.bus import connect_kwargs, files, permissions, pki
+from client.bus import cli, connect_kwargs, files, permissions, pki
 from schemas import api, naming
 from tests.busauth import (
     BusServer,
@@ -33,7 +33,11 @@ from tests.busauth import (
 pytestmark = pytest.mark.timeout(60)
 
 BUCKET = "otherix"
-MUTATING = tuple(e for e in api.ENDPOINTS if e not in permissions.READ_ENDPOINTS) + ("node.rekey",)
+MUTATING = tuple(
+    dict.fromkeys(
+        [*(e for e in api.ENDPOINTS if e not in permissions.READ_ENDPOINTS), "node.rekey"]
+    )
+)
 IDENTITIES = ("controller", "admin", "viewer", "node:n1", "node:n2")
 
 
@@ -196,25 +200,30 @@ async def test_agent_cannot_call_operator_endpoints(peers, endpoint):
     )
 
 
-async def test_node_cannot_read_another_identitys_replies(shared_bus, peers):
+@pytest.mark.parametrize("snoop", ["node:n1", "viewer", "admin"])
+async def test_no_one_reads_another_identitys_replies(shared_bus, peers, snoop):
     """Each identity subscribes only under its own inbox prefix, so replies to the admin (or to
-    n2) cannot be snooped, while the admin's own request/reply works."""
+    n2, or the viewer) cannot be snooped, while their own request/reply works."""
     roster = files.load_roster(shared_bus.dir)
-    controller, admin, n1 = await peers("controller"), await peers("admin"), await peers("node:n1")
-    await _responder(controller)
+    spy = await peers(snoop)
+    await _responder(await peers("controller"))
+    victim = "viewer" if snoop == "admin" else "admin"
+    calls = [(await peers(victim), naming.api_subject("status"))]
+    calls.append((await peers("node:n2"), naming.node_api_subject("node.register", "n2")))
     for foreign in [
         "_INBOX.>",
         "_INBOX.*",
-        f"_INBOX.{roster.admin}.>",
+        f"_INBOX.{getattr(roster, victim)}.>",
         f"_INBOX.{roster.nodes['n2']}.>",
+        f"_INBOX.{roster.controller}.>",
     ]:
-        sub = await n1.nc.subscribe(foreign)
-        await n1.wait_error("Permissions Violation", "Subscription", f'"{foreign}"')
-        await _request_ok(admin, naming.api_subject("network.create"))
-        await n1.nc.flush()
+        sub = await spy.nc.subscribe(foreign)
+        await spy.wait_denied("subscription", foreign)
+        for caller, subject in calls:
+            await _request_ok(caller, subject)
+        await spy.nc.flush()
         with pytest.raises(nats.errors.TimeoutError):
             await sub.next_msg(timeout=0.2)
-    await _request_ok(await peers("node:n2"), naming.node_api_subject("node.register", "n2"))
 
 
 async def test_agent_without_its_inbox_prefix_gets_no_replies(shared_bus, peers):
@@ -253,7 +262,7 @@ async def test_viewer_cannot_mutate(peers, subject):
     await _request_ok(admin, subject)  # a real round trip through the controller's side
     with pytest.raises(nats.errors.TimeoutError):
         await viewer.nc.request(subject, b"{}", timeout=0.3)
-    await viewer.wait_error("Permissions Violation", "Publish", f'"{subject}"')
+    await viewer.wait_denied("publish", subject)
 
 
 @pytest.mark.parametrize("subject_of", [naming.ack_subject, naming.health_subject])
@@ -279,6 +288,39 @@ async def test_operators_cannot_forge_desired_state_acks_or_health(
     await cannot_publish(
         await peers(operator), subject, watcher=await peers(watcher), allowed=await peers(allowed)
     )
+
+
+@pytest.mark.parametrize(
+    "subject, watcher, allowed",
+    [
+        ("otherix.v1.ack.n1", "controller", "node:n1"),
+        ("otherix.v1.health.n1", "viewer", "node:n1"),
+        ("otherix.v1.api.network.create", "controller", "admin"),
+    ],
+)
+async def test_controller_cannot_forge_reports_or_calls(peers, subject, watcher, allowed):
+    """Its publish rights are desired state, the intent bucket and replies, nothing else."""
+    await cannot_publish(
+        await peers("controller"),
+        subject,
+        watcher=await peers(watcher),
+        allowed=await peers(allowed),
+    )
+
+
+async def test_controller_replies_only_to_requests_it_received(shared_bus, peers):
+    """allow_responses, not a blanket _INBOX.>: an unsolicited message to the admin's inbox is
+    refused, while the admin's own request gets its reply."""
+    controller, admin = await peers("controller"), await peers("admin")
+    await _responder(controller)
+    await _request_ok(admin, naming.api_subject("status"))
+    inbox = f"_INBOX.{files.load_roster(shared_bus.dir).admin}.unsolicited"
+    sub = await admin.nc.subscribe(inbox)
+    await controller.nc.publish(inbox, b"unsolicited")
+    await controller.wait_denied("publish", inbox)
+    await _request_ok(admin, naming.api_subject("status"))
+    with pytest.raises(nats.errors.TimeoutError):
+        await sub.next_msg(timeout=0.2)
 
 
 @pytest.mark.parametrize("who", ["admin", "viewer", "node:n1"])
@@ -359,14 +401,14 @@ async def test_nobody_else_touches_jetstream(peers, intent_bucket, who):
     js = peer.nc.jetstream(timeout=0.5)
     with pytest.raises(nats.errors.TimeoutError):  # the request is dropped, no reply comes
         await js.key_value(BUCKET)
-    await peer.wait_error("Permissions Violation", "Publish", f"$JS.API.STREAM.INFO.KV_{BUCKET}")
+    await peer.wait_denied("publish", f"$JS.API.STREAM.INFO.KV_{BUCKET}")
     for subject in [f"$JS.API.STREAM.DELETE.KV_{BUCKET}", f"$JS.API.STREAM.PURGE.KV_{BUCKET}"]:
         await peer.nc.publish(subject, b"")
-        await peer.wait_error("Permissions Violation", "Publish", f'"{subject}"')
+        await peer.wait_denied("publish", subject)
     await peer.nc.publish(f"$KV.{BUCKET}.nodes.n1", b"forged")
-    await peer.wait_error("Permissions Violation", "Publish", f'"$KV.{BUCKET}.nodes.n1"')
+    await peer.wait_denied("publish", f"$KV.{BUCKET}.nodes.n1")
     await peer.nc.subscribe(f"$KV.{BUCKET}.>")
-    await peer.wait_error("Permissions Violation", "Subscription", f'"$KV.{BUCKET}.>"')
+    await peer.wait_denied("subscription", f"$KV.{BUCKET}.>")
     # the controller's bucket and value are untouched, and it can still write
     assert (await intent_bucket.get("nodes.n1")).value == b"original"
     await intent_bucket.put("nodes.n1", b"updated")
@@ -380,7 +422,7 @@ async def test_nobody_else_creates_a_bucket(peers, who):
         await peer.nc.jetstream(timeout=0.5).create_key_value(
             KeyValueConfig(bucket="stolen", storage=StorageType.MEMORY)
         )
-    await peer.wait_error("Permissions Violation", "Publish", "$JS.API.STREAM.CREATE.KV_stolen")
+    await peer.wait_denied("publish", "$JS.API.STREAM.CREATE.KV_stolen")
     js = (await peers("controller")).nc.jetstream(timeout=5)
     with pytest.raises(nats.js.errors.NotFoundError):
         await js.stream_info("KV_stolen")
@@ -427,6 +469,28 @@ async def test_client_that_does_not_trust_the_ca_cannot_connect(shared_bus, tmp_
             await Peer("distrustful").connect(shared_bus.url, **kwargs)
 
 
+async def test_server_name_must_match_the_certificate(shared_bus):
+    kwargs = connect_kwargs(seed_of(shared_bus.dir, "admin"), shared_bus.dir / files.CA_CERT)
+    ok = await Peer("admin").connect(shared_bus.url, tls_hostname="localhost", **kwargs)
+    await ok.close()
+    with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):
+        await Peer("admin").connect(shared_bus.url, tls_hostname="nats.example", **kwargs)
+
+
+async def test_renewed_certificate_is_served_after_reload(own_bus):
+    server = own_bus
+    kwargs = connect_kwargs(seed_of(server.dir, "admin"), server.dir / files.CA_CERT)
+    with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):
+        await Peer("admin").connect(server.url, tls_hostname="nats.example", **kwargs)
+    before = server.reloads()
+    cli.main(
+        ["renew-cert", str(server.dir), "--host", "nats.example", "--reload-pid", str(server.pid)]
+    )
+    await server.wait_reloaded(before)
+    peer = await Peer("admin").connect(server.url, tls_hostname="nats.example", **kwargs)
+    await peer.close()
+
+
 async def test_client_without_tls_cannot_connect(shared_bus):
     kwargs = connect_kwargs(seed_of(shared_bus.dir, "admin"), None)
     with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):
@@ -467,7 +531,9 @@ async def test_node_added_at_runtime_can_connect_after_reload(own_bus):
     kwargs = connect_kwargs(seed, server.dir / files.CA_CERT)
     with pytest.raises(nats.errors.Error, match="[Aa]uthorization"):  # not before the reload
         await Peer("node:n3").connect(server.url, **kwargs)
-    await server.reload()
+    before = server.reloads()
+    cli.main(["render", str(server.dir), "--reload-pid", str(pid)])  # as an operator would
+    await server.wait_reloaded(before)
     controller, n1 = await connect_as(server, "controller"), await connect_as(server, "node:n1")
     n3 = await Peer("node:n3").connect(server.url, **kwargs)
     try:

@@ -171,6 +171,35 @@ def test_server_certificate_is_signed_by_the_ca_for_every_host(tmp_path):
     }
 
 
+def test_renewed_certificate_has_the_new_hosts_and_the_same_ca(tmp_path):
+    bus = tmp_path / "bus"
+    files.init(bus, hosts=("10.1.2.3",))
+    old = (bus / "server-cert.pem").read_bytes()
+    with pytest.raises(files.BusError, match="not a DNS name"):
+        files.renew_server_cert(bus, ("bad host",))
+    assert (bus / "server-cert.pem").read_bytes() == old
+    assert files.renew_server_cert(bus, ("nats.example",)).hosts == ("nats.example",)
+    assert files.load_roster(bus).hosts == ("nats.example",)
+    assert file_modes(bus)["server-key.pem"] == 0o600
+    ca = x509.load_pem_x509_certificate((bus / "ca.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((bus / "server-cert.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "nats.example"}
+
+
+def test_empty_store_dir_leaves_the_store_to_the_sd_flag(tmp_path):
+    files.init(tmp_path / "bus", store_dir="")
+    conf = (tmp_path / "bus/nats-server.conf").read_text()
+    assert "store_dir:" not in conf
+    result = subprocess.run(
+        [nats_server_binary(), "-c", str(tmp_path / "bus/nats-server.conf"), "-t"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_server_dir_is_where_the_server_sees_the_files(tmp_path):
     files.init(tmp_path / "bus", server_dir="/etc/otherix-bus", store_dir="/data")
     conf = (tmp_path / "bus/nats-server.conf").read_text()
@@ -255,6 +284,16 @@ def test_connect_kwargs_use_the_identitys_inbox(tmp_path):
     (tmp_path / "junk.nk").write_text("SUNOTASEED\n")
     with pytest.raises(ValueError, match="nkey seed"):
         connect_kwargs(tmp_path / "junk.nk", None)
+
+
+def test_denied_recognises_permission_refusals():
+    from client.bus.connect import denied
+
+    e = Exception('nats: permissions violation for publish to "otherix.v1.api.network.delete"')
+    assert denied(e) == ("publish", "otherix.v1.api.network.delete")
+    e = Exception('nats: Permissions Violation for Subscription to "_INBOX.>"')
+    assert denied(e) == ("subscription", "_INBOX.>")
+    assert denied(Exception("nats: 'Authorization Violation'")) is None
 
 
 def test_cli_init_show_and_errors(tmp_path, capsys):
