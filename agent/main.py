@@ -22,7 +22,8 @@ from agent.state import secure_state_dir
 from agent.wireguard.applier import WireGuardApplier
 from agent.wireguard.keys import InvalidKey, load_or_create_private_key
 from schemas import naming
-from schemas.options import add_common, env, option, setup_logging
+from schemas.bus import BusConfigError
+from schemas.options import add_common, connect_kwargs, env, option, setup_logging
 
 log = logging.getLogger("agent")
 
@@ -116,7 +117,8 @@ async def run(args: argparse.Namespace) -> None:
     except InvalidKey as e:
         netlink.stop()
         sys.exit(f"otherix-agent: {e}")
-    nc = await nats.connect(args.nats, name=f"otherix-agent-{args.node}", max_reconnect_attempts=-1)
+    kwargs = connect_kwargs(args, f"otherix-agent-{args.node}")
+    nc = await nats.connect(args.nats, **kwargs, max_reconnect_attempts=-1)
     config = AgentConfig(
         node=args.node,
         state_dir=args.state_dir,
@@ -146,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("otherix-agent: must run as root (it programs netlink and nftables)")
     try:
         uvloop.run(run(args))
-    except (OSError, nats.errors.NoServersError) as e:
+    except BusConfigError as e:
+        sys.exit(f"otherix-agent: {e}")
+    except (OSError, nats.errors.Error) as e:
         sys.exit(f"otherix-agent: cannot reach NATS at {args.nats}: {e}")
 
 

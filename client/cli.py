@@ -7,7 +7,6 @@ it shows comes from the API (and, for ``watch``, the acks and health agents publ
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -17,20 +16,18 @@ import nats
 
 from client.api import ApiClient, ApiError
 from schemas import api, naming
+from schemas.bus import BusConfigError
 from schemas.codec import decode
 from schemas.intent import Egress, NetworkType
 from schemas.messages import Ack, Health
+from schemas.options import add_bus, connect_kwargs
 
 EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="otherixctl", description="Operate Otherix networking.")
-    p.add_argument(
-        "--nats",
-        default=os.environ.get("OTHERIX_NATS_URL", "nats://127.0.0.1:4222"),
-        help="NATS server URL (env OTHERIX_NATS_URL)",
-    )
+    add_bus(p)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the controller")
     json_flag = argparse.ArgumentParser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -183,11 +180,15 @@ async def run(args: argparse.Namespace) -> int:
     try:
         nc = await nats.connect(
             args.nats,
+            **connect_kwargs(args, "otherixctl"),
             connect_timeout=args.timeout,
             max_reconnect_attempts=1,
             allow_reconnect=False,
             error_cb=_quiet,
         )
+    except BusConfigError as e:
+        print(f"otherixctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as e:
         print(f"otherixctl: cannot reach NATS at {args.nats}: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -14,7 +14,8 @@ from controller.compute import ClusterConfig
 from controller.service import Controller
 from controller.store import BUCKET, Store
 from schemas import naming
-from schemas.options import add_common, option, setup_logging
+from schemas.bus import BusConfigError
+from schemas.options import add_common, connect_kwargs, option, setup_logging
 
 log = logging.getLogger("controller")
 
@@ -76,7 +77,9 @@ async def open_store(nc, bucket: str, attempts: int = 50) -> Store:
 
 
 async def run(args: argparse.Namespace) -> None:
-    nc = await nats.connect(args.nats, name=args.instance, max_reconnect_attempts=-1)
+    nc = await nats.connect(
+        args.nats, **connect_kwargs(args, args.instance), max_reconnect_attempts=-1
+    )
     store = await open_store(nc, args.bucket)
     config = ClusterConfig(
         underlay_mtu=args.underlay_mtu,
@@ -106,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.log_format, args.log_level)
     try:
         uvloop.run(run(args))
-    except (OSError, nats.errors.NoServersError) as e:
+    except BusConfigError as e:
+        sys.exit(f"otherix-controller: {e}")
+    except (OSError, nats.errors.Error) as e:
         sys.exit(f"otherix-controller: cannot reach NATS at {args.nats}: {e}")
 
 

@@ -11,6 +11,8 @@ import sys
 
 import msgspec
 
+from schemas import bus
+
 
 def env(name: str, default: str | None = None) -> str | None:
     """An environment default; an empty variable counts as unset (compose files often set "")."""
@@ -31,8 +33,21 @@ def option(
     p.add_argument(flag, default=value, help=f"{help} (env {var})", **kw)
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
+def add_bus(p: argparse.ArgumentParser) -> None:
+    """Who this process is on the bus (``otherix-bus`` writes these files)."""
     option(p, "--nats", "OTHERIX_NATS_URL", "nats://127.0.0.1:4222", "NATS server URL")
+    option(p, "--nats-creds", bus.CREDS_ENV, None, "this identity's nkey seed file (*.nk)")
+    option(p, "--nats-ca", bus.CA_ENV, None, "CA certificate the server's must chain to")
+
+
+def connect_kwargs(args: argparse.Namespace, name: str) -> dict:
+    """``nats.connect`` keywords for the identity the flags name; BusConfigError names a bad
+    file before any connection is tried."""
+    return bus.connect_kwargs(args.nats_creds, args.nats_ca, name=name)
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    add_bus(p)
     option(
         p,
         "--log-format",

@@ -16,19 +16,13 @@ import re
 import msgspec
 
 from schemas import naming
+from schemas.api import NODE_SCOPED_ENDPOINTS, READ_ENDPOINTS  # noqa: F401 (re-exported)
+from schemas.bus import INBOX_ROOT, inbox_prefix, valid_public_key  # noqa: F401 (re-exported)
 
 ROSTER_SCHEMA = 1
 DEFAULT_BUCKET = "otherix"
 DEFAULT_PORT = 4222
-INBOX_ROOT = "_INBOX"
 
-# API endpoints a viewer may call; every other endpoint mutates and is admin-only. A unit test
-# keeps this in step with schemas.api.ENDPOINTS so a new endpoint is classified on purpose.
-READ_ENDPOINTS = ("network.list", "network.show", "nic.list", "node.list", "status")
-# Endpoints an agent calls about itself, with its node name as the subject's last token.
-NODE_SCOPED_ENDPOINTS = ("node.register",)
-
-_PUBLIC_USER_KEY = re.compile(r"^U[A-Z2-7]{55}$")
 _BUCKET = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -53,10 +47,6 @@ class Permissions(msgspec.Struct, frozen=True, kw_only=True):
     allow_responses: bool = False
 
 
-def valid_public_key(key: str) -> bool:
-    return bool(_PUBLIC_USER_KEY.match(key))
-
-
 def validate(roster: Roster) -> None:
     """Raise ValueError naming the first bad field; a valid roster renders a valid config."""
     if roster.schema != ROSTER_SCHEMA:
@@ -76,13 +66,6 @@ def validate(roster: Roster) -> None:
     keys = [roster.controller, roster.admin, roster.viewer, *roster.nodes.values()]
     if len(set(keys)) != len(keys):
         raise ValueError("two identities share one key")
-
-
-def inbox_prefix(public_key: str) -> str:
-    """The inbox prefix an identity must connect with (nats-py ``inbox_prefix``)."""
-    if not valid_public_key(public_key):
-        raise ValueError("not a public user nkey (U…)")
-    return f"{INBOX_ROOT}.{public_key}"
 
 
 def _own_inbox(key: str) -> str:

@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from schemas.bus import public_key  # noqa: F401 (part of this module's key toolkit)
+
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest server certificate lifetime common TLS clients accept
 DEFAULT_SANS = ("localhost", "127.0.0.1")
@@ -19,21 +21,6 @@ DEFAULT_SANS = ("localhost", "127.0.0.1")
 def new_user_seed() -> bytes:
     """A fresh user nkey seed (``SU…``), the whole content of a credentials file."""
     return bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER))
-
-
-def public_key(seed: bytes) -> str:
-    """The public user key (``U…``) of a seed; ValueError if it is not a user seed."""
-    try:
-        kp = nkeys.from_seed(bytearray(seed.strip()))
-    except (nkeys.NkeysError, ValueError) as e:
-        raise ValueError(f"not an nkey seed: {e}") from None
-    if not kp.public_key.startswith(b"U"):
-        kp.wipe()
-        raise ValueError("not a user nkey seed (SU…)")
-    try:
-        return kp.public_key.decode()
-    finally:
-        kp.wipe()
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
