@@ -21,11 +21,13 @@ import nats
 from nats.aio.client import Client
 
 from client.api import ApiClient, ApiError
+from client.bus import files as bus_files
 from lab.netns import LabError, alive, python_module, read_pidfile, run, spawn, stop_pidfile
 from lab.relay import start_relay
 from lab.topology import OUTSIDE_IP, Topology, cleanup_prefix, default_state_dir
 from lab.vm import VmHandle, ping, vm_add, vm_rm
 from schemas import api
+from schemas.bus import CA_ENV, CREDS_ENV, connect_kwargs
 
 NODE_NATS_PORT = 4222  # what agents dial inside their namespace; the relay carries it home
 WIREGUARD_RUN = Path("/run/wireguard")
@@ -86,6 +88,71 @@ class Lab:
     def nats_url(self) -> str:
         return f"nats://127.0.0.1:{self.state.nats_port}"
 
+    # --- the bus: every process has its own identity, TLS with the lab's own CA ----------------
+
+    @property
+    def bus_dir(self) -> Path:
+        return self.state_dir / "bus"
+
+    def seed(self, identity: str) -> Path:
+        """``controller``, ``admin``, ``viewer`` or a node name."""
+        if identity in bus_files.ROLES:
+            return bus_files.role_seed_file(self.bus_dir, identity)
+        return bus_files.node_seed_file(self.bus_dir, identity)
+
+    def bus_args(self, identity: str) -> list[str]:
+        return ["--nats-creds", str(self.seed(identity)), "--nats-ca", str(self.bus_dir / bus_files.CA_CERT)]  # fmt: skip
+
+    def bus_env(self, identity: str = "admin") -> dict[str, str]:
+        """What an operator's shell needs to reach this lab as ``identity``."""
+        return {
+            "OTHERIX_NATS_URL": self.nats_url,
+            CREDS_ENV: str(self.seed(identity)),
+            CA_ENV: str(self.bus_dir / bus_files.CA_CERT),
+        }
+
+    async def nats_client(self, identity: str = "admin", **kw) -> Client:
+        kwargs = connect_kwargs(self.seed(identity), self.bus_dir / bus_files.CA_CERT)
+        return await nats.connect(self.nats_url, **kwargs, **kw)
+
+    async def grant_node(self, name: str) -> None:
+        """A node identity for ``name``, in force (reloaded) before its agent connects."""
+        if name in bus_files.load_roster(self.bus_dir).nodes:
+            return
+        bus_files.add_node(self.bus_dir, name)
+        await self._reload_nats()
+        deadline = time.monotonic() + 10.0
+        while True:  # proof the reload is in force: the new identity can connect
+            try:
+                await (
+                    await self.nats_client(name, connect_timeout=2, allow_reconnect=False)
+                ).close()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise LabError(f"node {name}'s bus identity was not accepted in 10s") from None
+                await asyncio.sleep(0.05)
+
+    async def revoke_node(self, name: str) -> None:
+        if name in bus_files.load_roster(self.bus_dir).nodes:
+            bus_files.revoke_node(self.bus_dir, name)
+            await self._reload_nats()
+
+    async def _reload_nats(self, timeout: float = 10.0) -> None:
+        """Reload nats-server's users and wait until the new set is in force (its log says so)."""
+        pid = read_pidfile(self.state_dir / "nats-server.pid")
+        if pid is None or not alive(pid):
+            raise LabError("nats-server is not running")
+        log_file = self.state_dir / "nats-server.log"
+        done = "Reloaded server configuration"
+        before = log_file.read_text(errors="replace").count(done)
+        bus_files.reload_server(pid)
+        deadline = time.monotonic() + timeout
+        while log_file.read_text(errors="replace").count(done) == before:
+            if time.monotonic() > deadline:
+                raise LabError(f"nats-server did not reload within {timeout}s; see {log_file}")
+            await asyncio.sleep(0.02)
+
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "lab.json").write_bytes(msgspec.json.encode(self.state))
@@ -139,13 +206,21 @@ class Lab:
 
     async def connect(self) -> ApiClient:
         if self.api is None:
-            self.nc = await nats.connect(self.nats_url, name=f"otherix-lab-{self.prefix}")
+            self.nc = await self.nats_client("admin", name=f"otherix-lab-{self.prefix}")
             self.api = ApiClient(self.nc, timeout=10.0)
         return self.api
 
     async def start_nats(self) -> None:
         store = self.state_dir / "jetstream"
-        argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.state.nats_port),
+        if not self.bus_dir.exists():  # kept across nats-server restarts, like the store
+            bus_files.init(self.bus_dir, store_dir="")
+        # -n names the server for cleanup_prefix; a reload refuses a server_name other than
+        # the one it started with, so the configuration must say the same name
+        conf = self.state_dir / "nats-server.conf"
+        conf.write_text(
+            f'include "bus/{bus_files.SERVER_CONF}"\nserver_name: "{self.prefix}-nats"\n'
+        )
+        argv = [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(self.state.nats_port),
                 "-js", "-sd", str(store), "-n", f"{self.prefix}-nats"]  # fmt: skip
         proc = await spawn(argv, state_dir=self.state_dir, name="nats-server")
         await _wait_port(self.state.nats_port, proc, self.state_dir / "nats-server.log")
@@ -158,7 +233,7 @@ class Lab:
         argv = python_module(
             "controller.main", "--nats", self.nats_url, "--heartbeat", str(self.state.heartbeat),
             "--instance", f"{self.prefix}-controller",  # found by name if its pid file is lost
-            "--underlay-mtu", str(self.state.underlay_mtu),
+            "--underlay-mtu", str(self.state.underlay_mtu), *self.bus_args("controller"),
         )  # fmt: skip
         await spawn(argv, state_dir=self.state_dir, name="controller")
         if wait:
@@ -185,6 +260,7 @@ class Lab:
         node = await self.topology.add_node(name, index, ip_forward=False)
         self.state.nodes[name] = index
         self.save()
+        await self.grant_node(name)
         await start_relay([node.netns], f"127.0.0.1:{self.state.nats_port}", NODE_NATS_PORT,
                           state_dir=self.state_dir, name=f"relay-{name}")  # fmt: skip
         await self.start_agent(name)
@@ -202,6 +278,7 @@ class Lab:
 
     async def remove_node(self, name: str) -> None:
         await self.stop_agent(name)
+        await self.revoke_node(name)
         await stop_pidfile(self.state_dir / f"relay-{name}.pid")
         await self.topology.remove_node(name)
         self.state.nodes.pop(name, None)
@@ -218,6 +295,7 @@ class Lab:
             "agent.main", "--nats", f"nats://127.0.0.1:{NODE_NATS_PORT}", "--node", name,
             "--state-dir", str(self.state_dir / "agents" / name),
             "--underlay-ip", node.underlay_ip, "--health-interval", str(self.health_interval),
+            *self.bus_args(name),
         )  # fmt: skip
         if not self.state.mesh:
             agent.append("--no-mesh")

@@ -72,7 +72,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     await lab.up(args.nodes)
     say(f"lab {args.prefix}: {args.nodes} node(s) converged in {time.monotonic() - started:.1f}s")
-    say(f"  export OTHERIX_NATS_URL={lab.nats_url}")
+    for var, value in lab.bus_env("admin").items():
+        say(f"  export {var}={value}")
     say(f"  logs and state: {lab.state_dir}")
     say(f"  outside host: {OUTSIDE_IP} (netns {lab.topology.outside})")
     await lab.close()
@@ -103,7 +104,7 @@ async def run_ctl(lab: Lab, *argv: str) -> None:
         "-m",
         "client.cli",
         *argv,
-        env={**os.environ, "OTHERIX_NATS_URL": lab.nats_url},
+        env={**os.environ, **lab.bus_env("admin")},
     )
     await proc.wait()
 
@@ -180,9 +181,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         results.append(await check("every node converged", status.converged))
     finally:
         if args.keep:
-            say(
-                f"\nlab left running; export OTHERIX_NATS_URL={lab.nats_url}; 'otherix-lab down' removes it"
-            )
+            exports = " ".join(f"{k}={v}" for k, v in lab.bus_env("admin").items())
+            say(f"\nlab left running; export {exports}; 'otherix-lab down' removes it")
             await lab.close()
         else:
             say("\n== tearing down")

@@ -5,9 +5,10 @@ Nothing here reads files, generates keys or talks to a server (``client.bus.file
 whole matrix is unit-testable as text and regeneration after add/revoke is deterministic.
 
 Every identity gets a private inbox prefix derived from its public key (``_INBOX.<key>``) and may
-subscribe only there, so no one can read another identity's replies. The controller answers API
-calls through ``allow_responses`` (it may publish to the reply subject of a request it received,
-once) instead of a blanket ``_INBOX.>``.
+subscribe only there, so no one can read another identity's replies. The controller, trusted with
+every answer anyway, may publish into any inbox: ``allow_responses`` alone is not enough, because
+nats-server forgets those grants on a configuration reload, so an API reply in flight while a
+node is added or revoked would be refused (seen in the lab: node.remove right after a revoke).
 """
 
 import json
@@ -89,9 +90,10 @@ def node_permissions(node: str, key: str) -> Permissions:
 
 def controller_permissions(key: str, bucket: str) -> Permissions:
     # The only identity on JetStream: the intent bucket's API, its subjects, and (through
-    # allow_responses) acks and flow-control replies to what the server delivers to it.
+    # allow_responses) acks and flow-control replies to what the server delivers to it. API
+    # replies go to the caller's inbox (see the module docstring for why not allow_responses).
     return Permissions(
-        publish=(naming.desired_subject("*"), "$JS.API.>", f"$KV.{bucket}.>"),
+        publish=(naming.desired_subject("*"), "$JS.API.>", f"$KV.{bucket}.>", f"{INBOX_ROOT}.>"),
         subscribe=(naming.api_subject(">"), "$SRV.>", *_watchers(), _own_inbox(key)),
         allow_responses=True,
     )

@@ -205,17 +205,21 @@ async def test_stale_foreign_and_malformed_snapshots_are_refused(lab: Lab):
                 pass
             return ack
 
+        # only the controller's identity may publish desired state: these play a controller
+        # gone wrong, which the agent must still refuse
+        forger = await lab.nats_client("controller")
         try:
             for reason, snap in cases.items():
-                await lab.nc.publish(naming.desired_subject("n1"), encode(snap))
+                await forger.publish(naming.desired_subject("n1"), encode(snap))
                 ack = await answer()
                 assert not ack.ok and reason in ack.error
-            await lab.nc.publish(naming.desired_subject("n1"), b'{"node": "n1", "version": "x"}')
+            await forger.publish(naming.desired_subject("n1"), b'{"node": "n1", "version": "x"}')
             ack = await answer()
             assert (
                 not ack.ok and "malformed snapshot" in ack.error and ack.applied_version == applied
             )
         finally:
+            await forger.close()
             await lab.start_controller()
     assert await links(lab, "n1") == state_before
     status = await lab.wait_converged()

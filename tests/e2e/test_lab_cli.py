@@ -41,11 +41,12 @@ def test_up_vm_and_down_after_a_crash():
     try:
         up = lab_cli(prefix, "up", "--nodes", "2", "--no-mesh", "--heartbeat", "0.5")
         assert "2 node(s) converged" in up.stdout
-        url = next(
-            w.split("=", 1)[1] for w in up.stdout.split() if w.startswith("OTHERIX_NATS_URL=")
-        )
-        net = subprocess.run([sys.executable, "-m", "client.cli", "--nats", url, "network", "create", "lan",
-                              "--type", "bridge", "--subnet", "10.70.0.0/24"], capture_output=True, text=True, timeout=30)  # fmt: skip
+        # what `up` tells the operator to export: the URL, the admin's credentials and the CA
+        exports = dict(w.split("=", 1) for w in up.stdout.split() if w.startswith("OTHERIX_"))
+        assert set(exports) == {"OTHERIX_NATS_URL", "OTHERIX_NATS_CREDS", "OTHERIX_NATS_CA"}
+        net = subprocess.run([sys.executable, "-m", "client.cli", "network", "create", "lan",
+                              "--type", "bridge", "--subnet", "10.70.0.0/24"], capture_output=True, text=True,
+                             timeout=30, env={**os.environ, **exports})  # fmt: skip
         assert net.returncode == 0, net.stderr
         vm = lab_cli(prefix, "vm", "add", "web", "--network", "lan", "--node", "n1")
         assert "10.70.0.2/24" in vm.stdout and f"{prefix}-vm-web" in netns_list(prefix)

@@ -55,7 +55,7 @@ def test_authorization_is_the_permission_matrix():
     inbox = {label: f"_INBOX.{key}.>" for label, key, _ in permissions.identities(roster)}
     assert users == {
         "controller": {
-            "publish": ["otherix.v1.desired.*", "$JS.API.>", "$KV.otherix.>"],
+            "publish": ["otherix.v1.desired.*", "$JS.API.>", "$KV.otherix.>", "_INBOX.>"],
             "allow_responses": True,
             "subscribe": [
                 "otherix.v1.api.>",
