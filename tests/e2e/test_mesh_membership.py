@@ -160,5 +160,5 @@ async def test_removed_node_leaves_every_peer_set_and_fdb(lab: Lab):
         fdb = await lab.exec_node(node, "bridge", "fdb", "show", "dev", "otvx1000")
         assert gone.node.tunnel_ip not in fdb
     assert await lab.ping("m1", lab.vms["m2"].ip, timeout=5)
-    # the removed node's agent keeps what it had: silence tears nothing down
+    # what the node had stays in its kernel: nothing tears it down behind the operator's back
     assert "otwg0" in await links(lab, "n3")
