@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
         "--store-dir",
         help="JetStream store as nats-server sees it (default: DIR/jetstream; '' = its -sd flag)",
     )
+    p.add_argument(
+        "--keep-existing",
+        action="store_true",
+        help="succeed without change when DIR already holds a bus (a container's first start)",
+    )
     for name, help_ in [
         ("add-node", "give a node an identity"),
         ("revoke-node", "remove a node's identity"),
@@ -91,6 +96,9 @@ def run(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     match args.command:
         case "init":
+            if args.keep_existing and (args.dir / files.ROSTER).exists():
+                print(f"{args.dir} already holds a bus; left as it is")
+                return
             nodes = tuple(n.strip() for n in args.nodes.split(",") if n.strip())
             files.init(
                 args.dir,

@@ -1,7 +1,8 @@
-"""compose.yaml, the Dockerfile and the NATS config checked against the code they run.
+"""compose.yaml, the Dockerfile and the bus it creates, checked against the code they run.
 
 No container engine runs in CI, so these read the files and cross-check them with pyproject.toml
-and the argparse code: a renamed command, variable or state directory breaks a test here.
+and the argparse code: a renamed command, variable or state directory breaks a test here. The
+bus service's own command is run for real, and nats-server checks the configuration it writes.
 """
 
 import json
@@ -19,8 +20,16 @@ from tests.conftest import nats_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = {  # console script -> the modules whose argparse reads its environment
-    "otherix-controller": [ROOT / "controller" / "main.py", ROOT / "schemas" / "options.py"],
-    "otherix-agent": [ROOT / "agent" / "main.py", ROOT / "schemas" / "options.py"],
+    "otherix-controller": [
+        ROOT / "controller" / "main.py",
+        ROOT / "schemas" / "options.py",
+        ROOT / "schemas" / "bus.py",
+    ],
+    "otherix-agent": [
+        ROOT / "agent" / "main.py",
+        ROOT / "schemas" / "options.py",
+        ROOT / "schemas" / "bus.py",
+    ],
 }
 _DEFAULTED = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
@@ -58,7 +67,7 @@ def volume_targets(service: dict) -> set[str]:
 
 
 def test_services_run_declared_console_scripts(compose, scripts):
-    assert set(ours(compose)) == {"controller", "agent"}
+    assert set(ours(compose)) == {"bus", "controller", "agent"}
     for name, service in ours(compose).items():
         assert argv(service)[0] in scripts, f"{name}: {argv(service)[0]} is no console script"
     assert argv(compose["services"]["controller"])[0] == "otherix-controller"
@@ -66,7 +75,8 @@ def test_services_run_declared_console_scripts(compose, scripts):
 
 
 def test_every_variable_is_read_by_the_command(compose, monkeypatch):
-    for name, service in ours(compose).items():
+    for name in ("controller", "agent"):
+        service = compose["services"][name]
         command = argv(service)[0]
         source = "".join(path.read_text() for path in SOURCES[command])
         env = environment(service)
@@ -110,23 +120,51 @@ def test_agent_has_host_network_capabilities_tun_and_state_volume(compose, monke
     assert named & set(compose["volumes"]), "the state must live on a named volume"
 
 
-def test_nats_config_is_mounted_and_fsyncs_every_write(compose):
+def bus_init(compose: dict, root: Path) -> Path:
+    """Run the bus service's command (its paths moved under ``root``); returns the bus dir."""
+    args = argv(compose["services"]["bus"])
+    assert args[:2] == ["otherix-bus", "init"]
+    moved = [a.replace("/srv/otherix", str(root)) for a in args[2:]]
+    moved = [_DEFAULTED.sub(lambda m: m.group(2) or "", a) for a in moved]
+    from client.bus.cli import run
+
+    run(["init", *moved, f"--server-dir={root}/bus"])
+    run(["init", *moved, f"--server-dir={root}/bus"])  # a restart: --keep-existing, no error
+    return Path(moved[0])
+
+
+def test_the_bus_serves_every_identity_compose_mounts(compose, tmp_path):
+    services = compose["services"]
+    bus = bus_init(compose, tmp_path)
+    for name in ("nats", "controller", "agent"):
+        assert "bus:/srv/otherix:ro" in services[name]["volumes"], name
+    for name in ("controller", "agent"):
+        env = environment(services[name])
+        for var in ("OTHERIX_NATS_CREDS", "OTHERIX_NATS_CA"):
+            local = Path(env[var].replace("/srv/otherix", str(tmp_path)))
+            assert local.is_file(), f"{name}: {var}={env[var]} is not made by the bus service"
+    assert environment(services["agent"])["OTHERIX_NATS_CREDS"].endswith("node-node1.nk")
+    assert (bus / "controller.nk").read_bytes().startswith(b"SU")
+
+
+def test_nats_config_is_the_bus_config_and_fsyncs_every_write(compose, tmp_path):
     nats = compose["services"]["nats"]
     assert nats["image"].startswith("nats:2.")
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in nats["volumes"]}
     config_path = argv(nats)[argv(nats).index("--config") + 1]
-    local = ROOT / mounts[config_path]
-    text = local.read_text()
+    assert config_path == "/srv/otherix/bus/nats-server.conf"
+    bus = bus_init(compose, tmp_path)
+    text = (bus / "nats-server.conf").read_text()
     jetstream = re.search(r"jetstream\s*\{([^}]*)\}", text)
     assert jetstream, "no jetstream block"
-    assert re.search(r"^\s*sync_interval\s*:\s*always\s*$", jetstream.group(1), re.M)
-    store_dir = re.search(r"^\s*store_dir\s*:\s*(\S+)\s*$", jetstream.group(1), re.M)
-    assert store_dir and store_dir.group(1) in mounts, "the JetStream store must be on a volume"
-    assert mounts[store_dir.group(1)] in compose["volumes"]
+    assert re.search(r"^\s*sync_interval\s*:\s*always", jetstream.group(1), re.M)
+    store_dir = re.search(r'^\s*store_dir\s*:\s*"?([^"\s]+)"?\s*$', jetstream.group(1), re.M)
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in nats["volumes"]}
+    assert store_dir and mounts.get(store_dir.group(1)) in compose["volumes"], "store on a volume"
     # the real server accepts the file (it refuses unknown fields and bad values)
     check = subprocess.run(
-        [nats_server_binary(), "-t", "-c", str(local)], capture_output=True, text=True, timeout=20
-    )
+        [nats_server_binary(), "-t", "-c", str(bus / "nats-server.conf")],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
 
 
