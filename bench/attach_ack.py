@@ -1,7 +1,8 @@
 """Time from ``nic attach`` to the agent's ack of the snapshot that made the tap (median of 20).
 
 Baselines measured in the same run: a bare API round trip (``nic list``) and creating + enslaving
-+ upping a tap with the ``ip`` command in a namespace, i.e. the kernel work alone.
++ upping a tap with the ``ip`` command in a namespace, i.e. the kernel work alone; and the same
+attach on a lab whose bus runs without TLS and identities, which shows what bus security costs.
 """
 
 import asyncio
@@ -16,7 +17,18 @@ RUNS = 20
 
 
 async def main() -> None:
-    lab = Lab("otbn" + secrets.token_hex(2), mesh=False, heartbeat=1.0)
+    secured = await measure(secure=True)
+    open_bus = await measure(secure=False)
+    print(
+        f"bus security: attach {secured * 1000:.1f} ms secured vs {open_bus * 1000:.1f} ms open"
+        f" (ratio {secured / open_bus:.2f}x)"
+    )
+
+
+async def measure(secure: bool) -> float:
+    """Print this lab's figures; return the attach median (seconds)."""
+    print(f"-- bus {'with TLS and identities' if secure else 'open (no TLS, no identities)'}")
+    lab = Lab("otbn" + secrets.token_hex(2), mesh=False, heartbeat=1.0, secure=secure)
     try:
         await lab.up(1)
         api = await lab.connect()
@@ -58,5 +70,6 @@ async def main() -> None:
         print(
             f"ratio attach/API round trip: {med_attach / med_api:.1f}x; attach/ip commands: {med_attach / med_kernel:.1f}x"
         )
+        return med_attach
     finally:
         await lab.down()

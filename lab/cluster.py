@@ -39,6 +39,7 @@ class LabState(msgspec.Struct, kw_only=True):
     underlay_mtu: int
     heartbeat: float
     mesh: bool
+    secure: bool = True  # TLS and identities on the bus (off only to measure what they cost)
     nodes: dict[str, int] = {}  # name → index
     vms: dict[str, list[str]] = {}  # vm → NIC ids
 
@@ -66,6 +67,7 @@ class Lab:
         mesh: bool = True,
         nats_port: int | None = None,
         health_interval: float = 1.0,
+        secure: bool = True,
     ):
         self.prefix = prefix
         self.state_dir = state_dir or default_state_dir(prefix)
@@ -76,6 +78,7 @@ class Lab:
             underlay_mtu=underlay_mtu,
             heartbeat=heartbeat,
             mesh=mesh,
+            secure=secure,
         )
         self.health_interval = health_interval
         self.nc: Client | None = None
@@ -101,10 +104,14 @@ class Lab:
         return bus_files.node_seed_file(self.bus_dir, identity)
 
     def bus_args(self, identity: str) -> list[str]:
+        if not self.state.secure:
+            return []
         return ["--nats-creds", str(self.seed(identity)), "--nats-ca", str(self.bus_dir / bus_files.CA_CERT)]  # fmt: skip
 
     def bus_env(self, identity: str = "admin") -> dict[str, str]:
         """What an operator's shell needs to reach this lab as ``identity``."""
+        if not self.state.secure:
+            return {"OTHERIX_NATS_URL": self.nats_url}
         return {
             "OTHERIX_NATS_URL": self.nats_url,
             CREDS_ENV: str(self.seed(identity)),
@@ -112,12 +119,16 @@ class Lab:
         }
 
     async def nats_client(self, identity: str = "admin", **kw) -> Client:
-        kwargs = connect_kwargs(self.seed(identity), self.bus_dir / bus_files.CA_CERT)
+        kwargs = (
+            connect_kwargs(self.seed(identity), self.bus_dir / bus_files.CA_CERT)
+            if self.state.secure
+            else {}
+        )
         return await nats.connect(self.nats_url, **kwargs, **kw)
 
     async def grant_node(self, name: str) -> None:
         """A node identity for ``name``, in force (reloaded) before its agent connects."""
-        if name in bus_files.load_roster(self.bus_dir).nodes:
+        if not self.state.secure or name in bus_files.load_roster(self.bus_dir).nodes:
             return
         bus_files.add_node(self.bus_dir, name)
         await self._reload_nats()
@@ -134,7 +145,7 @@ class Lab:
                 await asyncio.sleep(0.05)
 
     async def revoke_node(self, name: str) -> None:
-        if name in bus_files.load_roster(self.bus_dir).nodes:
+        if self.state.secure and name in bus_files.load_roster(self.bus_dir).nodes:
             bus_files.revoke_node(self.bus_dir, name)
             await self._reload_nats()
 
@@ -212,14 +223,13 @@ class Lab:
 
     async def start_nats(self) -> None:
         store = self.state_dir / "jetstream"
-        if not self.bus_dir.exists():  # kept across nats-server restarts, like the store
+        if self.state.secure and not self.bus_dir.exists():  # kept across restarts, like the store
             bus_files.init(self.bus_dir, store_dir="")
         # -n names the server for cleanup_prefix; a reload refuses a server_name other than
         # the one it started with, so the configuration must say the same name
         conf = self.state_dir / "nats-server.conf"
-        conf.write_text(
-            f'include "bus/{bus_files.SERVER_CONF}"\nserver_name: "{self.prefix}-nats"\n'
-        )
+        include = f'include "bus/{bus_files.SERVER_CONF}"\n' if self.state.secure else ""
+        conf.write_text(f'{include}server_name: "{self.prefix}-nats"\n')
         argv = [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(self.state.nats_port),
                 "-js", "-sd", str(store), "-n", f"{self.prefix}-nats"]  # fmt: skip
         proc = await spawn(argv, state_dir=self.state_dir, name="nats-server")

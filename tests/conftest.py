@@ -1,5 +1,9 @@
-"""Shared fixtures: a real nats-server with JetStream per test, a connected client, an in-process
-controller, and the rule that ``netns`` tests are skipped (with a reason) unless run as root."""
+"""Shared fixtures: a real nats-server with JetStream per test, secured as in production (TLS with
+a CA of its own, one nkey identity per process, the permission matrix of ``client.bus``), clients
+connected as one identity, an in-process controller on the controller's identity, and the rule
+that ``netns`` tests are skipped (with a reason) unless run as root. A test that needs the open
+bus says so by using ``open_nats_server``.
+"""
 
 import os
 import shutil
@@ -12,10 +16,16 @@ from pathlib import Path
 import nats
 import pytest
 import pytest_asyncio
+from nats.aio.client import Client
 
+from client.bus import files as bus_files
 from controller.compute import ClusterConfig
 from controller.service import Controller
 from controller.store import Store
+from schemas.bus import CA_ENV, CREDS_ENV, connect_kwargs
+
+# Node identities the bus of every test has (tests act as these agents); roles always exist.
+TEST_NODES = ("n1", "n2", "n3", "n4", "late", "watched", "small", "big", "hv1", "hv2")
 
 
 def nats_server_binary() -> str:
@@ -30,26 +40,46 @@ def free_port() -> int:
 
 
 class NatsServer:
-    """One nats-server process on 127.0.0.1; ``restart()`` keeps its port and store dir."""
+    """One nats-server process on 127.0.0.1; ``restart()`` keeps its port, store and bus.
 
-    def __init__(self, store_dir: Path, port: int | None = None, max_payload: int | None = None):
+    Secured unless ``secure=False``: a bus directory beside the store (``otherix-bus init``) whose
+    configuration is included from a small wrapper (nats-server resolves ``include`` relative to
+    the including file), with ``-sd`` for the store. ``connect(identity)`` opens a client as
+    ``controller``, ``admin``, ``viewer`` or a node; ``close_clients()`` closes them all.
+    """
+
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        max_payload: int | None = None,
+        secure: bool = True,
+        nodes: tuple[str, ...] = TEST_NODES,
+    ):
         self.store_dir, self.port = store_dir, port or free_port()
-        self.max_payload = max_payload
+        self.max_payload, self.secure = max_payload, secure
         self.url = f"nats://127.0.0.1:{self.port}"
         self.log = store_dir.parent / f"nats-server-{self.port}.log"
+        self.bus_dir = store_dir.parent / f"bus-{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.clients: list[Client] = []
+        if secure and not self.bus_dir.exists():
+            bus_files.init(self.bus_dir, nodes=nodes, store_dir="")
 
     def start(self, timeout: float = 10.0) -> None:
         cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
         cmd += ["-js", "-sd", str(self.store_dir)]
+        lines = [f'include "{self.bus_dir.name}/{bus_files.SERVER_CONF}"'] if self.secure else []
         if self.max_payload is not None:  # only settable in a config file
+            lines.append(f"max_payload: {self.max_payload}")
+        if lines:
             conf = self.store_dir.parent / f"nats-{self.port}.conf"
-            conf.write_text(f"max_payload: {self.max_payload}\n")
+            conf.write_text("\n".join(lines) + "\n")
             cmd += ["-c", str(conf)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while True:  # ready = it sends its INFO line on a fresh connection
+        while True:  # ready = it sends its INFO line (in clear, before TLS) on a fresh connection
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nats-server exited: {self.log.read_text()[-2000:]}")
             try:
@@ -78,29 +108,72 @@ class NatsServer:
         self.stop()
         self.start()
 
+    # --- identities -----------------------------------------------------------------------------
 
-@pytest.fixture
-def nats_server(tmp_path):
-    store = tmp_path / "jetstream"
-    store.mkdir()
-    server = NatsServer(store)
+    def seed(self, identity: str) -> Path:
+        if identity in bus_files.ROLES:
+            return bus_files.role_seed_file(self.bus_dir, identity)
+        return bus_files.node_seed_file(self.bus_dir, identity)
+
+    def kwargs(self, identity: str) -> dict:
+        """``nats.connect`` keywords of ``identity`` ({} on an open bus)."""
+        if not self.secure:
+            return {}
+        return connect_kwargs(self.seed(identity), self.bus_dir / bus_files.CA_CERT)
+
+    def env(self, identity: str = "admin") -> dict[str, str]:
+        """The environment a command needs to reach this server as ``identity``."""
+        env = {"OTHERIX_NATS_URL": self.url}
+        if self.secure:
+            env |= {CREDS_ENV: str(self.seed(identity)), CA_ENV: str(self.bus_dir / "ca.pem")}
+        return env
+
+    async def connect(self, identity: str = "admin", **kw) -> Client:
+        options = {"connect_timeout": 5, "max_reconnect_attempts": 20} | kw
+        client = await nats.connect(self.url, **self.kwargs(identity), **options)
+        self.clients.append(client)
+        return client
+
+    async def close_clients(self) -> None:
+        for client in self.clients:
+            if not client.is_closed:
+                await client.close()
+        self.clients.clear()
+
+
+async def _serving(server: NatsServer):
     try:
         server.start()
         yield server
     finally:
+        await server.close_clients()
         server.stop()
 
 
 @pytest_asyncio.fixture
+async def nats_server(tmp_path):
+    (tmp_path / "jetstream").mkdir()
+    async for server in _serving(NatsServer(tmp_path / "jetstream")):
+        yield server
+
+
+@pytest_asyncio.fixture
+async def open_nats_server(tmp_path):
+    """No TLS, no identities: only for a test that says why it needs the open bus."""
+    (tmp_path / "jetstream").mkdir()
+    async for server in _serving(NatsServer(tmp_path / "jetstream", secure=False)):
+        yield server
+
+
+@pytest_asyncio.fixture
 async def nc(nats_server):
-    client = await nats.connect(nats_server.url, connect_timeout=5, max_reconnect_attempts=20)
-    try:
-        yield client
-    finally:
-        await client.close()
+    """An operator's connection: the ``admin`` identity."""
+    return await nats_server.connect("admin")
 
 
-async def start_controller(client, heartbeat: float = 0.2, **config) -> Controller:
+async def start_controller(server: NatsServer, heartbeat: float = 0.2, **config) -> Controller:
+    """An in-process controller on its own connection, as the ``controller`` identity."""
+    client = await server.connect("controller")
     store = await Store.open(client.jetstream())
     ctl = Controller(client, store, ClusterConfig(heartbeat_interval=heartbeat, **config))
     await ctl.start()
@@ -108,8 +181,8 @@ async def start_controller(client, heartbeat: float = 0.2, **config) -> Controll
 
 
 @pytest_asyncio.fixture
-async def controller(nc):
-    ctl = await start_controller(nc)
+async def controller(nats_server):
+    ctl = await start_controller(nats_server)
     try:
         yield ctl
     finally:

@@ -339,9 +339,8 @@ async def first_snapshot(nc, node: str, timeout: float = 5.0) -> Snapshot:
 
 
 async def test_intent_and_versions_survive_restarts(nats_server):
-    nc = await nats.connect(nats_server.url)
-    ctl = await start_controller(nc)
-    api = ApiClient(nc)
+    ctl = await start_controller(nats_server)
+    api = ApiClient(await nats_server.connect("admin"))
     await api.node_register(
         name="n1", underlay_ip="192.0.2.1", wg_public_key=KEY_A, wg_listen_port=51820
     )
@@ -355,16 +354,16 @@ async def test_intent_and_versions_survive_restarts(nats_server):
     await api.nic_attach("ov", "n2", "vm2", ip="10.1.0.77", mac="02:00:00:00:00:77")
     intent = msgspec.json.decode(msgspec.json.encode(ctl.intent), type=Intent)  # a copy
     versions = {s.node.name: s.desired_version for s in (await api.status()).nodes}
-    snap_before = await first_snapshot(nc, "n1")
+    snap_before = await first_snapshot(await nats_server.connect("n1"), "n1")
     await ctl.stop()
-    await nc.close()
+    await nats_server.close_clients()
 
     nats_server.restart()
 
-    nc = await nats.connect(nats_server.url)
-    ctl = await start_controller(nc)
+    ctl = await start_controller(nats_server)
+    n1 = await nats_server.connect("n1")
     try:
-        api = ApiClient(nc)
+        api = ApiClient(await nats_server.connect("admin"))
         assert ctl.intent == intent
         assert [i.network.name for i in await api.network_list()] == ["br", "ov"]
         assert len(await api.nic_list()) == 3
@@ -372,7 +371,7 @@ async def test_intent_and_versions_survive_restarts(nats_server):
         # nothing changed: the same versions (and content) are published again
         st = await api.status()
         assert {s.node.name: s.desired_version for s in st.nodes} == versions
-        snap = await first_snapshot(nc, "n1")
+        snap = await first_snapshot(n1, "n1")
         assert (snap.version, snap.digest) == (snap_before.version, snap_before.digest)
         assert snap.published_at > snap_before.published_at
 
@@ -381,11 +380,10 @@ async def test_intent_and_versions_survive_restarts(nats_server):
         st = await api.status()
         after = {s.node.name: s.desired_version for s in st.nodes}
         assert after["n1"] > versions["n1"] and after["n2"] == versions["n2"]
-        snap = await first_snapshot(nc, "n1")
+        snap = await first_snapshot(n1, "n1")
         assert snap.version == after["n1"] and len(snap.taps) == 3
     finally:
         await ctl.stop()
-        await nc.close()
 
 
 async def test_removed_node_that_returns_never_sees_its_version_go_down(api):

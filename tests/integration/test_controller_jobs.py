@@ -49,8 +49,8 @@ async def reads(api: ApiClient) -> dict[str, int]:
     return {"status": status.nodes[0].desired_version, "node.list": nodes[0].desired_version}
 
 
-async def test_reads_never_write_while_a_change_is_pending(nc):
-    ctl = await start_controller(nc, heartbeat=3600.0)  # only changes wake the publisher
+async def test_reads_never_write_while_a_change_is_pending(nats_server, nc):
+    ctl = await start_controller(nats_server, heartbeat=3600.0)  # only changes wake the publisher
     try:
         api = ApiClient(nc)
         await api.node_register(name="n1")
@@ -70,19 +70,19 @@ async def test_reads_never_write_while_a_change_is_pending(nc):
         await asyncio.wait_for(woke.wait(), 5)  # past any real publish_all already under way
 
         await api.nic_attach("br", "n1", "vm")  # n1's content changes: v1 + 1 is pending
-        writes, seq = count_writes(ctl.store), await last_seq(nc)
+        writes, seq = count_writes(ctl.store), await last_seq(ctl.nc)
         for _ in range(25):
             assert await reads(api) == {"status": v1 + 1, "node.list": v1 + 1}
 
         # n1 reports a version this controller never issued: continuing above it is pending too
         ack = Ack(node="n1", version=v1, applied_version=500, ok=False, error="stale snapshot")
-        await nc.publish(naming.ack_subject("n1"), encode(ack))
+        await (await nats_server.connect("n1")).publish(naming.ack_subject("n1"), encode(ack))
         deadline = time.monotonic() + 5
         while (seen := await reads(api)) != {"status": 501, "node.list": 501}:
             assert time.monotonic() < deadline, seen
         for _ in range(25):
             assert await reads(api) == {"status": 501, "node.list": 501}
-        assert writes == [] and await last_seq(nc) == seq
+        assert writes == [] and await last_seq(ctl.nc) == seq
 
         # released, the publisher persists exactly the version the reads showed
         del ctl.publisher.publish_all

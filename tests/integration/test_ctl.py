@@ -26,6 +26,7 @@ import pytest
 from client import cli
 from client.api import ApiClient, ApiError
 from schemas import naming
+from schemas.bus import CA_ENV, CREDS_ENV
 from schemas.codec import encode
 from schemas.messages import Ack, Health
 from tests.conftest import NatsServer
@@ -37,45 +38,45 @@ def script(name: str) -> str:
     return shutil.which(name) or str(Path(sys.executable).parent / name)
 
 
-async def _api(url: str, call):
-    nc = await nats.connect(url, connect_timeout=5)
+async def _api(server: NatsServer, call):
+    nc = await nats.connect(server.url, **server.kwargs("admin"), connect_timeout=5)
     try:
         return await call(ApiClient(nc))
     finally:
         await nc.close()
 
 
-def api(url: str, call):
+def api(server: NatsServer, call):
     """One API call from a sync test (node registration has no CLI: agents do it)."""
-    return asyncio.run(_api(url, call))
+    return asyncio.run(_api(server, call))
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """nats-server + ``otherix-controller`` subprocess; yields the NATS URL."""
+    """nats-server + ``otherix-controller`` subprocess (as the controller identity)."""
     tmp = tmp_path_factory.mktemp("ctl")
     (tmp / "js").mkdir()
-    server = NatsServer(tmp / "js")
+    server = NatsServer(tmp / "js", nodes=("hv1", "silent", "never-acks", "late", "watched"))
     proc = None
     log = open(tmp / "controller.log", "wb")  # noqa: SIM115 - closed in finally
     try:
         server.start()
         proc = subprocess.Popen(
             [script("otherix-controller"), "--heartbeat", "0.2"],
-            env={**os.environ, "OTHERIX_NATS_URL": server.url},
+            env={**os.environ, **server.env("controller")},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 15
         while True:  # ready = it answers an API request
             try:
-                api(server.url, lambda a: a.status())
+                api(server, lambda a: a.status())
                 break
             except ApiError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((tmp / "controller.log").read_text()) from None
                 time.sleep(0.1)
-        yield server.url
+        yield server
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, (tmp / "controller.log").read_text()
     finally:
@@ -97,12 +98,18 @@ def otherixctl(*argv: str, rc: int = 0) -> subprocess.CompletedProcess:
     return done
 
 
-def ctl(url: str, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
-    return otherixctl("--nats", url, *args, rc=rc)
+def as_admin(server: NatsServer) -> list[str]:
+    """The flags that make otherixctl the admin on ``server``'s bus."""
+    env = server.env("admin")
+    return ["--nats", server.url, "--nats-creds", env[CREDS_ENV], "--nats-ca", env[CA_ENV]]
 
 
-def ctl_json(url: str, *args: str):
-    return json.loads(ctl(url, *args, "--json").stdout)
+def ctl(server: NatsServer, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
+    return otherixctl(*as_admin(server), *args, rc=rc)
+
+
+def ctl_json(server: NatsServer, *args: str):
+    return json.loads(ctl(server, *args, "--json").stdout)
 
 
 # --- flag checks (no server needed) -------------------------------------------------------------
@@ -163,15 +170,36 @@ def test_bad_environment_is_refused_like_a_bad_flag(argv, env, message):
 
 
 def test_unreachable_nats_is_one_clear_line():
-    done = ctl("nats://127.0.0.1:1", "network", "list", rc=1)
+    done = otherixctl("--nats", "nats://127.0.0.1:1", "network", "list", rc=1)
     assert done.stderr.strip().splitlines() == [
         "otherixctl: cannot reach NATS at nats://127.0.0.1:1: nats: no servers available for connection"
     ]
 
 
+def test_unusable_credentials_are_one_clear_line(cluster, tmp_path):
+    bad = tmp_path / "admin.nk"
+    bad.write_text("not a seed\n")
+    ca = cluster.env("admin")[CA_ENV]
+    done = otherixctl("--nats", cluster.url, "--nats-creds", str(bad), "--nats-ca", ca, "network", "list", rc=2)  # fmt: skip
+    assert done.stderr.startswith(f"otherixctl: credentials {bad}: not an nkey seed")
+    missing = tmp_path / "nope.pem"
+    done = otherixctl(*as_admin(cluster)[:4], "--nats-ca", str(missing), "network", "list", rc=2)
+    assert done.stderr.startswith(f"otherixctl: CA certificate {missing}:")
+    assert isinstance(ctl_json(cluster, "network", "list"), list)  # the right files: it works
+
+
+def test_no_identity_is_refused_with_one_clear_line(cluster):
+    ca = cluster.env("admin")[CA_ENV]
+    done = otherixctl("--nats", cluster.url, "--nats-ca", ca, "network", "list", rc=1)
+    assert done.stderr.strip().splitlines() == [
+        f"otherixctl: cannot reach NATS at {cluster.url}: nats: 'Authorization Violation'"
+    ]
+    assert isinstance(ctl_json(cluster, "network", "list"), list)  # with the admin's identity
+
+
 def test_installed_script_takes_the_server_from_the_environment(cluster):
     done = subprocess.run([script("otherixctl"), "network", "list", "--json"],
-                          env={**os.environ, "OTHERIX_NATS_URL": cluster},
+                          env={**os.environ, **cluster.env("admin")},
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert isinstance(json.loads(done.stdout), list)
@@ -253,57 +281,61 @@ def test_status_table_and_json(cluster):
     assert "silent" in ctl(cluster, "status").stdout
 
 
-async def status_requests(nc) -> asyncio.Queue:
-    """Every ``status`` request on the bus (the controller answers; we only count them)."""
+async def status_requests(server: NatsServer, admin) -> asyncio.Queue:
+    """Every ``status`` request on the bus (the controller answers; we only count them, on a
+    connection of the controller's identity, the one allowed to read API requests)."""
     seen: asyncio.Queue = asyncio.Queue()
 
     async def on_request(msg):
         seen.put_nowait(msg)
 
-    await nc.subscribe(naming.api_subject("status"), cb=on_request)
+    await (await server.connect("controller")).subscribe(
+        naming.api_subject("status"), cb=on_request
+    )
     async with asyncio.timeout(10):  # live once our own request shows up
         while seen.empty():
-            await ApiClient(nc).status()
+            await ApiClient(admin).status()
     while not seen.empty():
         seen.get_nowait()
     return seen
 
 
-def status_wait(url: str, wait: str) -> "asyncio.Task[int]":
-    args = cli.build_parser().parse_args(["--nats", url, "status", "--wait", wait])
+def status_wait(server: NatsServer, wait: str) -> "asyncio.Task[int]":
+    args = cli.build_parser().parse_args([*as_admin(server), "status", "--wait", wait])
     return asyncio.create_task(cli.run(args))
 
 
 async def test_status_wait_gives_up_with_exit_3(cluster, capsys):
-    nc = await nats.connect(cluster)
+    nc = await cluster.connect("admin")
     try:
         await ApiClient(nc).node_register(name="never-acks")
-        requests = await status_requests(nc)
+        requests = await status_requests(cluster, nc)
         assert await status_wait(cluster, "1") == cli.EXIT_TIMEOUT
         assert requests.qsize() >= 2  # it asked again before giving up (how long: bench heartbeat)
     finally:
-        await nc.close()
+        await cluster.close_clients()
     out, err = capsys.readouterr()
     assert "not converged after 1.0s" in err and "pending" in out
 
 
 async def test_status_wait_returns_once_every_node_converged(cluster, capsys):
-    nc = await nats.connect(cluster)
+    nc = await cluster.connect("admin")
     try:
         client = ApiClient(nc)
         await client.node_register(name="late")
-        requests = await status_requests(nc)
+        requests = await status_requests(cluster, nc)
         waiting = status_wait(cluster, "30")
         await asyncio.wait_for(requests.get(), 10)  # it has seen the cluster unconverged
         for node in (await client.status()).nodes:  # now every node acks what it was given
             name, v = node.node.name, node.desired_version
             ack = Ack(node=name, version=v, applied_version=v, digest=node.desired_digest)
             health = Health(node=name, applied_version=v, ok=True, started_at=0, sent_at=0)
-            await nc.publish(naming.health_subject(name), encode(health))
-            await nc.publish(naming.ack_subject(name), encode(ack))
+            agent = await cluster.connect(name)  # only a node may report for itself
+            await agent.publish(naming.health_subject(name), encode(health))
+            await agent.publish(naming.ack_subject(name), encode(ack))
         assert await asyncio.wait_for(waiting, 20) == 0
     finally:
-        await nc.close()
+        await cluster.close_clients()
     out, err = capsys.readouterr()
     assert err == "" and "late" in out
 
@@ -328,9 +360,9 @@ def test_api_errors_go_to_stderr(cluster, args, message):
 
 async def test_watch_prints_a_crafted_ack(cluster, capsys):
     ack = Ack(node="watched", version=7, applied_version=7, digest="abc", changes=2)
-    args = cli.build_parser().parse_args(["--nats", cluster, "watch", "--count", "1", "--json"])
+    args = cli.build_parser().parse_args([*as_admin(cluster), "watch", "--count", "1", "--json"])
     watching = asyncio.create_task(cli.run(args))
-    nc = await nats.connect(cluster)
+    nc = await cluster.connect("watched")
     try:
         async with asyncio.timeout(15):
             while not watching.done():  # until the watcher saw one: its subscription goes live

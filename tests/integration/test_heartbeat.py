@@ -8,7 +8,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import nats
 import pytest
 
 from client.api import ApiClient
@@ -19,6 +18,15 @@ from schemas.messages import Ack, Health
 from tests.conftest import NatsServer, start_controller
 
 pytestmark = pytest.mark.timeout(30)
+
+
+async def listen(server, node: str) -> "Listener":
+    """A listener on its own connection as ``node`` (only it may read its desired state)."""
+    return await Listener(await server.connect(node), node).start()
+
+
+async def publish_as(server, node: str, subject: str, data: bytes) -> None:
+    await (await server.connect(node)).publish(subject, data)
 
 
 class Listener:
@@ -87,10 +95,10 @@ def api(controller, nc):
     return ApiClient(nc)
 
 
-async def test_snapshots_repeat_every_heartbeat_unchanged(api, nc):
+async def test_snapshots_repeat_every_heartbeat_unchanged(api, nats_server):
     """Without any change the same snapshot keeps coming (the period itself: bench heartbeat)."""
     await api.node_register(name="n1")
-    listener = await Listener(nc, "n1").start()
+    listener = await listen(nats_server, "n1")
     first = await listener.live()
     repeats = [await listener.next() for _ in range(5)]
     assert {(s.version, s.digest, s.published_at) for s in repeats} == {
@@ -99,15 +107,15 @@ async def test_snapshots_repeat_every_heartbeat_unchanged(api, nc):
     assert all(s.node == "n1" and s.schema == 1 for s in repeats)
 
 
-async def test_change_is_published_at_once(nc):
+async def test_change_is_published_at_once(nats_server, nc):
     # The heartbeat is far longer than the test's timeout: a snapshot that arrives at all was
     # published by the change, not by a heartbeat (latency: bench heartbeat).
-    ctl = await start_controller(nc, heartbeat=3600.0)
+    ctl = await start_controller(nats_server, heartbeat=3600.0)
     try:
         api = ApiClient(nc)
         await api.node_register(name="n1")
         await api.network_create("br", "bridge", "10.0.0.0/24")
-        listener = await Listener(nc, "n1").start()
+        listener = await listen(nats_server, "n1")
         # registering another node publishes every node's snapshot at once
         first = await listener.live(lambda i: api.node_register(name=f"poke{i}"))
 
@@ -119,11 +127,11 @@ async def test_change_is_published_at_once(nc):
         await ctl.stop()
 
 
-async def test_versions_grow_only_on_content_change(api, nc):
+async def test_versions_grow_only_on_content_change(api, nats_server):
     await api.node_register(name="n1")
     await api.node_register(name="n2")
     await api.network_create("br", "bridge", "10.0.0.0/24")
-    n1, n2 = await Listener(nc, "n1").start(), await Listener(nc, "n2").start()
+    n1, n2 = await listen(nats_server, "n1"), await listen(nats_server, "n2")
     v1 = await n1.live()
     await n2.live()
 
@@ -143,7 +151,18 @@ async def test_versions_grow_only_on_content_change(api, nc):
     assert v3.taps == () and v3.version == v2.version + 1 and v3.digest == v1.digest
 
 
-async def test_publishing_stops_for_a_removed_node(api, nc):
+async def test_publishing_stops_for_a_removed_node(open_nats_server):
+    """Needs the open bus: one subscription to every node's desired state (no identity may
+    have that) is what makes arrival order the publish order."""
+    ctl = await start_controller(open_nats_server)
+    nc = await open_nats_server.connect()
+    try:
+        await _publishing_stops_for_a_removed_node(ApiClient(nc), nc)
+    finally:
+        await ctl.stop()
+
+
+async def _publishing_stops_for_a_removed_node(api, nc):
     await api.node_register(name="n1")
     await api.node_register(name="n2")
     every = await Listener(nc, "*").start()  # one subscription: arrival order is publish order
@@ -155,58 +174,62 @@ async def test_publishing_stops_for_a_removed_node(api, nc):
     assert [(await every.next()).node for _ in range(3)] == ["n2", "n2", "n2"]
 
 
-async def test_acks_and_health_show_in_status(api, nc):
+async def test_acks_and_health_show_in_status(api, nats_server):
+    n1 = await nats_server.connect("n1")
     await api.node_register(name="n1")
     desired = (await api.status()).nodes[0]
     v = desired.desired_version
     assert v >= 1 and desired.applied_version == 0 and not desired.converged
-    snap = await (await Listener(nc, "n1").start()).live()
+    snap = await (await Listener(n1, "n1").start()).live()
     assert snap.version == v
 
     # an ack of the right version but another content proves nothing
     other = Ack(node="n1", version=v, applied_version=v, digest="not-the-snapshot")
-    await nc.publish(naming.ack_subject("n1"), encode(other))
+    await n1.publish(naming.ack_subject("n1"), encode(other))
     st = await wait_status(api, "n1", lambda s: s.last_ack == other)
     assert not st.converged
     # the right digest, but no health yet: not converged either
     ok = Ack(node="n1", version=v, applied_version=v, digest=snap.digest, changes=3)
-    await nc.publish(naming.ack_subject("n1"), encode(ok))
+    await n1.publish(naming.ack_subject("n1"), encode(ok))
     st = await wait_status(api, "n1", lambda s: s.last_ack == ok)
     assert not st.converged and st.last_error is None and st.last_heard > 0
     health = Health(node="n1", applied_version=v, ok=True, started_at=1.0, sent_at=time.time())
-    await nc.publish(naming.health_subject("n1"), encode(health))
+    await n1.publish(naming.health_subject("n1"), encode(health))
     st = await wait_status(api, "n1", lambda s: s.health is not None)
     assert st.health == health and st.converged and (await api.status()).converged
 
     bad = Ack(node="n1", version=v, applied_version=v, ok=False, error="netlink: boom")
-    await nc.publish(naming.ack_subject("n1"), encode(bad))
+    await n1.publish(naming.ack_subject("n1"), encode(bad))
     st = await wait_status(api, "n1", lambda s: s.last_error is not None)
     assert st.last_error == "netlink: boom" and not st.converged and st.applied_version == v
     assert not (await api.status()).converged
 
-    await nc.publish(naming.ack_subject("n1"), encode(ok))
+    await n1.publish(naming.ack_subject("n1"), encode(ok))
     st = await wait_status(api, "n1", lambda s: s.last_error is None)
     assert st.converged
 
 
-async def test_ack_on_another_nodes_subject_is_ignored(api, nc):
+async def test_ack_on_another_nodes_subject_is_ignored(api, nats_server):
+    """n2's identity may publish on ack.n2 only, but what it says there is still checked."""
+    n1, n2 = await nats_server.connect("n1"), await nats_server.connect("n2")
     await api.node_register(name="n1")
     await api.node_register(name="n2")
     v1 = (await api.status()).nodes[0].desired_version
     foreign = Ack(node="n1", version=v1, applied_version=v1)
     marker = Ack(node="n2", version=0, applied_version=0, error="marker", ok=False)
-    await nc.publish(naming.ack_subject("n1"), b"{not an ack")  # malformed: dropped
-    await nc.publish(naming.ack_subject("n2"), encode(foreign))
-    await nc.publish(naming.ack_subject("n2"), encode(marker))  # same subject, so after it
+    await n1.publish(naming.ack_subject("n1"), b"{not an ack")  # malformed: dropped
+    await n2.publish(naming.ack_subject("n2"), encode(foreign))
+    await n2.publish(naming.ack_subject("n2"), encode(marker))  # same subject, so after it
     await wait_status(api, "n2", lambda s: s.last_error == "marker")
     n1 = (await api.status()).nodes[0]
     assert n1.node.name == "n1" and n1.last_ack is None and n1.applied_version == 0
     assert not n1.converged
 
 
-async def test_versions_continue_above_what_a_node_already_applied(api, nc):
+async def test_versions_continue_above_what_a_node_already_applied(api, nats_server):
     """A controller whose store was lost must not publish versions the agent calls stale."""
     await api.node_register(name="n1")
+    nc = await nats_server.connect("n1")  # only the node itself may say what it applied
     listener = await Listener(nc, "n1").start()
     first = await listener.live()
     assert first.version < 500
@@ -220,25 +243,25 @@ async def test_versions_continue_above_what_a_node_already_applied(api, nc):
 
 
 async def test_an_oversized_snapshot_does_not_starve_other_nodes(tmp_path, caplog):
+    (tmp_path / "js").mkdir()
     server = NatsServer(tmp_path / "js", max_payload=4096)
     server.start()
-    nc = await nats.connect(server.url)
-    ctl = await start_controller(nc, heartbeat=0.2)
+    ctl = await start_controller(server, heartbeat=0.2)
     try:
-        api = ApiClient(nc)
+        api = ApiClient(await server.connect("admin"))
         await api.node_register(name="big")  # published first, and too large once it has NICs
         await api.node_register(name="small")
         await api.network_create("lan", "bridge", "10.0.0.0/20")
         for i in range(60):  # about 40 fit in 4 KiB: the last snapshots that fit are long gone
             await api.nic_attach("lan", "big", f"vm{i}")
-        small = await Listener(nc, "small").start()
+        small = await listen(server, "small")
         await small.live()
-        big = await Listener(nc, "big").start()
+        big = await listen(server, "big")
         # positive signal that big's subscription is live: our own marker arrives on it
         marker = Snapshot(node="big", version=0)
         async with asyncio.timeout(10):
             while not big.seen:  # resent until seen: a publish before the sub is live is lost
-                await nc.publish(naming.desired_subject("big"), encode(marker))
+                await ctl.nc.publish(naming.desired_subject("big"), encode(marker))
                 await asyncio.sleep(0.05)
         big.drain()
         for _ in range(3):  # three heartbeats after the marker: the small node keeps its own
@@ -248,5 +271,5 @@ async def test_an_oversized_snapshot_does_not_starve_other_nodes(tmp_path, caplo
         assert refused and all("node big" in m for m in refused)  # ...because it is too large
     finally:
         await ctl.stop()
-        await nc.close()
+        await server.close_clients()
         server.stop()

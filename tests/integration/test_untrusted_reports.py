@@ -25,8 +25,9 @@ def api(controller, nc):
     return ApiClient(nc)
 
 
-async def genuine_ack(nc, api, node: str) -> None:
-    """What a healthy agent sends: health, then an ack of exactly the desired content."""
+async def genuine_ack(server, api, node: str) -> None:
+    """What a healthy agent sends, as that node: health, then an ack of the desired content."""
+    nc = await server.connect(node)
     st = next(s for s in (await api.status()).nodes if s.node.name == node)
     v = st.desired_version
     health = Health(node=node, applied_version=v, ok=True, started_at=0, sent_at=0)
@@ -35,8 +36,9 @@ async def genuine_ack(nc, api, node: str) -> None:
     await nc.publish(naming.ack_subject(node), encode(ack))
 
 
-async def test_a_version_beyond_the_bound_is_refused_and_the_heartbeat_goes_on(api, nc):
+async def test_a_version_beyond_the_bound_is_refused_and_the_heartbeat_goes_on(api, nats_server):
     await api.node_register(name="n1")
+    nc = await nats_server.connect("n1")  # the node's own identity: nobody else may ack for it
     listener = await Listener(nc, "n1").start()
     first = await listener.live()
     huge = "9" * 4300  # once overflowed Python's int-to-string limit in every heartbeat
@@ -51,13 +53,14 @@ async def test_a_version_beyond_the_bound_is_refused_and_the_heartbeat_goes_on(a
         status = await api.status()
     # the heartbeat goes on with the same version; a genuine ack still converges the node
     assert (await listener.next()).version == first.version
-    await genuine_ack(nc, api, "n1")
+    await genuine_ack(nats_server, api, "n1")
     st = await wait_status(api, "n1", lambda s: s.converged)
     assert st.desired_version == first.version
 
 
-async def test_an_ack_of_a_version_never_published_is_refused_and_counted(api, nc):
+async def test_an_ack_of_a_version_never_published_is_refused_and_counted(api, nats_server):
     await api.node_register(name="n1")
+    nc = await nats_server.connect("n1")
     v = (await api.status()).nodes[0].desired_version
     forged = Ack(node="n1", version=v + 1000, applied_version=v + 1000, digest="x")
     await nc.publish(naming.ack_subject("n1"), encode(forged))
@@ -67,11 +70,11 @@ async def test_an_ack_of_a_version_never_published_is_refused_and_counted(api, n
     n1 = status.nodes[0]
     assert status.refused_reports["unpublished version"] == 1
     assert n1.last_ack is None and not n1.converged and n1.desired_version == v
-    await genuine_ack(nc, api, "n1")
+    await genuine_ack(nats_server, api, "n1")
     await wait_status(api, "n1", lambda s: s.converged)
 
 
-async def test_registering_an_existing_node_with_another_key_needs_an_admin(api, nc):
+async def test_registering_an_existing_node_with_another_key_needs_an_admin(api):
     await api.node_register(
         name="n1", underlay_ip="192.0.2.1", wg_public_key=KEY_A, wg_listen_port=51820
     )
@@ -105,11 +108,11 @@ async def test_rekey_of_an_unknown_node_is_not_found(api):
     assert e.value.code == 404
 
 
-async def test_a_damaged_record_of_one_node_does_not_stop_the_others(nc):
+async def test_a_damaged_record_of_one_node_does_not_stop_the_others(nats_server, nc):
     """A network record no snapshot can be built from (its VNI names an impossible device),
     with a NIC on n1: n1 keeps its last good snapshot, n2's heartbeat and changes go on."""
-    store = await Store.open(nc.jetstream())
-    ctl = await start_controller(nc)
+    store = await Store.open((await nats_server.connect("controller")).jetstream())
+    ctl = await start_controller(nats_server)
     try:
         api = ApiClient(nc)
         await api.node_register(name="n1", underlay_ip="192.0.2.1", wg_public_key=KEY_A, wg_listen_port=51820)  # fmt: skip
@@ -120,13 +123,16 @@ async def test_a_damaged_record_of_one_node_does_not_stop_the_others(nc):
     bad = Network(name="bad", type=NetworkType.OVERLAY, subnet="10.9.0.0/24", gateway="10.9.0.1", vni=10**13)  # fmt: skip
     await store.put(bad)
     await store.put(Nic(id="a" * 32, network="bad", node="n1", vm="v", mac="02:00:00:00:00:aa", ip="10.9.0.2"))  # fmt: skip
-    ctl = await start_controller(nc)
+    ctl = await start_controller(nats_server)
     try:
-        n1, n2 = await Listener(nc, "n1").start(), await Listener(nc, "n2").start()
+        n1 = await Listener(await nats_server.connect("n1"), "n1").start()
+        n2 = await Listener(await nats_server.connect("n2"), "n2").start()
         await n2.live()
         await api.nic_attach("lan", "n2", "vm2")
         snap = await n2.until(lambda s: len(s.taps) == 1)
         assert snap.taps[0].bridge == naming.bridge_network_bridge("lan")
+        for _ in range(2):  # two more rounds: anything sent to n1 before them has arrived
+            await n2.next()
         assert n1.seen == []  # n1 had no good snapshot in this controller: nothing, not garbage
     finally:
         await ctl.stop()
