@@ -228,6 +228,7 @@ class Lab:
         # -n names the server for cleanup_prefix; a reload refuses a server_name other than
         # the one it started with, so the configuration must say the same name
         conf = self.state_dir / "nats-server.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
         include = f'include "bus/{bus_files.SERVER_CONF}"\n' if self.state.secure else ""
         conf.write_text(f'{include}server_name: "{self.prefix}-nats"\n')
         argv = [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(self.state.nats_port),
