@@ -117,9 +117,10 @@ def show_networks(infos: list[api.NetworkInfo]) -> str:
 
 def show_nics(infos: list[api.NicInfo]) -> str:
     rows = [
-        (i.nic.id, i.tap, i.nic.network, i.nic.node, i.nic.vm, i.nic.mac, i.nic.ip) for i in infos
+        (i.nic.id, i.tap, i.nic.network, i.nic.node, i.nic.vm, i.nic.mac, i.nic.ip, i.state.value)
+        for i in infos
     ]
-    return table(rows, ("ID", "TAP", "NETWORK", "NODE", "VM", "MAC", "IP"))
+    return table(rows, ("ID", "TAP", "NETWORK", "NODE", "VM", "MAC", "IP", "STATE"))
 
 
 def show_nodes(nodes: list[api.NodeStatus], now: float) -> str:
@@ -151,6 +152,7 @@ def show_status(status: api.Status) -> str:
                 state,
                 health,
                 ago(s.last_heard, status.now),
+                len(s.no_carrier),
                 s.last_error,
             )
         )
@@ -158,11 +160,11 @@ def show_status(status: api.Status) -> str:
         f"{len(status.nodes)} node(s), {status.networks} network(s), {status.nics} NIC(s); "
         + ("all converged" if status.converged else "not converged")
     )
-    return (
-        table(rows, ("NODE", "DESIRED", "APPLIED", "STATE", "HEALTH", "HEARD", "LAST ERROR"))
-        + "\n"
-        + summary
-    )
+    if status.refused_reports:
+        refused = ", ".join(f"{n} {why}" for why, n in sorted(status.refused_reports.items()))
+        summary += f"\nagent reports refused: {refused}"
+    header = ("NODE", "DESIRED", "APPLIED", "STATE", "HEALTH", "HEARD", "NO CARRIER", "LAST ERROR")
+    return table(rows, header) + "\n" + summary
 
 
 def emit(args: argparse.Namespace, value: object, text: str) -> None:

@@ -13,6 +13,7 @@ from lab.netns import run
 from lab.topology import OUTSIDE_IP
 from lab.vm import ping
 from schemas import naming
+from schemas.api import NicState
 from schemas.codec import encode
 from schemas.desired import Bridge, Snapshot
 from schemas.messages import Ack
@@ -131,6 +132,34 @@ async def test_detaching_a_nic_removes_its_tap(lab: Lab):
     await api.nic_detach(nic.nic.id)
     await lab.wait_converged()
     assert nic.tap not in await links(lab, "n1")
+
+
+@pytest.mark.usefixtures("lan")
+async def test_a_nic_without_a_hypervisor_is_shown_as_such(lab: Lab):
+    """A tap nobody holds open has no carrier: health, status and nic list say so instead of
+    calling it done, while VM a's NIC, wired as a hypervisor does, shows up."""
+    api = await lab.connect()
+    nic = await api.nic_attach("lan", "n1", "unplugged")
+    try:
+
+        async def states():
+            infos = await api.nic_list(node="n1")
+            return {i.nic.vm: i.state for i in infos}
+
+        await eventually(
+            lambda: _has(states(), {"unplugged": NicState.NO_CARRIER, "a": NicState.UP}),
+            what="nic list shows the unplugged NIC without carrier and VM a's as up",
+        )
+        n1 = next(n for n in (await api.status()).nodes if n.node.name == "n1")
+        assert n1.no_carrier == (nic.tap,)
+        assert n1.health.taps[nic.tap] is False and n1.health.taps[lab.vms["a"].tap] is True
+    finally:
+        await api.nic_detach(nic.nic.id)
+
+
+async def _has(states, want: dict) -> bool:
+    got = await states
+    return all(got.get(k) == v for k, v in want.items())
 
 
 @pytest.mark.usefixtures("lan")

@@ -245,9 +245,10 @@ def test_nic_and_node_commands(cluster):
 
     out = ctl(cluster, "nic", "attach", "--network", "lan", "--node", "hv1", "--vm", "vm1")
     header, row = out.stdout.splitlines()
-    assert header.split() == ["ID", "TAP", "NETWORK", "NODE", "VM", "MAC", "IP"]
-    nic_id, tap, network, node, vm, mac, ip = row.split()
+    assert header.split() == ["ID", "TAP", "NETWORK", "NODE", "VM", "MAC", "IP", "STATE"]
+    nic_id, tap, network, node, vm, mac, ip, state = row.split()
     assert tap == "ot" + nic_id[:12] and (network, node, vm) == ("lan", "hv1", "vm1")
+    assert state == "pending"  # no agent runs hv1: nobody has reported the tap
     assert mac.startswith("02:") and ip == "10.20.0.2"
 
     chosen = ctl_json(
