@@ -8,6 +8,7 @@ Silence from the controller changes nothing: the data plane keeps its last good 
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class Agent:
         self._snapshot_gap = 1.0  # recent time between snapshots: how long silence may last
         self._latest: bytes | None = None
         self._wakeup = asyncio.Event()
+        self._report_now = asyncio.Event()  # health at once: a tap appeared, went or got carrier
         self._tasks: list[asyncio.Task] = []
         self._sub = None
 
@@ -222,7 +224,10 @@ class Agent:
         changes, errors = 0, list[ApplyError]()
         seen = await self.links.observe()  # one link dump per heartbeat serves every subsystem
         wanted_taps = {t.name for t in snap.taps}
-        self.taps = {name: link.carrier for name, link in seen.links.items() if name in wanted_taps}
+        taps = {name: link.carrier for name, link in seen.links.items() if name in wanted_taps}
+        if taps != self.taps:
+            self.taps = taps
+            self._report_now.set()
         devices: set[str] = set()
         if snap.wireguard is not None:
             self.tunnel_address = snap.wireguard.address.split("/")[0]
@@ -303,4 +308,7 @@ class Agent:
                 )
             except Exception as e:
                 log.warning("agent %s: could not publish health: %s", self.config.node, e)
-            await asyncio.sleep(self.config.health_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.health_interval):
+                    await self._report_now.wait()
+            self._report_now.clear()

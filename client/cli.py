@@ -20,7 +20,7 @@ from schemas.bus import BusConfigError
 from schemas.codec import decode
 from schemas.intent import Egress, NetworkType
 from schemas.messages import Ack, Health
-from schemas.options import add_bus, connect_kwargs
+from schemas.options import add_bus, connect_kwargs, quiet_tls_close
 
 EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 3
 
@@ -302,6 +302,7 @@ async def watch(args: argparse.Namespace, nc) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    quiet_tls_close()
     try:
         sys.exit(asyncio.run(run(args)))
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from client.api import ApiError
 from lab.cluster import Lab
 from lab.netns import LabError, check_prefix
 from lab.topology import OUTSIDE_IP, cleanup_prefix, default_state_dir
+from schemas.options import quiet_tls_close
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("otherix-lab: must run as root (it creates network namespaces)")
+    quiet_tls_close()
     try:
         sys.exit(asyncio.run(run(args)))
     except (LabError, ApiError) as e:

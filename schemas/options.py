@@ -80,3 +80,10 @@ def setup_logging(fmt: str, level: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    quiet_tls_close()
+
+
+def quiet_tls_close() -> None:
+    """asyncio warns "returning true from eof_received() has no effect when using ssl" each time
+    a TLS connection to NATS closes; it is harmless and would fill every log and terminal."""
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
