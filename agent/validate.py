@@ -11,9 +11,9 @@ import re
 import msgspec
 
 from agent.errors import AgentError
-from schemas import SCHEMA_VERSION, naming
+from schemas import naming
 from schemas.codec import decode
-from schemas.desired import Snapshot
+from schemas.desired import SNAPSHOT_SCHEMA, Snapshot
 
 MIN_MTU, MAX_MTU = 576, 65535
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -32,9 +32,9 @@ def accept(raw: bytes, node: str, applied_version: int) -> Snapshot:
         schema = msgspec.json.decode(raw, type=_SchemaOnly).schema
     except msgspec.DecodeError as e:
         raise Rejected(f"malformed snapshot: {e}") from None
-    if schema != SCHEMA_VERSION:
+    if schema != SNAPSHOT_SCHEMA:
         raise Rejected(
-            f"snapshot schema {schema} is not supported (this agent speaks {SCHEMA_VERSION})"
+            f"snapshot schema {schema} is not supported (this agent speaks {SNAPSHOT_SCHEMA})"
         )
     try:
         snap = decode(raw, Snapshot)
@@ -55,7 +55,7 @@ def accept(raw: bytes, node: str, applied_version: int) -> Snapshot:
 
 
 class _SchemaOnly(msgspec.Struct):
-    schema: int = SCHEMA_VERSION
+    schema: int = SNAPSHOT_SCHEMA
 
 
 def check_content(snap: Snapshot) -> None:

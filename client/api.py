@@ -74,9 +74,17 @@ class ApiClient:
         )
 
     async def nic_attach(
-        self, network: str, node: str, vm: str, mac: str | None = None, ip: str | None = None
+        self,
+        network: str,
+        node: str,
+        vm: str,
+        mac: str | None = None,
+        ip: str | None = None,
+        port_security: bool = True,
     ) -> api.NicInfo:
-        req = api.NicAttach(network=network, node=node, vm=vm, mac=mac, ip=ip)
+        req = api.NicAttach(
+            network=network, node=node, vm=vm, mac=mac, ip=ip, port_security=port_security
+        )
         return await self.call("nic.attach", req, api.NicInfo)
 
     async def nic_detach(self, nic_id: str) -> api.NicInfo:

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--vm", required=True)
     a.add_argument("--mac")
     a.add_argument("--ip")
+    a.add_argument(
+        "--no-port-security",
+        dest="port_security",
+        action="store_false",
+        help="let the VM send as any MAC or address (appliances such as routers only)",
+    )
     dt = nic.add_parser("detach", parents=[json_flag])
     dt.add_argument("id", help="NIC id, a 12+ digit prefix of it, or its tap name")
     ls = nic.add_parser("list", parents=[json_flag])
@@ -225,7 +231,9 @@ async def dispatch(args: argparse.Namespace, nc, client: ApiClient) -> int:
             info = await client.network_delete(args.name, args.force)
             emit(args, info, f"deleted network {info.network.name}")
         case "nic", "attach":
-            info = await client.nic_attach(args.network, args.node, args.vm, args.mac, args.ip)
+            info = await client.nic_attach(
+                args.network, args.node, args.vm, args.mac, args.ip, args.port_security
+            )
             emit(args, info, show_nics([info]))
         case "nic", "detach":
             info = await client.nic_detach(args.id)

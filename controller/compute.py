@@ -21,6 +21,7 @@ FLOOD_MAC = "00:00:00:00:00:00"
 class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     underlay_mtu: int = 1500
     mesh_prefix: str = "100.64.0.0/16"
+    underlay_cidrs: tuple[str, ...] = ()  # the nodes' own network(s): never a VM network
     heartbeat_interval: float = 1.0
 
 
@@ -97,7 +98,15 @@ def _node_snapshot(
             if net.type == NetworkType.OVERLAY:
                 vxlans.append(_vxlan(intent, node, net, placement[net.name], u))
         taps.append(
-            Tap(name=naming.tap_name(nic.id), bridge=bridge, mtu=mtu, nic=nic.id, mac=nic.mac)
+            Tap(
+                name=naming.tap_name(nic.id),
+                bridge=bridge,
+                mtu=mtu,
+                nic=nic.id,
+                mac=nic.mac,
+                ip=nic.ip,
+                port_security=nic.port_security,
+            )
         )
     snapshot = Snapshot(
         node=node.name,
@@ -108,7 +117,7 @@ def _node_snapshot(
         nat_subnets=tuple(sorted(nat)),
         vxlans=tuple(sorted(vxlans, key=lambda v: v.name)),
         wireguard=_wireguard(intent, node, config),
-        vxlan_only_via=naming.WIREGUARD_IFNAME if vxlans else None,
+        infrastructure=(config.mesh_prefix, *config.underlay_cidrs),
     )
     return msgspec.structs.replace(snapshot, digest=snapshot_digest(snapshot))
 

@@ -39,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "100.64.0.0/16",
         "prefix node tunnel addresses come from",
     )
+    option(
+        p,
+        "--underlay-cidr",
+        "OTHERIX_UNDERLAY_CIDRS",
+        "",
+        "the nodes' own network(s), comma-separated: never a VM network, never reachable from VMs",
+    )
     option(p, "--bucket", "OTHERIX_BUCKET", BUCKET, "JetStream KV bucket of the intent")
     option(
         p,
@@ -60,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--mesh-prefix {args.mesh_prefix!r}: {e}")
     if mesh.prefixlen > 30:
         p.error(f"--mesh-prefix {args.mesh_prefix}: too small for a mesh (at most /30)")
+    cidrs = [c.strip() for c in args.underlay_cidr.split(",") if c.strip()]
+    try:
+        args.underlay_cidrs = tuple(str(ipaddress.IPv4Network(c)) for c in cidrs)
+    except ValueError as e:
+        p.error(f"--underlay-cidr {args.underlay_cidr!r}: {e}")
     return args
 
 
@@ -84,6 +96,7 @@ async def run(args: argparse.Namespace) -> None:
     config = ClusterConfig(
         underlay_mtu=args.underlay_mtu,
         mesh_prefix=args.mesh_prefix,
+        underlay_cidrs=args.underlay_cidrs,
         heartbeat_interval=args.heartbeat,
     )
     controller = Controller(nc, store, config)

@@ -108,7 +108,14 @@ def attach_nic(
     while naming.tap_name(nic_id) in taps:  # the tap name keeps 12 of 32 digits
         nic_id = new_id()
     return Nic(
-        id=nic_id, network=net.name, node=req.node, vm=req.vm, mac=mac, ip=ip, created_at=now
+        id=nic_id,
+        network=net.name,
+        node=req.node,
+        vm=req.vm,
+        mac=mac,
+        ip=ip,
+        port_security=req.port_security,
+        created_at=now,
     )
 
 

@@ -24,7 +24,7 @@ from client.api import ApiClient, ApiError
 from client.bus import files as bus_files
 from lab.netns import LabError, alive, python_module, read_pidfile, run, spawn, stop_pidfile
 from lab.relay import start_relay
-from lab.topology import OUTSIDE_IP, Topology, cleanup_prefix, default_state_dir
+from lab.topology import OUTSIDE_IP, UNDERLAY_CIDRS, Topology, cleanup_prefix, default_state_dir
 from lab.vm import VmHandle, ping, vm_add, vm_rm
 from schemas import api
 from schemas.bus import CA_ENV, CREDS_ENV, connect_kwargs
@@ -245,6 +245,7 @@ class Lab:
             "controller.main", "--nats", self.nats_url, "--heartbeat", str(self.state.heartbeat),
             "--instance", f"{self.prefix}-controller",  # found by name if its pid file is lost
             "--underlay-mtu", str(self.state.underlay_mtu), *self.bus_args("controller"),
+            "--underlay-cidr", UNDERLAY_CIDRS,
         )  # fmt: skip
         await spawn(argv, state_dir=self.state_dir, name="controller")
         if wait:

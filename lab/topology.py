@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 UNDERLAY_NET = "198.18.0"  # RFC 2544 benchmarking range, never routed on a real network
 UNDERLAY_PREFIXLEN = 24
 OUTSIDE_IP = f"{UNDERLAY_NET}.254"
+# The nodes' part of the fabric (.0-.223, nodes sit at .11-.210) is the cluster's underlay:
+# infrastructure no VM network may overlap or reach. The outside host (.254) stays outside it.
+UNDERLAY_CIDRS = f"{UNDERLAY_NET}.0/25,{UNDERLAY_NET}.128/26,{UNDERLAY_NET}.192/27"
 FABRIC_BRIDGE = "fabric0"
 MAX_INDEX = 243  # 10 + 243 = 253; .254 is the outside host
 

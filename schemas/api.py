@@ -63,6 +63,7 @@ class NicAttach(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
     vm: str
     mac: str | None = None
     ip: str | None = None
+    port_security: bool = True  # False only for appliances that must send as other addresses
 
 
 class NicDetach(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -7,7 +7,13 @@ rolling upgrade; an unknown *schema version* is still refused.
 
 import msgspec
 
-from schemas import SCHEMA_VERSION, Version
+from schemas import Version
+
+# Snapshots have their own schema version (API requests keep schemas.SCHEMA_VERSION): 2 carries
+# each tap's address and port-security flag and the infrastructure prefixes, and no longer lets
+# the controller choose the VXLAN guard's interface. An agent refuses any other version, so a
+# mixed old/new cluster keeps its last good state instead of misapplying.
+SNAPSHOT_SCHEMA = 2
 
 
 class Bridge(msgspec.Struct, frozen=True, kw_only=True):
@@ -22,7 +28,9 @@ class Tap(msgspec.Struct, frozen=True, kw_only=True):
     bridge: str
     mtu: int
     nic: str = ""  # NIC id, for logs
-    mac: str = ""  # the guest's MAC (for FDB and logs); the tap keeps its own address
+    mac: str = ""  # the guest's MAC: the only source MAC port security lets out of the tap
+    ip: str = ""  # the guest's IPv4 address: the only source address port security lets out
+    port_security: bool = True  # off only for appliances that must send as others
 
 
 class FdbEntry(msgspec.Struct, frozen=True, kw_only=True, order=True):
@@ -64,8 +72,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     nat_subnets: tuple[str, ...] = ()  # masquerade these to destinations outside them
     vxlans: tuple[Vxlan, ...] = ()
     wireguard: WireGuard | None = None
-    # Drop VXLAN (UDP vxlan_port) that does not arrive through the mesh; set when vxlans exist.
-    vxlan_only_via: str | None = None
+    # Prefixes no network may overlap and no VM may reach: the mesh prefix and the underlay.
+    infrastructure: tuple[str, ...] = ()
     digest: str = ""  # of everything above but version/digest; set by the controller
     published_at: float = 0.0
-    schema: int = SCHEMA_VERSION
+    schema: int = SNAPSHOT_SCHEMA

@@ -40,6 +40,7 @@ class Nic(msgspec.Struct, frozen=True, kw_only=True):
     vm: str
     mac: str  # "02:xx:xx:xx:xx:xx", lowercase
     ip: str  # host address inside the network's subnet
+    port_security: bool = True  # the tap lets out only this NIC's MAC and IP
     created_at: float = 0.0
     schema: int = SCHEMA_VERSION
 

@@ -27,6 +27,7 @@ from agent.nft.rules import (
 )
 from agent.subsystem import Subsystem
 from schemas.desired import Snapshot
+from schemas.naming import WIREGUARD_IFNAME
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 TIMEOUT = 10.0
@@ -43,7 +44,8 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
         self.log = NodeLog(logging.getLogger(__name__), node)
 
     def desired(self, snapshot: Snapshot) -> NftDesired:
-        return desired(snapshot.nat_subnets, snapshot.vxlan_only_via)
+        # the guard is the agent's own choice: VXLAN only through the mesh, when it has overlays
+        return desired(snapshot.nat_subnets, WIREGUARD_IFNAME if snapshot.vxlans else None)
 
     async def observe(self, seen: Observed | None = None) -> NftObserved:
         rc, out, err = await self._run([self._nft, "-j", "list", "table", FAMILY, TABLE])

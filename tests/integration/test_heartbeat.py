@@ -13,7 +13,7 @@ import pytest
 from client.api import ApiClient
 from schemas import naming
 from schemas.codec import decode, encode
-from schemas.desired import Snapshot
+from schemas.desired import SNAPSHOT_SCHEMA, Snapshot
 from schemas.messages import Ack, Health
 from tests.conftest import NatsServer, start_controller
 
@@ -104,7 +104,7 @@ async def test_snapshots_repeat_every_heartbeat_unchanged(api, nats_server):
     assert {(s.version, s.digest, s.published_at) for s in repeats} == {
         (first.version, first.digest, first.published_at)
     }
-    assert all(s.node == "n1" and s.schema == 1 for s in repeats)
+    assert all(s.node == "n1" and s.schema == SNAPSHOT_SCHEMA for s in repeats)
 
 
 async def test_change_is_published_at_once(nats_server, nc):

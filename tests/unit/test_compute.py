@@ -22,7 +22,9 @@ def test_bridge_network_only_on_nodes_with_nics():
     assert {t.bridge for t in n1.taps} == {n1.bridges[0].name}
     assert n1.nat_subnets == ("10.0.0.0/24",)
     assert n2.bridges == () and n2.taps == () and n2.nat_subnets == ()
-    assert n1.wireguard is None and n1.vxlan_only_via is None
+    assert n1.wireguard is None and n1.infrastructure == ("100.64.0.0/16",)
+    tap = n1.taps[0]
+    assert (tap.mac, tap.ip, tap.port_security) == ("02:00:00:00:00:01", "10.0.0.2", True)
 
 
 def test_bridge_without_nat_has_no_address_and_no_rule():
@@ -49,7 +51,6 @@ def test_overlay_fdb_and_flood_list_only_towards_hosting_nodes():
         FdbEntry(mac="02:00:00:00:00:03", dst="100.64.0.2"),
     }
     assert snaps["n3"].vxlans == ()  # n3 hosts no NIC of the VNI: no devices there
-    assert snaps["n1"].vxlan_only_via == "otwg0"
     assert {e.dst for e in snaps["n2"].vxlans[0].fdb} == {"100.64.0.1"}
 
 

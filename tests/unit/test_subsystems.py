@@ -42,7 +42,6 @@ SNAP = Snapshot(
         ),
     ),
     nat_subnets=("10.1.0.0/24",),
-    vxlan_only_via="otwg0",
 )
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from agent.validate import Rejected, accept
 from schemas.codec import decode, encode
-from schemas.desired import Bridge, FdbEntry, Snapshot, Tap, Vxlan
+from schemas.desired import SNAPSHOT_SCHEMA, Bridge, FdbEntry, Snapshot, Tap, Vxlan
 from schemas.messages import Ack, Health
 
 GOOD = Snapshot(
@@ -42,7 +42,8 @@ def test_good_snapshot_accepted_same_or_newer_version():
         (b"{not json", "n1", 0, "malformed snapshot"),
         (b'{"node": "n1"}', "n1", 0, "malformed snapshot: Object missing required field `version`"),
         (b'{"node": "n1", "version": "7"}', "n1", 0, "Expected `int`, got `str` - at `$.version`"),
-        (raw(schema=2), "n1", 0, "schema 2 is not supported"),
+        (raw(schema=1), "n1", 0, "schema 1 is not supported"),  # an older controller's
+        (raw(schema=3), "n1", 0, "schema 3 is not supported"),
         (raw(), "n2", 0, "snapshot is for node 'n1', this is 'n2'"),
         (raw(), "n1", 6, "stale snapshot: version 5 is older than applied version 6"),
         (
@@ -103,4 +104,4 @@ def test_message_round_trips():
     assert decode(encode(ack), Ack) == ack
     assert decode(encode(health), Health) == health
     assert decode(encode(GOOD), Snapshot) == GOOD
-    assert all(m.schema == 1 for m in (ack, health, GOOD))
+    assert ack.schema == health.schema == 1 and GOOD.schema == SNAPSHOT_SCHEMA == 2
