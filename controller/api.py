@@ -24,7 +24,7 @@ from controller.publisher import Publisher
 from controller.store import Store
 from controller.tracker import Tracker
 from schemas import api, naming
-from schemas.codec import decode, encode
+from schemas.codec import encode
 from schemas.errors import ApiError, BadRequest, Internal
 from schemas.intent import Intent, Nic
 
@@ -94,15 +94,13 @@ class Api:
     ) -> Callable[[MicroRequest], Awaitable[None]]:
         async def handle(req: MicroRequest) -> None:
             try:
-                parsed = decode(req.data or b"{}", request_type)
+                parsed = ops.decode_request(name, req.data or b"{}", request_type)
                 ops.check_schema(parsed)
                 if scoped and parsed.name != req.subject.rsplit(".", 1)[-1]:
                     # the bus lets a node publish only on its own subject: the body must agree
                     raise BadRequest(f"{name} for node {parsed.name!r} sent on {req.subject}")
                 async with self._lock:
                     reply = await handler(parsed)
-            except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                await _respond_error(req, BadRequest(f"invalid {name} request: {e}"))
             except ApiError as e:
                 await _respond_error(req, e)
             except Exception as e:
@@ -125,7 +123,7 @@ class Api:
         )
 
     async def network_create(self, req: api.NetworkCreate) -> api.NetworkInfo:
-        net = ops.create_network(self.intent, req, self.clock())
+        net = ops.create_network(self.intent, req, self.clock(), self.config)
         await self.store.put(net)
         self.intent.networks[net.name] = net
         log.info("controller: network %s created (%s %s)", net.name, net.type.value, net.subnet)

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Collection, Iterable
 
 from schemas.errors import BadRequest, Conflict
+from schemas.limits import special_range
 from schemas.naming import VNI_MAX, VNI_MIN
 
 DEFAULT_VNI_START = 1000
@@ -34,6 +35,24 @@ def parse_subnet(cidr: str) -> ipaddress.IPv4Network:
 
 def gateway_of(net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
     return net.network_address + 1
+
+
+def check_subnet_allowed(
+    net: ipaddress.IPv4Network, mesh_prefix: str, underlay_cidrs: Iterable[str]
+) -> None:
+    """A VM network never overlaps the mesh, the nodes' underlay or a special-purpose range: its
+    connected route would beat the mesh's or the underlay's, and its gateway would answer for
+    addresses the node needs."""
+    infrastructure = [(mesh_prefix, "the mesh prefix {} (the nodes' tunnel addresses)")]
+    infrastructure += [
+        (cidr, "the underlay {} (the nodes' own network)") for cidr in underlay_cidrs
+    ]
+    why = special_range(net)
+    for cidr, words in infrastructure:
+        if why is None and net.overlaps(prefix := ipaddress.IPv4Network(cidr)):
+            why = words.format(prefix)
+    if why is not None:
+        raise BadRequest(f"subnet {net} overlaps {why}, which no VM network may use")
 
 
 def check_subnet_free(net: ipaddress.IPv4Network, taken: dict[str, str]) -> None:

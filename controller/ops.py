@@ -10,13 +10,29 @@ import binascii
 import ipaddress
 import uuid
 from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 
 from controller import ipam
+from controller.compute import ClusterConfig
 from schemas import SCHEMA_VERSION, api, naming
+from schemas.codec import decode
 from schemas.errors import BadRequest, Conflict, Deferred, NotFound
 from schemas.intent import DEFERRED_TYPES, Egress, Intent, Network, NetworkType, Nic, Node
+
+R = TypeVar("R", bound=api.Request)
+
+
+def decode_request(endpoint: str, data: bytes, request_type: type[R]) -> R:
+    """The request, or a ``BadRequest`` for anything undecodable: wrong JSON, wrong types, text
+    that is not UTF-8, nesting deeper than the decoder goes (never an internal error)."""
+    try:
+        return decode(data, request_type)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # ValidationError is a DecodeError
+        raise BadRequest(f"invalid {endpoint} request: {e}") from None
+    except RecursionError:
+        raise BadRequest(f"invalid {endpoint} request: JSON nested too deeply") from None
 
 
 def check_schema(req: api.Request) -> None:
@@ -33,13 +49,16 @@ def _check_id(kind: str, value: str) -> None:
         raise BadRequest(str(e)) from None
 
 
-def create_network(intent: Intent, req: api.NetworkCreate, now: float) -> Network:
+def create_network(
+    intent: Intent, req: api.NetworkCreate, now: float, config: ClusterConfig
+) -> Network:
     _check_id("network", req.name)
     if req.type in DEFERRED_TYPES:
         raise Deferred(f"network type {req.type.value!r} is deferred: not supported yet")
     if req.name in intent.networks:
         raise Conflict(f"network {req.name!r} already exists")
     subnet = ipam.parse_subnet(req.subnet)
+    ipam.check_subnet_allowed(subnet, config.mesh_prefix, config.underlay_cidrs)
     ipam.check_subnet_free(subnet, {n.name: n.subnet for n in intent.networks.values()})
     vni = None
     if req.type == NetworkType.OVERLAY:

@@ -10,6 +10,7 @@ import re
 import msgspec
 import nats
 import pytest
+import pytest_asyncio
 
 from client.api import ApiClient, ApiError
 from controller.store import BUCKET
@@ -24,6 +25,18 @@ pytestmark = pytest.mark.timeout(30)
 KEY_A = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="  # any 32 bytes in base64
 KEY_B = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+UNDERLAY = "192.0.2.0/24"  # the nodes' own network, as a real cluster's --underlay-cidr gives it
+
+
+@pytest_asyncio.fixture
+async def controller(nats_server):
+    ctl = await start_controller(nats_server, underlay_cidrs=(UNDERLAY,))
+    try:
+        yield ctl
+    finally:
+        await ctl.stop()
 
 
 @pytest.fixture
@@ -199,6 +212,9 @@ async def test_status_reports_desired_versions(api):
 
 NAME_RULE = "use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
 
+MESH = "the mesh prefix 100.64.0.0/16 (the nodes' tunnel addresses)"
+NO_VM = "which no VM network may use"
+
 # one case per line reads as a table
 # fmt: off
 BAD_REQUESTS = [
@@ -214,6 +230,16 @@ BAD_REQUESTS = [
     (lambda a: a.network_create("x", "bridge", "10.5.0.0/31"), 400, "subnet 10.5.0.0/31: prefix length must be between /8 and /30 (room for a gateway and at least one NIC)"),
     (lambda a: a.network_create("x", "bridge", "10.5.0.0/32"), 400, "subnet 10.5.0.0/32: prefix length must be between /8 and /30 (room for a gateway and at least one NIC)"),
     (lambda a: a.network_create("x", "bridge", "fd00::/64"), 400, "subnet fd00::/64: only IPv4 subnets are supported"),
+    # infrastructure and special-purpose ranges: the range is named, with why it is off limits
+    (lambda a: a.network_create("x", "bridge", "100.64.1.0/24"), 400, f"subnet 100.64.1.0/24 overlaps {MESH}, {NO_VM}"),
+    (lambda a: a.network_create("x", "overlay", "100.0.0.0/8"), 400, f"subnet 100.0.0.0/8 overlaps {MESH}, {NO_VM}"),
+    (lambda a: a.network_create("x", "bridge", "192.0.2.128/25", egress="nat"), 400, f"subnet 192.0.2.128/25 overlaps the underlay 192.0.2.0/24 (the nodes' own network), {NO_VM}"),
+    (lambda a: a.network_create("x", "bridge", "0.0.0.0/8"), 400, f"subnet 0.0.0.0/8 overlaps the 'this network' range 0.0.0.0/8, {NO_VM}"),
+    (lambda a: a.network_create("x", "bridge", "127.0.0.0/24"), 400, f"subnet 127.0.0.0/24 overlaps the loopback range 127.0.0.0/8, {NO_VM}"),
+    (lambda a: a.network_create("x", "bridge", "169.254.0.0/16"), 400, f"subnet 169.254.0.0/16 overlaps the link-local range 169.254.0.0/16, {NO_VM}"),
+    (lambda a: a.network_create("x", "overlay", "224.0.0.0/8"), 400, f"subnet 224.0.0.0/8 overlaps the multicast range 224.0.0.0/4, {NO_VM}"),
+    (lambda a: a.network_create("x", "bridge", "240.0.0.0/8"), 400, f"subnet 240.0.0.0/8 overlaps the reserved range 240.0.0.0/4 (with the broadcast address), {NO_VM}"),
+    (lambda a: a.network_create("x", "bridge", "255.255.255.252/30"), 400, f"subnet 255.255.255.252/30 overlaps the reserved range 240.0.0.0/4 (with the broadcast address), {NO_VM}"),
     (lambda a: a.network_create("x", "overlay", "10.5.0.0/24", egress="nat"), 400, "egress 'nat' is only available on bridge networks"),
     (lambda a: a.network_create("x", "bridge", "10.5.0.0/24", vni=5000), 400, "--vni only applies to overlay networks"),
     (lambda a: a.network_create("x", "overlay", "10.5.0.0/24", vni=1000), 409, "vni 1000 is already used by another network"),
@@ -280,6 +306,9 @@ RAW_REQUESTS = [
     ("network.create", b'{"name":"x",', 400, ["invalid network.create request", "truncated"]),
     ("node.register.n3", b"not json at all", 400, ["malformed"]),
     ("network.list", b"[]", 400, ["Expected `object`, got `array`"]),
+    # not UTF-8: a refusal like any malformed body, never an internal error
+    ("network.create", b'{"name":"\xff","type":"bridge","subnet":"10.5.0.0/24"}', 400, ["invalid network.create request: 'utf-8' codec can't decode byte 0xff"]),
+    ("network.list", b"[" * 100_000 + b"]" * 100_000, 400, ["invalid network.list request"]),
 ]
 # fmt: on
 

@@ -65,6 +65,44 @@ def test_overlapping_subnet_refused():
         ipam.check_subnet_free(net("10.0.3.0/24"), {"big": "10.0.0.0/16"})
 
 
+@pytest.mark.parametrize(
+    ("cidr", "named"),
+    [
+        ("100.64.7.0/24", "the mesh prefix 100.64.0.0/16"),
+        ("100.0.0.0/8", "the mesh prefix 100.64.0.0/16"),  # containing it counts too
+        ("198.18.0.128/25", "the underlay 198.18.0.0/24"),
+        ("198.19.0.0/16", "the underlay 198.19.0.0/16"),  # the second --underlay-cidr
+        ("0.0.0.0/8", "the 'this network' range 0.0.0.0/8"),
+        ("127.0.0.0/8", "the loopback range 127.0.0.0/8"),
+        ("169.254.1.0/24", "the link-local range 169.254.0.0/16"),
+        ("224.0.0.0/8", "the multicast range 224.0.0.0/4"),
+        ("239.255.255.0/30", "the multicast range 224.0.0.0/4"),
+        ("240.0.0.0/8", "the reserved range 240.0.0.0/4"),
+        ("255.255.255.252/30", "the reserved range 240.0.0.0/4 (with the broadcast address)"),
+    ],
+)
+def test_infrastructure_and_special_subnets_refused(cidr, named):
+    with pytest.raises(BadRequest) as e:
+        ipam.check_subnet_allowed(net(cidr), "100.64.0.0/16", ("198.18.0.0/24", "198.19.0.0/16"))
+    assert e.value.message.startswith(f"subnet {cidr} overlaps {named}")
+    assert e.value.message.endswith("which no VM network may use")
+
+
+@pytest.mark.parametrize(
+    "cidr",
+    [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.65.0.0/16",
+        "1.0.0.0/8",
+        "223.255.255.0/24",
+    ],
+)
+def test_ordinary_subnets_allowed(cidr):
+    ipam.check_subnet_allowed(net(cidr), "100.64.0.0/16", ("198.18.0.0/24",))
+
+
 def test_macs_are_locally_administered_unicast_and_unique():
     seq = iter([0xAA, 0, 0, 0, 1, 0xAA, 0, 0, 0, 1, 0xAA, 0, 0, 0, 2])
     used = {"02:aa:00:00:00:01"}
