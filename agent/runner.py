@@ -298,6 +298,7 @@ class Agent:
             wg_public_key=key,
             tunnel_ip=tunnel,
             peers=peers,
+            drops=self.nft.drops,
         )
 
     async def _health_loop(self) -> None:

@@ -46,4 +46,7 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     wg_public_key: str | None = None
     tunnel_ip: str | None = None
     peers: tuple[PeerHealth, ...] = ()
+    # packets the data plane dropped, by reason (agent.nft.rules.REASONS: port security, host
+    # and forward isolation, VXLAN guard); kept across rule reloads, zeroed by a reboot
+    drops: dict[str, int] = {}
     schema: int = SCHEMA_VERSION

@@ -1,9 +1,11 @@
-"""The nftables subsystem: owns exactly one table, ``table inet otherix``, and IPv4 forwarding.
+"""The nftables subsystem: owns exactly two tables, ``inet otherix`` and ``bridge otherix``, and
+IPv4 forwarding.
 
-``observe`` reads the table with one read-only ``nft -j list`` and the forwarding sysctl; the
-pure ``agent.nft.rules.plan`` decides; ``apply`` replaces the table in a single atomic
-``nft -f -`` transaction (or drops it) and turns forwarding on when NAT needs it. It never
-touches any other table or sysctl.
+``observe`` reads both tables (two read-only ``nft -j list table``, run side by side: nft 1.0.6
+cannot list two tables in one call) and the forwarding sysctl, and keeps the drop counters for
+health; the pure ``agent.nft.rules.plan`` decides; ``apply`` replaces both tables in a single
+atomic ``nft -j -f -`` transaction built as JSON (or drops them) and turns forwarding on when NAT
+needs it. It never touches any other table or sysctl.
 """
 
 import asyncio
@@ -12,11 +14,13 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
+
 from agent.errors import ApplyError, ApplyResult, NftError
 from agent.links.model import Observed
 from agent.logs import NodeLog
 from agent.nft.rules import (
-    FAMILY,
+    FAMILIES,
     TABLE,
     NftDesired,
     NftObserved,
@@ -24,6 +28,7 @@ from agent.nft.rules import (
     desired,
     parse_observed,
     plan,
+    spec,
 )
 from agent.subsystem import Subsystem
 from schemas.desired import Snapshot
@@ -42,26 +47,30 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
         self._nft = nft
         self._prefix = tuple(prefix)
         self.log = NodeLog(logging.getLogger(__name__), node)
+        self.drops: dict[str, int] = {}  # packets per drop reason, as last observed
 
     def desired(self, snapshot: Snapshot) -> NftDesired:
-        # the guard is the agent's own choice: VXLAN only through the mesh, when it has overlays
-        return desired(snapshot.nat_subnets, WIREGUARD_IFNAME if snapshot.vxlans else None)
+        # the guard is the agent's own choice: VXLAN only through the mesh (otwg0)
+        return desired(spec(snapshot, WIREGUARD_IFNAME))
 
     async def observe(self, seen: Observed | None = None) -> NftObserved:
-        rc, out, err = await self._run([self._nft, "-j", "list", "table", FAMILY, TABLE])
+        # both finish before any error is raised: no nft process outlives its reader
+        listings = await asyncio.gather(*map(self._list, FAMILIES), return_exceptions=True)
+        for failed in (x for x in listings if isinstance(x, BaseException)):
+            raise failed
+        tables = parse_observed(*(x for x in listings if isinstance(x, dict)))
+        self.drops = tables.drops
+        return msgspec.structs.replace(tables, forwarding=await self._forwarding())
+
+    async def _list(self, family: str) -> dict | None:
+        """One of our tables as ``nft -j`` prints it; None when it does not exist."""
+        rc, out, err = await self._run([self._nft, "-j", "list", "table", family, TABLE])
         if rc == 0:
-            table = parse_observed(json.loads(out))
-        elif "No such file or directory" in err:
-            table = NftObserved(exists=False, digest=None, rule_count=0)
-        else:
-            raise NftError(
-                f"nft list table {FAMILY} {TABLE} failed (exit {rc}): {err.strip()}", op="observe"
-            )
-        return NftObserved(
-            exists=table.exists,
-            digest=table.digest,
-            rule_count=table.rule_count,
-            forwarding=await self._forwarding(),
+            return json.loads(out)
+        if "No such file or directory" in err:
+            return None
+        raise NftError(
+            f"nft list table {family} {TABLE} failed (exit {rc}): {err.strip()}", op="observe"
         )
 
     def plan(self, desired: NftDesired, observed: NftObserved) -> NftPlan:
@@ -83,11 +92,11 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
             )
             return ApplyResult(writes, reached, tuple(errors))
         if plan.digest is None:
-            self.log.info("nft: deleting table %s %s", FAMILY, TABLE)
+            self.log.info("nft: deleting tables %s %s", " and ".join(FAMILIES), TABLE)
         else:
             self.log.info(
-                "nft: replacing table %s %s (%d rules, %s)",
-                FAMILY, TABLE, plan.rule_count, plan.digest,
+                "nft: replacing tables %s %s (%d rules, %s)",
+                " and ".join(FAMILIES), TABLE, plan.rule_count, plan.digest,
             )  # fmt: skip
         try:
             await self.load(plan.load)
@@ -101,14 +110,17 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
                 digest=plan.digest,
                 rule_count=plan.rule_count,
                 forwarding=forwarding,
+                counters=plan.before.counters if plan.before and plan.digest else {},
             )
         return ApplyResult(writes, reached, tuple(errors))
 
-    async def load(self, script: str) -> None:
-        rc, _, err = await self._run([self._nft, "-f", "-"], stdin=script)
+    async def load(self, batch: str) -> None:
+        """One ``nft -j -f -`` transaction (JSON): all of it or nothing."""
+        rc, _, err = await self._run([self._nft, "-j", "-f", "-"], stdin=batch)
         if rc != 0:
             raise NftError(
-                f"nft -f failed (exit {rc}): {err.strip()}\n--- script ---\n{script}", op="load"
+                f"nft -j -f failed (exit {rc}): {err.strip()}\n--- batch ---\n{batch[:4000]}",
+                op="load",
             )
 
     async def _forwarding(self) -> bool:

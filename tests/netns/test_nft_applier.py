@@ -1,5 +1,7 @@
-"""The nftables subsystem (``NftApplier``) against real nft in a throwaway namespace (the pure
-rules are tested in ``tests/unit/test_nft_rules.py``)."""
+"""The nftables subsystem (``NftApplier``) against real nft in a throwaway namespace: load,
+observe, a no-op heartbeat that writes nothing, repair of hand edits, drop counters read back
+and carried over a reload (the pure rules are tests/unit/test_nft_rules.py's; what the rules do
+to VM traffic is tests/e2e/test_vm_isolation.py's)."""
 
 import json
 import secrets
@@ -10,7 +12,8 @@ import pytest
 
 from agent.errors import NftError
 from agent.nft.applier import NftApplier
-from agent.nft.rules import desired, desired_digest
+from agent.nft.rules import NftSpec, desired, spec
+from tests.unit.test_nft_rules import SNAP, TAP_A
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(30)]
 
@@ -26,6 +29,7 @@ def ns():
     name = "otnl-" + secrets.token_hex(4)
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
     try:
+        sh(name, "ip", "link", "set", "lo", "up")
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
@@ -36,15 +40,24 @@ def nft(ns):
     return NftApplier(prefix=("ip", "netns", "exec", ns))
 
 
-async def apply(nft: NftApplier, subnets: list[str], via: str | None) -> int:
+async def apply(nft: NftApplier, want) -> int:
     """One heartbeat's nft step (observe → plan → apply); its writes."""
-    result = await nft.reconcile(desired(subnets, via))
+    result = await nft.reconcile(want)
     assert result.errors == (), result.errors
     return result.writes
 
 
-def rules_text(ns: str) -> str:
-    return sh(ns, "nft", "list", "table", "inet", "otherix").stdout
+def ruleset(ns: str) -> str:
+    return sh(ns, "nft", "list", "ruleset").stdout
+
+
+def send_vxlan(ns: str, count: int) -> None:
+    """UDP to the VXLAN port on loopback: not through the mesh, so the guard drops it."""
+    code = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"for _ in range({count}): s.sendto(b'x', ('127.0.0.1', 4789))"
+    )
+    sh(ns, "python3", "-c", code)
 
 
 async def test_apply_observe_noop_replace_remove(ns, nft):
@@ -52,53 +65,75 @@ async def test_apply_observe_noop_replace_remove(ns, nft):
     assert (await nft.observe()).exists is False
     assert sh(ns, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
 
-    assert await apply(nft, ["10.1.0.0/24"], "otwg0") == 2  # forwarding + table
+    want = desired(spec(SNAP))
+    assert await apply(nft, want) == 2  # forwarding + both tables, one transaction
     assert sh(ns, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
     observed = await nft.observe()
-    assert observed.exists and observed.rule_count == 4
-    assert observed.digest == desired_digest(["10.1.0.0/24"], "otwg0")
-    text = rules_text(ns)
-    assert "ip saddr 10.1.0.0/24 ip daddr != 10.1.0.0/24 masquerade" in text
-    assert 'udp dport 4789 iifname != "otwg0" drop' in text
+    assert observed.exists and observed.rule_count == want.rule_count == 25
+    assert observed.digest == want.digest and observed.sets == want.sets
+    text = ruleset(ns)
+    assert "ip saddr 10.10.0.0/24 ip daddr != 10.10.0.0/24 masquerade" in text
+    assert "iifname . ether saddr != @nic_mac" in text and '"ot0000000000aa" . 10.10.0.2' in text
+    assert 'iifname "otwg0" ip saddr @mesh_peers ip daddr 100.64.0.1 return' in text
 
-    assert await apply(nft, ["10.1.0.0/24"], "otwg0") == 0  # no-op heartbeat
+    assert await apply(nft, want) == 0  # no-op heartbeat: reads only
 
-    # replace: the old subnet is gone, the new one is in, atomically in one transaction
-    assert await apply(nft, ["10.2.0.0/24", "10.3.0.0/24"], None) == 1
-    text = rules_text(ns)
-    assert "10.1.0.0" not in text and "10.2.0.0/24" in text and "10.3.0.0/24" in text
-    assert "chain input" not in text
+    # a hand-deleted rule and a hand-added set element are noticed and repaired
+    listing = json.loads(sh(ns, "nft", "-j", "-a", "list", "table", "bridge", "otherix").stdout)
+    handle = next(i["rule"]["handle"] for i in listing["nftables"] if "rule" in i)
+    sh(ns, "nft", "delete", "rule", "bridge", "otherix", "prerouting", "handle", str(handle))
+    assert await apply(nft, want) == 1 and (await nft.observe()).rule_count == 25
+    sh(ns, "nft", "add", "element", "bridge", "otherix", "nic_mac",
+       f'{{ "{TAP_A}" . 02:00:00:00:00:ee }}')  # fmt: skip
+    assert await apply(nft, want) == 1
+    assert "02:00:00:00:00:ee" not in sh(ns, "nft", "list", "set", "bridge", "otherix", "nic_mac").stdout  # fmt: skip
+    assert await apply(nft, want) == 0
+
+    # replace: only a NAT network left; the bridge table goes in the same transaction
+    nat_only = desired(NftSpec(nat_subnets=("10.2.0.0/24", "10.3.0.0/24")))
+    assert await apply(nft, nat_only) == 1
+    text = ruleset(ns)
+    assert "table bridge otherix" not in text and "10.10.0.0" not in text
+    assert "10.2.0.0/24" in text and "10.3.0.0/24" in text and "chain input" not in text
     assert (await nft.observe()).rule_count == 6  # 2 masquerade + 2 x 2 isolation
 
-    # a hand-deleted rule is noticed and repaired
-    listing = json.loads(sh(ns, "nft", "-j", "-a", "list", "table", "inet", "otherix").stdout)
-    handle = next(i["rule"]["handle"] for i in listing["nftables"] if "rule" in i)
-    sh(ns, "nft", "delete", "rule", "inet", "otherix", "postrouting", "handle", str(handle))
-    assert await apply(nft, ["10.2.0.0/24", "10.3.0.0/24"], None) == 1
-    assert (await nft.observe()).rule_count == 6
-
-    # nothing wanted: our table goes, the foreign table stays
-    assert await apply(nft, [], None) == 1
+    # nothing wanted: our tables go, the foreign table stays
+    assert await apply(nft, desired(NftSpec())) == 1
     assert (await nft.observe()).exists is False
-    assert await apply(nft, [], None) == 0
+    assert await apply(nft, desired(NftSpec())) == 0
     assert "counter" in sh(ns, "nft", "list", "table", "ip", "other").stdout
 
 
+async def test_drop_counters_are_read_back_and_survive_a_reload(ns, nft):
+    want = desired(spec(SNAP))
+    await apply(nft, want)
+    assert (await nft.observe()).drops["vxlan_guard"] == 0
+    send_vxlan(ns, 3)
+    assert (await nft.observe()).drops["vxlan_guard"] == 3 and nft.drops["vxlan_guard"] == 3
+    # a new NIC reloads both tables: the counters carry over instead of starting again
+    more = msgspec.structs.replace(SNAP, taps=SNAP.taps[:1])
+    assert await apply(nft, desired(spec(more))) == 1
+    send_vxlan(ns, 2)
+    assert (await nft.observe()).drops["vxlan_guard"] == 5
+    assert set(nft.drops) >= {"port_security_mac", "host_isolation", "vxlan_guard"}
+
+
 async def test_nft_error_is_clear(ns, nft):
-    with pytest.raises(NftError, match=r"nft -f failed \(exit 1\): .*syntax error") as info:
-        await nft.load("table inet otherix { bogus }\n")
+    with pytest.raises(NftError, match=r"nft -j -f failed \(exit 1\): .*") as info:
+        await nft.load('{"nftables": [{"add": {"table": {"family": "inet"}}}]}')
     assert info.value.op == "load" and not info.value.temporary
     broken = NftApplier(nft="false", prefix=("ip", "netns", "exec", ns))
     with pytest.raises(NftError, match="exit 1"):
         await broken.observe()
 
 
-async def test_a_failed_load_is_a_typed_error_and_the_old_table_stays(ns, nft):
-    assert await apply(nft, ["10.1.0.0/24"], None) == 2
-    plan = nft.plan(desired(["10.2.0.0/24"], None), await nft.observe())
-    plan = msgspec.structs.replace(plan, load="table inet otherix { bogus }\n")
+async def test_a_failed_load_is_a_typed_error_and_the_old_tables_stay(ns, nft):
+    first = desired(NftSpec(nat_subnets=("10.1.0.0/24",)))
+    assert await apply(nft, first) == 2
+    plan = nft.plan(desired(NftSpec(nat_subnets=("10.2.0.0/24",))), await nft.observe())
+    plan = msgspec.structs.replace(plan, load='{"nftables": [{"add": {"bogus": {}}}]}')
     result = await nft.apply(plan)
     assert result.writes == 0 and len(result.errors) == 1
     assert isinstance(result.errors[0], NftError) and not result.errors[0].temporary
-    assert result.reached.digest == desired_digest(["10.1.0.0/24"], None)
-    assert "10.1.0.0/24" in rules_text(ns)
+    assert result.reached.digest == first.digest
+    assert "10.1.0.0/24" in ruleset(ns)
