@@ -1,22 +1,40 @@
-"""Pure: decide whether a received snapshot may be applied at all.
+"""Pure: decide whether a received snapshot may be applied at all, before anything touches the kernel.
 
-A snapshot that is malformed, speaks another schema version, is addressed to another node, is
-older than what this node has applied, or names devices outside the ``ot`` namespace is refused
-before anything touches the kernel.
+The gate works in order of cost: the raw size (before decoding), the schema version, the decode
+(undecodable input, text that is not UTF-8 and nesting deeper than the decoder goes are refusals
+like any other), node and version, the caps on every list (``schemas.limits``), then the whole
+content: device names ASCII and in their naming family; MTUs derived from the underlay MTU;
+gateways, NAT subnets and NIC addresses outside the infrastructure prefixes and the
+special-purpose ranges; FDB entries unicast and pointing at current peers' tunnel addresses;
+WireGuard peers' allowed IPs inside the mesh prefix; ports 1-65535. Every refusal names the field
+and its value.
+
+It never logs, counts or does I/O: the runner calls it before any subsystem runs and counts and
+acks a ``Rejected``, so a refused snapshot changes nothing in the kernel.
 """
 
+import base64
+import binascii
 import ipaddress
 import re
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import msgspec
 
 from agent.errors import AgentError
-from schemas import naming
+from schemas import limits, naming
 from schemas.codec import decode
-from schemas.desired import SNAPSHOT_SCHEMA, Snapshot
+from schemas.desired import SNAPSHOT_SCHEMA, Bridge, Snapshot, Tap, WireGuard
 
-MIN_MTU, MAX_MTU = 576, 65535
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+FLOOD_MAC = "00:00:00:00:00:00"
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_TAP = re.compile(r"ot[0-9a-f]{12}")
+_NETWORK_BRIDGE = re.compile(r"otn[0-9a-f]{8}")
+_OVERLAY_BRIDGE = re.compile(r"otb([1-9][0-9]{0,7})")
+_VXLAN = re.compile(r"otvx([1-9][0-9]{0,7})")
+_NIC_ID = re.compile(r"[0-9a-f]{12,32}")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 class Rejected(AgentError):
@@ -28,18 +46,17 @@ class Rejected(AgentError):
 
 
 def accept(raw: bytes, node: str, applied_version: int) -> Snapshot:
-    try:
-        schema = msgspec.json.decode(raw, type=_SchemaOnly).schema
-    except msgspec.DecodeError as e:
-        raise Rejected(f"malformed snapshot: {e}") from None
+    if len(raw) > limits.MAX_SNAPSHOT_BYTES:
+        raise Rejected(
+            f"snapshot of {len(raw)} bytes refused unread: the limit is "
+            f"{limits.MAX_SNAPSHOT_BYTES} bytes"
+        )
+    schema = _decode(raw, _SchemaOnly).schema
     if schema != SNAPSHOT_SCHEMA:
         raise Rejected(
             f"snapshot schema {schema} is not supported (this agent speaks {SNAPSHOT_SCHEMA})"
         )
-    try:
-        snap = decode(raw, Snapshot)
-    except msgspec.DecodeError as e:
-        raise Rejected(f"malformed snapshot: {e}") from None
+    snap = _decode(raw, Snapshot)
     if snap.node != node:
         raise Rejected(f"snapshot is for node {snap.node!r}, this is {node!r}", snap.version)
     if snap.version < applied_version:
@@ -48,6 +65,7 @@ def accept(raw: bytes, node: str, applied_version: int) -> Snapshot:
             snap.version,
         )
     try:
+        check_limits(snap)
         check_content(snap)
     except ValueError as e:
         raise Rejected(f"invalid snapshot version {snap.version}: {e}", snap.version) from None
@@ -58,42 +76,447 @@ class _SchemaOnly(msgspec.Struct):
     schema: int = SNAPSHOT_SCHEMA
 
 
+def _decode(raw: bytes, type_: type):
+    try:
+        return decode(raw, type_)
+    except msgspec.DecodeError as e:  # also ValidationError: wrong types, missing fields
+        raise Rejected(f"malformed snapshot: {e}") from None
+    except UnicodeDecodeError as e:
+        raise Rejected(f"malformed snapshot: a string is not UTF-8 text ({e})") from None
+    except RecursionError:
+        raise Rejected("malformed snapshot: JSON nested too deeply to decode") from None
+
+
+def check_limits(snap: Snapshot) -> None:
+    """Every list within its cap (``schemas.limits``), before any per-item work."""
+    caps = [
+        ("bridges", len(snap.bridges), limits.MAX_BRIDGES),
+        ("taps", len(snap.taps), limits.MAX_TAPS),
+        ("vxlans", len(snap.vxlans), limits.MAX_VXLANS),
+        ("nat_subnets", len(snap.nat_subnets), limits.MAX_NAT_SUBNETS),
+        ("infrastructure", len(snap.infrastructure), limits.MAX_INFRASTRUCTURE),
+    ]
+    if len(snap.vxlans) <= limits.MAX_VXLANS:
+        caps += [
+            (f"vxlans[{i}].fdb", len(v.fdb), limits.MAX_FDB_PER_VXLAN)
+            for i, v in enumerate(snap.vxlans)
+        ]
+        caps.append(
+            ("fdb (all vxlans)", sum(len(v.fdb) for v in snap.vxlans), limits.MAX_FDB_TOTAL)
+        )
+    if snap.wireguard is not None:
+        peers = snap.wireguard.peers
+        caps.append(("wireguard.peers", len(peers), limits.MAX_PEERS))
+        if len(peers) <= limits.MAX_PEERS:
+            caps += [
+                (
+                    f"wireguard.peers[{i}].allowed_ips",
+                    len(p.allowed_ips),
+                    limits.MAX_ALLOWED_IPS_PER_PEER,
+                )
+                for i, p in enumerate(peers)
+            ]
+    for field, count, cap in caps:
+        if count > cap:
+            raise ValueError(f"{field} has {count} entries, more than the limit of {cap}")
+
+
+class _Mesh(NamedTuple):
+    prefix: ipaddress.IPv4Network
+    own: ipaddress.IPv4Address  # this node's tunnel address
+    peers: frozenset[ipaddress.IPv4Address]  # current peers' tunnel addresses (their /32s)
+
+
+class _Range(NamedTuple):
+    """A prefix no gateway, NAT subnet or NIC address may overlap, as integers for speed."""
+
+    first: int
+    last: int
+    words: str  # e.g. "the mesh prefix 100.64.0.0/16"
+
+
+def _range(net: ipaddress.IPv4Network, words: str) -> _Range:
+    return _Range(int(net.network_address), int(net.broadcast_address), words)
+
+
 def check_content(snap: Snapshot) -> None:
-    """Names, MTUs and addresses must be ones the agent is allowed and able to program."""
-    names: set[str] = set()
-    bridges = {b.name for b in snap.bridges}
-    devices = [(b.name, b.mtu) for b in snap.bridges] + [(t.name, t.mtu) for t in snap.taps]
-    devices += [(v.name, v.mtu) for v in snap.vxlans]
-    if snap.wireguard:
-        devices.append((snap.wireguard.name, snap.wireguard.mtu))
-    for name, mtu in devices:
-        if not naming.is_managed(name) or len(name) > naming.IFNAMSIZ or not name.isalnum():
-            raise ValueError(f"device name {name!r} is not an Otherix device name")
-        if name in names:
-            raise ValueError(f"device {name} appears twice")
-        if not MIN_MTU <= mtu <= MAX_MTU:
-            raise ValueError(f"device {name}: MTU {mtu} out of range {MIN_MTU}..{MAX_MTU}")
-        names.add(name)
-    for port in (*snap.taps, *snap.vxlans):
-        if port.bridge not in bridges:
-            raise ValueError(
-                f"{port.name} is attached to bridge {port.bridge}, which the snapshot does not define"
+    """The whole snapshot is one the agent may program: see the module docstring."""
+    _check_names(snap)
+    _check_mtus(snap)
+    mesh = _check_wireguard(snap.wireguard)
+    blocked = _blocked_ranges(snap.infrastructure, mesh)
+    gateways = _check_bridges(snap.bridges, blocked)
+    _check_taps(snap.taps, {b.name: b for b in snap.bridges}, gateways, blocked)
+    _check_nat(snap.nat_subnets, gateways, blocked)
+    _check_vxlans(snap, mesh)
+
+
+# --- names and MTUs ----------------------------------------------------------------------------
+
+
+def _overlay_vni(name: str) -> int | None:
+    m = _OVERLAY_BRIDGE.fullmatch(name)
+    return int(m[1]) if m and int(m[1]) <= naming.VNI_MAX else None
+
+
+_BRIDGE = (
+    "bridge name (otn + 8 hex digits, or otb + a VNI)",
+    lambda n: bool(_NETWORK_BRIDGE.fullmatch(n)) or _overlay_vni(n) is not None,
+)
+_TAP_NAME = ("tap name (ot + 12 hex digits)", lambda n: bool(_TAP.fullmatch(n)))
+_VXLAN_NAME = ("VXLAN name (otvx + a VNI)", lambda n: bool(_VXLAN.fullmatch(n)))
+_WG_NAME = (f"WireGuard name ({naming.WIREGUARD_IFNAME})", lambda n: n == naming.WIREGUARD_IFNAME)
+
+
+def _check_names(snap: Snapshot) -> None:
+    devices = [
+        *((f"bridges[{i}]", b.name, _BRIDGE) for i, b in enumerate(snap.bridges)),
+        *((f"taps[{i}]", t.name, _TAP_NAME) for i, t in enumerate(snap.taps)),
+        *((f"vxlans[{i}]", v.name, _VXLAN_NAME) for i, v in enumerate(snap.vxlans)),
+    ]
+    if snap.wireguard is not None:
+        devices.append(("wireguard", snap.wireguard.name, _WG_NAME))
+    seen: set[str] = set()
+    for where, name, (family, valid) in devices:
+        if not name.isascii():
+            raise _bad(where, "name", name, "is not ASCII")
+        if not valid(name):
+            raise _bad(where, "name", name, f"is not an Otherix {family}")
+        if name in seen:
+            raise _bad(where, "name", name, "appears twice")
+        seen.add(name)
+
+
+def _check_mtus(snap: Snapshot) -> None:
+    u = snap.underlay_mtu
+    if not naming.MIN_UNDERLAY_MTU <= u <= naming.MAX_UNDERLAY_MTU:
+        raise _bad(
+            "snapshot",
+            "underlay_mtu",
+            u,
+            f"is outside {naming.MIN_UNDERLAY_MTU}..{naming.MAX_UNDERLAY_MTU}",
+        )
+    overlay, mesh = naming.overlay_mtu(u), naming.wireguard_mtu(u)
+    expected = [
+        *(
+            (f"bridge {b.name}", b.mtu, overlay if _overlay_vni(b.name) else u)
+            for b in snap.bridges
+        ),
+        *((f"vxlan {v.name}", v.mtu, overlay) for v in snap.vxlans),
+    ]
+    if snap.wireguard is not None:
+        expected.append((f"wireguard {snap.wireguard.name}", snap.wireguard.mtu, mesh))
+    for where, mtu, want in expected:
+        if mtu != want:
+            raise _bad(where, "mtu", mtu, f"is not {want}, its MTU on an underlay MTU of {u}")
+
+
+# --- the mesh ----------------------------------------------------------------------------------
+
+
+def _check_wireguard(wg: WireGuard | None) -> _Mesh | None:
+    if wg is None:
+        return None
+    where = f"wireguard {wg.name}"
+    iface = _interface(where, "address", wg.address)
+    prefix = iface.network
+    if special := limits.special_range(prefix):
+        raise _bad(where, "address", wg.address, f"puts the mesh prefix {prefix} on {special}")
+    if not 8 <= prefix.prefixlen <= 30:
+        raise _bad(where, "address", wg.address, "has a mesh prefix outside /8../30")
+    if iface.ip in (prefix.network_address, prefix.broadcast_address):
+        raise _bad(
+            where, "address", wg.address, "is the mesh prefix's network or broadcast address"
+        )
+    _port(where, "listen_port", wg.listen_port)
+    keys: set[str] = set()
+    routed: list[tuple[ipaddress.IPv4Network, str]] = []
+    for i, peer in enumerate(wg.peers):
+        at = f"{where} peers[{i}]"
+        if peer.node and not naming.valid_id(peer.node):
+            raise _bad(at, "node", peer.node, "is not a node name")
+        if not _is_wg_key(peer.public_key):
+            raise _bad(at, "public_key", peer.public_key, "is not a base64 WireGuard key")
+        if peer.public_key in keys:
+            raise _bad(at, "public_key", peer.public_key, "belongs to another peer too")
+        keys.add(peer.public_key)
+        _check_endpoint(at, peer.endpoint, prefix)
+        for allowed in peer.allowed_ips:
+            net = _network(at, "allowed_ips", allowed)
+            if not net.subnet_of(prefix):
+                raise _bad(at, "allowed_ips", allowed, f"is outside the mesh prefix {prefix}")
+            if iface.ip in net:
+                raise _bad(
+                    at, "allowed_ips", allowed, f"holds this node's own tunnel address {iface.ip}"
+                )
+            routed.append((net, at))
+    if pair := _first_overlap(routed):
+        (net, _), (other, at) = pair
+        raise _bad(at, "allowed_ips", str(other), f"overlaps {net} of another peer")
+    peers = frozenset(net.network_address for net, _ in routed if net.prefixlen == 32)
+    return _Mesh(prefix, iface.ip, peers)
+
+
+def _check_endpoint(where: str, endpoint: str, mesh: ipaddress.IPv4Network) -> None:
+    host, colon, port = endpoint.rpartition(":")
+    if not colon or not _PORT.fullmatch(port):
+        raise _bad(where, "endpoint", endpoint, "is not ip:port")
+    ip = _address(where, "endpoint", host)
+    _port(where, "endpoint port", int(port))
+    if special := limits.special_range(ipaddress.IPv4Network(ip)):
+        raise _bad(where, "endpoint", endpoint, f"is in {special}")
+    if ip in mesh:
+        raise _bad(where, "endpoint", endpoint, f"is inside the mesh prefix {mesh} it would carry")
+
+
+def _blocked_ranges(infrastructure: Iterable[str], mesh: _Mesh | None) -> list[_Range]:
+    blocked = [_range(net, words) for net, words in limits.SPECIAL_RANGES]
+    if mesh is not None:
+        p = mesh.prefix
+        blocked.append(_range(p, f"the mesh prefix {p}"))
+    for cidr in infrastructure:
+        net = _network("snapshot", "infrastructure", cidr)
+        if net.prefixlen == 0:
+            raise _bad("snapshot", "infrastructure", cidr, "is the whole IPv4 space")
+        if mesh is None or net != mesh.prefix:
+            blocked.append(_range(net, f"the infrastructure prefix {net}"))
+    return blocked
+
+
+def _check_routable(
+    where: str, field: str, value: str, net: ipaddress.IPv4Network, blocked: list[_Range]
+) -> None:
+    """Never the whole space, the infrastructure or a special-purpose range."""
+    if net.prefixlen == 0:
+        raise _bad(where, field, value, "is the whole IPv4 space")
+    mine = _range(net, "")
+    for r in blocked:
+        if mine.first <= r.last and r.first <= mine.last:
+            raise _bad(where, field, value, f"overlaps {r.words}")
+
+
+# --- bridges, taps, NAT --------------------------------------------------------------------------
+
+
+def _check_bridges(
+    bridges: Iterable[Bridge], blocked: list[_Range]
+) -> dict[str, ipaddress.IPv4Interface]:
+    """Each gateway address by bridge name."""
+    gateways: dict[str, ipaddress.IPv4Interface] = {}
+    for b in bridges:
+        where = f"bridge {b.name}"
+        if b.network and not naming.valid_id(b.network):
+            raise _bad(where, "network", b.network, "is not a network name")
+        if b.address is None:
+            continue
+        iface = _interface(where, "address", b.address)
+        _check_routable(where, "address", b.address, iface.network, blocked)
+        if not 8 <= iface.network.prefixlen <= 30:
+            raise _bad(
+                where,
+                "address",
+                b.address,
+                "has a prefix outside /8../30 (a gateway with room for NICs)",
             )
-    for b in snap.bridges:
-        if b.address is not None:
-            ipaddress.IPv4Interface(b.address)
-    for subnet in snap.nat_subnets:
-        ipaddress.IPv4Network(subnet)
+        if iface.ip in (iface.network.network_address, iface.network.broadcast_address):
+            raise _bad(where, "address", b.address, "is its subnet's network or broadcast address")
+        gateways[b.name] = iface
+    if pair := _first_overlap([(g.network, name) for name, g in gateways.items()]):
+        (net, name), (_, other) = pair
+        raise _bad(
+            f"bridge {other}", "address", str(gateways[other]), f"overlaps {net} of bridge {name}"
+        )
+    return gateways
+
+
+def _check_taps(
+    taps: Iterable[Tap],
+    bridges: dict[str, Bridge],
+    gateways: dict[str, ipaddress.IPv4Interface],
+    blocked: list[_Range],
+) -> None:
+    macs: dict[str, str] = {}
+    ips: dict[tuple[str, ipaddress.IPv4Address], str] = {}
+    for t in taps:
+        where = f"tap {t.name}"
+        bridge = bridges.get(t.bridge)
+        if bridge is None:
+            raise _bad(where, "bridge", t.bridge, "is not a bridge of this snapshot")
+        if t.mtu != bridge.mtu:
+            raise _bad(where, "mtu", t.mtu, f"is not {bridge.mtu}, the MTU of its bridge")
+        if t.nic and (not _NIC_ID.fullmatch(t.nic) or t.name != naming.PREFIX + t.nic[:12]):
+            raise _bad(where, "nic", t.nic, "is not the NIC id the tap is named after")
+        if t.mac:
+            _check_mac(where, "mac", t.mac, flood_ok=False)
+            if t.mac in macs:
+                raise _bad(where, "mac", t.mac, f"is the MAC of tap {macs[t.mac]} too")
+            macs[t.mac] = t.name
+        if t.ip:
+            ip = _address(where, "ip", t.ip)
+            _check_routable(where, "ip", t.ip, ipaddress.IPv4Network(ip), blocked)
+            gateway = gateways.get(t.bridge)
+            if gateway is not None:
+                subnet = gateway.network
+                if ip not in subnet:
+                    raise _bad(where, "ip", t.ip, f"is outside its network's subnet {subnet}")
+                if ip in (subnet.network_address, subnet.broadcast_address, gateway.ip):
+                    raise _bad(
+                        where,
+                        "ip",
+                        t.ip,
+                        f"is the gateway, network or broadcast address of {subnet}",
+                    )
+            if (t.bridge, ip) in ips:
+                raise _bad(where, "ip", t.ip, f"is the address of tap {ips[t.bridge, ip]} too")
+            ips[t.bridge, ip] = t.name
+
+
+def _check_nat(
+    nat_subnets: Iterable[str], gateways: dict[str, ipaddress.IPv4Interface], blocked: list[_Range]
+) -> None:
+    """Masquerade only the subnet of a bridge this snapshot gives a gateway."""
+    served = {g.network for g in gateways.values()}
+    seen: set[ipaddress.IPv4Network] = set()
+    for cidr in nat_subnets:
+        net = _network("snapshot", "nat_subnets", cidr)
+        _check_routable("snapshot", "nat_subnets", cidr, net, blocked)
+        if net not in served:
+            raise _bad(
+                "snapshot", "nat_subnets", cidr, "is not the subnet of a bridge's gateway address"
+            )
+        if net in seen:
+            raise _bad("snapshot", "nat_subnets", cidr, "appears twice")
+        seen.add(net)
+
+
+# --- the overlay -------------------------------------------------------------------------------
+
+
+def _check_vxlans(snap: Snapshot, mesh: _Mesh | None) -> None:
+    bridges = {b.name for b in snap.bridges}
+    tap_macs = {(t.bridge, t.mac): t.name for t in snap.taps if t.mac}
     for v in snap.vxlans:
-        ipaddress.IPv4Address(v.local)
+        where = f"vxlan {v.name}"
         if not naming.VNI_MIN <= v.vni <= naming.VNI_MAX:
-            raise ValueError(f"{v.name}: VNI {v.vni} out of range")
+            raise _bad(where, "vni", v.vni, f"is outside {naming.VNI_MIN}..{naming.VNI_MAX}")
+        if v.name != naming.vxlan_device(v.vni):
+            raise _bad(
+                where,
+                "vni",
+                v.vni,
+                f"does not match the device name ({naming.vxlan_device(v.vni)} would)",
+            )
+        if v.bridge != naming.overlay_bridge(v.vni) or v.bridge not in bridges:
+            raise _bad(
+                where,
+                "bridge",
+                v.bridge,
+                f"is not {naming.overlay_bridge(v.vni)}, a bridge of this snapshot",
+            )
+        _port(where, "port", v.port)
+        local = _address(where, "local", v.local)
+        if mesh is None:
+            if v.fdb:  # nothing could carry them: the mesh is the only way to a peer
+                raise ValueError(
+                    f"{where}: fdb has {len(v.fdb)} entries but the snapshot has no WireGuard mesh"
+                )
+            if special := limits.special_range(ipaddress.IPv4Network(local)):
+                raise _bad(where, "local", v.local, f"is in {special}")
+        elif local != mesh.own:
+            raise _bad(where, "local", v.local, f"is not this node's tunnel address {mesh.own}")
+        destination: dict[str, str] = {}
         for entry in v.fdb:
-            ipaddress.IPv4Address(entry.dst)
-            if not _MAC.match(entry.mac):
-                raise ValueError(f"{v.name}: FDB MAC {entry.mac!r} is not like 02:00:00:00:00:01")
-    if snap.wireguard:
-        ipaddress.IPv4Interface(snap.wireguard.address)
-        for peer in snap.wireguard.peers:
-            for allowed in peer.allowed_ips:
-                ipaddress.IPv4Network(allowed)
+            _check_mac(where, "fdb mac", entry.mac, flood_ok=True)
+            if (v.bridge, entry.mac) in tap_macs:
+                raise _bad(
+                    where,
+                    "fdb mac",
+                    entry.mac,
+                    f"is the MAC of local tap {tap_macs[v.bridge, entry.mac]}",
+                )
+            dst = _address(where, "fdb dst", entry.dst)
+            assert mesh is not None  # no FDB without the mesh (above)
+            if dst not in mesh.prefix:
+                raise _bad(where, "fdb dst", entry.dst, f"is outside the mesh prefix {mesh.prefix}")
+            if dst not in mesh.peers:
+                raise _bad(
+                    where,
+                    "fdb dst",
+                    entry.dst,
+                    "is not a current peer's tunnel address (a /32 of its allowed_ips)",
+                )
+            if entry.mac != FLOOD_MAC:
+                if destination.setdefault(entry.mac, entry.dst) != entry.dst:
+                    raise _bad(
+                        where,
+                        "fdb mac",
+                        entry.mac,
+                        f"is sent to {destination[entry.mac]} and {entry.dst}",
+                    )
+
+
+# --- values ------------------------------------------------------------------------------------
+
+
+def _bad(where: str, field: str, value: object, why: str) -> ValueError:
+    shown = repr(value)
+    if len(shown) > 64:  # the message travels in an ack: never echo a huge value back
+        shown = shown[:60] + "...'"
+    return ValueError(f"{where}: {field} {shown} {why}")
+
+
+def _parsed(kind: type, noun: str, where: str, field: str, value: str):
+    """``kind(value)`` in its canonical spelling, so every parser downstream reads the same."""
+    try:
+        parsed = kind(value)
+    except (ValueError, TypeError) as e:
+        raise _bad(where, field, value, f"is not an IPv4 {noun} ({e})") from None
+    if str(parsed) != value:
+        raise _bad(where, field, value, f"is not written canonically as {parsed}")
+    return parsed
+
+
+def _address(where: str, field: str, value: str) -> ipaddress.IPv4Address:
+    return _parsed(ipaddress.IPv4Address, "address", where, field, value)
+
+
+def _interface(where: str, field: str, value: str) -> ipaddress.IPv4Interface:
+    return _parsed(ipaddress.IPv4Interface, "address/prefix", where, field, value)
+
+
+def _network(where: str, field: str, value: str) -> ipaddress.IPv4Network:
+    return _parsed(ipaddress.IPv4Network, "network", where, field, value)
+
+
+def _port(where: str, field: str, value: int) -> None:
+    if not 1 <= value <= 65535:
+        raise _bad(where, field, value, "is not a UDP port (1-65535)")
+
+
+def _check_mac(where: str, field: str, mac: str, flood_ok: bool) -> None:
+    if not _MAC.fullmatch(mac):
+        raise _bad(where, field, mac, "is not a lowercase MAC like 02:00:00:00:00:01")
+    if mac == FLOOD_MAC and flood_ok:
+        return
+    if mac == FLOOD_MAC or int(mac[:2], 16) & 1:
+        kind = "an all-zero" if mac == FLOOD_MAC else "a broadcast or multicast"
+        flood = f" ({FLOOD_MAC} floods)" if flood_ok else ""
+        raise _bad(where, field, mac, f"is {kind} MAC; it must be unicast{flood}")
+
+
+def _is_wg_key(value: str) -> bool:
+    try:
+        return len(value) == 44 and len(base64.b64decode(value, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _first_overlap(items: list[tuple[ipaddress.IPv4Network, str]]):
+    """Two overlapping networks (the earlier-starting first), or None: sorted, so O(n log n)."""
+    widest = None
+    for item in sorted(items, key=lambda it: (it[0].network_address, -it[0].prefixlen)):
+        if widest is not None and item[0].network_address <= widest[0].broadcast_address:
+            return widest, item
+        if widest is None or item[0].broadcast_address > widest[0].broadcast_address:
+            widest = item
+    return None
