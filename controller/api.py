@@ -9,7 +9,8 @@ publisher's memory. Errors are ``schemas.errors`` classes, sent as their code an
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -24,6 +25,7 @@ from controller.publisher import Publisher
 from controller.store import Store
 from controller.tracker import Tracker
 from schemas import api, naming
+from schemas.bus import INBOX_ROOT
 from schemas.codec import encode
 from schemas.errors import ApiError, BadRequest, Internal
 from schemas.intent import Intent, Nic
@@ -48,11 +50,12 @@ class Api:
         publisher: Publisher,
         lock: asyncio.Lock,
         clock: Callable[[], float],
-        refused: Mapping[str, int] | None = None,
+        refused: Counter[str] | None = None,
     ):
         self.store, self.config, self.intent, self.tracker = store, config, intent, tracker
         self.publisher, self._lock, self.clock = publisher, lock, clock
-        self.refused = refused if refused is not None else {}  # agent reports refused, by reason
+        # reports and requests refused, by reason (shared with controller.acks; status shows it)
+        self.refused = refused if refused is not None else Counter()
 
     def table(self) -> dict[str, tuple[type, Handler]]:
         """Endpoint name → (request type, handler); the names are ``schemas.api.ENDPOINTS``."""
@@ -93,6 +96,8 @@ class Api:
         self, name: str, request_type: type, handler: Handler, scoped: bool = False
     ) -> Callable[[MicroRequest], Awaitable[None]]:
         async def handle(req: MicroRequest) -> None:
+            if not self._answerable(name, req):
+                return
             try:
                 parsed = ops.decode_request(name, req.data or b"{}", request_type)
                 ops.check_schema(parsed)
@@ -110,6 +115,17 @@ class Api:
                 await req.respond(encode(reply))
 
         return handle
+
+    def _answerable(self, name: str, req: MicroRequest) -> bool:
+        """Answer only into an inbox. The reply subject is the caller's choice, and the
+        controller may publish where no caller may (desired state, the intent bucket): a reply
+        aimed there would make it a confused deputy. Such requests are counted, not answered."""
+        reply = req._msg.reply or ""
+        if reply.startswith(f"{INBOX_ROOT}."):
+            return True
+        self.refused["request with a reply subject outside _INBOX"] += 1
+        log.warning("controller: %s request with reply subject %r refused", name, reply[:200])
+        return False
 
     # --- networks -------------------------------------------------------------------------------
 

@@ -6,9 +6,11 @@ whole matrix is unit-testable as text and regeneration after add/revoke is deter
 
 Every identity gets a private inbox prefix derived from its public key (``_INBOX.<key>``) and may
 subscribe only there, so no one can read another identity's replies. The controller, trusted with
-every answer anyway, may publish into any inbox: ``allow_responses`` alone is not enough, because
-nats-server forgets those grants on a configuration reload, so an API reply in flight while a
-node is added or revoked would be refused (seen in the lab: node.remove right after a revoke).
+every answer anyway, may publish into any inbox (``allow_responses`` is not used: nats-server
+forgets those grants on a configuration reload, so an API reply in flight while a node is added
+or revoked would be refused, as seen in the lab). It answers only into ``_INBOX.…`` subjects
+(``controller.api``): a caller chooses the reply subject, and the controller may publish where no
+caller may, so a reply aimed at desired state or the intent bucket is refused, not sent.
 """
 
 import json
@@ -89,13 +91,11 @@ def node_permissions(node: str, key: str) -> Permissions:
 
 
 def controller_permissions(key: str, bucket: str) -> Permissions:
-    # The only identity on JetStream: the intent bucket's API, its subjects, and (through
-    # allow_responses) acks and flow-control replies to what the server delivers to it. API
-    # replies go to the caller's inbox (see the module docstring for why not allow_responses).
+    # The only identity on JetStream (the intent bucket's API and subjects; it uses no push
+    # consumers, so it never acks deliveries). API replies go to the caller's inbox.
     return Permissions(
         publish=(naming.desired_subject("*"), "$JS.API.>", f"$KV.{bucket}.>", f"{INBOX_ROOT}.>"),
         subscribe=(naming.api_subject(">"), "$SRV.>", *_watchers(), _own_inbox(key)),
-        allow_responses=True,
     )
 
 

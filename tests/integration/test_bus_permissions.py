@@ -90,7 +90,7 @@ async def peers(shared_bus):
 
 async def _responder(controller: Peer):
     """The controller's side of the API: answers every otherix.v1.api.> request, as the micro
-    service does (queue group, reply through allow_responses)."""
+    service does (queue group, reply into the caller's inbox)."""
 
     async def reply(msg):
         await msg.respond(b"ok:" + msg.subject.encode())
@@ -309,7 +309,7 @@ async def test_controller_cannot_forge_reports_or_calls(peers, subject, watcher,
 
 
 async def test_a_reply_in_flight_survives_a_reload(shared_bus, peers):
-    """Adding or revoking a node reloads the server, which forgets allow_responses grants: the
+    """Adding or revoking a node reloads the server, which would forget allow_responses grants: the
     controller's reply to a request it received before the reload must still get through."""
     controller, admin = await peers("controller"), await peers("admin")
     received = asyncio.Queue()
@@ -347,7 +347,7 @@ async def test_operators_and_agents_cannot_subscribe_desired_state(peers, who):
 
 async def test_admin_calls_every_endpoint_of_a_micro_service(peers):
     """The real ``nats.micro`` service under the controller's identity: queue group, $SRV and
-    replies through allow_responses all pass; the admin reaches every endpoint."""
+    replies into callers' inboxes all pass; the admin reaches every endpoint."""
     controller, admin = await peers("controller"), await peers("admin")
     service = await nats.micro.add_service(
         controller.nc, name="otherix-networking", version="1.0.0", queue_group="otherix-controller"

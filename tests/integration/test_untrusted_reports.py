@@ -136,3 +136,33 @@ async def test_a_damaged_record_of_one_node_does_not_stop_the_others(nats_server
         assert n1.seen == []  # n1 had no good snapshot in this controller: nothing, not garbage
     finally:
         await ctl.stop()
+
+
+async def test_a_reply_subject_outside_an_inbox_is_never_answered(api, nats_server, controller):
+    """The caller picks the reply subject; the controller may publish on desired state and the
+    intent bucket. A request whose reply points there is counted and not answered, so nobody can
+    make the controller overwrite intent or speak on another node's subject; the same request
+    with the caller's own inbox is answered."""
+    await api.network_create("prod", "bridge", "10.0.0.0/24")
+    await api.node_register(name="n2")
+    record = (await controller.store.kv.get("network.prod")).value
+    n1, viewer = await nats_server.connect("n1"), await nats_server.connect("viewer")
+    n2 = await Listener(await nats_server.connect("n2"), "n2").start()
+    await n2.live()
+    targets = [
+        (n1, naming.node_api_subject("node.register", "n1"), "$KV.otherix.network.prod"),
+        (viewer, naming.api_subject("status"), "$KV.otherix.node.n2"),
+        (n1, naming.node_api_subject("node.register", "n1"), naming.desired_subject("n2")),
+    ]
+    for client, subject, reply in targets:
+        await client.publish(subject, b'{"name":"n1"}', reply=reply)
+    status = await api.status()
+    while status.refused_reports.get("request with a reply subject outside _INBOX", 0) < 3:
+        status = await api.status()
+    assert (await controller.store.kv.get("network.prod")).value == record
+    assert "n2" in {n.node.name for n in await api.node_list()}
+    for _ in range(2):  # two heartbeats after: nothing but snapshots arrived on n2's subject
+        await n2.next()
+    # the genuine calls, through the callers' own inboxes, are answered
+    assert (await ApiClient(n1).node_register(name="n1")).node.name == "n1"
+    assert (await ApiClient(viewer).status()).refused_reports

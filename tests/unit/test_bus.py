@@ -56,7 +56,7 @@ def test_authorization_is_the_permission_matrix():
     assert users == {
         "controller": {
             "publish": ["otherix.v1.desired.*", "$JS.API.>", "$KV.otherix.>", "_INBOX.>"],
-            "allow_responses": True,
+            "allow_responses": False,
             "subscribe": [
                 "otherix.v1.api.>",
                 "$SRV.>",
