@@ -51,6 +51,13 @@ def accept(raw: bytes, node: str, applied_version: int) -> Snapshot:
             f"snapshot of {len(raw)} bytes refused unread: the limit is "
             f"{limits.MAX_SNAPSHOT_BYTES} bytes"
         )
+    if not raw.isascii():  # JSON is UTF-8, also in fields this agent skips
+        try:
+            raw.decode()
+        except UnicodeDecodeError as e:
+            raise Rejected(
+                f"malformed snapshot: not UTF-8 text at byte {e.start} ({e.reason})"
+            ) from None
     schema = _decode(raw, _SchemaOnly).schema
     if schema != SNAPSHOT_SCHEMA:
         raise Rejected(
