@@ -70,6 +70,9 @@ def connect_kwargs(
             raise BusConfigError(f"credentials {seed_file}: {e}") from None
         kwargs["nkeys_seed"] = str(seed_file)
     if ca_file is not None:
+        # TLS first, before the server's INFO: nats-py otherwise starts TLS only when an INFO in
+        # clear asks for it, and a man in the middle could strip that request
+        kwargs["tls_handshake_first"] = True
         try:
             kwargs["tls"] = tls_context(ca_file)
         except (OSError, ssl.SSLError) as e:

@@ -31,6 +31,10 @@ def decode_key(b64: str) -> bytes:
         raise InvalidKey(f"a WireGuard key is base64 of 32 bytes: {exc}") from None
     if len(raw) != KEY_LEN:
         raise InvalidKey("a WireGuard key is base64 of 32 bytes")
+    if base64.b64encode(raw).decode() != b64:
+        # the last character has 2 bits decoding ignores: an alias would compare unequal as a
+        # string while naming the same key (one peer twice, a write on every heartbeat)
+        raise InvalidKey("a WireGuard key must be in canonical base64")
     return raw
 
 

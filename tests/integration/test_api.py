@@ -270,6 +270,8 @@ BAD_REQUESTS = [
     (lambda a: a.node_register(name="n3", underlay_ip="fd00::1"), 400, "underlay_ip 'fd00::1' is not an IPv4 address"),
     (lambda a: a.node_register(name="n3", wg_public_key="short"), 400, "wg_public_key is not a base64 WireGuard key (44 characters)"),
     (lambda a: a.node_register(name="n3", wg_public_key="!" * 44), 400, "wg_public_key is not a base64 WireGuard key (44 characters)"),
+    # an alias of KEY_A: same 32 bytes, last character differs in the 2 bits decoding ignores
+    (lambda a: a.node_register(name="n3", wg_public_key=KEY_A[:42] + "h="), 400, "wg_public_key is not a base64 WireGuard key (44 characters)"),
     (lambda a: a.node_register(name="n3", wg_public_key=KEY_A), 409, "public key already belongs to node 'n1'"),
     (lambda a: a.node_register(name="n3", wg_listen_port=70000), 400, "wg_listen_port 70000 is not a UDP port"),
     (lambda a: a.node_remove("n1"), 409, "node 'n1' still hosts 2 NIC(s); detach them first or remove with force"),

@@ -585,3 +585,35 @@ def test_every_identity_in_the_roster_has_a_seed_file(shared_bus):
         expected = roster.nodes[label] if who.startswith("node:") else getattr(roster, who)
         assert pki.public_key(seed) == expected
     assert msgspec.json.decode((shared_bus.dir / files.ROSTER).read_bytes())["bucket"] == BUCKET
+
+
+async def test_a_proxy_cannot_strip_tls(shared_bus):
+    """A man in the middle answers in clear with an INFO that does not ask for TLS (the
+    downgrade that let a proxy relay a signed CONNECT, found by review). TLS comes first on
+    both sides, so the client's first bytes are a TLS ClientHello, never a CONNECT in clear;
+    the same identity straight to the server connects."""
+    first_bytes: list[bytes] = []
+
+    async def downgrading_proxy(reader, writer):
+        writer.write(b'INFO {"server_id":"mitm","nonce":"abc","auth_required":true}\r\n')
+        await writer.drain()
+        first_bytes.append(await reader.read(64))
+        writer.close()
+
+    proxy = await asyncio.start_server(downgrading_proxy, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    kwargs = connect_kwargs(seed_of(shared_bus.dir, "controller"), shared_bus.dir / files.CA_CERT)
+    try:
+        with pytest.raises((nats.errors.NoServersError, OSError)):
+            await nats.connect(
+                f"nats://127.0.0.1:{port}", **kwargs, connect_timeout=3, allow_reconnect=False
+            )
+    finally:
+        proxy.close()
+    assert first_bytes and first_bytes[0][:1] == b"\x16"  # a TLS handshake record
+    assert b"CONNECT" not in first_bytes[0]
+    direct = await nats.connect(shared_bus.url, **kwargs, connect_timeout=3)
+    try:
+        assert direct.is_connected and direct.connected_url.port == shared_bus.port
+    finally:
+        await direct.close()

@@ -292,3 +292,21 @@ def test_rotation_replaces_the_key_file_atomically(tmp_path):
     assert wgkeys.load_or_create_private_key(tmp_path) == rotated  # the new key is the one kept
     assert (tmp_path / "wireguard.key").stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["wireguard.key"]  # no temp file left
+
+
+def test_a_non_canonical_alias_of_a_key_is_refused():
+    """Two spellings of one key would compare unequal as strings: one peer configured twice,
+    a write on every heartbeat (found by review). Only the canonical spelling is a key."""
+    canonical = wgkeys.public_key(wgkeys.generate_private_key())
+    raw = wgkeys.decode_key(canonical)
+    alias = (
+        canonical[:42]
+        + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".index(canonical[42])
+            ^ 1
+        ]
+        + "="
+    )
+    assert alias != canonical and base64.b64decode(alias) == raw
+    with pytest.raises(wgkeys.InvalidKey, match="canonical base64"):
+        wgkeys.decode_key(alias)
