@@ -20,6 +20,7 @@ from schemas import SCHEMA_VERSION, api, naming
 from schemas.codec import decode
 from schemas.errors import BadRequest, Conflict, Deferred, NotFound
 from schemas.intent import DEFERRED_TYPES, Egress, Intent, Network, NetworkType, Nic, Node
+from schemas.limits import special_range
 
 R = TypeVar("R", bound=api.Request)
 
@@ -156,10 +157,7 @@ def register_node(intent: Intent, req: api.NodeRegister, now: float, mesh_prefix
     """New or updated node; its tunnel address is allocated once and kept for its life."""
     _check_id("node", req.name)
     if req.underlay_ip is not None:
-        try:
-            ipaddress.IPv4Address(req.underlay_ip)
-        except ValueError:
-            raise BadRequest(f"underlay_ip {req.underlay_ip!r} is not an IPv4 address") from None
+        _check_underlay_ip(req.underlay_ip, mesh_prefix)
     if req.wg_public_key is not None and not _is_wg_key(req.wg_public_key):
         raise BadRequest("wg_public_key is not a base64 WireGuard key (44 characters)")
     if req.wg_listen_port is not None and not 1 <= req.wg_listen_port <= 65535:
@@ -196,6 +194,20 @@ def register_node(intent: Intent, req: api.NodeRegister, now: float, mesh_prefix
         tunnel_ip=tunnel_ip,
         registered_at=existing.registered_at if existing else now,
     )
+
+
+def _check_underlay_ip(value: str, mesh_prefix: str) -> None:
+    """Every peer's snapshot carries this address as the node's WireGuard endpoint, and agents
+    refuse endpoints no node could be reached on: refuse them here, where one node's mistake
+    cannot block every other node's snapshot."""
+    try:
+        ip = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise BadRequest(f"underlay_ip {value!r} is not an IPv4 address") from None
+    if special := special_range(ipaddress.IPv4Network(ip)):
+        raise BadRequest(f"underlay_ip {ip} is in {special}: no other node can reach it there")
+    if ip in (mesh := ipaddress.IPv4Network(mesh_prefix)):
+        raise BadRequest(f"underlay_ip {ip} is inside the mesh prefix {mesh} it would carry")
 
 
 def rekey_node(intent: Intent, req: api.ByName) -> Node:

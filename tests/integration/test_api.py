@@ -268,6 +268,9 @@ BAD_REQUESTS = [
     (lambda a: a.node_register(name="Bad Name"), 400, f"node name 'Bad Name' is invalid: {NAME_RULE}"),
     (lambda a: a.node_register(name="n3", underlay_ip="999.1.1.1"), 400, "underlay_ip '999.1.1.1' is not an IPv4 address"),
     (lambda a: a.node_register(name="n3", underlay_ip="fd00::1"), 400, "underlay_ip 'fd00::1' is not an IPv4 address"),
+    (lambda a: a.node_register(name="n3", underlay_ip="127.0.0.1"), 400, "underlay_ip 127.0.0.1 is in the loopback range 127.0.0.0/8: no other node can reach it there"),
+    (lambda a: a.node_register(name="n3", underlay_ip="255.255.255.255"), 400, "underlay_ip 255.255.255.255 is in the reserved range 240.0.0.0/4 (with the broadcast address): no other node can reach it there"),
+    (lambda a: a.node_register(name="n3", underlay_ip="100.64.0.9"), 400, "underlay_ip 100.64.0.9 is inside the mesh prefix 100.64.0.0/16 it would carry"),
     (lambda a: a.node_register(name="n3", wg_public_key="short"), 400, "wg_public_key is not a base64 WireGuard key (44 characters)"),
     (lambda a: a.node_register(name="n3", wg_public_key="!" * 44), 400, "wg_public_key is not a base64 WireGuard key (44 characters)"),
     # an alias of KEY_A: same 32 bytes, last character differs in the 2 bits decoding ignores
