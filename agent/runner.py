@@ -27,7 +27,7 @@ from client.api import ApiClient, ApiError
 from schemas import naming
 from schemas.codec import encode
 from schemas.desired import Snapshot
-from schemas.messages import Ack, Health
+from schemas.messages import Ack, Health, clip
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Agent:
                         version=0,
                         applied_version=self.applied.version,
                         ok=False,
-                        error=f"internal error: {e}",
+                        error=clip(f"internal error: {e}"),
                     )
                 )
 
@@ -179,7 +179,7 @@ class Agent:
                 version=e.version,
                 applied_version=self.applied.version,
                 ok=False,
-                error=str(e),
+                error=clip(str(e)),
                 sent_at=time.time(),
             )
             await self._ack(ack)
@@ -211,7 +211,7 @@ class Agent:
             applied_version=self.applied.version,
             digest=snap.digest,
             ok=not errors,
-            error=self.last_error if errors else None,
+            error=clip(self.last_error) if errors else None,
             duration_ms=round(elapsed, 3),
             changes=changes,
             sent_at=time.time(),
@@ -290,7 +290,7 @@ class Agent:
             snapshots_applied=self.counters["applied"],
             snapshots_rejected=self.counters["rejected"],
             apply_errors=self.counters["apply_errors"],
-            last_error=self.last_error,
+            last_error=clip(self.last_error),
             last_snapshot_at=self.last_snapshot_at,
             devices=self.devices,
             taps=self.taps,

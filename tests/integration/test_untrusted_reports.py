@@ -10,7 +10,7 @@ from controller.store import Store
 from schemas import MAX_VERSION, naming
 from schemas.codec import encode
 from schemas.intent import Network, NetworkType, Nic
-from schemas.messages import Ack, Health
+from schemas.messages import MAX_TEXT, Ack, Health, clip
 from tests.conftest import start_controller
 from tests.integration.test_heartbeat import Listener, wait_status
 
@@ -166,3 +166,26 @@ async def test_a_reply_subject_outside_an_inbox_is_never_answered(api, nats_serv
     # the genuine calls, through the callers' own inboxes, are answered
     assert (await ApiClient(n1).node_register(name="n1")).node.name == "n1"
     assert (await ApiClient(viewer).status()).refused_reports
+
+
+async def test_one_nodes_huge_reports_cannot_blind_status(api, nats_server):
+    """A 600 KB error in an ack once made every operator's status exceed max_payload. Reports
+    are bounded: over the bound they are refused as malformed, and status keeps answering; an
+    agent clips its own long errors, which are accepted."""
+    await api.node_register(name="n1")
+    v = (await api.status()).nodes[0].desired_version
+    n1 = await nats_server.connect("n1")
+    huge = Ack(node="n1", version=v, applied_version=0, ok=False, error="x" * 600_000)
+    await n1.publish(naming.ack_subject("n1"), encode(huge))
+    taps = {f"ot{i:012x}": False for i in range(5000)}
+    crowded = Health(node="n1", applied_version=0, ok=True, started_at=0, sent_at=0, taps=taps)
+    await n1.publish(naming.health_subject("n1"), encode(crowded))
+    status = await api.status()
+    while status.refused_reports.get("malformed", 0) < 2:
+        status = await api.status()
+    assert status.nodes[0].last_ack is None and status.nodes[0].health is None
+    clipped = Ack(node="n1", version=v, applied_version=0, ok=False, error=clip("y" * 600_000))
+    await n1.publish(naming.ack_subject("n1"), encode(clipped))
+    st = await wait_status(api, "n1", lambda s: s.last_ack is not None)
+    assert len(st.last_error) <= MAX_TEXT and st.last_error.endswith("more characters)")
+    assert len(encode(await api.status())) < 3 * MAX_TEXT
