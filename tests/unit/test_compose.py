@@ -121,8 +121,12 @@ def test_agent_has_host_network_capabilities_tun_and_state_volume(compose, monke
 
 
 def bus_init(compose: dict, root: Path) -> Path:
-    """Run the bus service's command (its paths moved under ``root``); returns the bus dir."""
-    args = argv(compose["services"]["bus"])
+    """Run the bus service's command with ./bus at ``root/bus``; returns that directory. The
+    server directory is moved there too, so the real nats-server can check the files."""
+    service = compose["services"]["bus"]
+    assert service["profiles"] == ["init"]  # run once by hand, not by every `up`
+    assert "./bus:/srv/otherix/bus" in service["volumes"]
+    args = argv(service)
     assert args[:2] == ["otherix-bus", "init"]
     moved = [a.replace("/srv/otherix", str(root)) for a in args[2:]]
     moved = [_DEFAULTED.sub(lambda m: m.group(2) or "", a) for a in moved]
@@ -130,28 +134,42 @@ def bus_init(compose: dict, root: Path) -> Path:
 
     run(["init", *moved, f"--server-dir={root}/bus"])
     run(["init", *moved, f"--server-dir={root}/bus"])  # a restart: --keep-existing, no error
-    return Path(moved[0])
+    return root / "bus"
 
 
-def test_the_bus_serves_every_identity_compose_mounts(compose, tmp_path):
+def bus_mounts(service: dict) -> dict[str, str]:
+    """target → file under ./bus, for the service's bind mounts out of ./bus."""
+    out = {}
+    for v in service["volumes"]:
+        source, target = _DEFAULTED.sub(lambda m: m.group(2) or "", v).split(":")[:2]
+        if source == "./bus" or source.startswith("./bus/"):
+            out[target] = source
+    return out
+
+
+def test_each_service_gets_only_its_own_credentials(compose, tmp_path):
+    """The controller and the agent see their own seed and the CA, never the bus directory
+    (other identities' seeds, the CA key); every file they mount is made by the bus service."""
     services = compose["services"]
-    bus = bus_init(compose, tmp_path)
-    for name in ("nats", "controller", "agent"):
-        assert "bus:/srv/otherix:ro" in services[name]["volumes"], name
-    for name in ("controller", "agent"):
+    bus_init(compose, tmp_path)
+    for name, seed in (("controller", "controller.nk"), ("agent", "node-node1.nk")):
+        mounts = bus_mounts(services[name])
+        assert sorted(Path(src).name for src in mounts.values()) == sorted([seed, "ca.pem"])
+        for source in mounts.values():
+            assert (tmp_path / source.removeprefix("./")).is_file(), f"{name}: {source} not made"
         env = environment(services[name])
-        for var in ("OTHERIX_NATS_CREDS", "OTHERIX_NATS_CA"):
-            local = Path(env[var].replace("/srv/otherix", str(tmp_path)))
-            assert local.is_file(), f"{name}: {var}={env[var]} is not made by the bus service"
-    assert environment(services["agent"])["OTHERIX_NATS_CREDS"].endswith("node-node1.nk")
-    assert (bus / "controller.nk").read_bytes().startswith(b"SU")
+        assert mounts[env["OTHERIX_NATS_CREDS"]].endswith(seed)
+        assert mounts[env["OTHERIX_NATS_CA"]].endswith("ca.pem")
+    assert (tmp_path / "bus" / "controller.nk").read_bytes().startswith(b"SU")
 
 
 def test_nats_config_is_the_bus_config_and_fsyncs_every_write(compose, tmp_path):
     nats = compose["services"]["nats"]
     assert nats["image"].startswith("nats:2.")
     config_path = argv(nats)[argv(nats).index("--config") + 1]
-    assert config_path == "/srv/otherix/bus/nats-server.conf"
+    assert bus_mounts(nats) == {"/etc/otherix-bus": "./bus"}
+    assert config_path == "/etc/otherix-bus/nats-server.conf"
+    assert "--server-dir=/etc/otherix-bus" in argv(compose["services"]["bus"])
     bus = bus_init(compose, tmp_path)
     text = (bus / "nats-server.conf").read_text()
     jetstream = re.search(r"jetstream\s*\{([^}]*)\}", text)
@@ -160,6 +178,7 @@ def test_nats_config_is_the_bus_config_and_fsyncs_every_write(compose, tmp_path)
     store_dir = re.search(r'^\s*store_dir\s*:\s*"?([^"\s]+)"?\s*$', jetstream.group(1), re.M)
     mounts = {v.split(":")[1]: v.split(":")[0] for v in nats["volumes"]}
     assert store_dir and mounts.get(store_dir.group(1)) in compose["volumes"], "store on a volume"
+    assert "handshake_first: true" in (bus / "nats-server.conf").read_text()
     # the real server accepts the file (it refuses unknown fields and bad values)
     check = subprocess.run(
         [nats_server_binary(), "-t", "-c", str(bus / "nats-server.conf")],
