@@ -2,7 +2,9 @@
 
 Both sides run in fresh namespaces made here: the agent's links subsystem, observe → plan →
 apply (creating bridge, VXLAN and every FDB entry from scratch), and `ip link add` + `bridge -batch` loading the
-same entries. Also the steady-state cost: a no-op heartbeat (observe + plan, zero writes).
+same entries. Each unicast (remote NIC) MAC is two kernel entries: the VXLAN device's (MAC → dst)
+and the bridge's static one on the VXLAN port (learning off), so `bridge -batch` loads both too.
+Also the steady-state cost: a no-op heartbeat (observe + plan, zero writes).
 """
 
 import asyncio
@@ -15,6 +17,8 @@ from agent.links.netlink import NetlinkLinks
 from agent.netlink_thread import NetlinkThread
 from lab.netns import netns_add, netns_del, run
 from schemas.desired import Bridge, FdbEntry, Snapshot, Vxlan
+
+FLOOD = "00:00:00:00:00:00"
 
 
 def snapshot(entries: int) -> Snapshot:
@@ -66,6 +70,7 @@ async def agent_cold(ns: str, snap: Snapshot) -> tuple[float, float, int]:
 async def bridge_batch(ns: str, snap: Snapshot) -> float:
     vx = snap.vxlans[0]
     lines = [f"fdb append {e.mac} dev {vx.name} dst {e.dst} self permanent" for e in vx.fdb]
+    lines += [f"fdb replace {e.mac} dev {vx.name} master static" for e in vx.fdb if e.mac != FLOOD]
     with tempfile.NamedTemporaryFile("w", suffix=".batch") as f:
         f.write("\n".join(lines) + "\n")
         f.flush()
@@ -74,6 +79,9 @@ async def bridge_batch(ns: str, snap: Snapshot) -> float:
         await run("ip", "-n", ns, "link", "add", "otvx1000", "mtu", "1390", "type", "vxlan", "id", "1000",
                   "local", "100.64.0.1", "dstport", "4789", "nolearning")  # fmt: skip
         await run("ip", "-n", ns, "link", "set", "otvx1000", "master", "otb1000", "up")
+        await run(
+            "ip", "-n", ns, "link", "set", "otvx1000", "type", "bridge_slave", "learning", "off"
+        )
         await run("ip", "-n", ns, "link", "set", "otb1000", "up")
         await run("bridge", "-n", ns, "-batch", f.name, timeout=300)
         elapsed = time.perf_counter() - start

@@ -1,10 +1,22 @@
-"""Bulk VXLAN FDB over a plain rtnetlink socket: dump, append and delete thousands of entries.
+"""Bulk FDB over a plain rtnetlink socket: dump, append, replace and delete thousands of entries.
+
+Two kinds of entry go through here: a VXLAN device's own entries (NTF_SELF: MAC → remote tunnel
+address, the flood MAC with one entry per dst) and bridge entries on a managed port (NTF_MASTER,
+NUD_NOARP = ``static``: MAC → port, never ``permanent``, which the bridge treats as its own
+address and delivers up to the host instead of forwarding).
+
+A unicast MAC has exactly one destination, so it is written with NLM_F_CREATE|NLM_F_REPLACE:
+one message creates it or moves it, and the MAC is never without an entry. (Appending to an
+existing unicast VXLAN entry is silently ignored by the kernel, and a bridge MAC can sit on only
+one port, so append-then-delete would leave a hole.) Only flood/multicast MACs are appended.
 
 Why not pyroute2 here: decoding a 10,000-entry AF_BRIDGE dump through its message classes took
 0.6 s and one request per entry about 0.8 ms (bench/fdb_apply.py), which made a cold overlay
 apply 50x slower than ``bridge -batch`` and a no-op heartbeat cost a second of CPU. FDB messages
-are tiny and fixed in shape, so this module packs and parses them with ``struct``, pipelines
-requests in chunks and matches each ack to its entry. Everything else stays on pyroute2.
+are tiny and fixed in shape, so this module packs and parses them with ``struct`` and pipelines
+requests in chunks. Only the last request of a chunk asks for an ack: the kernel handles a
+chunk's messages in order and reports every failure anyway, so one receive per chunk (not per
+entry) tells which entries failed. Everything else stays on pyroute2.
 """
 
 import errno
@@ -17,26 +29,44 @@ RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 NLM_F_DUMP = 0x300
-NLM_F_CREATE, NLM_F_APPEND = 0x400, 0x800
-NDA_DST, NDA_LLADDR = 1, 2
-NTF_SELF = 0x02
-NUD_PERMANENT = 0x80
+NLM_F_REPLACE, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x400, 0x800
+NDA_DST, NDA_LLADDR, NDA_VLAN, NDA_MASTER = 1, 2, 5, 9
+NTF_SELF, NTF_MASTER, NTF_EXT_LEARNED = 0x02, 0x04, 0x10
+NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
+
+APPEND, REPLACE, DELETE = "append", "replace", "delete"
+_OPS = {  # op -> (message type, flags, errnos that mean "already so")
+    APPEND: (RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND, {errno.EEXIST}),
+    REPLACE: (RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, set()),
+    DELETE: (RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, {errno.ENOENT}),
+}
 
 _NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 _RTA = struct.Struct("=HH")
+# a whole request in one pack: header, ndmsg, NDA_LLADDR (6 bytes + 2 padding)[, NDA_DST]
+_REQUEST = struct.Struct("=IHHIIBxxxiHBBHH6sxx")
+_REQUEST_DST = struct.Struct("=IHHIIBxxxiHBBHH6sxxHH4s")
+_VLAN, _U32 = struct.Struct("=H"), struct.Struct("=I")
+_USUAL = struct.Struct("=BxxxiHBBHH6sxxHH4s")  # ndmsg, NDA_LLADDR, one 4-byte attribute
 CHUNK = 512  # requests in flight per send: acks (36 bytes each) fit the receive buffer easily
 
 
 class FdbRecord(tuple):
-    """(ifindex, mac, dst or None, permanent, self) as parsed from the kernel."""
+    """(ifindex, mac, dst or None, NUD state, NTF flags, vlan or 0, bridge ifindex or 0)."""
 
     __slots__ = ()
     ifindex = property(lambda s: s[0])
     mac = property(lambda s: s[1])
     dst = property(lambda s: s[2])
-    permanent = property(lambda s: s[3])
-    own = property(lambda s: s[4])  # NTF_SELF: the device's own entry, not its bridge master's
+    state = property(lambda s: s[3])
+    flags = property(lambda s: s[4])
+    vlan = property(lambda s: s[5])
+    permanent = property(lambda s: bool(s[3] & NUD_PERMANENT))
+    static = property(lambda s: bool(s[3] & NUD_NOARP))  # "static": set by hand, never aged
+    own = property(lambda s: bool(s[4] & NTF_SELF))  # the device's own entry (VXLAN: to a dst)
+    # its bridge's entry (MAC → this port): dumps name the bridge in NDA_MASTER, not in the flags
+    master = property(lambda s: s[6])
 
 
 def _align(n: int) -> int:
@@ -48,18 +78,28 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return _RTA.pack(length, kind) + payload + b"\0" * (_align(length) - length)
 
 
-def _mac_bytes(mac: str) -> bytes:
-    return bytes.fromhex(mac.replace(":", ""))
-
-
 def encode_entry(
-    seq: int, msg_type: int, flags: int, ifindex: int, mac: str, dst: str | None
+    seq: int,
+    msg_type: int,
+    flags: int,
+    ifindex: int,
+    mac: str,
+    dst: str | None,
+    master: bool = False,
 ) -> bytes:
-    body = _NDMSG.pack(socket.AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0)
-    body += _attr(NDA_LLADDR, _mac_bytes(mac))
-    if dst is not None:
-        body += _attr(NDA_DST, socket.inet_aton(dst))
-    return _NLMSG.pack(_NLMSG.size + len(body), msg_type, flags, seq, 0) + body
+    """One RTM_NEWNEIGH/RTM_DELNEIGH: a VXLAN self entry, or (master) a static bridge entry."""
+    state, ntf = (NUD_NOARP, NTF_MASTER) if master else (NUD_PERMANENT, NTF_SELF)
+    lladdr = bytes.fromhex(mac.replace(":", ""))
+    if len(lladdr) != 6:  # sent as it is, for the kernel to refuse (struct would pad it)
+        body = _NDMSG.pack(socket.AF_BRIDGE, ifindex, state, ntf, 0) + _attr(NDA_LLADDR, lladdr)
+        body += _attr(NDA_DST, socket.inet_aton(dst)) if dst is not None else b""
+        return _NLMSG.pack(_NLMSG.size + len(body), msg_type, flags, seq, 0) + body
+    if dst is None:
+        return _REQUEST.pack(_REQUEST.size, msg_type, flags, seq, 0,
+                             socket.AF_BRIDGE, ifindex, state, ntf, 0, 10, NDA_LLADDR, lladdr)  # fmt: skip
+    return _REQUEST_DST.pack(_REQUEST_DST.size, msg_type, flags, seq, 0,
+                             socket.AF_BRIDGE, ifindex, state, ntf, 0, 10, NDA_LLADDR, lladdr,
+                             8, NDA_DST, socket.inet_aton(dst))  # fmt: skip
 
 
 def parse_messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
@@ -73,21 +113,43 @@ def parse_messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
         offset += _align(length)
 
 
-def parse_neigh(payload: bytes) -> FdbRecord:
-    _family, ifindex, state, flags, _type = _NDMSG.unpack_from(payload)
+def parse_neigh(data: bytes, start: int = 0, end: int | None = None) -> FdbRecord:
+    """An ndmsg and its attributes, from ``data[start:end]`` (no copy of a dump's buffer)."""
+    end = len(data) if end is None else end
     mac = dst = None
-    offset = _NDMSG.size
-    while offset + _RTA.size <= len(payload):
-        length, kind = _RTA.unpack_from(payload, offset)
+    vlan = master = 0
+    if end - start >= _USUAL.size:
+        # the kernel's usual layout: NDA_LLADDR, then NDA_DST (VXLAN) or NDA_MASTER (bridge)
+        _f, ifindex, state, flags, _t, l1, t1, lladdr, l2, t2, value = _USUAL.unpack_from(
+            data, start
+        )
+        if (l1, t1, l2) == (10, NDA_LLADDR, 8) and t2 in (NDA_DST, NDA_MASTER):
+            mac = lladdr.hex(":")
+            if t2 == NDA_DST:
+                dst = socket.inet_ntoa(value)
+            else:
+                (master,) = _U32.unpack(value)
+            offset = start + _USUAL.size
+        else:
+            offset = start + _NDMSG.size
+    else:
+        _f, ifindex, state, flags, _t = _NDMSG.unpack_from(data, start)
+        offset = start + _NDMSG.size
+    last = end - _RTA.size
+    while offset <= last:  # a dump parses thousands of these: kept flat on purpose
+        length, kind = _RTA.unpack_from(data, offset)
         if length < _RTA.size:
             break
-        value = payload[offset + _RTA.size : offset + length]
-        if kind == NDA_LLADDR and len(value) == 6:
-            mac = value.hex(":")
-        elif kind == NDA_DST and len(value) == 4:
-            dst = socket.inet_ntoa(value)
-        offset += _align(length)
-    return FdbRecord((ifindex, mac, dst, bool(state & NUD_PERMANENT), bool(flags & NTF_SELF)))
+        if kind == NDA_LLADDR and length == 10:
+            mac = data[offset + 4 : offset + 10].hex(":")
+        elif kind == NDA_DST and length == 8:
+            dst = socket.inet_ntoa(data[offset + 4 : offset + 8])
+        elif kind == NDA_MASTER and length == 8:
+            (master,) = _U32.unpack_from(data, offset + 4)
+        elif kind == NDA_VLAN and length == 6:
+            (vlan,) = _VLAN.unpack_from(data, offset + 4)
+        offset += (length + 3) & ~3
+    return FdbRecord((ifindex, mac, dst, state, flags, vlan, master))
 
 
 class FdbSocket:
@@ -107,7 +169,7 @@ class FdbSocket:
         return self.seq
 
     def dump(self, ifindexes: Iterable[int]) -> list[FdbRecord]:
-        """Every AF_BRIDGE neighbour entry on the given devices."""
+        """Every AF_BRIDGE neighbour entry on the given devices (their own and their bridge's)."""
         wanted = set(ifindexes)
         seq = self._next_seq()
         body = _NDMSG.pack(socket.AF_BRIDGE, 0, 0, 0, 0)
@@ -116,54 +178,66 @@ class FdbSocket:
             + body
         )
         records = []
+        header, ndmsg = _NLMSG.unpack_from, _NDMSG.unpack_from
         while True:
             data = self.sock.recv(1 << 20)
-            for kind, _flags, msg_seq, payload in parse_messages(data):
-                if msg_seq != seq:
-                    continue
-                if kind == NLMSG_DONE:
-                    return records
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload)[0]
-                    raise OSError(code, f"fdb dump: {os.strerror(code)}")
-                if kind == RTM_NEWNEIGH:
-                    record = parse_neigh(payload)
-                    if record.ifindex in wanted:
-                        records.append(record)
+            offset = 0
+            while offset + _NLMSG.size <= len(data):  # parse_messages, inlined: no copies
+                length, kind, _flags, msg_seq, _ = header(data, offset)
+                if length < _NLMSG.size:
+                    break
+                if msg_seq == seq:
+                    if kind == NLMSG_DONE:
+                        return records
+                    if kind == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
+                        raise OSError(code, f"fdb dump: {os.strerror(code)}")
+                    # the ifindex sits at a fixed offset: skip foreign devices before parsing
+                    if kind == RTM_NEWNEIGH and ndmsg(data, offset + _NLMSG.size)[1] in wanted:
+                        records.append(parse_neigh(data, offset + _NLMSG.size, offset + length))
+                offset += (length + 3) & ~3
 
     def change(
-        self, op: str, ifindex: int, entries: Sequence[tuple[str, str | None]]
-    ) -> list[tuple[str, str | None, int]]:
-        """Append or delete (mac, dst) entries; returns (mac, dst, errno) for the failures.
+        self,
+        op: str,
+        entries: Sequence[tuple[int, str, str | None]],
+        master: bool = False,
+    ) -> list[tuple[int, int]]:
+        """Apply ``op`` to (ifindex, mac, dst) entries; returns (position, errno) of failures.
 
-        Appending an existing entry and deleting a missing one count as success (idempotent).
+        ``append`` adds a destination (flood MACs), ``replace`` creates or moves an entry in one
+        message, ``delete`` removes one. ``master`` entries are static bridge entries on the
+        port ``ifindex`` (dst None). Appending an existing entry and deleting a missing one
+        count as success (idempotent).
         """
-        if op == "append":
-            msg_type, flags, fine = (
-                RTM_NEWNEIGH,
-                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
-                {errno.EEXIST},
-            )
-        elif op == "delete":
-            msg_type, flags, fine = RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, {errno.ENOENT}
-        else:
-            raise ValueError(op)
+        msg_type, flags, fine = _OPS[op]
+        quiet = flags & ~NLM_F_ACK  # failures are reported without NLM_F_ACK, successes not
         failures = []
         for start in range(0, len(entries), CHUNK):
-            chunk = entries[start : start + CHUNK]
-            pending = {}
+            stop = min(start + CHUNK, len(entries))
+            first_seq = self.seq + 1
             out = bytearray()
-            for mac, dst in chunk:
+            for position in range(start, stop):
+                ifindex, mac, dst = entries[position]
                 seq = self._next_seq()
-                pending[seq] = (mac, dst)
-                out += encode_entry(seq, msg_type, flags, ifindex, mac, dst)
+                out += encode_entry(
+                    seq,
+                    msg_type,
+                    flags if position == stop - 1 else quiet,
+                    ifindex,
+                    mac,
+                    dst,
+                    master,
+                )
             self.sock.send(bytes(out))
-            while pending:
+            last_seq, done = self.seq, False
+            while not done:
                 for kind, _f, seq, payload in parse_messages(self.sock.recv(1 << 20)):
-                    if kind != NLMSG_ERROR or seq not in pending:
-                        continue
-                    mac, dst = pending.pop(seq)
+                    position = start + ((seq - first_seq) & 0xFFFFFFFF)
+                    if kind != NLMSG_ERROR or not start <= position < stop:
+                        continue  # not ours (a stale answer from an earlier request)
                     code = -struct.unpack_from("=i", payload)[0]
                     if code and code not in fine:
-                        failures.append((mac, dst, code))
+                        failures.append((position, code))
+                    done |= seq == last_seq
         return failures

@@ -1,6 +1,10 @@
 """Plain data of the links subsystem: what the kernel has (``Observed``), what to change
 (``Action``s, a ``LinkPlan``).
 
+Two FDBs are ours: each ``otvx*`` device's own (MAC → remote tunnel address, ``AddFdb``) and
+each managed bridge's static entries on its ``ot…`` ports (MAC → port, ``AddPortFdb``), with
+learning off on every port so no frame can move a MAC.
+
 ``agent.links.netlink`` fills ``Observed`` from the kernel and executes plans; the planner
 (``agent.links.plan``) is a pure function between the two and never sees a socket.
 """
@@ -27,6 +31,7 @@ class Link(msgspec.Struct, frozen=True, kw_only=True):
     addresses: frozenset[str] = frozenset()  # IPv4 "ip/prefixlen"
     vxlan: VxlanInfo | None = None
     index: int = 0  # ifindex from the dump: actions on this link need no RTM_GETLINK (0: unknown)
+    port_learning: bool | None = None  # IFLA_BRPORT_LEARNING as a bridge port; None: no master
 
 
 class Observed(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,6 +42,10 @@ class Observed(msgspec.Struct, frozen=True, kw_only=True):
     fdb: dict[str, frozenset[FdbEntry]] = {}
     # per otvx* device: MACs the device learned (never wanted: learning is off)
     learned: dict[str, frozenset[str]] = {}
+    # per managed bridge port: MACs of its bridge's static entries on it (ours)
+    port_fdb: dict[str, frozenset[str]] = {}
+    # per managed bridge port: MACs its bridge learned on it (never wanted: learning is off)
+    port_learned: dict[str, frozenset[str]] = {}
 
 
 # --- actions, executed in list order by the applier -------------------------------------------
@@ -92,7 +101,15 @@ class DeleteLink(msgspec.Struct, frozen=True, tag=True):
     name: str
 
 
+class SetPortLearning(msgspec.Struct, frozen=True, tag=True):
+    name: str  # a bridge port: a port's flags start afresh (learning on) whenever it is enslaved
+    learning: bool
+
+
 class AddFdb(msgspec.Struct, frozen=True, tag=True):
+    """A VXLAN device's own entry: a flood MAC gains a dst (append); a unicast MAC's one dst is
+    set with NLM_F_REPLACE, so a move is this one message and never leaves the MAC without one."""
+
     device: str
     mac: str
     dst: str
@@ -104,6 +121,19 @@ class DelFdb(msgspec.Struct, frozen=True, tag=True):
     dst: str | None  # None for a learned entry (no dst)
 
 
+class AddPortFdb(msgspec.Struct, frozen=True, tag=True):
+    """A static bridge entry MAC → port, set with NLM_F_REPLACE: it creates the entry or moves
+    it from another port of the same bridge in one message (a bridge has one entry per MAC)."""
+
+    port: str
+    mac: str
+
+
+class DelPortFdb(msgspec.Struct, frozen=True, tag=True):
+    port: str  # only removes the entry while it still points at this port
+    mac: str
+
+
 Action = (
     CreateBridge
     | CreateTap
@@ -112,12 +142,17 @@ Action = (
     | SetMtu
     | SetMaster
     | SetUp
+    | SetPortLearning
     | AddAddress
     | DelAddress
     | DeleteLink
     | AddFdb
     | DelFdb
+    | AddPortFdb
+    | DelPortFdb
 )
+
+FdbAction = AddFdb | DelFdb | AddPortFdb | DelPortFdb
 
 
 class LinkPlan(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,27 +1,42 @@
-"""The links subsystem's kernel side: read managed (``ot…``) links, addresses and VXLAN FDB
-entries, and execute a ``LinkPlan``, as jobs on the agent's ``NetlinkThread``.
+"""The links subsystem's kernel side: read managed (``ot…``) links, addresses, bridge-port
+learning and FDB entries (VXLAN devices' own, bridges' on managed ports), and execute a
+``LinkPlan``, as jobs on the agent's ``NetlinkThread``.
 
-Links and addresses go through pyroute2's ``AsyncIPRoute``, FDB runs through the bulk socket
+Links and addresses go through pyroute2's ``AsyncIPRoute`` (port learning comes with the link
+dump: IFLA_LINKINFO's bridge slave data), FDB runs through the bulk socket
 (``agent.links.fdb_socket``). A link the observation had is addressed by its ifindex; only a
 device created during this apply is looked up (RTM_GETLINK). This module never decides *what*
 to change (``agent.links.plan`` does) and never touches a device whose name lacks the ``ot``
-prefix, nor an FDB entry outside a managed VXLAN device.
+prefix, nor an FDB entry outside a managed device; of the bridge entries on a managed port it
+reports only the static ones (ours) and the learned ones, never the kernel's ``permanent`` own
+addresses or entries in a VLAN.
 """
 
 import errno
 import ipaddress
 import logging
 import socket
+from collections import Counter
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.errors import ApplyError, ApplyResult, Refused
+from agent.links.fdb_socket import (
+    APPEND,
+    DELETE,
+    NTF_EXT_LEARNED,
+    NTF_SELF,
+    NUD_NOARP,
+    NUD_PERMANENT,
+    REPLACE,
+)
 from agent.links.model import (
     Action,
     AddAddress,
     AddFdb,
+    AddPortFdb,
     CreateBridge,
     CreateTap,
     CreateVxlan,
@@ -29,14 +44,18 @@ from agent.links.model import (
     DelAddress,
     DeleteLink,
     DelFdb,
+    DelPortFdb,
+    FdbAction,
     Link,
     LinkPlan,
     Observed,
     SetMaster,
     SetMtu,
+    SetPortLearning,
     SetUp,
     VxlanInfo,
 )
+from agent.links.plan import is_unicast
 from agent.logs import NodeLog
 from agent.netlink_thread import NetlinkThread, Sockets
 from schemas.desired import FdbEntry
@@ -81,28 +100,46 @@ async def observe(s: Sockets) -> Observed:
 
     links: dict[str, Link] = {}
     vxlans: dict[int, str] = {}
+    ports: dict[int, str] = {}
     for index, m in managed.items():
         master = m.get_attr("IFLA_MASTER")
         link = _link(m, names[index], addresses[index], names.get(master) if master else None)
         links[link.name] = link
         if link.kind == "vxlan":
             vxlans[index] = link.name
+        if link.master is not None:
+            ports[index] = link.name
 
     fdb: dict[int, set[FdbEntry]] = {i: set() for i in vxlans}
     learned: dict[int, set[str]] = {i: set() for i in vxlans}
-    if vxlans:
-        for entry in s.fdb.dump(vxlans):
-            # entries of the bridge master (NTF_MASTER) show up on the port too: skip them
-            if not entry.own or entry.mac is None:
+    port_fdb: dict[int, set[str]] = {i: set() for i in ports}
+    port_learned: dict[int, set[str]] = {i: set() for i in ports}
+    if vxlans or ports:
+        for index, mac, dst, state, flags, vlan, _bridge in s.fdb.dump(
+            vxlans.keys() | ports.keys()
+        ):
+            if mac is None:
                 continue
-            if entry.dst and entry.permanent:
-                fdb[entry.ifindex].add(FdbEntry(mac=entry.mac, dst=entry.dst))
-            else:
-                learned[entry.ifindex].add(entry.mac)
+            if flags & NTF_SELF:  # a device's own entry: only a VXLAN device's are ours
+                if index not in vxlans:
+                    continue
+                if dst and state & NUD_PERMANENT:
+                    fdb[index].add(FdbEntry(mac=mac, dst=dst))
+                else:
+                    learned[index].add(mac)
+            elif index in ports and not vlan:  # its bridge's entry: MAC -> this port
+                if state & NUD_PERMANENT or flags & NTF_EXT_LEARNED:
+                    continue  # the port's own address, or a driver's: not ours to touch
+                if state & NUD_NOARP:
+                    port_fdb[index].add(mac)
+                else:
+                    port_learned[index].add(mac)
     return Observed(
         links=links,
         fdb={vxlans[i]: frozenset(e) for i, e in fdb.items()},
         learned={vxlans[i]: frozenset(e) for i, e in learned.items()},
+        port_fdb={ports[i]: frozenset(e) for i, e in port_fdb.items()},
+        port_learned={ports[i]: frozenset(e) for i, e in port_learned.items()},
     )
 
 
@@ -139,6 +176,10 @@ def _link(m: Any, name: str, addresses: set[str], master: str | None) -> Link:
             port=data.get_attr("IFLA_VXLAN_PORT"),
             learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
         )
+    port_learning = None
+    if info and master is not None and info.get_attr("IFLA_INFO_SLAVE_KIND") == "bridge":
+        slave = info.get_attr("IFLA_INFO_SLAVE_DATA")
+        port_learning = bool(slave.get_attr("IFLA_BRPORT_LEARNING")) if slave else None
     return Link(
         name=name,
         kind=kind,
@@ -149,6 +190,7 @@ def _link(m: Any, name: str, addresses: set[str], master: str | None) -> Link:
         addresses=frozenset(addresses),
         vxlan=vxlan,
         index=m["index"],
+        port_learning=port_learning,
     )
 
 
@@ -177,7 +219,7 @@ class _Executor:
         writes = 0
         errors: list[ApplyError] = []
         for batch in _fdb_batches(self.plan.actions):
-            if isinstance(batch, list):  # a run of FDB changes on one device: bulk path
+            if isinstance(batch, list):  # a run of one kind of FDB change: bulk path
                 ok, failed = await self._fdb_batch(batch)
                 writes += ok
                 errors += failed
@@ -195,35 +237,50 @@ class _Executor:
                 writes += 1
         return ApplyResult(writes=writes, reached=frozenset(self.present), errors=tuple(errors))
 
-    async def _fdb_batch(self, batch: list[AddFdb | DelFdb]) -> tuple[int, list[ApplyError]]:
-        first = batch[0]
-        op, device = type(first).__name__, first.device
-        kernel_op = "append" if isinstance(first, AddFdb) else "delete"
-        if not is_managed(device):
-            return 0, [_foreign(device, op)] * len(batch)
-        try:
-            index = await self._index(device, op)
-        except _Missing as e:
-            if kernel_op == "delete":
-                return len(batch), []  # the device is gone, and its entries with it
-            return 0, [e] * len(batch)
-        entries = [(a.mac.lower(), a.dst) for a in batch]
-        try:
-            failures = self.s.fdb.change(kernel_op, index, entries)
-        except OSError as e:
-            return 0, [ApplyError.from_errno(device, op, e.errno or 0)] * len(batch)
-        self.log.info(
-            "netlink %s: fdb %s %d entries (%d failed)",
-            device,
-            kernel_op,
-            len(batch),
-            len(failures),
-        )
-        errors = [
-            ApplyError.from_errno(device, op, code, f"{mac} dst {dst or '-'}")
-            for mac, dst, code in failures
-        ]
-        return len(batch) - len(failures), errors
+    async def _fdb_batch(self, batch: list[FdbAction]) -> tuple[int, list[ApplyError]]:
+        """One kind of FDB change on any number of devices, pipelined; errors per entry."""
+        op = type(batch[0]).__name__
+        master = isinstance(batch[0], AddPortFdb | DelPortFdb)
+        deleting = isinstance(batch[0], DelFdb | DelPortFdb)
+        writes, errors = 0, []
+        by_op: dict[str, list[tuple[int, str, str | None]]] = {}
+        actions: dict[str, list[FdbAction]] = {}
+        for action in batch:
+            device = _device(action)
+            if not is_managed(device):
+                errors.append(_foreign(device, op))
+                continue
+            try:
+                index = await self._index(device, op)
+            except _Missing as e:
+                if deleting:
+                    writes += 1  # the device is gone, and its entries with it
+                else:
+                    errors.append(e)
+                continue
+            mac, dst = action.mac.lower(), getattr(action, "dst", None)
+            if deleting:
+                kernel_op = DELETE
+            else:  # one dst (or port) per unicast MAC: set, or move, in one message
+                kernel_op = REPLACE if master or is_unicast(mac) else APPEND
+            by_op.setdefault(kernel_op, []).append((index, mac, dst))
+            actions.setdefault(kernel_op, []).append(action)
+        for kernel_op, entries in by_op.items():
+            try:
+                failures = self.s.fdb.change(kernel_op, entries, master=master)
+            except OSError as e:
+                code = e.errno or 0
+                errors += [ApplyError.from_errno(_device(a), op, code) for a in actions[kernel_op]]
+                continue
+            writes += len(entries) - len(failures)
+            kind = f"fdb {kernel_op}{' master' if master else ''}"
+            for device, count in Counter(_device(a) for a in actions[kernel_op]).items():
+                self.log.info("netlink %s: %s %d entries", device, kind, count)
+            for position, code in failures:
+                a = actions[kernel_op][position]
+                detail = f"{a.mac} dst {a.dst or '-'}" if isinstance(a, AddFdb | DelFdb) else a.mac
+                errors.append(ApplyError.from_errno(_device(a), op, code, detail))
+        return writes, errors
 
     async def _index(self, name: str, op: str, device: str | None = None) -> int:
         """The observed ifindex; a lookup only for a device this apply created."""
@@ -278,6 +335,10 @@ class _Executor:
                 master_index = 0 if master is None else await self._index(master, op, name)
                 log.info("netlink %s: master %s", name, master or "none")
                 await ipr.link("set", index=index, master=master_index)
+            case SetPortLearning(name, learning):
+                log.info("netlink %s: bridge port learning %s", name, "on" if learning else "off")
+                index = await self._index(name, op)
+                await ipr.link("set", index=index, kind="bridge_slave", learning=int(learning))
             case SetUp(name):
                 log.info("netlink %s: up", name)
                 await ipr.link("set", index=await self._index(name, op), state="up")
@@ -316,17 +377,13 @@ class _Executor:
             self.present.add(device)
 
 
-def _fdb_batches(actions: Sequence[Action]) -> list[Action | list[AddFdb | DelFdb]]:
-    """Group consecutive FDB changes of one kind on one device; keep everything else in order."""
-    out: list[Action | list[AddFdb | DelFdb]] = []
+def _fdb_batches(actions: Sequence[Action]) -> list[Action | list[FdbAction]]:
+    """Group consecutive FDB changes of one kind (any devices); keep everything else in order."""
+    out: list[Action | list[FdbAction]] = []
     for action in actions:
-        if isinstance(action, AddFdb | DelFdb):
+        if isinstance(action, FdbAction):
             last = out[-1] if out else None
-            if (
-                isinstance(last, list)
-                and type(last[0]) is type(action)
-                and last[0].device == action.device
-            ):
+            if isinstance(last, list) and type(last[0]) is type(action):
                 last.append(action)
                 continue
             out.append([action])
@@ -336,6 +393,8 @@ def _fdb_batches(actions: Sequence[Action]) -> list[Action | list[AddFdb | DelFd
 
 
 def _device(action: Action) -> str:
+    if isinstance(action, AddPortFdb | DelPortFdb):
+        return action.port
     return action.device if isinstance(action, AddFdb | DelFdb) else action.name
 
 

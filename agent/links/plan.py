@@ -1,33 +1,49 @@
 """Pure: desired snapshot + observed kernel state → ordered list of netlink actions.
 
-Order matters: create devices, set port MTUs, enslave, then bridge MTUs and addresses, bring up,
-add FDB entries before deleting stale ones (no window without forwarding), and delete devices
-last. An equal state gives an empty plan: a no-op heartbeat makes zero netlink writes.
-Only devices named ``ot…`` appear in ``Observed``; ``otwg0`` belongs to the WireGuard applier.
+Order matters: create devices, set port MTUs, enslave, turn port learning off, then bridge MTUs
+and addresses, bring up, add FDB entries before deleting stale ones (no window without
+forwarding), and delete devices last. An equal state gives an empty plan: a no-op heartbeat
+makes zero netlink writes. Only devices named ``ot…`` appear in ``Observed``; ``otwg0``
+belongs to the WireGuard applier.
+
+FDB: a unicast MAC has one destination, so a MAC that moves (VXLAN dst, or bridge port) is one
+``AddFdb``/``AddPortFdb`` written with NLM_F_REPLACE, and its old entry gets no delete: the
+kernel never sees the MAC without an entry. Each bridge gets a static entry per local NIC on
+its tap and per remote NIC on the ``otvx*`` port of its VNI, so unicast to a known NIC is never
+flooded; a MAC wanted on both (a NIC moving here) goes to the local tap. Static entries on our
+ports are ours; learned ones on our ports are removed; the kernel's own (``permanent``) are
+never touched. A port that is (re-)enslaved or recreated in this plan starts with no entries.
 """
+
+import functools
 
 from agent.links.model import (
     Action,
     AddAddress,
     AddFdb,
+    AddPortFdb,
     CreateBridge,
     CreateTap,
     CreateVxlan,
     DelAddress,
     DeleteLink,
     DelFdb,
+    DelPortFdb,
     Link,
     Observed,
     SetMaster,
     SetMtu,
+    SetPortLearning,
     SetUp,
     VxlanInfo,
 )
 from schemas import naming
-from schemas.desired import FdbEntry, Snapshot
+from schemas.desired import Snapshot, Vxlan
 
 # kinds a desired device may have; "tun" is a tap (the kernel reports taps as kind "tun")
 _BRIDGE, _TAP, _VXLAN = "bridge", "tun", "vxlan"
+FLOOD_MAC = "00:00:00:00:00:00"
+Remote = tuple[set[tuple[str, str]], dict[str, str]]  # a VXLAN's (flood, dst), unicast mac -> dst
 
 
 def plan(desired: Snapshot, observed: Observed) -> list[Action]:
@@ -36,6 +52,7 @@ def plan(desired: Snapshot, observed: Observed) -> list[Action]:
     recreate: list[Action] = []  # wrong kind or immutable attributes: delete before create
     port_mtu: list[Action] = []
     masters: list[Action] = []
+    learning: list[Action] = []
     bridge_mtu: list[Action] = []
     addresses: list[Action] = []
     ups: list[Action] = []
@@ -65,11 +82,11 @@ def plan(desired: Snapshot, observed: Observed) -> list[Action]:
         existing = links.get(vx.name)
         create = CreateVxlan(name=vx.name, vni=vx.vni, local=vx.local, port=vx.port, mtu=vx.mtu)
         link = ensure(vx.name, _VXLAN, create, mismatch=bool(existing and existing.vxlan != want))
-        _port(vx.name, vx.mtu, vx.bridge, link, recreate, port_mtu, masters, ups)
+        _port(vx.name, vx.mtu, vx.bridge, link, recreate, port_mtu, masters, learning, ups)
 
     for tap in desired.taps:
         link = ensure(tap.name, _TAP, CreateTap(name=tap.name, mtu=tap.mtu))
-        _port(tap.name, tap.mtu, tap.bridge, link, recreate, port_mtu, masters, ups)
+        _port(tap.name, tap.mtu, tap.bridge, link, recreate, port_mtu, masters, learning, ups)
 
     wanted = {b.name for b in desired.bridges} | {v.name for v in desired.vxlans}
     wanted |= {t.name for t in desired.taps} | {naming.WIREGUARD_IFNAME}
@@ -77,17 +94,25 @@ def plan(desired: Snapshot, observed: Observed) -> list[Action]:
     # ports before their bridges, so nothing is briefly re-parented
     deletes.sort(key=lambda a: links[a.name].kind == _BRIDGE)
 
-    fdb_add, fdb_del = _fdb(desired, observed, recreated={a.name for a in recreate})
+    recreated = {a.name for a in recreate}
+    remote = {vx.name: _remote(vx) for vx in desired.vxlans}
+    fdb_add, fdb_del = _fdb(desired, observed, recreated, remote)
+    # ports whose bridge entries the kernel flushes (or never had) before ours are written
+    fresh_ports = {a.name for a in masters} | recreated | {a.name for a in deletes}
+    port_add, port_del = _port_fdb(desired, observed, fresh_ports, remote)
     return (
         recreate
         + creates
         + port_mtu
         + masters
+        + learning
         + bridge_mtu
         + addresses
         + ups
         + fdb_add
+        + port_add
         + fdb_del
+        + port_del
         + deletes
     )
 
@@ -100,6 +125,7 @@ def _port(
     recreate: list[Action],
     port_mtu: list[Action],
     masters: list[Action],
+    learning: list[Action],
     ups: list[Action],
 ) -> None:
     if link is not None and link.mtu != mtu:
@@ -107,24 +133,105 @@ def _port(
     # a recreated bridge has lost its ports, even if the observed state still names it
     if link is None or link.master != bridge or DeleteLink(name=bridge) in recreate:
         masters.append(SetMaster(name=name, master=bridge))
+        learning.append(SetPortLearning(name=name, learning=False))  # enslaving turns it on
+    elif link.port_learning is not False:
+        learning.append(SetPortLearning(name=name, learning=False))
     if link is None or not link.up:
         ups.append(SetUp(name=name))
 
 
+def is_unicast(mac: str) -> bool:
+    """Not the flood MAC and not multicast (odd first octet): one destination, replaced."""
+    return mac != FLOOD_MAC and mac[1] not in _ODD_HEX
+
+
+_ODD_HEX = "13579bdfBDF"
+
+
+@functools.lru_cache(maxsize=16)
+def _remote(vx: Vxlan) -> Remote:
+    """A VXLAN's wanted entries: (flood MAC, dst) pairs, and each unicast MAC's one dst (the
+    lowest, should a snapshot repeat a MAC), all MACs in the kernel's lower case. Cached: a
+    heartbeat plans the same frozen snapshot again and again (callers never mutate these)."""
+    flood: set[tuple[str, str]] = set()
+    unicast: dict[str, str] = {}
+    for e in vx.fdb:
+        mac = e.mac.lower()
+        if not is_unicast(mac):
+            flood.add((mac, e.dst))
+        elif (old := unicast.get(mac)) is None or e.dst < old:
+            unicast[mac] = e.dst
+    return flood, unicast
+
+
 def _fdb(
-    desired: Snapshot, observed: Observed, recreated: set[str]
+    desired: Snapshot, observed: Observed, recreated: set[str], remote: dict[str, Remote]
 ) -> tuple[list[Action], list[Action]]:
     adds: list[Action] = []
     dels: list[Action] = []
     for vx in desired.vxlans:
         fresh = vx.name in recreated or vx.name not in observed.links
-        have: frozenset[FdbEntry] = frozenset() if fresh else observed.fdb.get(vx.name, frozenset())
-        want = set(vx.fdb)
-        adds += [AddFdb(device=vx.name, mac=e.mac, dst=e.dst) for e in sorted(want - have)]
-        dels += [DelFdb(device=vx.name, mac=e.mac, dst=e.dst) for e in sorted(have - want)]
-        if not fresh:
-            dels += [
-                DelFdb(device=vx.name, mac=m, dst=None)
-                for m in sorted(observed.learned.get(vx.name, ()))
-            ]
+        kernel = frozenset() if fresh else observed.fdb.get(vx.name, frozenset())
+        learned = () if fresh else sorted(observed.learned.get(vx.name, ()))
+        dels += [DelFdb(device=vx.name, mac=m, dst=None) for m in learned]
+        if kernel and kernel == frozenset(vx.fdb):
+            continue  # the steady state: one set comparison
+        have = {(e.mac, e.dst) for e in kernel}
+        flood, unicast = remote[vx.name]
+        want = flood | unicast.items()
+        adds += [AddFdb(device=vx.name, mac=mac, dst=dst) for mac, dst in sorted(want - have)]
+        # a unicast MAC set to another dst is replaced in place: no delete for its old dst
+        dels += [
+            DelFdb(device=vx.name, mac=mac, dst=dst)
+            for mac, dst in sorted(have - want)
+            if mac not in unicast
+        ]
+    return adds, dels
+
+
+def _port_fdb(
+    desired: Snapshot, observed: Observed, fresh: set[str], remote: dict[str, Remote]
+) -> tuple[list[Action], list[Action]]:
+    # per bridge: mac -> port; remote NICs first, so a local tap wins a MAC wanted on both
+    want: dict[str, dict[str, str]] = {b.name: {} for b in desired.bridges}
+    for vx in desired.vxlans:
+        want.setdefault(vx.bridge, {}).update(dict.fromkeys(remote[vx.name][1], vx.name))
+    for tap in sorted(desired.taps, key=lambda t: t.name, reverse=True):
+        if tap.mac:
+            want.setdefault(tap.bridge, {})[tap.mac.lower()] = tap.name
+
+    # per bridge: mac -> port the kernel has it on, for ports that keep their entries (a port
+    # not fresh is already on the bridge it is wanted on, or is being deleted)
+    have: dict[str, dict[str, str]] = {}
+    learned: list[tuple[str, str, str]] = []  # (bridge, port, mac)
+    for port, link in observed.links.items():
+        if port in fresh or link.master is None:
+            continue
+        if macs := observed.port_fdb.get(port):
+            have.setdefault(link.master, {}).update(dict.fromkeys(macs, port))
+        learned += [(link.master, port, mac) for mac in observed.port_learned.get(port, ())]
+
+    adds: list[Action] = []
+    dels: list[Action] = []
+    for bridge, macs in want.items():
+        have_here = have.get(bridge, {})
+        if macs == have_here:
+            continue  # the steady state: one dict comparison
+        adds += [
+            AddPortFdb(port=port, mac=mac) for mac, port in sorted(macs.items() - have_here.items())
+        ]
+    # an entry wanted on another port of its bridge is moved by that add (replace): no delete;
+    # a learned MAC the bridge is about to own statically is converted by it the same way
+    for bridge, macs in have.items():
+        wanted = want.get(bridge, {})
+        dels += [
+            DelPortFdb(port=port, mac=mac)
+            for mac, port in sorted(macs.items() - wanted.items())
+            if mac not in wanted
+        ]
+    dels += [
+        DelPortFdb(port=port, mac=mac)
+        for bridge, port, mac in sorted(learned)
+        if mac not in want.get(bridge, {})
+    ]
     return adds, dels

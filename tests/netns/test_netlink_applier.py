@@ -4,15 +4,18 @@ kernel, in a throwaway network namespace."""
 import errno
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from agent.errors import ApplyError, Refused
+from agent.links import fdb_socket as fdb
 from agent.links.applier import LinkApplier
 from agent.links.model import (
     AddAddress,
@@ -24,9 +27,11 @@ from agent.links.model import (
     DelAddress,
     DeleteLink,
     DelFdb,
+    DelPortFdb,
     LinkPlan,
     SetMaster,
     SetMtu,
+    SetPortLearning,
     SetUp,
 )
 from agent.links.netlink import NetlinkLinks
@@ -325,7 +330,7 @@ SNAPSHOT = Snapshot(
     node="n1",
     version=1,
     bridges=(Bridge(name=BR, mtu=1390, address="10.9.0.1/24"),),
-    taps=(Tap(name=TAP, bridge=BR, mtu=1390),),
+    taps=(Tap(name=TAP, bridge=BR, mtu=1390, mac="02:00:00:00:00:0a"),),
     vxlans=(
         Vxlan(
             name=VX,
@@ -355,7 +360,14 @@ async def test_subsystem_second_reconcile_plans_nothing_and_reads_no_link_by_nam
     sh(ns, "ip", "link", "set", TAP, "mtu", "1400")
     sh(ns, "ip", "link", "set", VX, "nomaster")
     plan = links.plan(SNAPSHOT, await links.observe())
-    assert {type(a).__name__ for a in plan.actions} == {"SetMtu", "SetMaster", "SetUp"}
+    # re-enslaved: learning comes back on and the bridge forgot the port's entries
+    assert {type(a).__name__ for a in plan.actions} == {
+        "SetMtu",
+        "SetMaster",
+        "SetPortLearning",
+        "SetUp",
+        "AddPortFdb",
+    }
     lookups = []
     ipr = nl.netlink._sockets.ipr
     original = ipr.link_lookup
@@ -368,3 +380,273 @@ async def test_subsystem_second_reconcile_plans_nothing_and_reads_no_link_by_nam
     result = await links.apply(plan)
     assert result.errors == () and result.writes == len(plan.actions) and lookups == []
     assert links.plan(SNAPSHOT, await links.observe()).actions == ()
+
+
+# --- bridge ports: learning off, static entries, no flooding to other taps, atomic moves ------
+
+MAC_A, REMOTE = "02:00:00:00:00:0a", "02:aa:00:00:00:01"
+
+
+def bridge_fdb(ns: str) -> set[str]:
+    return {" ".join(line.split()) for line in sh(ns, "bridge", "fdb", "show").splitlines()}
+
+
+def port_learning(ns: str) -> dict[str, str]:
+    """Port name -> "on"/"off", as `bridge -d link show` prints it."""
+    out, name = {}, None
+    for line in sh(ns, "bridge", "-d", "link", "show").splitlines():
+        if not line.startswith(" "):
+            name = line.split(":")[1].strip().split("@")[0]
+        elif " learning " in f" {line} ":
+            words = line.split()
+            out[name] = words[words.index("learning") + 1]
+    return out
+
+
+async def test_learning_off_and_static_entries_for_local_and_remote_nics(nl, ns):
+    links = LinkApplier(nl)
+    assert (await links.reconcile(SNAPSHOT)).errors == ()
+    assert port_learning(ns) == {TAP: "off", VX: "off"}
+    fdb = bridge_fdb(ns)
+    assert f"{MAC_A} dev {TAP} master {BR} static" in fdb
+    assert f"{REMOTE} dev {VX} master {BR} static" in fdb
+    assert f"{REMOTE} dev {VX} dst 10.0.0.2 self permanent" in fdb
+    observed = await links.observe()
+    assert observed.links[TAP].port_learning is False and observed.links[BR].port_learning is None
+    assert observed.port_fdb == {TAP: {MAC_A}, VX: {REMOTE}}
+    assert observed.port_learned == {TAP: set(), VX: set()}
+    kernel_own = {line for line in fdb if line.endswith(" permanent") and " master " in line}
+    assert kernel_own  # each port's own address: the bridge's, never ours to touch
+
+    # drift by hand: learning on, a stale static entry (ours), a learned one, and a permanent
+    # (local) one, which the bridge treats as its own address: not ours, kept
+    sh(ns, "bridge", "link", "set", "dev", TAP, "learning", "on")
+    sh(ns, "bridge", "fdb", "add", "02:de:ad:00:00:01", "dev", TAP, "master", "static")
+    sh(ns, "bridge", "fdb", "add", "02:de:ad:00:00:02", "dev", VX, "master", "dynamic")
+    sh(ns, "bridge", "fdb", "add", "02:de:ad:00:00:03", "dev", VX, "master", "permanent")
+    plan = links.plan(SNAPSHOT, await links.observe())
+    assert set(plan.actions) == {
+        SetPortLearning(TAP, False),
+        DelPortFdb(TAP, "02:de:ad:00:00:01"),
+        DelPortFdb(VX, "02:de:ad:00:00:02"),
+    }
+    assert (await links.apply(plan)).errors == ()
+    fdb = bridge_fdb(ns)
+    assert not any("02:de:ad:00:00:01" in line or "02:de:ad:00:00:02" in line for line in fdb)
+    assert f"02:de:ad:00:00:03 dev {VX} master {BR} permanent" in fdb
+    assert kernel_own <= fdb and port_learning(ns)[TAP] == "off"
+    assert links.plan(SNAPSHOT, await links.observe()).actions == ()
+
+
+TAPS = {"ot00000000000a": "02:00:00:00:00:0a", "ot00000000000b": "02:00:00:00:00:0b",
+        "ot00000000000c": "02:00:00:00:00:0c"}  # fmt: skip
+
+# Plays three hypervisors: holds the taps open, sends frames into the bridge from A to B and
+# from B to A (what the VMs send), and counts what each tap is given (what the VMs receive).
+TAP_TRAFFIC = textwrap.dedent(
+    """
+    import fcntl, json, os, select, struct, sys, time
+    IFF_TAP, IFF_NO_PI, TUNSETIFF, ETHERTYPE = 0x0002, 0x1000, 0x400454CA, 0x88B5
+    taps = json.loads(sys.argv[1])
+    fds = {}
+    for name in taps:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+        fds[name] = fd
+    time.sleep(0.3)  # carrier up: the ports go forwarding
+    a, b, c = taps
+    def frame(src, dst, i):
+        mac = lambda t: bytes.fromhex(taps[t].replace(":", ""))
+        return mac(dst) + mac(src) + struct.pack("!HI", ETHERTYPE, i) + bytes(46)
+    for i in range(20):
+        os.write(fds[a], frame(a, b, i))
+        os.write(fds[b], frame(b, a, i))
+    seen = {name: {"to_a": 0, "to_b": 0} for name in taps}
+    deadline = time.monotonic() + 0.5
+    while (left := deadline - time.monotonic()) > 0:
+        for fd in select.select(list(fds.values()), [], [], left)[0]:
+            name = next(n for n, f in fds.items() if f == fd)
+            data = os.read(fd, 2048)
+            if struct.unpack("!H", data[12:14])[0] == ETHERTYPE:
+                to = "to_a" if data[:6].hex(":") == taps[a] else "to_b"
+                seen[name][to] += 1
+    print(json.dumps(seen))
+    """
+)
+
+
+def three_taps(with_macs: bool) -> Snapshot:
+    taps = tuple(
+        Tap(name=name, bridge=BR, mtu=1390, mac=mac if with_macs else "")
+        for name, mac in TAPS.items()
+    )
+    return Snapshot(node="n1", version=1, bridges=(Bridge(name=BR, mtu=1390),), taps=taps)
+
+
+@pytest.mark.parametrize("with_macs", [False, True], ids=["no-entries", "static-entries"])
+async def test_unicast_to_a_known_nic_never_reaches_the_other_taps(nl, ns, with_macs):
+    import json
+
+    sh(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")  # no host chatter on the taps
+    links = LinkApplier(nl)
+    assert (await links.reconcile(three_taps(with_macs))).errors == ()
+    seen = json.loads(sh(ns, sys.executable, "-c", TAP_TRAFFIC, json.dumps(TAPS)))
+    a, b, c = TAPS
+    assert seen[b]["to_b"] == 20 and seen[a]["to_a"] == 20  # the VMs' own traffic flows
+    if with_macs:
+        assert seen[c] == {"to_a": 0, "to_b": 0}  # nothing between A and B reaches C
+        assert seen[a]["to_b"] == 0 and seen[b]["to_a"] == 0
+    else:
+        # learning off and no entries: every frame is unknown unicast and floods (the control)
+        assert seen[c] == {"to_a": 20, "to_b": 20}
+    assert (await links.observe()).port_learned == {t: set() for t in TAPS}  # nothing learned
+
+
+class RecordingSocket:
+    """Stands in for the FDB socket's raw socket and keeps what was sent."""
+
+    def __init__(self, sock):
+        self.sock, self.sent = sock, []
+
+    def send(self, data):
+        self.sent += [
+            (kind, flags, fdb.parse_neigh(p)) for kind, flags, _, p in fdb.parse_messages(data)
+        ]
+        return self.sock.send(data)
+
+    def recv(self, size):
+        return self.sock.recv(size)
+
+    def close(self):
+        self.sock.close()
+
+
+def neigh_monitor(ns: str) -> socket.socket:
+    """An rtnetlink socket in ``ns`` that receives every neighbour (FDB) change as it happens."""
+    from pyroute2.netns import popns, pushns
+
+    pushns(ns)
+    try:
+        mon = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    finally:
+        popns()
+    mon.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    mon.bind((0, 1 << (RTNLGRP_NEIGH - 1)))
+    mon.setblocking(False)
+    return mon
+
+
+def events(mon: socket.socket, macs: set[str]) -> list[tuple[str, str, str | None, int]]:
+    """("new"/"del", mac, dst, port ifindex) of every AF_BRIDGE change to ``macs`` so far."""
+    out = []
+    while True:
+        try:
+            data = mon.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        for kind, _flags, _seq, payload in fdb.parse_messages(data):
+            if kind in (fdb.RTM_NEWNEIGH, fdb.RTM_DELNEIGH) and payload[0] == socket.AF_BRIDGE:
+                rec = fdb.parse_neigh(payload)
+                if rec.mac in macs:
+                    out.append(
+                        (
+                            "new" if kind == fdb.RTM_NEWNEIGH else "del",
+                            rec.mac,
+                            rec.dst,
+                            rec.ifindex,
+                        )
+                    )
+
+
+RTNLGRP_NEIGH = 3
+LOCAL_B, MAC_B = "ot00000000000b", "02:00:00:00:00:0b"  # MAC_B: a remote NIC that moves here
+
+
+def moving(version: int) -> Snapshot:
+    """v1: NIC A here, NIC B and REMOTE on 10.0.0.2; v2: A gone to 10.0.0.3, B here, REMOTE on
+    10.0.0.3. Every MAC moves: VXLAN dst, tap → VXLAN port, VXLAN port → tap."""
+    a_here = version == 1
+    taps = (Tap(name=TAP, bridge=BR, mtu=1390, mac=MAC_A),) if a_here else (
+        Tap(name=LOCAL_B, bridge=BR, mtu=1390, mac=MAC_B),)  # fmt: skip
+    dst = "10.0.0.2" if a_here else "10.0.0.3"
+    remote = [(FLOOD, "10.0.0.2"), (REMOTE, dst), (MAC_B, "10.0.0.2") if a_here else (MAC_A, dst)]
+    return msgspec.structs.replace(
+        SNAPSHOT,
+        version=version,
+        taps=taps,
+        vxlans=(msgspec.structs.replace(
+            SNAPSHOT.vxlans[0], fdb=tuple(FdbEntry(mac=m, dst=d) for m, d in remote)),),
+    )  # fmt: skip
+
+
+async def test_moved_macs_are_replaced_in_one_message_and_never_leave_the_table(nl, ns):
+    links = LinkApplier(nl)
+    assert (await links.reconcile(moving(1))).errors == ()
+    sockets = nl.netlink._sockets
+    recorder = sockets.fdb.sock = RecordingSocket(sockets.fdb.sock)
+    mon = neigh_monitor(ns)
+    macs = {MAC_A, MAC_B, REMOTE}
+    try:
+        plan = links.plan(moving(2), await links.observe())
+        assert (await links.apply(plan)).errors == ()
+        changes = events(mon, macs)
+    finally:
+        mon.close()
+        sockets.fdb.sock = recorder.sock
+    ours = [(kind, flags, rec) for kind, flags, rec in recorder.sent if rec.mac in macs]
+    writes = [(rec.mac, rec.dst, rec.flags) for kind, _, rec in ours if kind == fdb.RTM_NEWNEIGH]
+    # one RTM_NEWNEIGH with NLM_F_CREATE|NLM_F_REPLACE per moved entry; REMOTE's bridge entry
+    # stays on the VXLAN port, so it is not written at all
+    assert len(writes) == 4 and set(writes) == {
+        (REMOTE, "10.0.0.3", fdb.NTF_SELF),
+        (MAC_A, "10.0.0.3", fdb.NTF_SELF),
+        (MAC_A, None, fdb.NTF_MASTER),
+        (MAC_B, None, fdb.NTF_MASTER),
+    }
+    for kind, flags, _ in ours:
+        if kind == fdb.RTM_NEWNEIGH:
+            assert flags & fdb.NLM_F_REPLACE and flags & fdb.NLM_F_CREATE
+            assert not flags & fdb.NLM_F_APPEND
+    # the only delete: NIC B's VXLAN entry, now that B lives here (not a move: B's bridge
+    # entry already points at its tap by then)
+    deletes = [(rec.mac, rec.dst) for kind, _, rec in ours if kind == fdb.RTM_DELNEIGH]
+    assert deletes == [(MAC_B, "10.0.0.2")]
+    # the kernel's own record of every change, in order: no bridge entry and no VXLAN entry of
+    # a moved MAC ever went away
+    observed = await links.observe()
+    vx, tap_b = observed.links[VX].index, observed.links[LOCAL_B].index
+    assert [e for e in changes if e[0] == "del"] == [("del", MAC_B, "10.0.0.2", vx)], changes
+    assert changes.index(("new", MAC_B, None, tap_b)) < changes.index(
+        ("del", MAC_B, "10.0.0.2", vx)
+    )
+    observed = await links.observe()
+    assert {
+        FdbEntry(mac=REMOTE, dst="10.0.0.3"),
+        FdbEntry(mac=MAC_A, dst="10.0.0.3"),
+    } <= observed.fdb[VX]
+    assert not {e for e in observed.fdb[VX] if e.mac == MAC_B}  # gone from VXLAN, as it should
+    assert observed.port_fdb == {VX: {REMOTE, MAC_A}, LOCAL_B: {MAC_B}}
+    assert links.plan(moving(2), await links.observe()).actions == ()
+
+
+async def test_the_old_append_then_delete_leaves_a_hole(nl, ns):
+    """The control: what the agent used to send for a move. The kernel ignores the append on an
+    existing unicast MAC, so the delete leaves the MAC with no entry at all."""
+    links = LinkApplier(nl)
+    assert (await links.reconcile(SNAPSHOT)).errors == ()
+    index = (await links.observe()).links[VX].index
+    sockets = nl.netlink._sockets
+    mon = neigh_monitor(ns)
+    try:
+        await nl.netlink.run(lambda s: _old_move(s, index))
+        changes = events(mon, {REMOTE})
+    finally:
+        mon.close()
+    assert ("del", REMOTE, "10.0.0.2", index) in changes
+    assert not {e for e in (await links.observe()).fdb[VX] if e.mac == REMOTE}
+    assert sockets.fdb is not None
+
+
+async def _old_move(s, index):
+    assert s.fdb.change(fdb.APPEND, [(index, REMOTE, "10.0.0.3")]) == []
+    assert s.fdb.change(fdb.DELETE, [(index, REMOTE, "10.0.0.2")]) == []
