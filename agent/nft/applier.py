@@ -11,6 +11,7 @@ needs it. It never touches any other table or sysctl.
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -150,20 +151,35 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
         self.log.info("nft: enabled IPv4 forwarding")
 
     async def _run(self, argv: list[str], stdin: str | None = None) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            *self._prefix,
-            *argv,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        # nft reads JSON by opening /dev/stdin, which fails on the socket asyncio (and uvloop)
+        # use for a PIPE: hand it an in-memory file instead
+        source = _memfile(stdin) if stdin is not None else asyncio.subprocess.DEVNULL
         try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(stdin.encode() if stdin is not None else None), TIMEOUT
+            proc = await asyncio.create_subprocess_exec(
+                *self._prefix,
+                *argv,
+                stdin=source,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
+        finally:
+            if stdin is not None:
+                os.close(source)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
         except TimeoutError:
             proc.kill()
             await proc.wait()
             raise NftError(f"{' '.join(argv)} timed out after {TIMEOUT}s", temporary=True) from None
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()
+
+
+def _memfile(text: str) -> int:
+    fd = os.memfd_create("otherix-nft")
+    data = text.encode()
+    written = 0
+    while written < len(data):
+        written += os.write(fd, data[written:])
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
