@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from agent.nft.rules import REASONS
 from lab.cluster import Lab
 from lab.netns import exec_in, run
 from lab.topology import OUTSIDE_IP
@@ -92,6 +93,16 @@ def ether(dst: str, src: str, ethertype: int, payload: bytes) -> bytes:
     return mac_bytes(dst) + mac_bytes(src) + struct.pack("!H", ethertype) + payload
 
 
+def udp_frame(dst_mac: str, src_mac: str, src_ip: str, dst_ip: str, port: int, payload: bytes):
+    udp = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                     socket.inet_aton(src_ip), socket.inet_aton(dst_ip))  # fmt: skip
+    csum = sum(struct.unpack("!10H", ip))
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    ip = ip[:10] + struct.pack("!H", ~csum & 0xFFFF) + ip[12:]
+    return ether(dst_mac, src_mac, 0x0800, ip + udp)
+
+
 def arp_reply(src_mac: str, sender_mac: str, sender_ip: str, target_mac: str, target_ip: str):
     """ "sender_ip is-at sender_mac", told to target, in a frame from src_mac."""
     arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2)
@@ -139,10 +150,11 @@ async def tcp_open(ns: str, ip: str) -> bool:
 
 async def drops(lab: Lab, node: str) -> dict[str, int]:
     """The node's drop counters, straight from its tables."""
-    counters: dict[str, int] = {}
+    counters: dict[str, int] = dict.fromkeys(REASONS, 0)  # a missing table counts nothing
     for family in ("inet", "bridge"):
-        out = await lab.exec_node(node, "nft", "-j", "list", "counters", "table", family, "otherix")
-        for item in json.loads(out)["nftables"]:
+        argv = ("nft", "-j", "list", "counters", "table", family, "otherix")
+        out = await exec_in(lab.node_netns(node), *argv, check=False)
+        for item in json.loads(out or '{"nftables": []}')["nftables"]:
             if "counter" in item:
                 counters[item["counter"]["name"]] = item["counter"]["packets"]
     return counters
@@ -233,8 +245,19 @@ async def test_a_vm_that_takes_another_vms_mac_is_cut_off_and_the_victim_keeps_i
 
 @pytest.mark.usefixtures("world")
 async def test_frames_with_another_vms_source_mac_are_dropped(lab: Lab):
-    a, b = lab.vms["a"], lab.vms["b"]
-    forged = ether(BROADCAST, b.mac, 0x0800, bytes(46))  # b's MAC as source, from a's port
+    a, b, c = lab.vms["a"], lab.vms["b"], lab.vms["c"]
+    # a datagram from a to b in a frame with c's MAC as source never arrives; with a's it does
+    forged = udp_frame(b.mac, c.mac, a.ip, b.ip, 9999, b"FORGED")
+    genuine = udp_frame(b.mac, a.mac, a.ip, b.ip, 9999, b"GENUINE")
+
+    async def send():
+        await raw_send(lab, "a", forged, count=3)
+        await raw_send(lab, "a", genuine, count=3)
+
+    got = await udp_received(b.netns, 9999, send)
+    assert "FORGED" not in got and f"{a.ip} GENUINE" in got
+    # a flood with b's MAC as source does not take b's traffic
+    forged = ether(BROADCAST, b.mac, 0x0800, bytes(46))
     sender = asyncio.create_task(raw_send(lab, "a", forged, count=150, gap=0.02))
     await asyncio.sleep(0.3)
     assert await node_reaches_all(lab, "n1", "b")  # b's traffic stays b's
