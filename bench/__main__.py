@@ -3,13 +3,14 @@
 import asyncio
 import sys
 
-from bench import attach_ack, fdb_apply, heartbeat, overlay_ping
+from bench import attach_ack, fdb_apply, heartbeat, overlay_ping, port_security
 
 BENCHES = {
     "attach_ack": attach_ack.main,
     "overlay_ping": overlay_ping.main,
     "fdb_apply": fdb_apply.main,
     "heartbeat": heartbeat.main,
+    "port_security": port_security.main,
 }
 
 
