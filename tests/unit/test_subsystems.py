@@ -171,7 +171,8 @@ async def test_agent_acks_typed_errors_as_text_and_counts_only_devices_that_exis
     assert not ack.ok and ack.applied_version == 0
     assert ack.error == (  # readable text, built from the typed errors at the edge
         f"version 5: CreateTap {TAP}: Device or resource busy; "
-        f"SetMaster {TAP}: device {TAP} not found; SetUp {TAP}: device {TAP} not found"
+        f"SetMaster {TAP}: device {TAP} not found; "
+        f"SetPortLearning {TAP}: device {TAP} not found; SetUp {TAP}: device {TAP} not found"
     )
     assert (await agent.health()).devices == 2  # bridge and VXLAN; the tap failed
     assert decode(agent.nc.published[-1][1], Ack) == ack
@@ -197,17 +198,19 @@ async def test_agent_logs_a_failure_once_then_in_sync_once(tmp_path, caplog):
         for _ in range(3):
             await agent.handle(encode(AGENT_SNAP))
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert warnings == [  # three kinds (the tap's create, then its master and up), each once
+    assert warnings == [  # four kinds (the tap's create, then its master, learning, up), once
         f"node n1: CreateTap failed (temporary): CreateTap {TAP}: Device or resource busy; "
         "repeats are counted, not logged",
         f"node n1: SetMaster failed (temporary): SetMaster {TAP}: device {TAP} not found; "
         "repeats are counted, not logged",
+        f"node n1: SetPortLearning failed (temporary): SetPortLearning {TAP}: device {TAP} "
+        "not found; repeats are counted, not logged",
         f"node n1: SetUp failed (temporary): SetUp {TAP}: device {TAP} not found; "
         "repeats are counted, not logged",
     ]
     in_sync = [r.getMessage() for r in caplog.records if "in sync again" in r.getMessage()]
     assert in_sync == [
-        "node n1: in sync again after 3 failing heartbeat(s), 9 failure(s) of 3 kind(s)"
+        "node n1: in sync again after 3 failing heartbeat(s), 12 failure(s) of 4 kind(s)"
     ]
 
 
