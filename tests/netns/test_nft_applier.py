@@ -137,3 +137,40 @@ async def test_a_failed_load_is_a_typed_error_and_the_old_tables_stay(ns, nft):
     assert isinstance(result.errors[0], NftError) and not result.errors[0].temporary
     assert result.reached.digest == first.digest
     assert "10.1.0.0/24" in ruleset(ns)
+
+
+@pytest.fixture
+def vm(ns):
+    """A second namespace playing the VM at the other end of a bridge port."""
+    name = ns + "-vm"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+
+
+async def test_port_security_drops_vlan_tags_ipv6_and_foreign_macs_from_a_port(ns, vm, nft):
+    """Frames straight from a bridge port (a veth named as a tap: no wire in between that could
+    strip the VLAN tag): tagged, IPv6 and foreign-MAC frames are dropped and counted by reason;
+    the NIC's own IPv4 frame is not."""
+    sh(ns, "ip", "link", "add", "otb1", "type", "bridge")
+    sh(ns, "ip", "link", "add", TAP_A, "type", "veth", "peer", "name", "eth0", "netns", vm)
+    sh(ns, "ip", "link", "set", TAP_A, "master", "otb1", "up")
+    sh(ns, "ip", "link", "set", "otb1", "up")
+    sh(vm, "ip", "link", "set", "eth0", "address", "02:00:00:00:00:aa", "up")
+    await apply(nft, desired(spec(SNAP)))
+    code = (
+        "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(('eth0', 0))\n"
+        "src = bytes.fromhex('0200000000aa'); dst = b'\\xff' * 6\n"
+        "ip = b'\\x45' + bytes(11) + socket.inet_aton('10.10.0.2') + socket.inet_aton('10.10.0.1')\n"
+        "s.send(dst + src + b'\\x08\\x00' + ip + bytes(26))\n"  # its own: passes
+        "s.send(dst + src + b'\\x81\\x00\\x00\\x05\\x08\\x00' + ip + bytes(26))\n"  # VLAN 5
+        "s.send(dst + src + b'\\x86\\xdd' + bytes(46))\n"  # IPv6
+        "s.send(dst + bytes.fromhex('0200000000bb') + b'\\x08\\x00' + ip + bytes(26))\n"
+    )
+    before = (await nft.observe()).drops
+    sh(vm, "python3", "-c", code)
+    after = (await nft.observe()).drops
+    counted = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+    assert counted == {"port_security_ethertype": 2, "port_security_mac": 1}
