@@ -158,6 +158,7 @@ async def test_port_security_drops_vlan_tags_ipv6_and_foreign_macs_from_a_port(n
     sh(ns, "ip", "link", "add", TAP_A, "type", "veth", "peer", "name", "eth0", "netns", vm)
     sh(ns, "ip", "link", "set", TAP_A, "master", "otb1", "up")
     sh(ns, "ip", "link", "set", "otb1", "up")
+    sh(vm, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1")  # no chatter of its own
     sh(vm, "ip", "link", "set", "eth0", "address", "02:00:00:00:00:aa", "up")
     await apply(nft, desired(spec(SNAP)))
     code = (
