@@ -11,9 +11,12 @@ from collections.abc import Callable
 
 import msgspec
 
+from controller import ipam
 from schemas import naming
 from schemas.desired import Bridge, FdbEntry, Snapshot, Tap, Vxlan, WgPeer, WireGuard
+from schemas.errors import ApiError
 from schemas.intent import Egress, Intent, Network, NetworkType, Nic, Node
+from schemas.limits import special_range
 
 FLOOD_MAC = "00:00:00:00:00:00"
 
@@ -47,13 +50,63 @@ def snapshot_digest(snapshot: Snapshot) -> str:
     return hashlib.sha256(msgspec.json.encode(content)).hexdigest()[:16]
 
 
+def screen(intent: Intent, config: ClusterConfig) -> tuple[Intent, list[str]]:
+    """The intent without records an agent would refuse, and why each was left out.
+
+    The API refuses such records today, but the store may hold older ones; a network on an
+    infrastructure range would get its node's whole snapshot refused, and a node with a bad
+    endpoint is a peer in every other node's snapshot, so one bad record would stall them all.
+    """
+    problems: list[str] = []
+    networks = {}
+    for name, net in intent.networks.items():
+        try:
+            ipam.check_subnet_allowed(
+                ipaddress.IPv4Network(net.subnet), config.mesh_prefix, config.underlay_cidrs
+            )
+        except (ValueError, ApiError) as e:
+            problems.append(f"network {name}: {e}")
+            continue
+        networks[name] = net
+    nodes = {}
+    for name, node in intent.nodes.items():
+        if on_mesh(node) and (why := _bad_endpoint(node, config)):
+            problems.append(f"node {name} left out of the mesh: {why}")
+            node = msgspec.structs.replace(node, wg_public_key=None)
+        nodes[name] = node
+    if not problems:
+        return intent, problems
+    return Intent(networks=networks, nics=intent.nics, nodes=nodes), problems
+
+
+def _bad_endpoint(node: Node, config: ClusterConfig) -> str | None:
+    try:
+        underlay = ipaddress.IPv4Address(node.underlay_ip)
+        tunnel = ipaddress.IPv4Address(node.tunnel_ip)
+    except ValueError as e:
+        return str(e)
+    mesh = ipaddress.IPv4Network(config.mesh_prefix)
+    if why := special_range(ipaddress.IPv4Network(underlay)):
+        return f"underlay_ip {underlay} is in {why}"
+    if underlay in mesh or tunnel not in mesh:
+        return f"underlay_ip {underlay} / tunnel_ip {tunnel} do not fit the mesh prefix {mesh}"
+    if not 1 <= (node.wg_listen_port or 0) <= 65535:
+        return f"wg_listen_port {node.wg_listen_port} is not a UDP port"
+    return None
+
+
 def compute_snapshots(
     intent: Intent,
     config: ClusterConfig,
     on_error: Callable[[str, Exception], None] | None = None,
+    on_skip: Callable[[str], None] | None = None,
 ) -> dict[str, Snapshot]:
     """Every node's snapshot. With ``on_error``, a node whose records cannot be computed (e.g. a
-    damaged store entry) is reported there and left out, so it cannot stop the others."""
+    damaged store entry) is reported there and left out, so it cannot stop the others; records
+    ``screen`` leaves out are reported to ``on_skip``."""
+    intent, problems = screen(intent, config)
+    for problem in problems if on_skip is not None else ():
+        on_skip(problem)
     nics_by_node: dict[str, list[Nic]] = defaultdict(list)
     # network → node → NICs, for FDB and flood lists
     placement: dict[str, dict[str, list[Nic]]] = defaultdict(lambda: defaultdict(list))

@@ -117,7 +117,12 @@ class Publisher:
         """
         if self._pending is None:
             failed: dict[str, Exception] = {}
-            snapshots = compute_snapshots(self.intent, self.config, on_error=failed.__setitem__)
+            skipped: list[str] = []
+            snapshots = compute_snapshots(
+                self.intent, self.config, on_error=failed.__setitem__, on_skip=skipped.append
+            )
+            for problem in skipped:  # logged once per change: the plan is computed once
+                log.error("controller: %s; left out of every snapshot", problem)
             plan = {}
             for node, snapshot in snapshots.items():
                 try:

@@ -111,3 +111,28 @@ def test_digest_is_content_only():
 def test_dangling_nic_is_ignored():
     it = intent([], [nic(1, "gone", "n1")], [node("n1", False)])
     assert compute_snapshots(it, CFG)["n1"].taps == ()
+
+
+def test_records_an_agent_would_refuse_are_left_out_and_named():
+    """An older store may hold a network on the mesh prefix or a node whose endpoint is
+    loopback: agents would refuse the whole snapshot (and a bad peer sits in every node's), so
+    compute leaves exactly those records out and says why; everything else is published."""
+    bad_net = msgspec.structs.replace(bridge_net("bad", subnet="100.64.9.0/24"))
+    bad_node = msgspec.structs.replace(node("n2", index=2), underlay_ip="127.0.0.1")
+    it = intent(
+        [bridge_net(), bad_net],
+        [nic(1, "lan", "n1"), nic(2, "bad", "n1")],
+        [node("n1"), bad_node, node("n3", index=3)],
+    )
+    skipped: list[str] = []
+    snaps = compute_snapshots(it, CFG, on_skip=skipped.append)
+    assert skipped == [
+        "network bad: subnet 100.64.9.0/24 overlaps the mesh prefix 100.64.0.0/16 (the nodes'"
+        " tunnel addresses), which no VM network may use",
+        "node n2 left out of the mesh: underlay_ip 127.0.0.1 is in the loopback range 127.0.0.0/8",
+    ]
+    assert [t.name for t in snaps["n1"].taps] == ["ot000000000001"]  # lan's NIC is still there
+    assert {p.node for p in snaps["n1"].wireguard.peers} == {"n3"}
+    assert snaps["n2"].wireguard is None and set(snaps) == {"n1", "n2", "n3"}
+    assert compute_snapshots(intent([bridge_net()], [], [node("n1")]), CFG, on_skip=skipped.append)
+    assert len(skipped) == 2  # a clean intent reports nothing
