@@ -9,11 +9,8 @@ allowed is always shown by a received message or a reply, never by ``flush()`` a
 
 import asyncio
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,18 +19,9 @@ from nats.aio.client import Client
 
 from client.bus import connect_kwargs, files
 from client.bus.connect import denied
+from tests.conftest import free_port, nats_server_binary, wait_listening
 
 TIMEOUT = 5.0
-
-
-def nats_server_binary() -> str:
-    return shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class BusServer:
@@ -62,19 +50,11 @@ class BusServer:
         cmd += ["-a", "127.0.0.1", "-p", str(self.port)]  # JetStream stays in the bus dir
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:  # ready = it accepts a connection (TLS comes first: no INFO in clear)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"nats-server on port {self.port} not ready in {timeout}s")
-            time.sleep(0.02)
+        try:
+            wait_listening(self.proc, self.port, self.log, timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def pid(self) -> int:

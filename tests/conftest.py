@@ -39,6 +39,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(proc: subprocess.Popen, port: int, log: Path, timeout: float) -> None:
+    """Until nats-server accepts connections on ``port`` (TLS comes first: no INFO in clear)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited: {log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nats-server on port {port} not ready in {timeout}s")
+        time.sleep(0.02)
+
+
 class NatsServer:
     """One nats-server process on 127.0.0.1; ``restart()`` keeps its port, store and bus.
 
@@ -78,19 +94,11 @@ class NatsServer:
             cmd += ["-c", str(conf)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:  # ready = it accepts a connection (TLS comes first: no INFO in clear)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"nats-server on port {self.port} not ready in {timeout}s")
-            time.sleep(0.02)
+        try:
+            wait_listening(self.proc, self.port, self.log, timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is None:
