@@ -82,6 +82,7 @@ class NftSpec(msgspec.Struct, frozen=True, kw_only=True):
     nat_subnets: tuple[str, ...] = ()
     bridges: tuple[VmBridge, ...] = ()
     secured_taps: tuple[SecuredTap, ...] = ()
+    taps: tuple[str, ...] = ()  # every tap: a bridge port, never an input device of its own
     infrastructure: tuple[str, ...] = ()
     vxlan_guard: VxlanGuard | None = None
     mesh: str = WIREGUARD_IFNAME
@@ -125,7 +126,11 @@ def spec(snapshot: Snapshot, mesh: str = WIREGUARD_IFNAME) -> NftSpec:
             peers=_nets(ip for p in wg.peers for ip in p.allowed_ips) if wg else (),
         )
     return NftSpec(
-        nat_subnets=tuple(sorted(set(_nets(snapshot.nat_subnets)))),
+        # one entry per network, never collapsed: 10.0.0.0/24 and 10.0.1.0/24 merged into a /23
+        # would let the two networks reach each other unmasqueraded (found by review)
+        nat_subnets=tuple(
+            sorted({str(ipaddress.IPv4Network(s, strict=False)) for s in snapshot.nat_subnets})
+        ),
         bridges=tuple(
             sorted(
                 VmBridge(
@@ -142,6 +147,7 @@ def spec(snapshot: Snapshot, mesh: str = WIREGUARD_IFNAME) -> NftSpec:
                 if t.port_security
             )
         ),
+        taps=tuple(sorted(_ifname(t.name) for t in snapshot.taps)),
         infrastructure=_nets(snapshot.infrastructure),
         vxlan_guard=guard,
         mesh=_ifname(mesh),
@@ -264,8 +270,14 @@ def _inet_table(spec: NftSpec) -> _Table:
                    {"masquerade": None})  # fmt: skip
     bridges = spec.bridges
     guard = spec.vxlan_guard
+    # Frames to link-local group MACs (01:80:c2:00:00:0X) skip the bridge's hooks and reach the
+    # host stack with the tap itself as input device, past port security (found by review):
+    # nothing legitimate arrives on a tap, which is only ever a bridge port.
+    taps = t.set("taps", "ifname", spec.taps) if spec.taps else None
     if guard is not None or bridges:
         inp = t.chain("input", ("filter", "input", -10))  # before the default filter priority
+        if taps is not None:
+            t.rule(inp, _match(iif, taps), _count(HOST), _DROP)
         if guard is not None:
             peers = t.set("mesh_peers", "ipv4_addr", map(_element, guard.peers), interval=True)
             vx = t.chain("vxlan_guard")
@@ -285,9 +297,14 @@ def _inet_table(spec: NftSpec) -> _Table:
             t.rule(inp, _match(iif, vm_bridges), {"jump": {"target": host}})
             t.rule(host, _NO_ROUTE_BACK, _count(HOST), _DROP)
             ct_state = {"ct": {"key": "state"}}
-            t.rule(host, _match(ct_state, ["established", "related"], "in"), _ACCEPT)
+            t.rule(host, _match(ct_state, ["established"], "in"), _ACCEPT)
+            to_gateway = _match(_concat(iif, daddr), gateways)
+            # ICMP errors "related" to the node's flows only towards the VM's own gateway: one
+            # quoting the node's WireGuard flow to its underlay address lowered the node's path
+            # MTU to a peer (found by review)
+            t.rule(host, _match(ct_state, ["related"], "in"), to_gateway, _ACCEPT)
             echo = _match(_field("icmp", "type"), "echo-request")
-            t.rule(host, _match(_concat(iif, daddr), gateways), echo, _ACCEPT)
+            t.rule(host, to_gateway, echo, _ACCEPT)
             t.rule(host, _count(HOST), _DROP)
     if bridges or spec.nat_subnets:
         fwd = t.chain("forward", ("filter", "forward", -10))
@@ -297,6 +314,8 @@ def _inet_table(spec: NftSpec) -> _Table:
             )
             routed = t.set("routed", "ifname", [b.name for b in bridges if b.gateway])
             vm = t.chain("vm_forward")
+            if taps is not None:
+                t.rule(fwd, _match(iif, taps), _count(FORWARD), _DROP)
             t.rule(fwd, _match(iif, vm_bridges), {"jump": {"target": vm}})
             t.rule(vm, _match(_concat(iif, oif), bridged), _RETURN)
             t.rule(vm, _match(oif, spec.mesh), _count(FORWARD), _DROP)

@@ -418,3 +418,55 @@ async def test_port_security_off_lets_an_appliance_send_as_others(lab: Lab):
     finally:
         await api.nic_detach(nic.nic.id)
         await lab.wait_converged()
+
+
+@pytest.mark.usefixtures("world")
+async def test_frames_to_link_local_group_macs_reach_nothing_on_the_node(lab: Lab):
+    """Frames to 01:80:c2:00:00:0X skip the bridge's hooks and reached the node's stack with the
+    tap as input device, past port security and host isolation, from a NAT VM with its own or a
+    spoofed source and from an overlay VM (found by review). The same datagram addressed to
+    the outside through the gateway still leaves."""
+    n1 = lab.node_netns("n1")
+    targets = (underlay_ip(lab, "n1"), await tunnel_ip(lab, "n1"))
+    for vm, source in (("a", lab.vms["a"].ip), ("a", "10.99.99.99"), ("o1", lab.vms["o1"].ip)):
+        mac = lab.vms[vm].mac
+        for group in ("01:80:c2:00:00:02", "01:80:c2:00:00:0e"):
+            for target in targets:
+
+                async def send(target=target, group=group, source=source, vm=vm, mac=mac):
+                    frame = udp_frame(group, mac, source, target, 7071, b"LINK-LOCAL")
+                    await raw_send(lab, vm, frame, count=5)
+
+                got = await udp_received(n1, 7071, send)
+                assert "LINK-LOCAL" not in got, (vm, source, group, target, got)
+    out = await udp_received(
+        lab.topology.outside,
+        9999,
+        lambda: vm_sh(
+            lab, "a", "python3", "-c", UDP_SEND, lab.vms["a"].ip, OUTSIDE_IP, "9999", b"OUT".hex()
+        ),
+    )
+    assert f"{underlay_ip(lab, 'n1')} OUT" in out
+
+
+async def test_adjacent_nat_networks_stay_apart(lab: Lab):
+    """Two NAT networks on neighbouring /24s were merged into one /23 in the rules: each
+    reached the other unmasqueraded (found by review). Each still reaches the outside."""
+    await ensure_network(lab, "adj0", "bridge", "10.50.0.0/24", "nat")
+    await ensure_network(lab, "adj1", "bridge", "10.50.1.0/24", "nat")
+    await ensure_vms(lab, "adj0", {"p": "n1"})
+    await ensure_vms(lab, "adj1", {"q": "n1"})
+    p, q = lab.vms["p"], lab.vms["q"]
+    assert not await lab.ping("p", q.ip, count=2, timeout=2)
+    got = await udp_received(
+        q.netns,
+        9999,
+        lambda: vm_sh(lab, "p", "python3", "-c", UDP_SEND, p.ip, q.ip, "9999", b"NEXT-DOOR".hex()),
+    )
+    assert "NEXT-DOOR" not in got
+    out = await udp_received(
+        lab.topology.outside,
+        9999,
+        lambda: vm_sh(lab, "p", "python3", "-c", UDP_SEND, p.ip, OUTSIDE_IP, "9999", b"OUT".hex()),
+    )
+    assert f"{underlay_ip(lab, 'n1')} OUT" in out

@@ -129,7 +129,7 @@ def test_the_batch_replaces_both_tables_in_one_transaction_and_counts_every_drop
         c["add"][k].get("table", "otherix") == "otherix" for c in batch[5:] for k in c["add"]
     )
     rules = rules_of(render(want))
-    assert len(rules) == want.rule_count == 25
+    assert len(rules) == want.rule_count == 28
     assert {r["comment"] for r in rules} == {want.digest}
     drops = [r for r in rules if {"drop": None} in r["expr"]]
     assert all(any("counter" in e for e in r["expr"]) for r in drops)  # every drop is counted
@@ -258,3 +258,37 @@ def test_a_reload_keeps_the_counters_it_observed():
         "packets": 5,
         "bytes": 500,
     } in kept
+
+
+def test_nothing_entering_through_a_tap_reaches_the_node_or_is_routed():
+    """Frames to link-local group MACs skip the bridge hooks and reach the host stack with the
+    tap as input device (found by review): input and forward drop every tap, open ones too,
+    before anything else."""
+    batch = render(desired(spec(SNAP)))
+    assert sorted(elements(batch, "inet", "taps")) == sorted([TAP_A, TAP_B, TAP_OPEN])
+    for chain, reason in (("input", "host_isolation"), ("forward", "forward_isolation")):
+        first = next(r for r in rules_of(batch) if r["chain"] == chain)
+        assert first["expr"] == [
+            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "@taps"}},
+            {"counter": reason},
+            {"drop": None},
+        ]
+
+
+def test_adjacent_nat_subnets_stay_separate_networks():
+    """10.50.0.0/24 and 10.50.1.0/24 were collapsed into one /23: the two NAT networks reached
+    each other unmasqueraded and unisolated (found by review)."""
+    two = msgspec.structs.replace(SNAP, nat_subnets=("10.50.1.0/24", "10.50.0.0/24"))
+    s = spec(two)
+    assert s.nat_subnets == ("10.50.0.0/24", "10.50.1.0/24")
+    text = json.dumps(rules_of(render(desired(s))))
+    assert "10.50.0.0" in text and "10.50.1.0" in text and '"len": 23' not in text
+
+
+def test_related_icmp_reaches_the_node_only_towards_the_vms_gateway():
+    """An ICMP error quoting the node's WireGuard flow lowered its path MTU (found by review):
+    "related" is accepted only with the bridge's own gateway as destination."""
+    rules = [r for r in rules_of(render(desired(spec(SNAP)))) if r["chain"] == "vm_to_host"]
+    related = [r for r in rules if '"related"' in json.dumps(r["expr"])]
+    assert len(related) == 1 and "@gateways" in json.dumps(related[0]["expr"])
+    assert not any('"established", "related"' in json.dumps(r["expr"]) for r in rules)
