@@ -256,6 +256,8 @@ def _check_wireguard(wg: WireGuard | None) -> _Mesh | None:
                 raise _bad(
                     at, "allowed_ips", allowed, f"holds this node's own tunnel address {iface.ip}"
                 )
+            if net.prefixlen != 32:  # a peer is one tunnel address; a wider one widens the guard
+                raise _bad(at, "allowed_ips", allowed, "is not a single tunnel address (/32)")
             routed.append((net, at))
     if pair := _first_overlap(routed):
         (net, _), (other, at) = pair
@@ -316,6 +318,8 @@ def _check_bridges(
             raise _bad(where, "network", b.network, "is not a network name")
         if b.address is None:
             continue
+        if not _NETWORK_BRIDGE.fullmatch(b.name):  # an overlay has no way into the node
+            raise _bad(where, "address", b.address, "is set on an overlay bridge")
         iface = _interface(where, "address", b.address)
         _check_routable(where, "address", b.address, iface.network, blocked)
         if not 8 <= iface.network.prefixlen <= 30:

@@ -99,6 +99,11 @@ async def run(args: argparse.Namespace) -> None:
         underlay_cidrs=args.underlay_cidrs,
         heartbeat_interval=args.heartbeat,
     )
+    if not config.underlay_cidrs:
+        log.warning(
+            "controller: no --underlay-cidr: VM networks are kept off the nodes' own addresses"
+            " only, not off their whole network; agents cannot keep VMs from other underlay hosts"
+        )
     controller = Controller(nc, store, config)
     await controller.start()
     log.info(

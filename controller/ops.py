@@ -60,6 +60,13 @@ def create_network(
         raise Conflict(f"network {req.name!r} already exists")
     subnet = ipam.parse_subnet(req.subnet)
     ipam.check_subnet_allowed(subnet, config.mesh_prefix, config.underlay_cidrs)
+    # the nodes' own addresses, also when no --underlay-cidr names their network (review)
+    for node in sorted(intent.nodes.values(), key=lambda n: n.name):
+        if node.underlay_ip and ipaddress.ip_address(node.underlay_ip) in subnet:
+            raise BadRequest(
+                f"subnet {subnet} holds node {node.name}'s underlay address {node.underlay_ip},"
+                " which no VM network may use"
+            )
     ipam.check_subnet_free(subnet, {n.name: n.subnet for n in intent.networks.values()})
     vni = None
     if req.type == NetworkType.OVERLAY:

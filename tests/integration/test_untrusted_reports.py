@@ -189,3 +189,16 @@ async def test_one_nodes_huge_reports_cannot_blind_status(api, nats_server):
     st = await wait_status(api, "n1", lambda s: s.last_ack is not None)
     assert len(st.last_error) <= MAX_TEXT and st.last_error.endswith("more characters)")
     assert len(encode(await api.status())) < 3 * MAX_TEXT
+
+
+async def test_no_vm_network_on_a_nodes_own_address_even_without_underlay_cidrs(api):
+    """Without --underlay-cidr the controller still knows each node's underlay address, and no
+    VM network may hold one (found by review: 198.18.0.0/24 was accepted in the lab's fabric)."""
+    await api.node_register(name="n1", underlay_ip="198.51.100.7")
+    with pytest.raises(ApiError) as refused:
+        await api.network_create("lan", "bridge", "198.51.100.0/24")
+    assert refused.value.code == 400 and refused.value.message == (
+        "subnet 198.51.100.0/24 holds node n1's underlay address 198.51.100.7,"
+        " which no VM network may use"
+    )
+    assert (await api.network_create("lan", "bridge", "198.51.101.0/24")).network.name == "lan"

@@ -153,8 +153,12 @@ class FakeNats:
 
 # The agent's gate (agent.validate) refuses FDB entries without a WireGuard mesh to carry them,
 # and these agents run without WireGuard.
+# what the snapshot gate lets through: no FDB without a mesh, no gateway (nor NAT) on an overlay
 AGENT_SNAP = msgspec.structs.replace(
-    SNAP, vxlans=(msgspec.structs.replace(SNAP.vxlans[0], fdb=()),)
+    SNAP,
+    bridges=(Bridge(name=BR, mtu=1390),),
+    nat_subnets=(),
+    vxlans=(msgspec.structs.replace(SNAP.vxlans[0], fdb=()),),
 )
 
 

@@ -143,7 +143,9 @@ CONTENT = [
     (bridges(address="10.0.0.1/31"), "bridge otn094a367b: address '10.0.0.1/31' has a prefix outside /8../30 (a gateway with room for NICs)"),
     (bridges(address="198.18.0.1/24"), "bridge otn094a367b: address '198.18.0.1/24' overlaps the infrastructure prefix 198.18.0.0/24"),
     (bridges(address="169.254.0.1/24"), "bridge otn094a367b: address '169.254.0.1/24' overlaps the link-local range 169.254.0.0/16"),
-    (raw(bridges=(replace(OVERLAY_BRIDGE, address="10.0.0.129/25"), NAT_BRIDGE)), "bridge otb1000: address '10.0.0.129/25' overlaps 10.0.0.0/24 of bridge otn094a367b"),
+    (raw(bridges=(replace(NAT_BRIDGE, name="otn00000001", address="10.0.0.129/25"), NAT_BRIDGE)), "bridge otn00000001: address '10.0.0.129/25' overlaps 10.0.0.0/24 of bridge otn094a367b"),
+    # an overlay has no way into the node, so no gateway (found by review)
+    (raw(bridges=(replace(OVERLAY_BRIDGE, address="10.9.0.1/24"), NAT_BRIDGE)), "bridge otb1000: address '10.9.0.1/24' is set on an overlay bridge"),
     (bridges(network="LAN!"), "bridge otn094a367b: network 'LAN!' is not a network name"),
     # NAT: only the subnet of a gateway this snapshot has
     (raw(nat_subnets=("10.0.0.1/24",)), "snapshot: nat_subnets '10.0.0.1/24' is not an IPv4 network (10.0.0.1/24 has host bits set)"),
@@ -180,7 +182,9 @@ CONTENT = [
     (peer(endpoint="100.64.0.2:51820"), "wireguard otwg0 peers[0]: endpoint '100.64.0.2:51820' is inside the mesh prefix 100.64.0.0/16 it would carry"),
     (peer(allowed_ips=("100.64.0.0/16",)), "wireguard otwg0 peers[0]: allowed_ips '100.64.0.0/16' holds this node's own tunnel address 100.64.0.1"),
     (peer(allowed_ips=("10.1.0.0/24",)), "wireguard otwg0 peers[0]: allowed_ips '10.1.0.0/24' is outside the mesh prefix 100.64.0.0/16"),
-    (wireguard(peers=(PEER, WgPeer(public_key=f.KEYS["n3"], endpoint="198.18.0.13:51820", allowed_ips=("100.64.0.2/31",)))), "wireguard otwg0 peers[1]: allowed_ips '100.64.0.2/31' overlaps 100.64.0.2/32 of another peer"),
+    (wireguard(peers=(PEER, WgPeer(public_key=f.KEYS["n3"], endpoint="198.18.0.13:51820", allowed_ips=("100.64.0.2/31",)))), "wireguard otwg0 peers[1]: allowed_ips '100.64.0.2/31' is not a single tunnel address (/32)"),
+    # a wider allowed_ips would widen the VXLAN guard's idea of a peer (found by review)
+    (peer(allowed_ips=("100.64.128.0/17",)), "wireguard otwg0 peers[0]: allowed_ips '100.64.128.0/17' is not a single tunnel address (/32)"),
 ]
 # fmt: on
 
