@@ -75,7 +75,9 @@ class VmBridge(msgspec.Struct, frozen=True, order=True):
 class VxlanGuard(msgspec.Struct, frozen=True, kw_only=True):
     ports: tuple[int, ...]
     local: str | None  # this node's tunnel address; None: accept no VXLAN at all
-    peers: tuple[str, ...] = ()  # current peers' tunnel prefixes
+    # VNI → the current peers that host it (its FDB's destinations): a peer may send VXLAN only
+    # into the networks it shares with us, not into any VNI (found by review)
+    vnis: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
 
 class NftSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,10 +122,29 @@ def spec(snapshot: Snapshot, mesh: str = WIREGUARD_IFNAME) -> NftSpec:
         if not all(0 < p < 65536 for p in ports):
             raise ValueError(f"bad VXLAN port in {ports}")
         wg = snapshot.wireguard
+        peers = {
+            ipaddress.IPv4Network(ip, strict=False)
+            for p in (wg.peers if wg else ())
+            for ip in p.allowed_ips
+        }
         guard = VxlanGuard(
             ports=tuple(ports),
             local=str(ipaddress.IPv4Interface(wg.address).ip) if wg else None,
-            peers=_nets(ip for p in wg.peers for ip in p.allowed_ips) if wg else (),
+            vnis=tuple(
+                (
+                    v.vni,
+                    tuple(
+                        sorted(
+                            {
+                                e.dst
+                                for e in v.fdb
+                                if any(ipaddress.IPv4Address(e.dst) in n for n in peers)
+                            }
+                        )
+                    ),
+                )
+                for v in sorted(snapshot.vxlans, key=lambda v: v.vni)
+            ),
         )
     return NftSpec(
         # one entry per network, never collapsed: 10.0.0.0/24 and 10.0.1.0/24 merged into a /23
@@ -178,6 +199,8 @@ def _count(name: str) -> dict:
 
 
 _DROP, _ACCEPT, _RETURN = {"drop": None}, {"accept": None}, {"return": None}
+# the VNI in a VXLAN header: after the 8-byte UDP header and 4 bytes of flags, 24 bits
+_VNI = {"payload": {"base": "th", "offset": 96, "len": 24}}
 _NO_ROUTE_BACK = _match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, False)
 
 
@@ -279,12 +302,12 @@ def _inet_table(spec: NftSpec) -> _Table:
         if taps is not None:
             t.rule(inp, _match(iif, taps), _count(HOST), _DROP)
         if guard is not None:
-            peers = t.set("mesh_peers", "ipv4_addr", map(_element, guard.peers), interval=True)
             vx = t.chain("vxlan_guard")
             t.rule(inp, _match(_field("udp", "dport"), {"set": list(guard.ports)}), {"jump": {"target": vx}})  # fmt: skip
-            if guard.local is not None:
-                t.rule(vx, _match(iif, spec.mesh), _match(saddr, peers),
-                       _match(daddr, guard.local), _RETURN)  # fmt: skip
+            for vni, senders in guard.vnis if guard.local is not None else ():
+                if senders:
+                    t.rule(vx, _match(iif, spec.mesh), _match(daddr, guard.local),
+                           _match(_VNI, vni), _match(saddr, {"set": list(senders)}), _RETURN)  # fmt: skip
             t.rule(vx, _count(VXLAN), _DROP)
         if bridges:
             vm_bridges = t.set("vm_bridges", "ifname", [b.name for b in bridges])

@@ -470,3 +470,28 @@ async def test_adjacent_nat_networks_stay_apart(lab: Lab):
         lambda: vm_sh(lab, "p", "python3", "-c", UDP_SEND, p.ip, OUTSIDE_IP, "9999", b"OUT".hex()),
     )
     assert f"{underlay_ip(lab, 'n1')} OUT" in out
+
+
+@pytest.mark.usefixtures("world")
+async def test_a_peer_cannot_inject_into_a_network_it_does_not_host(lab: Lab):
+    """A compromised node (n2) sends VXLAN through the mesh into a VNI only n1 hosts: refused
+    and counted, while VXLAN of the network n1 and n2 share still flows (found by review: the
+    guard checked peer and address but not the VNI)."""
+    await ensure_network(lab, "ov9", "overlay", "10.33.0.0/24", vni=VNI + 9)
+    await ensure_vms(lab, "ov9", {"o9": "n1"})
+    o9 = lab.vms["o9"]
+    n1_tunnel = await tunnel_ip(lab, "n1")
+    frame = vxlan_frame(VNI + 9, o9.mac, o9.ip, 9999, b"INJECTED")
+    before = (await drops(lab, "n1"))["vxlan_guard"]
+
+    async def inject():  # from n2's own stack: through otwg0, from n2's tunnel address
+        await lab.exec_node("n2", "python3", "-c", UDP_SEND, "0.0.0.0", n1_tunnel, "4789", frame.hex())  # fmt: skip
+
+    assert "INJECTED" not in await udp_received(o9.netns, 9999, inject)
+    assert (await drops(lab, "n1"))["vxlan_guard"] >= before + 3
+    o1, o2 = lab.vms["o1"], lab.vms["o2"]
+
+    async def hello():
+        await vm_sh(lab, "o2", "python3", "-c", UDP_SEND, o2.ip, o1.ip, "9999", b"HELLO".hex())
+
+    assert f"{o2.ip} HELLO" in await udp_received(o1.netns, 9999, hello)

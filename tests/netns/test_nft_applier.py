@@ -69,12 +69,12 @@ async def test_apply_observe_noop_replace_remove(ns, nft):
     assert await apply(nft, want) == 2  # forwarding + both tables, one transaction
     assert sh(ns, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
     observed = await nft.observe()
-    assert observed.exists and observed.rule_count == want.rule_count == 25
+    assert observed.exists and observed.rule_count == want.rule_count == 28
     assert observed.digest == want.digest and observed.sets == want.sets
     text = ruleset(ns)
     assert "ip saddr 10.10.0.0/24 ip daddr != 10.10.0.0/24 masquerade" in text
     assert "iifname . ether saddr != @nic_mac" in text and '"ot0000000000aa" . 10.10.0.2' in text
-    assert 'iifname "otwg0" ip saddr @mesh_peers ip daddr 100.64.0.1 return' in text
+    assert 'iifname "otwg0" ip daddr 100.64.0.1 @th,96,24 0x3e8 ip saddr 100.64.0.2 return' in text, text
 
     assert await apply(nft, want) == 0  # no-op heartbeat: reads only
 
@@ -82,7 +82,7 @@ async def test_apply_observe_noop_replace_remove(ns, nft):
     listing = json.loads(sh(ns, "nft", "-j", "-a", "list", "table", "bridge", "otherix").stdout)
     handle = next(i["rule"]["handle"] for i in listing["nftables"] if "rule" in i)
     sh(ns, "nft", "delete", "rule", "bridge", "otherix", "prerouting", "handle", str(handle))
-    assert await apply(nft, want) == 1 and (await nft.observe()).rule_count == 25
+    assert await apply(nft, want) == 1 and (await nft.observe()).rule_count == 28
     sh(ns, "nft", "add", "element", "bridge", "otherix", "nic_mac",
        f'{{ "{TAP_A}" . 02:00:00:00:00:ee }}')  # fmt: skip
     assert await apply(nft, want) == 1
