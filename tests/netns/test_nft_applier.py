@@ -74,7 +74,9 @@ async def test_apply_observe_noop_replace_remove(ns, nft):
     text = ruleset(ns)
     assert "ip saddr 10.10.0.0/24 ip daddr != 10.10.0.0/24 masquerade" in text
     assert "iifname . ether saddr != @nic_mac" in text and '"ot0000000000aa" . 10.10.0.2' in text
-    assert 'iifname "otwg0" ip daddr 100.64.0.1 @th,96,24 0x3e8 ip saddr 100.64.0.2 return' in text, text
+    assert (
+        'iifname "otwg0" ip daddr 100.64.0.1 @th,96,24 0x3e8 ip saddr 100.64.0.2 return' in text
+    ), text
 
     assert await apply(nft, want) == 0  # no-op heartbeat: reads only
 
