@@ -4,6 +4,7 @@ import asyncio
 import sys
 
 from bench import attach_ack, fdb_apply, heartbeat, overlay_ping, port_security
+from schemas.options import quiet_tls_close
 
 BENCHES = {
     "attach_ack": attach_ack.main,
@@ -15,6 +16,7 @@ BENCHES = {
 
 
 def main() -> None:
+    quiet_tls_close()
     names = sys.argv[1:] or list(BENCHES)
     for name in names:
         if name not in BENCHES:

@@ -13,7 +13,7 @@ import statistics
 
 from lab.cluster import Lab
 from lab.netns import exec_in
-from lab.vm import VmHandle, vm_add
+from lab.vm import VmHandle
 
 RUNS = 9
 BYTES = 64 * 2**20
@@ -47,22 +47,6 @@ s.close()
 """
 
 
-async def add_vm(lab: Lab, vm: str, network: str, node: str, port_security: bool) -> VmHandle:
-    """Lab.vm_add with the NIC's port-security flag."""
-    api = await lab.connect()
-    info = await api.network_show(network)
-    nic = await api.nic_attach(network, node, vm, port_security=port_security)
-    lab.state.vms.setdefault(vm, []).append(nic.nic.id)
-    prefixlen = info.network.subnet.split("/")[1]
-    handle = await vm_add(
-        lab.prefix, vm, lab.node_netns(node), nic.tap, nic.nic.mac, f"{nic.nic.ip}/{prefixlen}",
-        info.network.gateway, info.mtu, state_dir=lab.state_dir,
-    )  # fmt: skip
-    lab.vms[vm] = handle
-    await handle.wait_attached(timeout=30.0)
-    return handle
-
-
 async def transfer(sender: VmHandle, receiver: VmHandle) -> float:
     """MB/s of one BYTES transfer, as the receiver saw it."""
     rx = await asyncio.create_subprocess_exec(
@@ -90,12 +74,12 @@ async def main() -> None:
         await api.network_create("bench", "bridge", "10.61.0.0/24", "nat")
         pairs = {
             "with port security": (
-                await add_vm(lab, "s1", "bench", "n1", True),
-                await add_vm(lab, "r1", "bench", "n1", True),
+                await lab.vm_add("s1", "bench", "n1", port_security=True),
+                await lab.vm_add("r1", "bench", "n1", port_security=True),
             ),
             "without port security": (
-                await add_vm(lab, "s2", "bench", "n1", False),
-                await add_vm(lab, "r2", "bench", "n1", False),
+                await lab.vm_add("s2", "bench", "n1", port_security=False),
+                await lab.vm_add("r2", "bench", "n1", port_security=False),
             ),
         }
         await lab.wait_converged()

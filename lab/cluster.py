@@ -365,11 +365,19 @@ class Lab:
         return self.topology.nodes[node].netns
 
     async def vm_add(
-        self, vm: str, network: str, node: str, ip: str | None = None, mac: str | None = None
+        self,
+        vm: str,
+        network: str,
+        node: str,
+        ip: str | None = None,
+        mac: str | None = None,
+        port_security: bool = True,
     ) -> VmHandle:
         client = await self.connect()
         info = await client.network_show(network)
-        nic = await client.nic_attach(network, node, vm, mac=mac, ip=ip)
+        nic = await client.nic_attach(
+            network, node, vm, mac=mac, ip=ip, port_security=port_security
+        )
         self.state.vms.setdefault(vm, []).append(nic.nic.id)
         self.save()
         prefixlen = info.network.subnet.split("/")[1]
