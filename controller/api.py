@@ -120,7 +120,7 @@ class Api:
         """Answer only into an inbox. The reply subject is the caller's choice, and the
         controller may publish where no caller may (desired state, the intent bucket): a reply
         aimed there would make it a confused deputy. Such requests are counted, not answered."""
-        reply = req._msg.reply or ""
+        reply = req._msg.reply or ""  # nats.micro's Request has no public reply subject
         if reply.startswith(f"{INBOX_ROOT}."):
             return True
         self.refused["request with a reply subject outside _INBOX"] += 1

@@ -3,7 +3,7 @@ every heartbeat and at once after a change.
 
 It owns the desired versions (a new one is persisted before it is ever sent), the encoded
 snapshots (rebuilt only after a change) and the isolation of one node's send failure from the
-others. It never changes intent and never answers the API. ``desired_version`` serves read
+others. It never changes intent and never answers the API. ``desired`` serves read
 endpoints: after a change it computes the coming version in memory and never writes.
 """
 
@@ -50,11 +50,6 @@ class Publisher:
         """Intent or versions changed: restamp and publish at once."""
         self._dirty, self._pending = True, None
         self._changed.set()
-
-    def desired_version(self, node: str) -> int:
-        """The version ``node``'s next snapshot carries. In memory only: reads never persist."""
-        known = self.desired(node)
-        return known.version if known else 0
 
     def continue_above(self, node: str, applied_version: int) -> None:
         """``node`` has applied a version we never issued: publish above it from now on."""

@@ -27,7 +27,7 @@ from lab.relay import start_relay
 from lab.topology import OUTSIDE_IP, UNDERLAY_CIDRS, Topology, cleanup_prefix, default_state_dir
 from lab.vm import VmHandle, ping, vm_add, vm_rm
 from schemas import api
-from schemas.bus import CA_ENV, CREDS_ENV, connect_kwargs
+from schemas.bus import CA_ENV, CREDS_ENV
 
 NODE_NATS_PORT = 4222  # what agents dial inside their namespace; the relay carries it home
 WIREGUARD_RUN = Path("/run/wireguard")
@@ -97,33 +97,21 @@ class Lab:
     def bus_dir(self) -> Path:
         return self.state_dir / "bus"
 
-    def seed(self, identity: str) -> Path:
-        """``controller``, ``admin``, ``viewer`` or a node name."""
-        if identity in bus_files.ROLES:
-            return bus_files.role_seed_file(self.bus_dir, identity)
-        return bus_files.node_seed_file(self.bus_dir, identity)
-
     def bus_args(self, identity: str) -> list[str]:
-        if not self.state.secure:
-            return []
-        return ["--nats-creds", str(self.seed(identity)), "--nats-ca", str(self.bus_dir / bus_files.CA_CERT)]  # fmt: skip
+        """``identity``: ``controller``, ``admin``, ``viewer`` or a node name."""
+        env = bus_files.identity_env(self.bus_dir, identity) if self.state.secure else {}
+        return ["--nats-creds", env[CREDS_ENV], "--nats-ca", env[CA_ENV]] if env else []
 
     def bus_env(self, identity: str = "admin") -> dict[str, str]:
         """What an operator's shell needs to reach this lab as ``identity``."""
-        if not self.state.secure:
-            return {"OTHERIX_NATS_URL": self.nats_url}
-        return {
-            "OTHERIX_NATS_URL": self.nats_url,
-            CREDS_ENV: str(self.seed(identity)),
-            CA_ENV: str(self.bus_dir / bus_files.CA_CERT),
-        }
+        env = {"OTHERIX_NATS_URL": self.nats_url}
+        if self.state.secure:
+            env |= bus_files.identity_env(self.bus_dir, identity)
+        return env
 
     async def nats_client(self, identity: str = "admin", **kw) -> Client:
-        kwargs = (
-            connect_kwargs(self.seed(identity), self.bus_dir / bus_files.CA_CERT)
-            if self.state.secure
-            else {}
-        )
+        secure = self.state.secure
+        kwargs = bus_files.identity_kwargs(self.bus_dir, identity) if secure else {}
         return await nats.connect(self.nats_url, **kwargs, **kw)
 
     async def grant_node(self, name: str) -> None:

@@ -45,10 +45,6 @@ BUF = 65536 + 64  # a GSO frame (64 KiB) plus the 10-byte virtio-net header
 BATCH = 64  # frames per wake-up per direction, so one side cannot starve the other
 
 
-class TapGone(Exception):
-    pass
-
-
 def _tap_flags(fd: int) -> int:
     ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
     return struct.unpack("16sH", ifr[:18])[1]

@@ -9,7 +9,6 @@ allowed is always shown by a received message or a reply, never by ``flush()`` a
 
 import asyncio
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,9 +16,9 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client
 
-from client.bus import connect_kwargs, files
+from client.bus import files
 from client.bus.connect import denied
-from tests.conftest import free_port, nats_server_binary, wait_listening
+from tests.conftest import free_port, nats_server_binary, stop_server, wait_listening
 
 TIMEOUT = 5.0
 
@@ -78,14 +77,7 @@ class BusServer:
         await self.wait_reloaded(before)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        stop_server(self.proc)
         self.proc = None
 
 
@@ -146,13 +138,11 @@ class Peer:
 
 def seed_of(bus_dir: Path, who: str) -> Path:
     """``controller``, ``admin``, ``viewer`` or ``node:<name>``."""
-    if who.startswith("node:"):
-        return files.node_seed_file(bus_dir, who.removeprefix("node:"))
-    return files.role_seed_file(bus_dir, who)
+    return files.seed_file(bus_dir, who.removeprefix("node:"))
 
 
 async def connect_as(server: BusServer, who: str) -> Peer:
-    kwargs = connect_kwargs(seed_of(server.dir, who), server.dir / files.CA_CERT, name=who)
+    kwargs = files.identity_kwargs(server.dir, who.removeprefix("node:"), name=who)
     return await Peer(who).connect(server.url, **kwargs)
 
 

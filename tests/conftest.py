@@ -22,7 +22,6 @@ from client.bus import files as bus_files
 from controller.compute import ClusterConfig
 from controller.service import Controller
 from controller.store import Store
-from schemas.bus import CA_ENV, CREDS_ENV, connect_kwargs
 
 # Node identities the bus of every test has (tests act as these agents); roles always exist.
 TEST_NODES = ("n1", "n2", "n3", "n4", "late", "watched", "small", "big", "hv1", "hv2")
@@ -53,6 +52,18 @@ def wait_listening(proc: subprocess.Popen, port: int, log: Path, timeout: float)
         if time.monotonic() > deadline:
             raise TimeoutError(f"nats-server on port {port} not ready in {timeout}s")
         time.sleep(0.02)
+
+
+def stop_server(proc: subprocess.Popen | None) -> None:
+    """SIGTERM (a clean shutdown that flushes the file store), SIGKILL if it hangs."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 class NatsServer:
@@ -101,14 +112,7 @@ class NatsServer:
             raise
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()  # SIGTERM: a clean shutdown that flushes the file store
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        stop_server(self.proc)
         self.proc = None
 
     def restart(self) -> None:
@@ -117,22 +121,15 @@ class NatsServer:
 
     # --- identities -----------------------------------------------------------------------------
 
-    def seed(self, identity: str) -> Path:
-        if identity in bus_files.ROLES:
-            return bus_files.role_seed_file(self.bus_dir, identity)
-        return bus_files.node_seed_file(self.bus_dir, identity)
-
     def kwargs(self, identity: str) -> dict:
         """``nats.connect`` keywords of ``identity`` ({} on an open bus)."""
-        if not self.secure:
-            return {}
-        return connect_kwargs(self.seed(identity), self.bus_dir / bus_files.CA_CERT)
+        return bus_files.identity_kwargs(self.bus_dir, identity) if self.secure else {}
 
     def env(self, identity: str = "admin") -> dict[str, str]:
         """The environment a command needs to reach this server as ``identity``."""
         env = {"OTHERIX_NATS_URL": self.url}
         if self.secure:
-            env |= {CREDS_ENV: str(self.seed(identity)), CA_ENV: str(self.bus_dir / "ca.pem")}
+            env |= bus_files.identity_env(self.bus_dir, identity)
         return env
 
     async def connect(self, identity: str = "admin", **kw) -> Client:

@@ -462,10 +462,6 @@ def render(want: NftDesired, counters: Mapping[str, Counter] = {}) -> str:
     return json.dumps({"nftables": cmds})
 
 
-def spec_digest(spec: NftSpec) -> str | None:
-    return desired(spec).digest
-
-
 def parse_observed(*listings: dict) -> NftObserved:
     """``nft -j list table`` outputs of our existing tables → what we compare against."""
     digests: set[str | None] = set()

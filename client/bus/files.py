@@ -30,6 +30,7 @@ import msgspec
 from client.bus import permissions, pki
 from client.bus.permissions import Roster
 from schemas import naming
+from schemas.bus import CA_ENV, CREDS_ENV, connect_kwargs
 
 ROSTER = "roster.json"
 SERVER_CONF = "nats-server.conf"
@@ -52,6 +53,23 @@ def role_seed_file(directory: Path, role: str) -> Path:
 
 def node_seed_file(directory: Path, node: str) -> Path:
     return Path(directory) / f"node-{node}.nk"
+
+
+def seed_file(directory: Path, identity: str) -> Path:
+    """The seed of ``identity``: a role (controller, admin, viewer) or a node name."""
+    if identity in ROLES:
+        return role_seed_file(directory, identity)
+    return node_seed_file(directory, identity)
+
+
+def identity_env(directory: Path, identity: str) -> dict[str, str]:
+    """The variables a command reads to join the bus as ``identity`` (credentials and CA)."""
+    return {CREDS_ENV: str(seed_file(directory, identity)), CA_ENV: str(Path(directory) / CA_CERT)}
+
+
+def identity_kwargs(directory: Path, identity: str, name: str | None = None) -> dict:
+    """``nats.connect`` keywords for ``identity`` of this bus directory."""
+    return connect_kwargs(seed_file(directory, identity), Path(directory) / CA_CERT, name=name)
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -41,34 +41,27 @@ MUTATING = tuple(
 IDENTITIES = ("controller", "admin", "viewer", "node:n1", "node:n2")
 
 
-def _start(bus_dir):
+def _serving(bus_dir):
+    """A bus directory with nodes n1 and n2, served until the fixture ends."""
+    files.init(bus_dir, nodes=("n1", "n2"))
     server = BusServer(bus_dir)
     server.start()
-    return server
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
 def shared_bus(tmp_path_factory):
     """One server for the read-only matrix (nothing here changes the roster)."""
-    bus_dir = tmp_path_factory.mktemp("bus") / "bus"
-    files.init(bus_dir, nodes=("n1", "n2"))
-    server = _start(bus_dir)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(tmp_path_factory.mktemp("bus") / "bus")
 
 
 @pytest.fixture
 def own_bus(tmp_path):
     """A server of its own, for tests that add or revoke identities."""
-    bus_dir = tmp_path / "bus"
-    files.init(bus_dir, nodes=("n1", "n2"))
-    server = _start(bus_dir)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(tmp_path / "bus")
 
 
 @pytest_asyncio.fixture

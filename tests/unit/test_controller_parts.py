@@ -40,14 +40,14 @@ def cluster() -> Intent:
 async def test_pending_version_is_computed_in_memory_and_persisted_once():
     it = cluster()
     pub, store = publisher(it)
-    assert pub.desired_version("n1") == 1 and store.writes == []
+    assert pub.desired("n1").version == 1 and store.writes == []
     await pub._restamp()
     assert [(v.node, v.version) for v in store.writes] == [("n1", 1)]
 
     it.nics["a"] = nic(1, "lan", "n1")
     pub.wake()
     for _ in range(3):
-        assert pub.desired_version("n1") == 2
+        assert pub.desired("n1").version == 2
     assert len(store.writes) == 1  # reads wrote nothing
     await pub._restamp()
     assert [v.version for v in store.writes] == [1, 2] and pub.versions["n1"].version == 2
@@ -58,7 +58,7 @@ async def test_unchanged_content_is_not_written_again():
     await pub._restamp()
     pub.wake()  # woken without a content change
     await pub._restamp()
-    assert len(store.writes) == 1 and pub.desired_version("n1") == 1
+    assert len(store.writes) == 1 and pub.desired("n1").version == 1
 
 
 async def test_a_failed_write_leaves_the_change_pending():
@@ -72,14 +72,14 @@ async def test_a_failed_write_leaves_the_change_pending():
         await pub._restamp()
     except ConnectionError:
         pass
-    assert pub._dirty and pub.desired_version("n1") == 1 and pub.versions == {}
+    assert pub._dirty and pub.desired("n1").version == 1 and pub.versions == {}
 
 
 async def test_continuing_above_a_node_is_pending_until_restamped():
     pub, store = publisher(cluster())
     await pub._restamp()
     pub.continue_above("n1", 500)
-    assert pub.desired_version("n1") == 501 and len(store.writes) == 1
+    assert pub.desired("n1").version == 501 and len(store.writes) == 1
     pub.continue_above("n1", 3)  # behind us: nothing to do
     await pub._restamp()
     assert store.writes[-1].version == 501
@@ -115,7 +115,7 @@ async def test_an_ack_of_a_version_never_published_is_refused_and_counted():
     forged = Ack(node="n1", version=2, applied_version=2, digest=pub.versions["n1"].digest)
     await acks.on_ack(msg(naming.ack_subject("n1"), forged))
     assert tracker.nodes == {} and acks.refused == {"unpublished version": 1}
-    assert pub.desired_version("n1") == 1  # and no continuation above it
+    assert pub.desired("n1").version == 1  # and no continuation above it
     real = Ack(node="n1", version=1, applied_version=1, digest=pub.versions["n1"].digest)
     await acks.on_ack(msg(naming.ack_subject("n1"), real))
     assert tracker.nodes["n1"].last_ack == real
@@ -135,7 +135,7 @@ async def test_a_node_that_cannot_be_computed_does_not_stop_the_others():
     pub.wake()
     await pub._restamp()
     assert pub._encoded["n1"] == good["n1"]  # n1 keeps its last good snapshot
-    assert pub._encoded["n2"] != good["n2"] and pub.desired_version("n2") == 2
+    assert pub._encoded["n2"] != good["n2"] and pub.desired("n2").version == 2
 
 
 async def test_a_failed_write_for_one_node_does_not_stop_the_others():
