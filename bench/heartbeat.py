@@ -13,8 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import nats
-
 from bench import summary
 from client.api import ApiClient
 from client.cli import EXIT_TIMEOUT, build_parser, run
@@ -45,8 +43,8 @@ async def arrivals(nc, node: str, api: ApiClient | None = None):
     raise TimeoutError(f"no snapshot for {node}")
 
 
-async def heartbeat_period(nc, _url: str) -> None:
-    ctl = await start_controller(nc, heartbeat=HEARTBEAT)
+async def heartbeat_period(server: NatsServer, nc) -> None:
+    ctl = await start_controller(server, heartbeat=HEARTBEAT)
     try:
         await ApiClient(nc).node_register(name="n1")
         queue = await arrivals(nc, "n1")
@@ -60,8 +58,10 @@ async def heartbeat_period(nc, _url: str) -> None:
         await ctl.stop()
 
 
-async def change_to_snapshot(nc, _url: str) -> None:
-    ctl = await start_controller(nc, heartbeat=3600.0)  # every snapshot below comes from a change
+async def change_to_snapshot(server: NatsServer, nc) -> None:
+    ctl = await start_controller(
+        server, heartbeat=3600.0
+    )  # every snapshot below comes from a change
     try:
         api = ApiClient(nc)
         await api.node_register(name="c1")
@@ -105,12 +105,12 @@ async def change_to_snapshot(nc, _url: str) -> None:
         await ctl.stop()
 
 
-async def status_wait(nc, url: str) -> None:
-    ctl = await start_controller(nc, heartbeat=HEARTBEAT)
+async def status_wait(server: NatsServer, nc) -> None:
+    ctl = await start_controller(server, heartbeat=HEARTBEAT)
     try:
         await ApiClient(nc).node_register(name="silent")  # never acks: never converged
         wait = 1.0
-        args = build_parser().parse_args(["--nats", url, "status", "--wait", str(wait)])
+        args = build_parser().parse_args(["--nats", server.url, "status", "--wait", str(wait)])
         took = []
         for _ in range(3):
             start = time.perf_counter()
@@ -136,9 +136,8 @@ async def main() -> None:
             # connection plays every part here (attach_ack measures the secured bus)
             server = NatsServer(store, secure=False)
             server.start()
-            nc = await nats.connect(server.url)
             try:
-                await step(nc, server.url)
+                await step(server, await server.connect())
             finally:
-                await nc.close()
+                await server.close_clients()
                 server.stop()
