@@ -86,8 +86,8 @@ def test_the_controllers_snapshots_are_accepted_at_the_same_or_a_newer_version()
         (b"{not json", "n1", 0, "malformed snapshot: JSON is malformed: object keys must be strings (byte 1)"),
         (b'{"node": "n1"}', "n1", 0, "malformed snapshot: Object missing required field `version`"),
         (b'{"node": "n1", "version": "7"}', "n1", 0, "malformed snapshot: Expected `int`, got `str` - at `$.version`"),
-        (raw(schema=1), "n1", 0, "snapshot schema 1 is not supported (this agent speaks 2)"),  # an older controller's
-        (raw(schema=3), "n1", 0, "snapshot schema 3 is not supported (this agent speaks 2)"),
+        (raw(schema=2), "n1", 0, "snapshot schema 2 is not supported (this agent speaks 3)"),  # an older controller's
+        (raw(schema=4), "n1", 0, "snapshot schema 4 is not supported (this agent speaks 3)"),
         (raw(), "n2", 0, "snapshot is for node 'n1', this is 'n2'"),
         (raw(), "n1", 6, "stale snapshot: version 5 is older than applied version 6"),
     ],
@@ -259,4 +259,4 @@ def test_message_round_trips():
     assert decode(encode(ack), Ack) == ack
     assert decode(encode(health), Health) == health
     assert decode(encode(GOOD), Snapshot) == GOOD
-    assert ack.schema == health.schema == 1 and GOOD.schema == SNAPSHOT_SCHEMA == 2
+    assert ack.schema == health.schema == 1 and GOOD.schema == SNAPSHOT_SCHEMA == 3
