@@ -9,10 +9,11 @@ announced, so a dropped, duplicated or reordered message is ignored, never half-
 at the HEAD's digest (never a mix of old and new), into the ``Snapshot`` the validation gate and
 the appliers have always taken.
 
-No I/O, no clock, no logging: ``agent.runner`` fetches and counts.
+No I/O, no clock, no logging: ``complete`` fetches through the callable it is given
+(``agent.runner`` passes a ``section.get`` request).
 """
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -30,6 +31,7 @@ from schemas.wire import (
     PeerItem,
     Ref,
     SectionData,
+    SectionGet,
     Settings,
     TapItem,
     VxlanItem,
@@ -174,6 +176,10 @@ class Assembler:
                 out.append(ref)
         return out
 
+    def holds(self, ref: Ref) -> bool:
+        held = self.held.get(ref.name)
+        return held is not None and held.digest == ref.digest
+
     def have(self, name: str) -> int:
         held = self.held.get(name)
         return held.version if held else 0
@@ -191,6 +197,39 @@ class Assembler:
         if self.missing(head):
             return None
         return build(self.node, head, {r.name: self.held[r.name].items.values() for r in head.refs})
+
+
+Fetch = Callable[[SectionGet], Awaitable[SectionData]]
+MAX_REQUESTS = 1024  # per HEAD: a section changing faster than it can be paged waits a beat
+
+
+async def complete(assembler: Assembler, head: Head, fetch: Fetch) -> Snapshot | None:
+    """The whole state at ``head``: take what it carries, fetch what is still missing (a delta
+    from what is held, or every page of the whole section), and assemble. None when a section
+    moved on while fetching (a newer HEAD follows); a failed fetch raises from ``fetch``."""
+    for data in head.sections:
+        assembler.offer(data)
+    requests = 0
+    for ref in assembler.missing(head):
+        have = assembler.have(ref.name)
+        # from what is held; if that does not give the announced digest, the whole section
+        for start in (have, 0) if have else (0,):
+            asked: SectionGet | None = SectionGet(name=assembler.node, section=ref.name, have=start)
+            while asked is not None and requests < MAX_REQUESTS:
+                requests += 1
+                assembler.offer(await fetch(asked))
+                page = assembler.next_page(ref.name)
+                asked = None
+                if page is not None:
+                    asked = SectionGet(
+                        name=assembler.node, section=ref.name, version=page[0], page=page[1]
+                    )
+            if assembler.holds(ref):
+                break
+    snap = assembler.snapshot(head)
+    if snap is not None:
+        assembler.forget_unused(head)
+    return snap
 
 
 def build(node: str, head: Head, sections: dict[str, Iterable[Item]]) -> Snapshot:

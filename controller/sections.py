@@ -28,17 +28,20 @@ from controller.compute import (
 )
 from schemas import MAX_VERSION, naming
 from schemas.codec import encode
+from schemas.errors import NotFound
 from schemas.intent import Egress, Intent, Network, NetworkType, Nic, Node
 from schemas.wire import (
     MESH_SECTION,
     NODE_SECTION,
     BridgeItem,
     FdbItem,
+    Head,
     Item,
     NatItem,
     PeerItem,
     Ref,
     SectionData,
+    SectionGet,
     Settings,
     TapItem,
     VxlanItem,
@@ -75,6 +78,7 @@ class Section:
         # (version, previous version, keys changed): deltas from any version >= log_base
         self._log: deque[tuple[int, int, frozenset[str]]] = deque()
         self.log_base = 0
+        self._paged: tuple[int, int, list[SectionData]] | None = None
 
     @property
     def digest(self) -> str:
@@ -153,8 +157,15 @@ class Section:
             removals=tuple(gone),
         )
 
-    def whole(self, budget: int) -> list[SectionData]:
-        """The whole section in pages of at most ~``budget`` bytes of items each."""
+    def pages(self, budget: int) -> list[SectionData]:
+        """The whole section in pages of at most ~``budget`` bytes of items each (kept until
+        the section changes: a paged fetch asks for each page in turn)."""
+        if self._paged is not None and self._paged[:2] == (self.version, budget):
+            return self._paged[2]
+        self._paged = (self.version, budget, self._split(budget))
+        return self._paged[2]
+
+    def _split(self, budget: int) -> list[SectionData]:
         pages: list[list[msgspec.Raw]] = [[]]
         size = 0
         for key in sorted(self.items):
@@ -514,3 +525,70 @@ class Model:
             if section is not None:
                 out.append(section)
         return out
+
+    # --- messages -------------------------------------------------------------------------------
+
+    def head(self, node: str, budget: int, changed: "Attachments | None" = None) -> Head:
+        """``node``'s HEAD; with ``changed`` (the last commit's), the content of its sections that
+        changed in it, while the whole message stays within ``budget`` bytes of items."""
+        state = self.heads[node]
+        attached: list[SectionData] = []
+        if changed is not None:
+            room = budget
+            for section in self.sections_of(node):
+                data = changed.get(section, budget)
+                if data is None:
+                    continue
+                size = sum(len(r) + 1 for r in data.upserts) + sum(
+                    len(k) + 3 for k in data.removals
+                )
+                if size > room:
+                    continue  # too big to attach: the agent fetches it
+                room -= size
+                attached.append(data)
+        return Head(
+            node=node,
+            version=state.version,
+            digest=state.digest,
+            refs=state.refs,
+            sections=tuple(attached),
+        )
+
+    def get(self, node: str, req: SectionGet, budget: int) -> SectionData:
+        """``section.get``: a delta from the version the node holds when the log reaches back
+        there and it fits, else a page of the whole section. Only the node's own sections."""
+        section = self.section(node, req.section)
+        if section is None:
+            raise NotFound(f"node {node} has no section {req.section!r}")
+        if req.page:
+            pages = section.pages(budget)
+            if req.version == section.version and req.page < len(pages):
+                return pages[req.page]
+            return pages[0]  # moved on meanwhile: start over at the current version
+        keys = section.changed_since(req.have) if req.have else None
+        if keys is not None:
+            delta = section.delta(req.have, keys)
+            if sum(len(r) + 1 for r in delta.upserts) + 3 * len(delta.removals) <= budget:
+                return delta
+        return section.pages(budget)[0]
+
+
+class Attachments:
+    """The content a commit attaches to HEADs: each changed section's delta from its previous
+    version (or the whole section when it is new), built once and shared by every node."""
+
+    def __init__(self, done: Commit):
+        self._done = done
+        self._built: dict[Section, SectionData | None] = {}
+
+    def get(self, section: Section, budget: int) -> SectionData | None:
+        if section not in self._done.sections or section.version != self._done.generation:
+            return None
+        if section not in self._built:
+            change = section.last_change()
+            if change is not None:
+                self._built[section] = section.delta(*change)
+            else:  # new in this commit: small ones travel whole
+                pages = section.pages(budget)
+                self._built[section] = pages[0] if len(pages) == 1 else None
+        return self._built[section]

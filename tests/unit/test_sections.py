@@ -218,7 +218,7 @@ def test_a_node_sees_only_its_own_sections():
 def test_paging_splits_items_below_the_budget():
     intent, model = cluster(nodes=2, nics_per_node=300)
     vni = model.section("n0", vni_section(1001))
-    pages = vni.whole(budget=4096)
+    pages = vni.pages(budget=4096)
     assert len(pages) > 3
     for p in pages:
         assert sum(len(bytes(r)) + 1 for r in p.upserts) <= 4096
