@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from schemas.codec import decode
+from schemas.codec import decode, encode
 from schemas.desired import Bridge, FdbEntry, Snapshot, Tap, Vxlan, WgPeer, WireGuard
 from schemas.wire import (
     MESH_SECTION,
@@ -291,3 +291,51 @@ def build(node: str, head: Head, sections: dict[str, Iterable[Item]]) -> Snapsho
 def _as(type_, item):
     """A wire item as the plain snapshot Struct it extends (equal values compare equal)."""
     return type_(**msgspec.structs.asdict(item))
+
+
+def head_for(snap: Snapshot) -> Head:
+    """For tests and tools: a HEAD carrying, whole, sections that assemble into ``snap`` (the
+    inverse of ``build``; every FDB destination gets its flood entry, as the controller's do)."""
+    own: list[Item] = [
+        Settings(underlay_mtu=snap.underlay_mtu, infrastructure=snap.infrastructure),
+        *(_as(BridgeItem, b) for b in snap.bridges),
+        *(_as(TapItem, t) for t in snap.taps),
+        *(NatItem(subnet=s) for s in snap.nat_subnets),
+    ]
+    sections: dict[str, list[Item]] = {NODE_SECTION: own}
+    for v in snap.vxlans:
+        own.append(
+            VxlanItem(
+                name=v.name, vni=v.vni, bridge=v.bridge, local=v.local, mtu=v.mtu, port=v.port
+            )
+        )
+        sections[vni_section(v.vni)] = [
+            FdbItem(nic=f"{i:012x}", node=f"at {e.dst}", mac=e.mac, dst=e.dst)
+            for i, e in enumerate(v.fdb)
+        ]
+    if snap.wireguard is not None:
+        wg = snap.wireguard
+        own.append(WgItem(name=wg.name, address=wg.address, listen_port=wg.listen_port, mtu=wg.mtu))
+        sections[MESH_SECTION] = [_as(PeerItem, p) for p in wg.peers]
+    data = []
+    for name, items in sections.items():
+        blobs = [encode(i) for i in items]
+        total = 0
+        for blob in blobs:
+            total = add_hash(total, item_hash(blob))
+        data.append(
+            SectionData(
+                name=name,
+                version=snap.version,
+                digest=digest_of(total),
+                upserts=tuple(msgspec.Raw(b) for b in blobs),
+            )
+        )
+    return Head(
+        node=snap.node,
+        version=snap.version,
+        digest=snap.digest,
+        refs=tuple(Ref(d.name, d.version, d.digest) for d in data),
+        sections=tuple(data),
+        published_at=snap.published_at,
+    )

@@ -58,6 +58,7 @@ from schemas.wire import (
 
 Key = tuple[str, str]  # ("network" | "nic" | "node", name or id)
 LOG_VERSIONS = 64  # change-log entries a section keeps for deltas
+ATTACH_WHOLE = 4096  # bytes: a new section up to this size travels with the HEADs that name it
 
 
 class VersionExhausted(Exception):
@@ -232,6 +233,7 @@ class Model:
         self._dirty_parts: set[str] = set()
         self._dirty_heads: set[str] = set()
         self._forced: set[str] = set()  # a new version even for the same content
+        self._broken: set[str] = set()  # nodes whose own part cannot be computed: HEAD kept
         self.stats: Counter[str] = Counter()  # work done, for tests and benches
 
     # --- input ----------------------------------------------------------------------------------
@@ -288,6 +290,7 @@ class Model:
             if section is not None:
                 self.stats["sections dropped"] += 1
             self.heads.pop(name, None)
+            self._broken.discard(name)
             self._dirty_heads.discard(name)
             self._forced.discard(name)
         else:
@@ -407,8 +410,8 @@ class Model:
     def _restamp_head(self, name: str, generation: int) -> bool:
         self.stats["heads computed"] += 1
         section = self.node_sections.get(name)
-        if section is None:
-            return False  # its part could not be computed: it keeps no HEAD until it can
+        if section is None or name in self._broken:
+            return False  # its part cannot be computed: it keeps its last HEAD until it can
         refs = [Ref(NODE_SECTION, section.version, section.digest)]
         if on_mesh(self.nodes[name]):
             refs.append(Ref(MESH_SECTION, self.mesh.version, self.mesh.digest))
@@ -431,7 +434,9 @@ class Model:
             if self.on_error is None:
                 raise
             self.on_error(name, e)
+            self._broken.add(name)
             return
+        self._broken.discard(name)
         self.stats["node sections computed"] += 1
         section = self.node_sections.get(name)
         if section is None:
@@ -528,7 +533,13 @@ class Model:
 
     # --- messages -------------------------------------------------------------------------------
 
-    def head(self, node: str, budget: int, changed: "Attachments | None" = None) -> Head:
+    def head(
+        self,
+        node: str,
+        budget: int,
+        changed: "Attachments | None" = None,
+        published_at: float = 0.0,
+    ) -> Head:
         """``node``'s HEAD; with ``changed`` (the last commit's), the content of its sections that
         changed in it, while the whole message stays within ``budget`` bytes of items."""
         state = self.heads[node]
@@ -552,6 +563,7 @@ class Model:
             digest=state.digest,
             refs=state.refs,
             sections=tuple(attached),
+            published_at=published_at,
         )
 
     def get(self, node: str, req: SectionGet, budget: int) -> SectionData:
@@ -588,7 +600,8 @@ class Attachments:
             change = section.last_change()
             if change is not None:
                 self._built[section] = section.delta(*change)
-            else:  # new in this commit: small ones travel whole
-                pages = section.pages(budget)
+            else:  # new in this commit: small ones travel whole (a new node's own section);
+                # the agent may hold it already (a restarted controller), so not big ones
+                pages = section.pages(min(budget, ATTACH_WHOLE))
                 self._built[section] = pages[0] if len(pages) == 1 else None
         return self._built[section]

@@ -9,7 +9,7 @@ of its own beyond start and stop.
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from nats.aio.client import Client
@@ -49,7 +49,7 @@ class Controller:
         self._subs: list[Any] = []
 
     @property
-    def versions(self) -> dict[str, NodeVersion]:
+    def versions(self) -> Mapping[str, NodeVersion]:
         return self.publisher.versions
 
     @property
@@ -61,7 +61,7 @@ class Controller:
         self.intent.networks.update(intent.networks)
         self.intent.nics.update(intent.nics)
         self.intent.nodes.update(intent.nodes)
-        self.publisher.versions.update(versions)
+        self.publisher.start_from(await self.store.generation(), versions)
         log.info(
             "controller: loaded %d networks, %d NICs, %d nodes",
             len(self.intent.networks),

@@ -1,10 +1,12 @@
 """Intent persisted in a NATS JetStream key-value bucket, one JSON entry per object.
 
-Keys: ``network.<name>``, ``nic.<id>``, ``node.<name>``, ``version.<node>``. The controller keeps
-the whole intent in memory and writes through; a restart reloads it with ``load()``. The bucket's
+Keys: ``network.<name>``, ``nic.<id>``, ``node.<name>``, ``generation.reserved`` (the versions'
+high-water mark) and ``version.<node>`` (written by releases before snapshot schema 3, read
+only). The controller keeps the whole intent in memory and writes through; a restart reloads it
+with ``load()``. The bucket's
 durability comes from the server (JetStream file storage, ``sync_interval: always`` in the
 shipped server config). It never validates or decides: callers write only what passed
-``controller.ops``, and versions only through ``controller.publisher``.
+``controller.ops``, and the versions' mark only through ``controller.publisher``.
 """
 
 import logging
@@ -16,7 +18,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from schemas.codec import decode, encode
-from schemas.intent import Intent, Network, Nic, Node, NodeVersion
+from schemas.intent import Generation, Intent, Network, Nic, Node, NodeVersion
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class Store:
         objects: dict[str, dict] = {kind: {} for kind in _KINDS}
         for key in await self.keys():
             kind, _, name = key.partition(".")
+            if kind == "generation":
+                continue  # read by generation()
             if kind not in _KINDS:
                 log.warning("store: ignoring unknown key %s", key)
                 continue
@@ -69,6 +73,16 @@ class Store:
         intent = Intent(networks=objects["network"], nics=objects["nic"], nodes=objects["node"])
         return intent, objects["version"]
 
+    async def generation(self) -> int:
+        """The persisted high-water mark of desired versions (0 if none)."""
+        try:
+            entry = await self.kv.get("generation.reserved")
+        except nats.js.errors.KeyNotFoundError:
+            return 0
+        if entry.value is None:
+            return 0
+        return decode(entry.value, Generation).reserved
+
     async def keys(self) -> list[str]:
         """Every key with an entry (deleted ones included; ``get`` skips those).
 
@@ -81,14 +95,14 @@ class Store:
         info = await self.kv._js.stream_info(self.kv._stream, subjects_filter=f"{prefix}>")
         return sorted(s[len(prefix) :] for s in (info.state.subjects or {}))
 
-    async def put(self, obj: Network | Nic | Node | NodeVersion) -> None:
+    async def put(self, obj: "Network | Nic | Node | NodeVersion | Generation") -> None:
         await self.kv.put(_key(obj), encode(obj))
 
     async def delete(self, obj: Network | Nic | Node | NodeVersion) -> None:
         await self.kv.delete(_key(obj))
 
 
-def _key(obj: Network | Nic | Node | NodeVersion) -> str:
+def _key(obj: "Network | Nic | Node | NodeVersion | Generation") -> str:
     match obj:
         case Network(name=name):
             return f"network.{name}"
@@ -98,4 +112,6 @@ def _key(obj: Network | Nic | Node | NodeVersion) -> str:
             return f"node.{name}"
         case NodeVersion(node=name):
             return f"version.{name}"
+        case Generation():
+            return "generation.reserved"
     raise TypeError(f"cannot store {type(obj).__name__}")

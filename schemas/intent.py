@@ -59,11 +59,20 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class NodeVersion(msgspec.Struct, frozen=True, kw_only=True):
-    """Last published desired version per node, persisted so versions grow across restarts."""
+    """A node's desired version and digest. Releases before snapshot schema 3 persisted one per
+    node (``version.<node>``); they are still read at start, so versions keep growing."""
 
     node: str
     version: Version
     digest: str
+    schema: int = SCHEMA_VERSION
+
+
+class Generation(msgspec.Struct, frozen=True, kw_only=True):
+    """The high-water mark of desired-state generations (``controller.versions``): no version
+    above it has been sent, and a restarted controller continues above it."""
+
+    reserved: Version
     schema: int = SCHEMA_VERSION
 
 
