@@ -25,13 +25,14 @@ from controller.sections import Attachments, Key, Model, VersionExhausted
 from controller.store import Store
 from schemas import naming
 from schemas.codec import encode
-from schemas.intent import Generation, Intent, NodeVersion
+from schemas.intent import Generation, Intent, NodeVersion, NodeVersions
 from schemas.wire import SectionData, SectionGet
 
 log = logging.getLogger(__name__)
 
 # Room left in a message for what is not items: JSON envelope, names, digests, reply headers.
 ENVELOPE = 2048
+SAVE_EVERY = 1.0  # seconds between saves of the nodes' versions (one entry, never per change)
 
 
 class Versions(Mapping[str, NodeVersion]):
@@ -73,12 +74,25 @@ class Publisher:
         self._problems: set[str] = set()  # logged once each
         self._changed = asyncio.Event()
         self._next_heartbeat = 0.0
+        self._saved: dict[str, tuple[int, str]] = {}  # node versions as last saved
+        self._save_after = 0.0  # monotonic time before which versions are not saved again
         self._stopping = False
 
-    def start_from(self, reserved: int, loaded: Mapping[str, NodeVersion]) -> None:
-        """Continue above the persisted mark and the per-node versions of older releases."""
+    def start_from(
+        self,
+        reserved: int,
+        loaded: Mapping[str, NodeVersion],
+        saved: NodeVersions | None = None,
+    ) -> None:
+        """Continue above the persisted mark and the per-node versions of older releases; a node
+        whose content is what it was when ``saved`` keeps that version."""
         self._reserved = reserved
         self.model.generation = versions.start_generation(reserved, loaded.values())
+        if saved is not None:
+            self.model.earlier = {
+                n: (v, d) for n, (v, d) in saved.nodes.items() if v <= self.model.generation
+            }
+            self._saved = saved.nodes
 
     def wake(self, *keys: Key) -> None:
         """These records changed (all of them when none are named): publish at once."""
@@ -196,6 +210,34 @@ class Publisher:
                 await self.nc.publish(naming.desired_subject(node), data)
             except nats.errors.Error as e:  # one node's failure must not starve the rest
                 log.error("controller: HEAD of node %s not sent: %s", node, e)
+        await self._save_versions()
+
+    async def close(self) -> None:
+        """On a clean stop: save the nodes' versions now, so a restart keeps them all."""
+        self._save_after = 0.0
+        async with self._lock:
+            await self._save_versions()
+
+    async def _save_versions(self) -> None:
+        """Every node's version in one entry, at most every ``SAVE_EVERY`` seconds: a restarted
+        controller keeps the versions of unchanged nodes (a crash right after a change costs
+        those nodes one refused HEAD, then continues above what they applied)."""
+        if time.monotonic() < self._save_after:
+            return
+        now = {n: (h.version, h.digest) for n, h in self.model.heads.items()}
+        if now == self._saved:
+            return
+        self._save_after = time.monotonic() + SAVE_EVERY
+        data = NodeVersions(nodes=now)
+        if len(encode(data)) > self.budget:
+            log.warning("controller: %d nodes' versions exceed one entry; not saved", len(now))
+            return
+        try:
+            await self.store.put(data)
+        except Exception as e:
+            log.warning("controller: node versions not saved (%s); retrying later", e)
+            return
+        self._saved = now
 
     async def _reserve(self) -> bool:
         """Persist the high-water mark before any version above it is sent; False if we cannot."""

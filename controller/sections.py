@@ -234,6 +234,8 @@ class Model:
         self._dirty_heads: set[str] = set()
         self._forced: set[str] = set()  # a new version even for the same content
         self._broken: set[str] = set()  # nodes whose own part cannot be computed: HEAD kept
+        # (version, digest) each node had before a restart: kept while the content is the same
+        self.earlier: dict[str, tuple[int, str]] = {}
         self.stats: Counter[str] = Counter()  # work done, for tests and benches
 
     # --- input ----------------------------------------------------------------------------------
@@ -423,6 +425,10 @@ class Model:
         digest = head_digest(head.refs)
         if digest == head.digest and name not in self._forced:
             return False
+        earlier = self.earlier.pop(name, None)
+        if earlier is not None and earlier[1] == digest and not head.version:
+            head.version, head.digest = earlier  # same content as before a restart: same version
+            return True
         head.version, head.digest = generation, digest
         return True
 

@@ -61,7 +61,8 @@ class Controller:
         self.intent.networks.update(intent.networks)
         self.intent.nics.update(intent.nics)
         self.intent.nodes.update(intent.nodes)
-        self.publisher.start_from(await self.store.generation(), versions)
+        reserved, saved = await self.store.generation()
+        self.publisher.start_from(reserved, versions, saved)
         log.info(
             "controller: loaded %d networks, %d NICs, %d nodes",
             len(self.intent.networks),
@@ -77,6 +78,10 @@ class Controller:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.publisher.close()
+        except Exception as e:  # the bus may be gone already: versions are a nicety, not state
+            log.warning("controller: node versions not saved at stop: %s", e)
         if self._service is not None:
             await self._service.stop()
         for sub in self._subs:

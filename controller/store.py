@@ -1,7 +1,7 @@
 """Intent persisted in a NATS JetStream key-value bucket, one JSON entry per object.
 
 Keys: ``network.<name>``, ``nic.<id>``, ``node.<name>``, ``generation.reserved`` (the versions'
-high-water mark) and ``version.<node>`` (written by releases before snapshot schema 3, read
+high-water mark), ``generation.nodes`` (every node's version, saved now and then) and ``version.<node>`` (written by releases before snapshot schema 3, read
 only). The controller keeps the whole intent in memory and writes through; a restart reloads it
 with ``load()``. The bucket's
 durability comes from the server (JetStream file storage, ``sync_interval: always`` in the
@@ -18,7 +18,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from schemas.codec import decode, encode
-from schemas.intent import Generation, Intent, Network, Nic, Node, NodeVersion
+from schemas.intent import Generation, Intent, Network, Nic, Node, NodeVersion, NodeVersions
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,25 @@ class Store:
         intent = Intent(networks=objects["network"], nics=objects["nic"], nodes=objects["node"])
         return intent, objects["version"]
 
-    async def generation(self) -> int:
-        """The persisted high-water mark of desired versions (0 if none)."""
-        try:
-            entry = await self.kv.get("generation.reserved")
-        except nats.js.errors.KeyNotFoundError:
-            return 0
-        if entry.value is None:
-            return 0
-        return decode(entry.value, Generation).reserved
+    async def generation(self) -> tuple[int, NodeVersions]:
+        """The persisted high-water mark of desired versions (0 if none), and the nodes'
+        versions as last saved (none if unreadable: they only spare agents a new version)."""
+        reserved, saved = 0, NodeVersions()
+        for key in ("generation.reserved", "generation.nodes"):
+            try:
+                entry = await self.kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value is None:
+                continue
+            if key == "generation.reserved":
+                reserved = decode(entry.value, Generation).reserved
+                continue
+            try:
+                saved = decode(entry.value, NodeVersions)
+            except msgspec.DecodeError as e:
+                log.warning("store: entry %s is unreadable and is skipped: %s", key, e)
+        return reserved, saved
 
     async def keys(self) -> list[str]:
         """Every key with an entry (deleted ones included; ``get`` skips those).
@@ -95,14 +105,16 @@ class Store:
         info = await self.kv._js.stream_info(self.kv._stream, subjects_filter=f"{prefix}>")
         return sorted(s[len(prefix) :] for s in (info.state.subjects or {}))
 
-    async def put(self, obj: "Network | Nic | Node | NodeVersion | Generation") -> None:
+    async def put(
+        self, obj: "Network | Nic | Node | NodeVersion | Generation | NodeVersions"
+    ) -> None:
         await self.kv.put(_key(obj), encode(obj))
 
     async def delete(self, obj: Network | Nic | Node | NodeVersion) -> None:
         await self.kv.delete(_key(obj))
 
 
-def _key(obj: "Network | Nic | Node | NodeVersion | Generation") -> str:
+def _key(obj: "Network | Nic | Node | NodeVersion | Generation | NodeVersions") -> str:
     match obj:
         case Network(name=name):
             return f"network.{name}"
@@ -114,4 +126,6 @@ def _key(obj: "Network | Nic | Node | NodeVersion | Generation") -> str:
             return f"version.{name}"
         case Generation():
             return "generation.reserved"
+        case NodeVersions():
+            return "generation.nodes"
     raise TypeError(f"cannot store {type(obj).__name__}")

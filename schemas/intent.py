@@ -76,6 +76,14 @@ class Generation(msgspec.Struct, frozen=True, kw_only=True):
     schema: int = SCHEMA_VERSION
 
 
+class NodeVersions(msgspec.Struct, frozen=True, kw_only=True):
+    """Each node's (version, digest), saved now and then in one entry (never per change): a
+    restarted controller keeps a node's version while its content is the same."""
+
+    nodes: dict[str, tuple[Version, str]] = {}
+    schema: int = SCHEMA_VERSION
+
+
 class Intent(msgspec.Struct, frozen=True, kw_only=True):
     """The whole intent at one moment: the input of the pure snapshot computation."""
 

@@ -14,20 +14,22 @@ from controller.tracker import Tracker
 from controller.versions import BLOCK
 from schemas import api, naming
 from schemas.codec import decode, encode
-from schemas.intent import Generation, Intent
+from schemas.intent import Generation, Intent, NodeVersions
 from schemas.messages import Ack
 from schemas.wire import Head
 from tests.unit.factories import bridge_net, nic, node
 
 
 class MemoryStore:
-    """Records every write; the publisher's only store calls are put."""
+    """Records every write of the versions' mark (``marks``) and of the nodes' versions
+    (``saved``); the publisher's only store calls are put."""
 
     def __init__(self):
         self.writes: list[Generation] = []
+        self.saved: list[NodeVersions] = []
 
     async def put(self, obj):
-        self.writes.append(obj)
+        (self.saved if isinstance(obj, NodeVersions) else self.writes).append(obj)
 
 
 class Bus:
@@ -125,6 +127,24 @@ async def test_continuing_above_a_node_moves_the_mark_only_past_the_block():
     await pub.publish_all()
     assert pub.nc.take()["n1"].version == 5001
     assert store.writes[-1] == Generation(reserved=5001 + BLOCK)
+
+
+async def test_a_restarted_publisher_keeps_the_versions_of_unchanged_nodes():
+    it = cluster()
+    it.nodes["n2"] = node("n2", False)
+    pub, store = publisher(it)
+    it.nics["a"] = nic(1, "lan", "n1")
+    pub.wake()
+    await pub.publish_all()
+    before = {n: pub.versions[n].version for n in ("n1", "n2")}
+    assert store.saved[-1].nodes == {n: (v.version, v.digest) for n, v in pub.versions.items()}
+    # a restart: same intent except n2 gained a NIC while the controller was down
+    it.nics["b"] = nic(2, "lan", "n2")
+    again, _ = publisher(it)
+    again.start_from(store.writes[-1].reserved, {}, store.saved[-1])
+    await again.publish_all()
+    assert again.versions["n1"].version == before["n1"]  # same content, same version
+    assert again.versions["n2"].version > store.writes[-1].reserved  # changed: above the mark
 
 
 def msg(subject: str, value) -> SimpleNamespace:
