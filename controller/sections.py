@@ -80,10 +80,18 @@ class Section:
         self._log: deque[tuple[int, int, frozenset[str]]] = deque()
         self.log_base = 0
         self._paged: tuple[int, int, list[SectionData]] | None = None
+        self._ref: Ref | None = None
 
     @property
     def digest(self) -> str:
-        return digest_of(self._total)
+        return self.ref.digest
+
+    @property
+    def ref(self) -> Ref:
+        """How HEADs name this section at its committed version (built once per version)."""
+        if self._ref is None or self._ref.version != self.version:
+            self._ref = Ref(self.name, self.version, digest_of(self._total))
+        return self._ref
 
     def put(self, item: Item) -> None:
         key, data = item_key(item), encode(item)
@@ -116,7 +124,7 @@ class Section:
             self.log_base = version  # created now: no delta from anything older
         else:
             self._log.append((version, self.version, frozenset(self._pending)))
-        self.version, self._pending = version, set()
+        self.version, self._pending, self._ref = version, set(), None
         while len(self._log) > LOG_VERSIONS or (
             self._log and sum(len(k) for _, _, k in self._log) > max(len(self.items), 256)
         ):
@@ -414,12 +422,10 @@ class Model:
         section = self.node_sections.get(name)
         if section is None or name in self._broken:
             return False  # its part cannot be computed: it keeps its last HEAD until it can
-        refs = [Ref(NODE_SECTION, section.version, section.digest)]
+        refs = [section.ref]
         if on_mesh(self.nodes[name]):
-            refs.append(Ref(MESH_SECTION, self.mesh.version, self.mesh.digest))
-        for vni in sorted(self._vnis_of.get(name, ())):
-            vs = self.vnis[vni]
-            refs.append(Ref(vs.name, vs.version, vs.digest))
+            refs.append(self.mesh.ref)
+        refs += (self.vnis[vni].ref for vni in sorted(self._vnis_of.get(name, ())))
         head = self.heads.setdefault(name, HeadState())
         head.refs = tuple(refs)
         digest = head_digest(head.refs)
@@ -529,12 +535,18 @@ class Model:
         return self.vnis.get(int(vni)) if vni.isdigit() else None
 
     def sections_of(self, node: str) -> list[Section]:
+        """The sections ``node``'s HEAD names."""
         head = self.heads.get(node)
+        if head is None:
+            return []
         out = []
-        for ref in head.refs if head else ():
-            section = self.section(node, ref.name)
-            if section is not None:
-                out.append(section)
+        for ref in head.refs:
+            if ref.name == NODE_SECTION:
+                out.append(self.node_sections[node])
+            elif ref.name == MESH_SECTION:
+                out.append(self.mesh)
+            elif (vni := section_vni(ref.name)) is not None and vni in self.vnis:
+                out.append(self.vnis[vni])
         return out
 
     # --- messages -------------------------------------------------------------------------------
@@ -556,9 +568,7 @@ class Model:
                 data = changed.get(section, budget)
                 if data is None:
                     continue
-                size = sum(len(r) + 1 for r in data.upserts) + sum(
-                    len(k) + 3 for k in data.removals
-                )
+                size = _size(data)
                 if size > room:
                     continue  # too big to attach: the agent fetches it
                 room -= size
@@ -586,9 +596,14 @@ class Model:
         keys = section.changed_since(req.have) if req.have else None
         if keys is not None:
             delta = section.delta(req.have, keys)
-            if sum(len(r) + 1 for r in delta.upserts) + 3 * len(delta.removals) <= budget:
+            if _size(delta) <= budget:
                 return delta
         return section.pages(budget)[0]
+
+
+def _size(data: SectionData) -> int:
+    """Bytes of a section message's items and removed keys (the rest is the envelope)."""
+    return sum(len(r) + 1 for r in data.upserts) + sum(len(k) + 3 for k in data.removals)
 
 
 class Attachments:
