@@ -1,7 +1,9 @@
-"""Pure: intent + cluster settings → every node's desired snapshot.
+"""Pure: intent + cluster settings → every node's desired snapshot, all at once.
 
-Nothing here reads a clock, a store or a socket. Snapshots come out with ``version=0`` and their
-content digest set; the publisher stamps versions (see ``controller.versions``).
+The reference computation: the controller publishes sections computed incrementally
+(``controller.sections``), and what an agent assembles from them equals this (tested on random
+intents). Also the shared rules both use (screening, MTUs, bridge names). Nothing here reads a
+clock, a store or a socket. Snapshots come out with ``version=0`` and their content digest set.
 """
 
 import hashlib
