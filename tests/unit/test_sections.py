@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from agent.assemble import build
 from controller.compute import ClusterConfig, compute_snapshots
 from controller.sections import Model
-from schemas.codec import decode
+from schemas.codec import decode, encode
 from schemas.intent import Intent, Nic, Node
 from schemas.wire import Head, Item, vni_section
 from tests.unit.factories import bridge_net, nic, overlay_net
@@ -223,3 +223,13 @@ def test_paging_splits_items_below_the_budget():
     for p in pages:
         assert sum(len(bytes(r)) + 1 for r in p.upserts) <= 4096
     assert sum(len(p.upserts) for p in pages) == len(vni.items) == 300
+
+
+def test_an_unchanged_heartbeat_is_a_few_hundred_bytes_whatever_the_state():
+    """The HEAD names sections by version and digest: its size depends on how many sections the
+    node needs, never on their content (here 150 peers and 450 FDB entries)."""
+    intent, model = cluster(nodes=150, nics_per_node=3)
+    head = encode(model.head("n0", budget=1 << 20))
+    assert len(head) < 400, head  # node, mesh, one VNI
+    everything = sum(len(b) for s in model.sections_of("n0") for b in s.items.values())
+    assert everything > 50 * len(head)
