@@ -166,6 +166,7 @@ def show_status(status: api.Status) -> str:
         f"{len(status.nodes)} node(s), {status.networks} network(s), {status.nics} NIC(s); "
         + ("all converged" if status.converged else "not converged")
     )
+    summary += f"\nleading controller: {status.leader or 'none'}"
     if status.refused_reports:
         refused = ", ".join(f"{n} {why}" for why, n in sorted(status.refused_reports.items()))
         summary += f"\nagent reports refused: {refused}"

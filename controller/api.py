@@ -23,13 +23,13 @@ from nats.micro.service import Service
 from controller import ops
 from controller.compute import ClusterConfig, network_bridge, network_mtu
 from controller.publisher import Publisher
-from controller.store import Store
+from controller.store import NotLeader, Store
 from controller.tracker import Tracker
 from schemas import api, naming
 from schemas.bus import INBOX_ROOT
 from schemas.codec import encode
-from schemas.errors import ApiError, BadRequest, Internal
-from schemas.intent import Intent, Nic
+from schemas.errors import ApiError, BadRequest, Internal, Unavailable
+from schemas.intent import Intent, Nic, NodeVersion
 from schemas.wire import SectionData, SectionGet
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,11 @@ class Api:
         self.publisher, self._lock, self.clock = publisher, lock, clock
         # reports and requests refused, by reason (shared with controller.acks; status shows it)
         self.refused = refused if refused is not None else Counter()
+        # set by controller.service as the role changes: who leads, where a node's desired
+        # version comes from, and what a follower awaits before a read
+        self.leader: Callable[[], str] = lambda: ""
+        self.desired: Callable[[str], NodeVersion | None] = publisher.desired
+        self.catch_up: Callable[[], Awaitable[None]] | None = None
 
     def table(self) -> dict[str, tuple[type, Handler]]:
         """Endpoint name → (request type, handler); the names are ``schemas.api.ENDPOINTS``."""
@@ -77,7 +82,9 @@ class Api:
             "section.get": (SectionGet, self.section_get),
         }
 
-    async def serve(self, nc: Client) -> Service:
+    async def serve(self, nc: Client, endpoints: tuple[str, ...] = api.ENDPOINTS) -> Service:
+        """A micro service answering ``endpoints`` (the leader serves the writes, everyone the
+        reads: a write reaches only the leader's queue subscription)."""
         service = await nats.micro.add_service(
             nc,
             name="otherix-networking",
@@ -86,7 +93,7 @@ class Api:
             queue_group="otherix-controller",
         )
         table = self.table()
-        for name in api.ENDPOINTS:
+        for name in endpoints:
             scoped = name in api.NODE_SCOPED_ENDPOINTS  # otherix.v1.api.<name>.<node>
             await service.add_endpoint(
                 name=name.replace(".", "-"),
@@ -107,10 +114,15 @@ class Api:
                 if scoped and parsed.name != req.subject.rsplit(".", 1)[-1]:
                     # the bus lets a node publish only on its own subject: the body must agree
                     raise BadRequest(f"{name} for node {parsed.name!r} sent on {req.subject}")
+                if self.catch_up is not None:
+                    await self.catch_up()
                 async with self._lock:
                     reply = await handler(parsed)
             except ApiError as e:
                 await _respond_error(req, e)
+            except NotLeader as e:  # deposed, or a write's outcome unknown: the fence refused it
+                leader = f"; leader is {self.leader()}" if self.leader() else ""
+                await _respond_error(req, Unavailable(f"{e}{leader}; retry"))
             except Exception as e:
                 log.exception("controller: %s failed", name)
                 await _respond_error(req, Internal(f"{name} failed: {e}"))
@@ -261,7 +273,7 @@ class Api:
     def _node_status(self, name: str) -> api.NodeStatus:
         return self.tracker.status(
             self.intent.nodes[name],
-            self.publisher.desired(name),  # the latest change's, not yet persisted
+            self.desired(name),  # the latest change's, not yet persisted
             self.clock(),
             stale_after(self.config),
         )
@@ -277,6 +289,7 @@ class Api:
             converged=all(n.converged for n in nodes),
             now=self.clock(),
             refused_reports=dict(self.refused),
+            leader=self.leader(),
         )
 
 

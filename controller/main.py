@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--instance",
         "OTHERIX_INSTANCE",
         "otherix-controller",
-        "connection name shown in NATS monitoring",
+        "this controller's name: its NATS connection name and its lease holder name (unique)",
     )
     args = p.parse_args(argv)
     if not 0.05 <= args.heartbeat <= 3600:
@@ -104,7 +104,7 @@ async def run(args: argparse.Namespace) -> None:
             "controller: no --underlay-cidr: VM networks are kept off the nodes' own addresses"
             " only, not off their whole network; agents cannot keep VMs from other underlay hosts"
         )
-    controller = Controller(nc, store, config)
+    controller = Controller(nc, store, config, instance=args.instance)
     await controller.start()
     log.info(
         "controller: serving on %s (heartbeat %.2fs, underlay MTU %d)",

@@ -61,8 +61,10 @@ class Publisher:
         intent: Intent,
         lock: asyncio.Lock,
         clock: Callable[[], float] = time.time,
+        may_publish: Callable[[], bool] = lambda: True,
     ):
         self.nc, self.store, self.config, self.intent, self.clock = nc, store, config, intent, clock
+        self.may_publish = may_publish  # False once the lease may have passed to another
         self._lock = lock  # the controller's one lock: intent does not move while we commit
         self.model = Model(config, on_problem=self._problem, on_error=self._node_failed)
         self.versions = Versions(self.model)
@@ -205,6 +207,9 @@ class Publisher:
                 messages = {**self._encoded, **with_content}
             else:
                 messages = with_content
+        if not self.may_publish():  # checked last: nothing slower than a publish comes after
+            log.warning("controller: lease not renewed in time; %d HEADs held back", len(messages))
+            return
         for node, data in messages.items():
             try:
                 await self.nc.publish(naming.desired_subject(node), data)

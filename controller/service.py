@@ -1,9 +1,16 @@
-"""The running controller: composes the API, the publisher and ack ingestion around one intent in
-memory (written through to the store) and one lock, and owns their life cycle.
+"""The running controller: composes the API, the publisher, ack ingestion and the lease around one
+intent in memory and one lock, and owns their life cycle, as leader or as follower.
+
+Every controller serves the read endpoints and ingests acks and health. The one holding the
+lease (``controller.lease``) also serves the write endpoints and ``section.get`` and runs the
+publisher; on becoming leader it reloads the whole intent and the versions' high-water mark, so
+it continues above every version the previous leader may have sent. A follower keeps its copy of
+intent current by watching the bucket and, before answering a read, catches up with the bucket's
+last write (a client reads its own acknowledged writes whichever controller answers).
 
 Nothing else lives here: handlers are ``controller.api``, the heartbeat ``controller.publisher``,
-versions ``controller.versions``, acks and health ``controller.acks``. It must never grow logic
-of its own beyond start and stop.
+lease decisions ``controller.lease``, fencing ``controller.store``. It must never grow logic of
+its own beyond start, stop and the change of role.
 """
 
 import asyncio
@@ -12,18 +19,24 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import msgspec
 from nats.aio.client import Client
 from nats.micro.service import Service
 
 from controller.acks import Acks
 from controller.api import Api, stale_after
 from controller.compute import ClusterConfig
+from controller.lease import Lease, Timing
 from controller.publisher import Publisher
 from controller.store import Store
 from controller.tracker import Tracker
-from schemas.intent import Intent, NodeVersion
+from schemas import api as api_schema
+from schemas.codec import decode
+from schemas.intent import Intent, NodeVersion, NodeVersions
 
 log = logging.getLogger(__name__)
+
+CATCH_UP = 1.0  # seconds a follower waits for its copy to reach the bucket's last write
 
 
 class Controller:
@@ -33,19 +46,28 @@ class Controller:
         store: Store,
         config: ClusterConfig,
         clock: Callable[[], float] = time.time,
+        instance: str = "otherix-controller",
     ):
         self.nc, self.store, self.config, self.clock = nc, store, config, clock
-        # One intent object shared by all parts and never rebound: start() loads into it.
+        self.instance = instance
+        # One intent object shared by all parts and never rebound: loads go into it.
         self.intent = Intent()
         self.tracker = Tracker()
-        lock = asyncio.Lock()
-        self.publisher = Publisher(nc, store, config, self.intent, lock, clock)
+        self.lock = asyncio.Lock()
+        self.lease = Lease(store, instance, Timing(config.heartbeat_interval))
+        self.publisher = self._new_publisher()
         self.acks = Acks(self.intent, self.tracker, self.publisher, clock)
         self.api = Api(
-            store, config, self.intent, self.tracker, self.publisher, lock, clock, self.acks.refused
-        )
+            store, config, self.intent, self.tracker, self.publisher, self.lock, clock,
+            self.acks.refused,
+        )  # fmt: skip
+        self.api.leader = lambda: self.lease.leader
+        self._saved: dict[str, NodeVersion] = {}  # a follower's view of the nodes' versions
+        self._caught_up = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._service: Service | None = None
+        self._role_tasks: list[asyncio.Task] = []  # the publisher's (leader) or the watch's
+        self._services: list[Service] = []
+        self._write_service: Service | None = None
         self._subs: list[Any] = []
 
     @property
@@ -56,36 +78,140 @@ class Controller:
     def stale_after(self) -> float:
         return stale_after(self.config)
 
+    @property
+    def leading(self) -> bool:
+        return self._write_service is not None
+
+    def _new_publisher(self) -> Publisher:
+        return Publisher(
+            self.nc, self.store, self.config, self.intent, self.lock, self.clock,
+            may_publish=lambda: self.lease.holds(time.monotonic()),
+        )  # fmt: skip
+
     async def start(self) -> None:
-        intent, versions = await self.store.load()
-        self.intent.networks.update(intent.networks)
-        self.intent.nics.update(intent.nics)
-        self.intent.nodes.update(intent.nodes)
-        reserved, saved = await self.store.generation()
-        self.publisher.start_from(reserved, versions, saved)
-        log.info(
-            "controller: loaded %d networks, %d NICs, %d nodes",
-            len(self.intent.networks),
-            len(self.intent.nics),
-            len(self.intent.nodes),
-        )
         self._subs = await self.acks.subscribe(self.nc)
-        self._service = await self.api.serve(self.nc)
-        self._tasks.append(asyncio.create_task(self.publisher.run(), name="heartbeat"))
+        if await self.lease.try_acquire(time.monotonic()):
+            await self._lead()  # writes first: once status answers, they answer too
+        else:
+            await self._follow()
+        self._services.append(await self.api.serve(self.nc, api_schema.READ_ENDPOINTS))
+        self._tasks.append(asyncio.create_task(self._campaign(), name="lease"))
 
     async def stop(self) -> None:
-        self.publisher.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
-            await self.publisher.close()
-        except Exception as e:  # the bus may be gone already: versions are a nicety, not state
-            log.warning("controller: node versions not saved at stop: %s", e)
-        if self._service is not None:
-            await self._service.stop()
+        if self.leading:
+            await self._stop_leading()
+            try:
+                await self.publisher.close()
+                await self.lease.release()  # a follower takes over at once
+            except Exception as e:  # the bus may be gone already: the lease then expires
+                log.warning("controller: lease not released at stop: %s", e)
+        await self._stop_role()
+        for service in self._services:
+            await service.stop()
         for sub in self._subs:
             await sub.unsubscribe()
 
     async def publish_all(self) -> None:
         await self.publisher.publish_all()
+
+    # --- roles ----------------------------------------------------------------------------------
+
+    async def _campaign(self) -> None:
+        """Renew each heartbeat while leading; look at the lease often while following."""
+        timing = self.lease.timing
+        while True:
+            await asyncio.sleep(timing.heartbeat if self.leading else timing.poll)
+            try:
+                if self.leading:
+                    if not await self.lease.renew(time.monotonic()):
+                        log.warning("controller %s: lease lost; following", self.instance)
+                        await self._stop_leading()
+                        await self._follow()
+                elif await self.lease.try_acquire(time.monotonic()):
+                    await self._stop_role()
+                    await self._lead()
+            except Exception as e:  # the bus is away: a leader stops publishing once it expires
+                log.warning("controller %s: lease step failed: %s", self.instance, e)
+
+    async def _load(self) -> tuple[int, NodeVersions, dict[str, NodeVersion]]:
+        intent, versions = await self.store.load()
+        for mine, loaded in (
+            (self.intent.networks, intent.networks),
+            (self.intent.nics, intent.nics),
+            (self.intent.nodes, intent.nodes),
+        ):
+            mine.clear()
+            mine.update(loaded)
+        reserved, saved = await self.store.generation()
+        return reserved, saved, versions
+
+    async def _lead(self) -> None:
+        previous = self.lease.seen.holder if self.lease.seen else ""
+        async with self.lock:
+            reserved, saved, versions = await self._load()
+            self.publisher = self._new_publisher()
+            # Another instance's saved versions may be older than what it sent last: continue
+            # above its mark for every node. Our own (a restart) or a clean release: keep them.
+            keep = previous in ("", self.instance)
+            self.publisher.start_from(reserved, versions, saved if keep else None)
+            self.api.publisher = self.acks.publisher = self.publisher
+            self.api.desired = self.publisher.desired
+            self.api.catch_up = None
+        writes = tuple(e for e in api_schema.ENDPOINTS if e not in api_schema.READ_ENDPOINTS)
+        self._write_service = await self.api.serve(self.nc, writes)
+        self._role_tasks.append(asyncio.create_task(self.publisher.run(), name="heartbeat"))
+        log.info(
+            "controller %s: leading (%d networks, %d NICs, %d nodes; versions above %d)",
+            self.instance, len(self.intent.networks), len(self.intent.nics),
+            len(self.intent.nodes), self.publisher.model.generation,
+        )  # fmt: skip
+
+    async def _stop_leading(self) -> None:
+        self.publisher.stop()
+        await self._stop_role()
+        if self._write_service is not None:
+            service, self._write_service = self._write_service, None
+            await service.stop()
+
+    async def _follow(self) -> None:
+        """Reload everything, then keep it current from the bucket's watch."""
+        async with self.lock:
+            _, saved, _ = await self._load()
+            self._saved = {n: NodeVersion(node=n, version=v, digest=d) for n, (v, d) in saved.nodes.items()}  # fmt: skip
+            self.api.desired = self._saved.get
+            self.api.catch_up = self._catch_up
+        self._role_tasks.append(
+            asyncio.create_task(self.store.follow(self.intent, self._followed), name="follow")
+        )
+
+    async def _stop_role(self) -> None:
+        tasks, self._role_tasks = self._role_tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _followed(self, key: str, value: bytes | None) -> None:
+        if key == "generation.nodes" and value is not None:
+            try:
+                saved = decode(value, NodeVersions)
+            except msgspec.DecodeError:
+                return
+            self._saved.clear()
+            self._saved.update(
+                {n: NodeVersion(node=n, version=v, digest=d) for n, (v, d) in saved.nodes.items()}
+            )
+        self._caught_up.set()
+
+    async def _catch_up(self) -> None:
+        """Until our copy includes the bucket's last write (at most ``CATCH_UP`` seconds)."""
+        last = await self.store.last_sequence()
+        try:
+            async with asyncio.timeout(CATCH_UP):
+                while self.store.followed < last:
+                    self._caught_up.clear()
+                    await self._caught_up.wait()
+        except TimeoutError:
+            log.warning("controller %s: answering from a copy behind the bucket", self.instance)

@@ -1,15 +1,26 @@
 """Intent persisted in a NATS JetStream key-value bucket, one JSON entry per object.
 
 Keys: ``network.<name>``, ``nic.<id>``, ``node.<name>``, ``generation.reserved`` (the versions'
-high-water mark), ``generation.nodes`` (every node's version, saved now and then) and ``version.<node>`` (written by releases before snapshot schema 3, read
-only). The controller keeps the whole intent in memory and writes through; a restart reloads it
-with ``load()``. The bucket's
+high-water mark), ``generation.nodes`` (every node's version, saved now and then),
+``version.<node>`` (written by releases before snapshot schema 3, read only) and ``leader`` (the
+controllers' lease, ``controller.lease``). The leading controller keeps the whole intent in memory
+and writes through; a restart or a takeover reloads it with ``load()``; a follower keeps its copy
+current with ``follow()``.
+
+Fencing: every write is a JetStream publish with ``Nats-Expected-Last-Sequence`` set to the
+stream sequence of this controller's own last write (``fence``), so it lands only if nothing else
+was written to the bucket since. Only a lease holder writes, and taking the lease is itself a
+write: once a follower has taken over, every write of the deposed leader fails (``NotLeader``),
+whatever it believes. ``fence`` is set by taking or renewing the lease and cleared when a write
+fails or its outcome is unknown. The bucket's
 durability comes from the server (JetStream file storage, ``sync_interval: always`` in the
 shipped server config). It never validates or decides: callers write only what passed
 ``controller.ops``, and the versions' mark only through ``controller.publisher``.
 """
 
+import asyncio
 import logging
+from collections.abc import Callable
 
 import msgspec
 import nats.js.errors
@@ -23,6 +34,14 @@ from schemas.intent import Generation, Intent, Network, Nic, Node, NodeVersion, 
 log = logging.getLogger(__name__)
 
 BUCKET = "otherix"
+LEASE_KEY = "leader"
+WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
+
+
+class NotLeader(Exception):
+    """A write was refused because this controller does not hold the lease (any more)."""
+
+
 _KINDS: dict[str, type] = {
     "network": Network,
     "nic": Nic,
@@ -34,6 +53,8 @@ _KINDS: dict[str, type] = {
 class Store:
     def __init__(self, kv: KeyValue):
         self.kv = kv
+        self.fence: int | None = None  # stream sequence of our last write; None: we may not write
+        self._writing = asyncio.Lock()  # one write at a time: each expects the previous one's seq
 
     @classmethod
     async def open(cls, js: JetStreamContext, bucket: str = BUCKET, replicas: int = 1) -> "Store":
@@ -108,10 +129,118 @@ class Store:
     async def put(
         self, obj: "Network | Nic | Node | NodeVersion | Generation | NodeVersions"
     ) -> None:
-        await self.kv.put(_key(obj), encode(obj))
+        await self._fenced(_key(obj), encode(obj))
 
     async def delete(self, obj: Network | Nic | Node | NodeVersion) -> None:
-        await self.kv.delete(_key(obj))
+        await self._fenced(_key(obj), b"", {"KV-Operation": "DEL"})
+
+    async def _publish(self, key: str, value: bytes, headers: dict[str, str]) -> int | None:
+        """The stream sequence of the write, or None if an expected sequence did not match."""
+        try:
+            ack = await self.kv._js.publish(f"$KV.{self.kv._name}.{key}", value, headers=headers)
+        except nats.js.errors.APIError as e:
+            if e.err_code in WRONG_LAST_SEQUENCE:
+                return None
+            raise
+        return ack.seq
+
+    async def _fenced(self, key: str, value: bytes, headers: dict[str, str] | None = None) -> None:
+        async with self._writing:
+            if self.fence is None:
+                raise NotLeader(f"not the leading controller: {key} not written")
+            expect = {"Nats-Expected-Last-Sequence": str(self.fence)}
+            self.fence, fence = None, self.fence  # unknown until the ack says otherwise
+            seq = await self._publish(key, value, {**(headers or {}), **expect})
+            if seq is None:
+                raise NotLeader(f"the bucket moved past our last write ({fence}): {key} refused")
+            self.fence = seq
+
+    # --- the lease (decisions in controller.lease) ----------------------------------------------
+
+    async def lease(self) -> tuple[int, bytes] | None:
+        """The lease entry's (revision, value), None if there is none (or it was released)."""
+        try:
+            entry = await self.kv.get(LEASE_KEY)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return None if entry.value is None else (entry.revision, entry.value)
+
+    async def take_lease(self, value: bytes, revision: int) -> int | None:
+        """Write the lease if its last revision is still ``revision`` (0: if there is none);
+        the new revision, or None if someone else wrote first."""
+        async with self._writing:
+            if revision == 0:
+                revision = await self._last_revision(LEASE_KEY)  # a released lease's tombstone
+            seq = await self._publish(
+                LEASE_KEY, value, {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+            )
+            self.fence = seq
+            return seq
+
+    async def renew_lease(self, value: bytes, revision: int) -> int | None:
+        """Rewrite our lease entry if it is still at ``revision``; None if it is not ours."""
+        async with self._writing:
+            try:
+                seq = await self._publish(
+                    LEASE_KEY, value, {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+                )
+            except Exception:
+                self.fence = None  # outcome unknown: no write until a renewal succeeds
+                raise
+            if seq is None:
+                current = await self.lease()  # our own renewal whose ack was lost?
+                seq = current[0] if current and current[1] == value else None
+            self.fence = seq
+            return seq
+
+    async def release_lease(self, revision: int) -> None:
+        async with self._writing:
+            headers = {"KV-Operation": "DEL", "Nats-Expected-Last-Subject-Sequence": str(revision)}
+            self.fence = None
+            await self._publish(LEASE_KEY, b"", headers)
+
+    async def _last_revision(self, key: str) -> int:
+        try:
+            msg = await self.kv._js.get_last_msg(self.kv._stream, f"$KV.{self.kv._name}.{key}")
+        except nats.js.errors.NotFoundError:
+            return 0
+        return msg.seq
+
+    # --- a follower's copy ----------------------------------------------------------------------
+
+    async def follow(self, intent: Intent, on_entry: Callable[[str, bytes | None], None]) -> None:
+        """Keep ``intent`` equal to the bucket (until cancelled), then tell ``on_entry`` of each
+        entry (key, value or None when deleted). ``followed`` is the stream sequence applied
+        last."""
+        watcher = await self.kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                value = None if entry.operation in ("DEL", "PURGE") else entry.value
+                kind, _, name = entry.key.partition(".")
+                table = {"network": intent.networks, "nic": intent.nics, "node": intent.nodes}
+                if kind in table:
+                    if value is None:
+                        table[kind].pop(name, None)
+                    else:
+                        try:
+                            table[kind][name] = decode(value, _KINDS[kind])
+                        except msgspec.DecodeError as e:
+                            log.error(
+                                "store: entry %s is unreadable and is skipped: %s", entry.key, e
+                            )
+                self.followed = entry.revision
+                on_entry(entry.key, value)
+        finally:
+            await watcher.stop()
+
+    followed = 0
+
+    async def last_sequence(self) -> int:
+        """The bucket's last stream sequence (one request)."""
+        info = await self.kv._js.stream_info(self.kv._stream)
+        return info.state.last_seq
 
 
 def _key(obj: "Network | Nic | Node | NodeVersion | Generation | NodeVersions") -> str:

@@ -247,13 +247,16 @@ class Lab:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return await client.status()
+                status = await client.status()
+                if status.leader:  # followers answer reads; writes need the leader
+                    return status
             except ApiError:
-                if time.monotonic() > deadline:
-                    raise LabError(
-                        f"controller did not answer within {timeout}s; see {self.state_dir}/controller.log"
-                    ) from None
-                await asyncio.sleep(0.1)
+                pass
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"no controller answered as leader within {timeout}s; see {self.state_dir}/controller.log"
+                ) from None
+            await asyncio.sleep(0.1)
 
     async def add_node(self, name: str) -> None:
         index = max(self.state.nodes.values(), default=0) + 1

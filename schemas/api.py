@@ -136,6 +136,7 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     now: float
     # agent reports refused since the controller started, by reason (forged or malformed)
     refused_reports: dict[str, int] = {}
+    leader: str = ""  # instance name of the controller holding the lease, "" if none is known
     schema: int = SCHEMA_VERSION
 
 

@@ -23,7 +23,7 @@ from client.api import ApiClient
 from client.bus import files as bus_files
 from controller.compute import ClusterConfig
 from controller.service import Controller
-from controller.store import Store
+from controller.store import BUCKET, LEASE_KEY, Store
 from schemas.errors import Timeout, Unavailable
 
 # Node identities the bus of every test has (tests act as these agents); roles always exist.
@@ -178,11 +178,24 @@ async def nc(nats_server):
     return await nats_server.connect("admin")
 
 
-async def start_controller(server: NatsServer, heartbeat: float = 0.2, **config) -> Controller:
+async def last_intent_write(nc: Client) -> int:
+    """The stream sequence of the intent bucket's last write that is not a lease renewal (the
+    leading controller renews ``leader`` every heartbeat; anything else moves this)."""
+    js = nc.jetstream()
+    prefix = f"$KV.{BUCKET}."
+    info = await js.stream_info(f"KV_{BUCKET}", subjects_filter=f"{prefix}>")
+    subjects = [s for s in info.state.subjects or {} if s != prefix + LEASE_KEY]
+    return max([(await js.get_last_msg(f"KV_{BUCKET}", s)).seq for s in subjects], default=0)
+
+
+async def start_controller(
+    server: NatsServer, heartbeat: float = 0.2, instance: str = "otherix-controller", **config
+) -> Controller:
     """An in-process controller on its own connection, as the ``controller`` identity."""
     client = await server.connect("controller")
     store = await Store.open(client.jetstream())
-    ctl = Controller(client, store, ClusterConfig(heartbeat_interval=heartbeat, **config))
+    config = ClusterConfig(heartbeat_interval=heartbeat, **config)
+    ctl = Controller(client, store, config, instance=instance)
     await ctl.start()
     # live once it answers: its subscriptions may not be in place yet (DESIGN.md: flush() is
     # no proof), and a test's first call then met "no controller is answering" in CI

@@ -14,13 +14,13 @@ import pytest_asyncio
 
 from agent.assemble import Assembler, complete
 from client.api import ApiClient, ApiError
-from controller.store import BUCKET
+from controller.store import LEASE_KEY
 from schemas import SCHEMA_VERSION, naming
 from schemas.codec import decode
 from schemas.desired import Snapshot
 from schemas.intent import Intent
 from schemas.wire import Head
-from tests.conftest import start_controller
+from tests.conftest import last_intent_write, start_controller
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -47,15 +47,16 @@ def api(controller, nc):
 
 
 async def store_state(ctl) -> tuple[dict[str, bytes], int]:
-    """Every live key with its value, plus the stream's last sequence (moves on any write)."""
+    """Every live key with its value, plus the last write's sequence (moves on any write but the
+    lease's renewals)."""
     values = {}
     for key in await ctl.store.keys():
         try:
             values[key] = (await ctl.store.kv.get(key)).value
         except nats.js.errors.KeyNotFoundError:
             pass  # deleted
-    info = await ctl.nc.jetstream().stream_info(f"KV_{BUCKET}")
-    return values, info.state.last_seq
+    values.pop(LEASE_KEY, None)  # renewed every heartbeat (same value, new revision)
+    return values, await last_intent_write(ctl.nc)
 
 
 async def populate(api: ApiClient) -> dict:

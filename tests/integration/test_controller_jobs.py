@@ -7,12 +7,11 @@ import time
 import pytest
 
 from client.api import ApiClient
-from controller.store import BUCKET
 from schemas import naming
 from schemas.codec import decode, encode
 from schemas.intent import Generation
 from schemas.messages import Ack
-from tests.conftest import start_controller
+from tests.conftest import last_intent_write, start_controller
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,8 +34,8 @@ def count_writes(store) -> list[str]:
 
 
 async def last_seq(nc) -> int:
-    """The bucket stream's last sequence: it moves on any write, whoever makes it."""
-    return (await nc.jetstream().stream_info(f"KV_{BUCKET}")).state.last_seq
+    """The bucket's last write but the lease's renewals: it moves on any other write."""
+    return await last_intent_write(nc)
 
 
 async def reads(api: ApiClient) -> dict[str, int]:
