@@ -76,8 +76,8 @@ class Store:
         objects: dict[str, dict] = {kind: {} for kind in _KINDS}
         for key in await self.keys():
             kind, _, name = key.partition(".")
-            if kind == "generation":
-                continue  # read by generation()
+            if kind == "generation" or key == LEASE_KEY:
+                continue  # read by generation() and controller.lease
             if kind not in _KINDS:
                 log.warning("store: ignoring unknown key %s", key)
                 continue
@@ -147,12 +147,14 @@ class Store:
     async def _fenced(self, key: str, value: bytes, headers: dict[str, str] | None = None) -> None:
         async with self._writing:
             if self.fence is None:
-                raise NotLeader(f"not the leading controller: {key} not written")
+                raise NotLeader(f"no lease held: {key} not written")
             expect = {"Nats-Expected-Last-Sequence": str(self.fence)}
             self.fence, fence = None, self.fence  # unknown until the ack says otherwise
             seq = await self._publish(key, value, {**(headers or {}), **expect})
             if seq is None:
-                raise NotLeader(f"the bucket moved past our last write ({fence}): {key} refused")
+                raise NotLeader(
+                    f"the bucket moved past our last write ({fence}): {key} not written"
+                )
             self.fence = seq
 
     # --- the lease (decisions in controller.lease) ----------------------------------------------
