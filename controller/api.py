@@ -122,7 +122,9 @@ class Api:
                 await _respond_error(req, e)
             except NotLeader as e:  # deposed, or a write's outcome unknown: the fence refused it
                 leader = f"; leader is {self.leader()}" if self.leader() else ""
-                await _respond_error(req, Unavailable(f"{e}{leader}; retry"))
+                await _respond_error(
+                    req, Unavailable(f"not the leading controller ({e}){leader}; retry")
+                )
             except Exception as e:
                 log.exception("controller: %s failed", name)
                 await _respond_error(req, Internal(f"{name} failed: {e}"))

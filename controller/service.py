@@ -121,20 +121,38 @@ class Controller:
 
     async def _campaign(self) -> None:
         """Renew each heartbeat while leading; look at the lease often while following."""
-        timing = self.lease.timing
+        step_at = time.monotonic()
         while True:
-            await asyncio.sleep(timing.heartbeat if self.leading else timing.poll)
+            timing = self.lease.timing
+            # at a fixed rate, not a fixed pause: a slow step must not push renewals apart
+            step_at += timing.heartbeat if self.leading else timing.poll
+            step_at = max(step_at, time.monotonic())
+            await asyncio.sleep(step_at - time.monotonic())
             try:
-                if self.leading:
-                    if not await self.lease.renew(time.monotonic()):
-                        log.warning("controller %s: lease lost; following", self.instance)
-                        await self._stop_leading()
-                        await self._follow()
-                elif await self.lease.try_acquire(time.monotonic()):
-                    await self._stop_role()
-                    await self._lead()
-            except Exception as e:  # the bus is away: a leader stops publishing once it expires
+                await self._step()
+            except Exception as e:  # the bus is away: retried next step
                 log.warning("controller %s: lease step failed: %s", self.instance, e)
+
+    async def _step(self) -> None:
+        now = time.monotonic()
+        if self.leading:
+            try:
+                renewed = await self.lease.renew(now)
+            except Exception:
+                if self.lease.holds(time.monotonic()):
+                    raise  # still ours for a while: try again next heartbeat
+                renewed = False  # expired unrenewed: another may lead by now
+            if not renewed:
+                log.warning("controller %s: lease lost; following", self.instance)
+                self.lease.lost()
+                await self._stop_leading()
+                await self._follow()
+        elif await self.lease.try_acquire(now):
+            await self._stop_role()
+            await self._lead()
+        elif all(task.done() for task in self._role_tasks):  # the watch ended (or never began)
+            await self._stop_role()
+            await self._follow()
 
     async def _load(self) -> tuple[int, NodeVersions, dict[str, NodeVersion]]:
         intent, versions = await self.store.load()
