@@ -285,3 +285,34 @@ async def test_a_deposed_leader_is_fenced_whatever_it_believes(nats_server):
         await c1.stop()
         if c2 is not None:
             await c2.stop()
+
+
+async def test_a_follower_answers_reads_with_the_callers_own_writes(nats_server):
+    """Reads go to any controller; a follower's copy catches up with the bucket before it
+    answers, so a write's caller always reads it back, even when the follower's watch lags."""
+    admin = ApiClient(await nats_server.connect("admin"))
+    c1 = await start_controller(nats_server, instance="c1")
+    c2 = await start_controller(nats_server, instance="c2")
+    try:
+        assert c1.leading and not c2.leading
+        asked = 0
+        last_sequence = c2.store.last_sequence
+
+        async def counted() -> int:
+            nonlocal asked
+            asked += 1
+            return await last_sequence()
+
+        c2.store.last_sequence = counted
+        for i in range(30):
+            for task in c2._role_tasks:  # its watch lags (it restarts within a poll)
+                task.cancel()
+            await admin.network_create(f"n{i}", "bridge", f"10.{i}.0.0/24")
+            names = {info.network.name for info in await admin.network_list()}
+            assert f"n{i}" in names, i
+            assert (await admin.status()).networks == i + 1
+        assert asked > 0  # the follower answered some of those reads
+        assert (await admin.status()).leader == "c1"
+    finally:
+        await c2.stop()
+        await c1.stop()
