@@ -105,8 +105,11 @@ class Controller:
             await self._stop_leading()
             try:
                 await self.publisher.close()
+            except Exception as e:  # the bus may be gone already: versions are a nicety
+                log.warning("controller: node versions not saved at stop: %s", e)
+            try:
                 await self.lease.release()  # a follower takes over at once
-            except Exception as e:  # the bus may be gone already: the lease then expires
+            except Exception as e:  # the lease then expires
                 log.warning("controller: lease not released at stop: %s", e)
         await self._stop_role()
         for service in self._services:
