@@ -228,19 +228,21 @@ class Lab:
     async def stop_nats(self) -> None:
         await stop_pidfile(self.state_dir / "nats-server.pid")
 
-    async def start_controller(self, wait: bool = True) -> None:
+    async def start_controller(self, wait: bool = True, name: str = "controller") -> None:
+        """A controller process; another ``name`` (``controller-2``) starts one more, which
+        follows until the leader goes (controller failover)."""
         argv = python_module(
             "controller.main", "--nats", self.nats_url, "--heartbeat", str(self.state.heartbeat),
-            "--instance", f"{self.prefix}-controller",  # found by name if its pid file is lost
+            "--instance", f"{self.prefix}-{name}",  # found by name if its pid file is lost
             "--underlay-mtu", str(self.state.underlay_mtu), *self.bus_args("controller"),
             "--underlay-cidr", UNDERLAY_CIDRS,
         )  # fmt: skip
-        await spawn(argv, state_dir=self.state_dir, name="controller")
+        await spawn(argv, state_dir=self.state_dir, name=name)
         if wait:
             await self.wait_api()
 
-    async def stop_controller(self) -> None:
-        await stop_pidfile(self.state_dir / "controller.pid")
+    async def stop_controller(self, name: str = "controller") -> None:
+        await stop_pidfile(self.state_dir / f"{name}.pid")
 
     async def wait_api(self, timeout: float = 20.0) -> api.Status:
         client = await self.connect()
