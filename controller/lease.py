@@ -34,14 +34,18 @@ class Holder(msgspec.Struct, frozen=True, kw_only=True):
 
 @dataclass(frozen=True)
 class Timing:
-    """Renew every heartbeat; a revision standing still for ``expire`` seconds is expired; the
+    """Renew twice a heartbeat; a revision standing still for ``expire`` seconds is expired; the
     leader publishes only while its last renewal was sent less than ``hold`` seconds ago."""
 
     heartbeat: float
 
     @property
+    def renew(self) -> float:
+        return self.heartbeat / 2  # twice a heartbeat: a late one does not lapse the hold
+
+    @property
     def expire(self) -> float:
-        return 2.0 * self.heartbeat  # the second renewal in a row missed (and a poll)
+        return 2.0 * self.heartbeat  # four renewals in a row missed
 
     @property
     def hold(self) -> float:

@@ -123,12 +123,12 @@ class Controller:
     # --- roles ----------------------------------------------------------------------------------
 
     async def _campaign(self) -> None:
-        """Renew each heartbeat while leading; look at the lease often while following."""
+        """Renew twice a heartbeat while leading; look at the lease often while following."""
         step_at = time.monotonic()
         while True:
             timing = self.lease.timing
             # at a fixed rate, not a fixed pause: a slow step must not push renewals apart
-            step_at += timing.heartbeat if self.leading else timing.poll
+            step_at += timing.renew if self.leading else timing.poll
             step_at = max(step_at, time.monotonic())
             await asyncio.sleep(step_at - time.monotonic())
             try:

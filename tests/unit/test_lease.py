@@ -34,7 +34,7 @@ def test_a_follower_that_just_started_waits_a_full_expiry_whatever_the_entry_age
 
 
 def test_the_leader_stops_acting_before_any_follower_may_take_over():
-    assert T.hold < T.expire
+    assert T.renew < T.hold < T.expire
     renewed = 50.0  # sent the renewal at 50; a follower saw it at 50 at the earliest
     assert holds(renewed + T.hold - 0.01, renewed, T)
     assert not holds(renewed + T.hold, renewed, T)
