@@ -184,6 +184,7 @@ class Api:
         nic = ops.find_nic(self.intent, req.id)
         await self.store.delete(nic)
         del self.intent.nics[nic.id]
+        await self._released([nic])
         log.info("controller: NIC %s detached from %s on %s", nic.id, nic.network, nic.node)
         self.publisher.wake()
         return api.NicInfo(nic=nic, tap=naming.tap_name(nic.id))
@@ -198,6 +199,12 @@ class Api:
             for n in nics
             if req.network in (None, n.network) and req.node in (None, n.node)
         ]
+
+    async def _released(self, nics: list[Nic]) -> None:
+        """Record the detached NICs' addresses in their networks' release order."""
+        for net in ops.released_networks(self.intent, nics):
+            await self.store.put(net)
+            self.intent.networks[net.name] = net
 
     def _nic_state(self, nic: Nic, now: float, stale: float) -> api.NicState:
         """From the node's fresh health: is the tap there, and does a hypervisor hold it?"""
@@ -242,6 +249,7 @@ class Api:
         for nic in nics:
             await self.store.delete(nic)
             del self.intent.nics[nic.id]
+        await self._released(nics)
         await self.store.delete(node)
         del self.intent.nodes[node.name]
         # keep version.<node>: a node that comes back must never see its version go down

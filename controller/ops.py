@@ -128,7 +128,9 @@ def attach_nic(
     if not req.vm or len(req.vm) > 128 or not req.vm.isprintable():
         raise BadRequest("vm must be a printable name of 1 to 128 characters")
     members = [n for n in intent.nics.values() if n.network == net.name]
-    ip = ipam.allocate_ip(ipaddress.ip_network(net.subnet), {n.ip for n in members}, req.ip)
+    ip = ipam.allocate_ip(
+        ipaddress.ip_network(net.subnet), {n.ip for n in members}, req.ip, net.released
+    )
     mac = ipam.allocate_mac({n.mac for n in intent.nics.values()}, req.mac)
     taps = {naming.tap_name(n.id) for n in intent.nics.values()}
     nic_id = new_id()
@@ -144,6 +146,20 @@ def attach_nic(
         port_security=req.port_security,
         created_at=now,
     )
+
+
+def released_networks(intent: Intent, nics: list[Nic]) -> list[Network]:
+    """The networks of ``nics`` with their addresses recorded as released (in the order given),
+    to persist with the detach: the release order survives a controller restart."""
+    changed = []
+    for name in sorted({n.network for n in nics}):
+        net = intent.networks.get(name)
+        if net is not None:
+            ips = [n.ip for n in nics if n.network == name]
+            changed.append(
+                msgspec.structs.replace(net, released=ipam.release_ips(net.released, ips))
+            )
+    return changed
 
 
 def find_nic(intent: Intent, id_or_prefix: str) -> Nic:

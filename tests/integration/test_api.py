@@ -185,7 +185,10 @@ async def test_nic_attach_list_detach(api):
     assert (await api.nic_detach(b.nic.id[:12])).nic == b.nic
     assert (await api.nic_detach(c.tap)).nic == c.nic
     assert [i.nic.id for i in await api.nic_list()] == [d.nic.id]
-    assert (await api.nic_attach("br", "n2", "vm-e")).nic.ip == "10.0.0.2"
+    # never-used addresses first, then the least recently released (a, then b): issue 9
+    ips = [(await api.nic_attach("br", "n2", f"vm-{i}")).nic.ip for i in range(4)]
+    assert ips == ["10.0.0.4", "10.0.0.5", "10.0.0.2", "10.0.0.3"]
+    assert (await api.network_show("br")).network.released == ("10.0.0.2", "10.0.0.3")
     with pytest.raises(ApiError) as e:
         await api.nic_detach(a.nic.id)
     assert e.value.code == 404 and "does not exist" in e.value.message
