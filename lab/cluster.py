@@ -22,7 +22,17 @@ from nats.aio.client import Client
 
 from client.api import ApiClient, ApiError
 from client.bus import files as bus_files
-from lab.netns import LabError, alive, python_module, read_pidfile, run, spawn, stop_pidfile
+from lab.natsfault import FaultProxy, control
+from lab.netns import (
+    LabError,
+    alive,
+    python_module,
+    read_pidfile,
+    run,
+    spawn,
+    stop_pidfile,
+    wait_ready,
+)
 from lab.relay import start_relay
 from lab.topology import OUTSIDE_IP, UNDERLAY_CIDRS, Topology, cleanup_prefix, default_state_dir
 from lab.vm import VmHandle, ping, vm_add, vm_rm
@@ -40,6 +50,10 @@ class LabState(msgspec.Struct, kw_only=True):
     heartbeat: float
     mesh: bool
     secure: bool = True  # TLS and identities on the bus (off only to measure what they cost)
+    # chaos: the controller and every relay reach nats-server through lab.natsfault on this port
+    fault_port: int = 0
+    fault_process: bool = False  # the proxy runs as a process (otherix-lab up --chaos)
+    fault_seed: int = 0
     nodes: dict[str, int] = {}  # name → index
     vms: dict[str, list[str]] = {}  # vm → NIC ids
 
@@ -68,6 +82,9 @@ class Lab:
         nats_port: int | None = None,
         health_interval: float = 1.0,
         secure: bool = True,
+        faults: bool = False,
+        fault_seed: int = 0,
+        fault_process: bool = False,
     ):
         self.prefix = prefix
         self.state_dir = state_dir or default_state_dir(prefix)
@@ -79,7 +96,11 @@ class Lab:
             heartbeat=heartbeat,
             mesh=mesh,
             secure=secure,
+            fault_port=free_port() if faults else 0,
+            fault_process=fault_process,
+            fault_seed=fault_seed,
         )
+        self.faults: FaultProxy | None = None  # the in-process proxy (tests), see start_faults
         self.health_interval = health_interval
         self.nc: Client | None = None
         self.api: ApiClient | None = None
@@ -89,7 +110,13 @@ class Lab:
 
     @property
     def nats_url(self) -> str:
+        """nats-server itself: what the lab's own clients (tests, operators) use."""
         return f"nats://127.0.0.1:{self.state.nats_port}"
+
+    @property
+    def bus_target(self) -> str:
+        """Where the controller and the relays connect: the fault proxy when there is one."""
+        return f"127.0.0.1:{self.state.fault_port or self.state.nats_port}"
 
     # --- the bus: every process has its own identity, TLS with the lab's own CA ----------------
 
@@ -179,6 +206,10 @@ class Lab:
             await self.topology.create_fabric()
             await self.topology.add_outside()
             await self.start_nats()
+            if self.state.fault_port:
+                await (
+                    self.start_fault_process() if self.state.fault_process else self.start_faults()
+                )
             await self.start_controller()
             for i in range(1, nodes + 1):
                 await self.add_node(f"n{i}")
@@ -196,6 +227,9 @@ class Lab:
 
     async def down(self) -> None:
         await self.close()
+        if self.faults is not None:
+            await self.faults.close()
+            self.faults = None
         await cleanup_prefix(self.prefix, self.state_dir)
         self.forget()
 
@@ -228,9 +262,54 @@ class Lab:
     async def stop_nats(self) -> None:
         await stop_pidfile(self.state_dir / "nats-server.pid")
 
+    # --- faults: lab.natsfault between nats-server and the controller and agents ----------------
+
+    @property
+    def fault_control(self) -> Path:
+        return self.state_dir / "natsfault.sock"
+
+    async def start_faults(self, seed: int | None = None) -> FaultProxy:
+        """The proxy in this event loop (``self.faults``: rules, observers, cuts from Python).
+        Again with a proxy running: its rules are cleared and ``seed`` applies to new ones."""
+        if not self.state.fault_port:
+            raise LabError("this lab was not started with faults=True")
+        if self.faults is not None:
+            self.faults.clear(seed)
+            return self.faults
+        self.faults = FaultProxy(
+            ("127.0.0.1", self.state.nats_port),
+            tls_dir=self.bus_dir if self.state.secure else None,
+            seed=self.state.fault_seed if seed is None else seed,
+            port=self.state.fault_port,
+        )
+        await self.faults.start()
+        return self.faults
+
+    async def start_fault_process(self) -> None:
+        """The proxy as a detached process with a control socket (``otherix-lab chaos``)."""
+        ready = self.state_dir / "natsfault.ready"
+        ready.unlink(missing_ok=True)
+        argv = python_module(
+            "lab.natsfault", "--listen", str(self.state.fault_port),
+            "--upstream", f"127.0.0.1:{self.state.nats_port}", "--control", str(self.fault_control),
+            "--seed", str(self.state.fault_seed), "--ready-file", str(ready),
+            *(["--tls-dir", str(self.bus_dir)] if self.state.secure else []),
+        )  # fmt: skip
+        proc = await spawn(argv, state_dir=self.state_dir, name="natsfault")
+        await wait_ready(proc, ready, 10.0, self.state_dir / "natsfault.log")
+
+    async def chaos(self, request: dict) -> dict:
+        """One command to the proxy process (``{"cmd": "add_rule", ...}``); its answer."""
+        if not self.state.fault_process:
+            raise LabError(f"lab {self.prefix} has no chaos proxy process (otherix-lab up --chaos)")
+        try:
+            return await control(self.fault_control, request)
+        except OSError as e:
+            raise LabError(f"chaos proxy not answering on {self.fault_control}: {e}") from None
+
     async def start_controller(self, wait: bool = True) -> None:
         argv = python_module(
-            "controller.main", "--nats", self.nats_url, "--heartbeat", str(self.state.heartbeat),
+            "controller.main", "--nats", f"nats://{self.bus_target}", "--heartbeat", str(self.state.heartbeat),
             "--instance", f"{self.prefix}-controller",  # found by name if its pid file is lost
             "--underlay-mtu", str(self.state.underlay_mtu), *self.bus_args("controller"),
             "--underlay-cidr", UNDERLAY_CIDRS,
@@ -261,7 +340,7 @@ class Lab:
         self.state.nodes[name] = index
         self.save()
         await self.grant_node(name)
-        await start_relay([node.netns], f"127.0.0.1:{self.state.nats_port}", NODE_NATS_PORT,
+        await start_relay([node.netns], self.bus_target, NODE_NATS_PORT,
                           state_dir=self.state_dir, name=f"relay-{name}")  # fmt: skip
         await self.start_agent(name)
         await self.wait_registered(name)
