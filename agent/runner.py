@@ -16,6 +16,7 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
+from agent.announce import Announcer
 from agent.errors import ApplyError
 from agent.links.applier import LinkApplier
 from agent.logs import FailureLog, NodeLog
@@ -58,6 +59,7 @@ class Agent:
         )
         self.log = NodeLog(log, config.node)
         self.failures = FailureLog(self.log)
+        self.announcer = Announcer(config.node)  # gratuitous ARP for new NICs (issue 9)
         self.applied: AppliedState = load_applied(config.state_dir)
         self.started_at = time.time()
         self.counters = {"received": 0, "applied": 0, "rejected": 0, "apply_errors": 0}
@@ -89,6 +91,7 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.announcer.close()
         if self._sub is not None:
             await self._sub.unsubscribe()
 
@@ -197,6 +200,8 @@ class Agent:
             if self.applied.version != snap.version or self.applied.digest != snap.digest:
                 self.applied = AppliedState(version=snap.version, digest=snap.digest)
                 save_applied(self.config.state_dir, self.applied)
+            # every VM of a network reaches a new NIC at once, even at a reused address
+            self.announcer.update(snap.taps, self._snapshot_gap)
             if changes:
                 log.info(
                     "agent %s: version %d applied, %d change(s) in %.1f ms",
