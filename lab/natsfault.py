@@ -385,6 +385,8 @@ class FaultProxy:
         self._tasks.add(task := asyncio.current_task())
         try:
             await conn.run()
+        except asyncio.CancelledError:
+            pass  # close(): asyncio's stream callback logs a cancelled handler task as an error
         finally:
             self.conns.discard(conn)
             self._tasks.discard(task)
@@ -478,7 +480,7 @@ class FaultProxy:
             "seed": self.seed,
             "port": self.port,
             "rules": [r.as_dict() for r in self.rules],
-            "connections": sorted(str(c.identity) for c in self.conns),
+            "connections": sorted(c.identity or "?" for c in self.conns),
             "partitioned": sorted(self.partitioned),
             "stalled": sorted(self.stalled),
         }

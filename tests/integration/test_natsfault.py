@@ -110,8 +110,8 @@ async def test_pub_sub_and_request_reply_with_tls_and_identities(nats_server, pr
             try:
                 reply = await admin.request(naming.api_subject("test"), b"hi", timeout=0.5)
                 break
-            except nats.errors.TimeoutError:
-                continue
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                await asyncio.sleep(0.05)  # the responder's subscription is not in place yet
     assert reply.data == b"pong:hi"
 
     desired = await queue_sub(n1, naming.desired_subject("n1"))
@@ -192,7 +192,7 @@ async def test_delay_reorders(nats_server, proxy):
     acks = await queue_sub(admin, ACK1)
     n1 = await via(proxy, nats_server, "n1")
     await live(n1, ACK1, acks)
-    proxy.add_rule("delay", ACK1, delay=0.5, jitter=0.1, count=1)
+    proxy.add_rule("delay", ACK1, delay=1.0, jitter=0.1, count=1)
     for i in range(5):
         await n1.publish(ACK1, str(i).encode())
     got = [int((await asyncio.wait_for(acks.get(), 5)).data) for _ in range(5)]
@@ -256,6 +256,22 @@ async def test_stall_holds_traffic_and_loses_nothing(nats_server, proxy):
     proxy.unstall("n1")
     got = [int((await asyncio.wait_for(acks.get(), 5)).data) for _ in range(3)]
     assert got == [0, 1, 2]
+
+
+async def test_a_restarted_server_is_reached_again_through_the_proxy(nats_server, proxy):
+    reconnected: asyncio.Queue = asyncio.Queue()
+
+    async def on_reconnect():
+        reconnected.put_nowait(True)
+
+    n1 = await via(proxy, nats_server, "n1", reconnected_cb=on_reconnect)
+    admin = await nats_server.connect("admin")
+    acks = await queue_sub(admin, ACK1)
+    await live(n1, ACK1, acks)
+    nats_server.restart()  # the proxy closes n1's connection; n1 comes back through it
+    await asyncio.wait_for(reconnected.get(), 10)
+    await live(n1, ACK1, acks)
+    assert proxy.stats()["connections"] == ["n1"]
 
 
 async def test_plaintext_mode_names_identities(open_nats_server):
