@@ -197,6 +197,68 @@ async def test_nic_attach_list_detach(api):
     )
 
 
+# --- retries: a request repeated (its reply lost) changes nothing more ----------------------------
+
+
+async def test_attach_twice_makes_one_nic(api, controller):
+    await api.node_register(name="n1")
+    await api.node_register(name="n2")
+    await api.network_create("br", "bridge", "10.0.0.0/24")
+    first = await api.nic_attach("br", "n1", "vm")
+    assert not first.existed
+    before = await store_state(controller)
+    again = await api.nic_attach("br", "n1", "vm")
+    assert again.existed and (again.nic, again.tap) == (first.nic, first.tap)
+    assert [i.nic.id for i in await api.nic_list()] == [first.nic.id]
+    assert await store_state(controller) == before  # not even a rewrite
+
+    # what a retry cannot return is refused, naming the NIC it clashes with
+    for kwargs, differs in (
+        ({"node": "n2"}, "node n1, not n2"),
+        ({"node": "n1", "ip": "10.0.0.9"}, "ip 10.0.0.2, not 10.0.0.9"),
+    ):
+        with pytest.raises(ApiError) as e:
+            await api.nic_attach("br", vm="vm", **kwargs)
+        assert (e.value.code, e.value.message) == (
+            409,
+            f"vm 'vm' already has NIC {first.nic.id} (tap {first.tap}) on network 'br' with"
+            f" {differs}: a VM has one NIC per network, detach that one first to change it",
+        )
+    assert await store_state(controller) == before
+
+
+async def test_attach_retried_after_a_client_timeout_leaves_one_nic(api, controller, nc):
+    await api.node_register(name="n1")
+    await api.network_create("br", "bridge", "10.0.0.0/24")
+    impatient = ApiClient(nc, timeout=0.3)
+    async with controller.api._lock:  # the controller is busy (as while it stamps versions)
+        with pytest.raises(ApiError) as e:
+            await impatient.nic_attach("br", "n1", "vm")
+        assert e.value.code == 504 and "did not answer nic.attach within 0.3s" in e.value.message
+    # the request was made after all, once the controller got to it
+    for _ in range(250):  # bounded: at most 5 s
+        if made := await api.nic_list():
+            break
+        await asyncio.sleep(0.02)
+    retried = await api.nic_attach("br", "n1", "vm")
+    assert retried.existed and retried.nic == made[0].nic
+    assert [i.nic.id for i in await api.nic_list()] == [made[0].nic.id]
+
+
+async def test_network_create_twice_returns_the_network(api, controller):
+    first = await api.network_create("ov", "overlay", "10.1.0.0/24")
+    before = await store_state(controller)
+    again = await api.network_create("ov", "overlay", "10.1.0.0/24")
+    assert again.existed and not first.existed and again.network == first.network
+    assert await store_state(controller) == before
+    with pytest.raises(ApiError) as e:
+        await api.network_create("ov", "overlay", "10.1.0.0/24", vni=5000)
+    assert (e.value.code, e.value.message) == (
+        409,
+        "network 'ov' already exists with vni 1000, not 5000",
+    )
+
+
 async def test_status_reports_desired_versions(api):
     await api.node_register(name="n1")
     await api.node_register(name="n2")
