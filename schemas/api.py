@@ -4,6 +4,12 @@ Requests are input we own, so they are decoded with ``forbid_unknown_fields``: a
 name is an error, not a silently ignored option. Errors travel as micro-service error headers
 (``Nats-Service-Error-Code`` / ``Nats-Service-Error``) with an ``ErrorReply`` body; the exceptions
 they stand for are ``schemas.errors``.
+
+Writes are safe to repeat without an idempotency key: what a request names is its key. A
+``NetworkCreate`` with the parameters of an existing network, or a ``NicAttach`` for a VM that has
+a matching NIC on that network (a VM has one NIC per network), answers with that object and
+``existed=True``; one that differs is a 409 naming what it clashes with. Listings are paged
+(``Page``): a reply carries ``next`` until the last page.
 """
 
 import enum
@@ -58,6 +64,8 @@ class NetworkDelete(Request, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
 
 class NicAttach(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """(vm, network) names the NIC: repeated, it returns the NIC it made (see above)."""
+
     network: str
     node: str
     vm: str
