@@ -17,6 +17,7 @@ import pytest_asyncio
 
 from lab.cluster import Lab
 from lab.conformance import compare, conformance, desired_snapshot, observe, wait_conformant
+from lab.invariants import History
 from lab.netns import run
 from schemas.desired import Snapshot
 from tests.e2e.helpers import ensure_network, ensure_vms, lab_fixture, warm_up
@@ -33,13 +34,16 @@ WITHIN_HEARTBEATS = 2
 NODE = "n1"
 FOREIGN = "keepme0"  # a device without the ot prefix: must survive every repair
 
-lab = lab_fixture(nodes=2, mesh=True, heartbeat=HEARTBEAT)
+# faults=True only puts the fault proxy on the bus path (no rule is set): History sees every
+# snapshot and ack through it
+lab = lab_fixture(nodes=2, mesh=True, heartbeat=HEARTBEAT, faults=True)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def workload(lab: Lab) -> None:
+async def workload(lab: Lab) -> History:
     """An overlay across both nodes (a VM on each), a NAT bridge network on n1, a foreign
-    device on n1, and every node conformant before any drift."""
+    device on n1, every node conformant before any drift, and the bus's history recorded from
+    then on."""
     await ensure_network(lab, "ov", "overlay", "10.90.0.0/24")
     await ensure_network(lab, "lan", "bridge", "10.91.0.0/24", "nat")
     await ensure_vms(lab, "ov", {"x1": "n1", "x2": "n2"})
@@ -48,6 +52,11 @@ async def workload(lab: Lab) -> None:
         await lab.exec_node(NODE, "ip", "link", "add", FOREIGN, "type", "bridge")
     await warm_up(lab, ["x1", "x2"])
     await wait_conformant(lab, ["n1", "n2"], timeout=30)
+    if not hasattr(lab, "history"):
+        status = await (await lab.connect()).status()
+        lab.history = History(start={n.node.name: n.applied_version for n in status.nodes})
+        lab.faults.observe(lab.history.observe)
+    return lab.history
 
 
 def _wg(lab: Lab, *argv: str) -> tuple[str, ...]:
@@ -136,9 +145,10 @@ async def test_converged_nodes_are_conformant(lab: Lab):
         assert await conformance(lab, node) == []
 
 
-@pytest.mark.usefixtures("workload")
 @pytest.mark.parametrize("name", list(DRIFTS))
-async def test_drift_by_hand_is_seen_then_repaired_within_two_heartbeats(lab: Lab, name: str):
+async def test_drift_by_hand_is_seen_then_repaired_within_two_heartbeats(
+    lab: Lab, workload: History, name: str
+):
     make, expected = DRIFTS[name]
     snapshot = await desired_snapshot(lab, NODE)
     assert compare(snapshot, await observe(lab, NODE)) == []
@@ -163,10 +173,11 @@ async def test_drift_by_hand_is_seen_then_repaired_within_two_heartbeats(lab: La
             break
         await asyncio.sleep(0.05)
     heartbeats = (time.monotonic() - started) / HEARTBEAT
+    history = workload
     outcome = f"NOT repaired after {heartbeats:.2f}" if diffs else f"repaired in {heartbeats:.2f}"
     print(
         f"\ndrift {name!r}: seed n/a, seen ({len(seen)} difference(s)), "
-        f"{outcome} heartbeats, {checks} conformance checks"
+        f"{outcome} heartbeats, {checks} conformance checks, {history.checks} invariant checks"
     )
     assert diffs == [], f"not repaired within {WITHIN_HEARTBEATS} heartbeats: {diffs}"
     assert heartbeats <= WITHIN_HEARTBEATS, f"repaired after {heartbeats:.2f} heartbeats"
@@ -174,6 +185,11 @@ async def test_drift_by_hand_is_seen_then_repaired_within_two_heartbeats(lab: La
     assert await conformance(lab, NODE) == []
     assert await conformance(lab, "n2") == []
     assert FOREIGN in await lab.exec_node(NODE, "ip", "-br", "link", "show", FOREIGN)
+    # the bus agrees: both nodes ack the latest version with its digest, nothing went backwards
+    await history.wait_converged(
+        ["n1", "n2"], within_heartbeats=WITHIN_HEARTBEATS, heartbeat=HEARTBEAT
+    )
+    history.assert_ok()
 
 
 @pytest.mark.usefixtures("workload")
