@@ -5,9 +5,10 @@ Three parts, kept apart so the comparison is testable without a kernel:
 - ``desired_snapshot``: the node's latest desired state, read from the bus with the node's own
   identity. It is the only place here that knows how desired state reaches a node.
 - ``observe``: what the kernel holds, read INDEPENDENTLY of the agent's code, with the standard
-  tools run inside the node's namespace (``ip -d -j addr``, ``bridge -j fdb``, ``nft -j list
-  ruleset``) and ``wg show otwg0 dump`` inside the agent's mount + net namespace (wireguard-go's
-  UAPI socket lives on a private tmpfs there). Never runs a tool outside the lab's namespaces.
+  tools run inside the node's namespace (``ip -d -j addr``: ``ip -d -j link`` plus addresses;
+  ``bridge -j fdb``, ``nft -j list ruleset``, ``sysctl net.ipv4.ip_forward``), and ``wg show
+  otwg0 dump`` inside the agent's mount + net namespace (wireguard-go's UAPI socket lives on a
+  private tmpfs there). Never runs a tool outside the lab's namespaces.
 - ``compare``: pure, snapshot + ``KernelView`` → one readable line per difference. Devices not
   named ``ot…`` are never read into the view, so they can never be reported.
 
@@ -83,9 +84,9 @@ class KernelView(msgspec.Struct, frozen=True, kw_only=True):
     port_learned: dict[str, frozenset[str]] = {}  # ot* port → MACs the bridge learned there
     wireguard: WgView | None = None
     wireguard_error: str | None = None  # why otwg0 could not be read (it exists)
-    nft: dict[
-        str, dict
-    ] = {}  # family → our table: {"chains": {...}, "sets": {...}, "rules": {...}}
+    # family → our table as {"chains": {...}, "sets": {...}, "rules": {...}, "counters": {...}}
+    nft: dict[str, dict] = {}
+    forwarding: bool | None = None  # net.ipv4.ip_forward (None: not read)
 
 
 def parse_links(addr_json: list[dict]) -> dict[str, LinkView]:
@@ -169,8 +170,10 @@ def parse_nft(ruleset_json: dict) -> dict[str, dict]:
     tables: dict[str, dict] = {}
     for item in ruleset_json.get("nftables", ()):
         kind, body = next(iter(item.items()))
-        if kind == "metainfo" or body.get("table", body.get("name")) != nft_rules.TABLE:
+        if kind == "metainfo" or body.get("family") not in nft_rules.FAMILIES:
             continue
+        if body.get("table", body.get("name")) != nft_rules.TABLE:
+            continue  # another program's table
         if kind == "table":
             tables.setdefault(body["family"], _empty_table())
             continue
@@ -336,6 +339,8 @@ def compare(snapshot: Snapshot, view: KernelView) -> list[str]:
     diffs += _compare_port_fdb(snapshot, view)
     diffs += _compare_wireguard(snapshot, view)
     diffs += _compare_nft(snapshot, view)
+    if snapshot.nat_subnets and view.forwarding is False:  # the agent turns it on, never off
+        diffs.append("sysctl: net.ipv4.ip_forward 0, desired 1 (NAT networks)")
     return diffs
 
 
@@ -503,10 +508,11 @@ async def observe(lab, node: str) -> KernelView:
     async def tool(*argv: str) -> str:
         return await run("ip", "netns", "exec", netns, *argv, timeout=20.0)
 
-    addr, fdb, ruleset = await asyncio.gather(
+    addr, fdb, ruleset, forwarding = await asyncio.gather(
         tool("ip", "-d", "-j", "addr", "show"),
         tool("bridge", "-j", "fdb", "show"),
         tool("nft", "-j", "list", "ruleset"),
+        tool("sysctl", "-n", "net.ipv4.ip_forward"),
     )
     links = parse_links(json.loads(addr))
     wg, wg_error = None, None
@@ -528,6 +534,7 @@ async def observe(lab, node: str) -> KernelView:
         wireguard=wg,
         wireguard_error=wg_error,
         nft=parse_nft(json.loads(ruleset or "{}")),
+        forwarding=forwarding.strip() == "1",
     )
 
 

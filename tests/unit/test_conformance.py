@@ -279,6 +279,12 @@ def test_a_missing_wireguard_dump_is_a_difference_not_a_crash():
     assert compare(SNAPSHOT, view) == ["otwg0: peers unreadable (agent not running)"]
 
 
+def test_forwarding_off_on_a_node_with_nat_networks_is_seen():
+    view = msgspec.structs.replace(kernel(), forwarding=False)
+    assert compare(SNAPSHOT, view) == ["sysctl: net.ipv4.ip_forward 0, desired 1 (NAT networks)"]
+    assert compare(SNAPSHOT, msgspec.structs.replace(kernel(), forwarding=True)) == []
+
+
 def test_a_vxlan_with_learning_on_and_a_wrong_vni_is_seen():
     addr = copy.deepcopy(ADDR_JSON)
     vx = next(i for i in addr if i["ifname"] == "otvx1000")
