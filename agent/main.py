@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import nats
 import uvloop
 
+from agent.announce import Announcer
 from agent.links.applier import LinkApplier
 from agent.links.netlink import NetlinkLinks
 from agent.netlink_thread import NetlinkThread
@@ -22,7 +24,7 @@ from agent.state import secure_state_dir
 from agent.wireguard.applier import WireGuardApplier
 from agent.wireguard.keys import InvalidKey, load_or_create_private_key
 from schemas import naming
-from schemas.bus import BusConfigError
+from schemas.bus import BusConfigError, Reconnect
 from schemas.options import add_common, connect_kwargs, env, option, setup_logging
 
 log = logging.getLogger("agent")
@@ -118,7 +120,10 @@ async def run(args: argparse.Namespace) -> None:
         netlink.stop()
         sys.exit(f"otherix-agent: {e}")
     kwargs = connect_kwargs(args, f"otherix-agent-{args.node}")
-    nc = await nats.connect(args.nats, **kwargs, max_reconnect_attempts=-1)
+    # an agent started while nats-server is down keeps trying (back-off with jitter)
+    bus = Reconnect(f"agent {args.node}")
+    nc = await nats.connect(args.nats, **kwargs, **bus.kwargs())
+    bus.connected = True
     config = AgentConfig(
         node=args.node,
         state_dir=args.state_dir,
@@ -126,7 +131,8 @@ async def run(args: argparse.Namespace) -> None:
         wg_listen_port=args.wg_port,
         health_interval=args.health_interval,
     )
-    agent = Agent(nc, config, links, NftApplier(node=args.node), wireguard)
+    nft = NftApplier(node=args.node)
+    agent = Agent(nc, config, links, nft, wireguard, Announcer(args.node))
     await agent.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -135,9 +141,11 @@ async def run(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("agent %s: stopping; the data plane stays as it is", args.node)
     await agent.stop()
+    await agent.farewell(timeout=2.0)
     if wireguard is not None:
-        await wireguard.close()
-    await nc.drain()
+        await wireguard.close()  # wireguard-go keeps running: the mesh stays up
+    with contextlib.suppress(Exception):  # bounded: a dead bus must not hold the exit
+        await asyncio.wait_for(nc.drain(), 3.0)
     netlink.stop()
 
 

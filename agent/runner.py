@@ -50,6 +50,7 @@ class Agent:
         links: LinkApplier,
         nft: NftApplier,
         wireguard=None,
+        announcer: Announcer | None = None,
     ):
         self.nc, self.config = nc, config
         self.links, self.nft, self.wireguard = links, nft, wireguard
@@ -59,7 +60,8 @@ class Agent:
         )
         self.log = NodeLog(log, config.node)
         self.failures = FailureLog(self.log)
-        self.announcer = Announcer(config.node)  # gratuitous ARP for new NICs (issue 9)
+        # gratuitous ARP for new NICs (issue 9); agent.main passes one, tests may leave it out
+        self.announcer = announcer
         self.applied: AppliedState = load_applied(config.state_dir)
         self.started_at = time.time()
         self.counters = {"received": 0, "applied": 0, "rejected": 0, "apply_errors": 0}
@@ -77,8 +79,13 @@ class Agent:
         self._sub = None
 
     async def start(self) -> None:
+        # a bounded queue: only the newest snapshot matters, and a flood of duplicates beyond
+        # this is dropped (counted as slow-consumer messages), never kept in memory
         self._sub = await self.nc.subscribe(
-            naming.desired_subject(self.config.node), cb=self._on_snapshot
+            naming.desired_subject(self.config.node),
+            cb=self._on_snapshot,
+            pending_msgs_limit=64,
+            pending_bytes_limit=32 * 2**20,
         )
         self._tasks = [
             asyncio.create_task(self._worker(), name="apply"),
@@ -91,9 +98,37 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.announcer.close()
+        if self.announcer is not None:
+            await self.announcer.close()
         if self._sub is not None:
             await self._sub.unsubscribe()
+
+    async def farewell(self, timeout: float = 2.0) -> bool:
+        """On SIGTERM: a last ack of the version the data plane holds (with its digest) and a
+        last health report, flushed within ``timeout``; nothing in the kernel is touched, so the
+        controller learns where this node stands and VMs keep forwarding. True if flushed."""
+        applied = self.applied
+        ack = Ack(
+            node=self.config.node,
+            version=applied.version,
+            applied_version=applied.version,
+            digest=applied.digest,
+            ok=self.last_error is None,
+            error=clip(self.last_error),
+            sent_at=time.time(),
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ack(ack)
+                await self.nc.publish(
+                    naming.health_subject(self.config.node), encode(await self.health())
+                )
+                await self.nc.flush(timeout=max(timeout / 2, 0.1))
+        except Exception as e:  # a bus that is down must not keep the agent from exiting
+            log.warning("agent %s: last ack not flushed: %s", self.config.node, e or "timeout")
+            return False
+        log.info("agent %s: last ack sent (version %d)", self.config.node, applied.version)
+        return True
 
     # --- registration ---------------------------------------------------------------------------
 
@@ -201,7 +236,8 @@ class Agent:
                 self.applied = AppliedState(version=snap.version, digest=snap.digest)
                 save_applied(self.config.state_dir, self.applied)
             # every VM of a network reaches a new NIC at once, even at a reused address
-            self.announcer.update(snap.taps, self._snapshot_gap)
+            if self.announcer is not None:
+                self.announcer.update(snap.taps, self._snapshot_gap)
             if changes:
                 log.info(
                     "agent %s: version %d applied, %d change(s) in %.1f ms",

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -14,7 +15,7 @@ from controller.compute import ClusterConfig
 from controller.service import Controller
 from controller.store import BUCKET, Store
 from schemas import naming
-from schemas.bus import BusConfigError
+from schemas.bus import BusConfigError, Reconnect
 from schemas.options import add_common, connect_kwargs, option, setup_logging
 
 log = logging.getLogger("controller")
@@ -89,9 +90,9 @@ async def open_store(nc, bucket: str, attempts: int = 50) -> Store:
 
 
 async def run(args: argparse.Namespace) -> None:
-    nc = await nats.connect(
-        args.nats, **connect_kwargs(args, args.instance), max_reconnect_attempts=-1
-    )
+    bus = Reconnect("controller")
+    nc = await nats.connect(args.nats, **connect_kwargs(args, args.instance), **bus.kwargs())
+    bus.connected = True
     store = await open_store(nc, args.bucket)
     config = ClusterConfig(
         underlay_mtu=args.underlay_mtu,
@@ -119,7 +120,8 @@ async def run(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("controller: stopping")
     await controller.stop()
-    await nc.drain()
+    with contextlib.suppress(Exception):  # bounded: a dead bus must not hold the exit
+        await asyncio.wait_for(nc.drain(), 3.0)
 
 
 def main(argv: list[str] | None = None) -> None:
