@@ -66,7 +66,8 @@ class Api:
         self.publisher, self._lock, self.clock = publisher, lock, clock
         # reports and requests refused, by reason (shared with controller.acks; status shows it)
         self.refused = refused if refused is not None else Counter()
-        self.max_payload = 1024 * 1024  # nats-server's default, until serve() reads the server's
+        self.max_payload = 1024 * 1024  # nats-server's default, while not serving
+        self._nc: Client | None = None  # once serving: its max_payload is the server's (INFO)
         self.detached: OrderedDict[str, Nic] = OrderedDict()  # newest last, in memory only
 
     def table(self) -> dict[str, tuple[type, Handler]]:
@@ -87,7 +88,7 @@ class Api:
         }
 
     async def serve(self, nc: Client) -> Service:
-        self.max_payload = nc.max_payload  # from the server's INFO
+        self._nc = nc
         service = await nats.micro.add_service(
             nc,
             name="otherix-networking",
@@ -246,7 +247,8 @@ class Api:
     def _budget(self, envelope: msgspec.Struct) -> int:
         """Bytes a page's items may take: a share of max_payload, less the reply around them
         and the longest cursor (a key of four names)."""
-        return int(self.max_payload * PAGE_SHARE) - len(encode(envelope)) - 4 * 256
+        limit = self._nc.max_payload if self._nc is not None else self.max_payload
+        return int(limit * PAGE_SHARE) - len(encode(envelope)) - 4 * 256
 
     def _remember_detached(self, nics: list[Nic]) -> None:
         """Remember detached NICs (bounded) so that a repeated detach can say what happened."""
