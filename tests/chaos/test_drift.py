@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from lab.cluster import Lab
 from lab.conformance import compare, conformance, desired_snapshot, observe, wait_conformant
-from lab.invariants import History
+from lab.invariants import History, PingProbe
 from lab.netns import run
 from schemas.desired import Snapshot
 from tests.e2e.helpers import ensure_network, ensure_vms, lab_fixture, warm_up
@@ -196,3 +196,7 @@ async def test_drift_by_hand_is_seen_then_repaired_within_two_heartbeats(
 async def test_after_every_drift_the_data_path_works(lab: Lab):
     assert await lab.ping("x1", lab.vms["x2"].ip, timeout=5)
     assert await lab.ping("b1", "10.91.0.1", timeout=5)
+    async with PingProbe(lab.vms["x1"].netns, lab.vms["x2"].ip) as probe:
+        await asyncio.sleep(1.5)
+    # a reply still in flight when the probe stops counts as lost
+    assert probe.result.sent >= 10 and probe.result.lost <= 1, probe.result
