@@ -8,9 +8,11 @@ import time
 
 import pytest
 
+from agent.announce import garp_frame
 from lab.cluster import Lab
 from lab.netns import run
 from tests.e2e.helpers import ack_stream, ensure_network, ensure_vms, lab_fixture, warm_up
+from tests.e2e.test_vm_isolation import drops, raw_send
 
 pytestmark = [pytest.mark.netns, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 
@@ -53,3 +55,16 @@ async def test_new_nic_at_a_reused_address_is_reachable_within_one_heartbeat_of_
     assert first == [True, True]
     for vm in ("x1", "x2"):
         assert x4.mac in await neighbour(lab, vm, old_ip)
+
+
+async def test_a_vm_cannot_announce_another_vms_address(lab: Lab):
+    """The host's announcement passes port security (above); the same frame from a VM, claiming
+    another VM's address with its own MAC, is dropped at its tap and changes no ARP cache."""
+    x1, x4 = lab.vms["x1"], lab.vms["x4"]
+    assert x4.mac in await neighbour(lab, "x2", x4.ip)
+    before = (await drops(lab, "n1"))["port_security_arp"]
+    await asyncio.sleep(1.1)  # past ARP's lock time, which a plain reply would have to wait out
+    await raw_send(lab, "x1", garp_frame(x1.mac, x4.ip), 20, 0.02)
+    await asyncio.sleep(0.5)
+    assert x4.mac in await neighbour(lab, "x2", x4.ip)
+    assert (await drops(lab, "n1"))["port_security_arp"] >= before + 20
