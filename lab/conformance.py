@@ -477,7 +477,10 @@ async def desired_snapshot(lab, node: str, timeout: float = 10.0) -> Snapshot:
 
     The one place that knows how desired state reaches a node: when the wire protocol changes
     (issue 10), only this function changes."""
-    nc = await lab.nats_client(node, connect_timeout=timeout, allow_reconnect=False)
+    try:
+        nc = await lab.nats_client(node, connect_timeout=timeout, allow_reconnect=False)
+    except Exception as e:  # nats-server down or restarting: nothing to compare against
+        raise ConformanceError(f"cannot reach the bus as {node}: {e!r}") from None
     try:
         received: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -544,15 +547,23 @@ async def conformance(lab, node: str, timeout: float = 10.0) -> list[str]:
     return compare(snapshot, await observe(lab, node))
 
 
+async def _conformance_or_why(lab, node: str) -> list[str]:
+    try:
+        return await conformance(lab, node)
+    except Exception as e:  # a lab in the middle of a restart
+        return [f"{node}: check failed: {e}"]
+
+
 async def wait_conformant(lab, nodes, timeout: float = 30.0, interval: float = 0.2) -> int:
-    """Until every node in ``nodes`` is conformant; the number of checks made. Raises
+    """Until every node in ``nodes`` is conformant; the number of checks made. A check that
+    cannot be made (bus down, agent restarting) counts as not conformant yet. Raises
     AssertionError with each node's last differences on timeout."""
     deadline = time.monotonic() + timeout
     checks = 0
     pending = list(nodes)
     last: dict[str, list[str]] = {}
     while True:
-        results = await asyncio.gather(*(conformance(lab, n) for n in pending))
+        results = await asyncio.gather(*(_conformance_or_why(lab, n) for n in pending))
         checks += len(pending)
         last = {n: d for n, d in zip(pending, results, strict=True) if d}
         pending = list(last)

@@ -11,15 +11,18 @@ import pytest
 
 from agent.nft import rules as nft_rules
 from lab.conformance import (
+    ConformanceError,
     KernelView,
     LinkView,
     PeerView,
     WgView,
     compare,
+    desired_snapshot,
     parse_fdb,
     parse_links,
     parse_nft,
     parse_wg_dump,
+    wait_conformant,
 )
 from schemas.desired import Bridge, FdbEntry, Snapshot, Tap, Vxlan, WgPeer, WireGuard
 
@@ -292,3 +295,39 @@ def test_a_vxlan_with_learning_on_and_a_wrong_vni_is_seen():
     diffs = compare(SNAPSHOT, kernel(addr=addr))
     assert "otvx1000: learning True, desired False" in diffs
     assert "otvx1000: vni 1001, desired 1000" in diffs
+
+
+class UnreachableLab:
+    """A lab whose nats-server is down (as during a broker restart)."""
+
+    async def nats_client(self, identity, **kw):
+        raise ConnectionRefusedError("nats-server is down")
+
+
+async def test_an_unreachable_bus_is_a_clear_error_and_wait_conformant_keeps_trying():
+    with pytest.raises(ConformanceError, match="cannot reach the bus as n1: .*nats-server is down"):
+        await desired_snapshot(UnreachableLab(), "n1")
+    with pytest.raises(AssertionError, match="not conformant within 0.3s: n1: n1: check failed"):
+        await wait_conformant(UnreachableLab(), ["n1"], timeout=0.3, interval=0.1)
+
+
+class SilentLab:
+    """A bus on which the controller publishes nothing (controller down)."""
+
+    class Client:
+        async def subscribe(self, subject, cb):
+            self.subject = subject
+
+        async def close(self):
+            pass
+
+    async def nats_client(self, identity, **kw):
+        return self.Client()
+
+
+async def test_no_snapshot_within_the_timeout_is_a_clear_error():
+    with pytest.raises(
+        ConformanceError,
+        match=r"no desired snapshot for n1 on otherix\.v1\.desired\.n1 within 0\.1s",
+    ):
+        await desired_snapshot(SilentLab(), "n1", timeout=0.1)
