@@ -120,9 +120,27 @@ async def run(args: argparse.Namespace) -> None:
         netlink.stop()
         sys.exit(f"otherix-agent: {e}")
     kwargs = connect_kwargs(args, f"otherix-agent-{args.node}")
-    # an agent started while nats-server is down keeps trying (back-off with jitter)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # an agent started while nats-server is down keeps trying (back-off with jitter), and a
+    # SIGTERM meanwhile ends it cleanly
     bus = Reconnect(f"agent {args.node}")
-    nc = await nats.connect(args.nats, **kwargs, **bus.kwargs())
+    connecting = asyncio.ensure_future(nats.connect(args.nats, **kwargs, **bus.kwargs()))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        log.info("agent %s: stopped before reaching the bus; nothing changed", args.node)
+        if wireguard is not None:
+            await wireguard.close()
+        netlink.stop()
+        return
+    stopping.cancel()
+    nc = connecting.result()
     bus.connected = True
     config = AgentConfig(
         node=args.node,
@@ -134,10 +152,6 @@ async def run(args: argparse.Namespace) -> None:
     nft = NftApplier(node=args.node)
     agent = Agent(nc, config, links, nft, wireguard, Announcer(args.node))
     await agent.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("agent %s: stopping; the data plane stays as it is", args.node)
     await agent.stop()
@@ -159,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     except BusConfigError as e:
         sys.exit(f"otherix-agent: {e}")
     except (OSError, nats.errors.Error) as e:
-        sys.exit(f"otherix-agent: cannot reach NATS at {args.nats}: {e}")
+        sys.exit(f"otherix-agent: cannot reach NATS at {','.join(args.nats)}: {e}")
 
 
 if __name__ == "__main__":

@@ -97,11 +97,15 @@ async def test_sigterm_acks_the_applied_version_and_leaves_the_data_plane(lab: L
 
 
 @pytest.mark.usefixtures("workload")
-async def test_agent_started_while_nats_is_down_registers_once_it_is_up(lab: Lab):
+async def test_agent_started_while_nats_is_down_registers_once_it_is_up(lab: Lab, monkeypatch):
     await lab.close()
     await lab.stop_agent("n2")
     await lab.stop_nats()
     try:
+        waiting = await start_agent_process(lab, "n2", monkeypatch)
+        await asyncio.sleep(1.5)
+        waiting.send_signal(signal.SIGTERM)  # stopped while still trying: a clean exit
+        assert await asyncio.wait_for(waiting.wait(), 5) == 0
         await lab.start_agent("n2")
         await asyncio.sleep(3)  # several tries, with back-off
         assert lab.agent_pid("n2") is not None, "the agent gave up while nats-server was down"
