@@ -15,6 +15,7 @@ import nats
 import uvloop
 
 from agent.announce import Announcer
+from agent.kernel_events import KernelEvents
 from agent.links.applier import LinkApplier
 from agent.links.netlink import NetlinkLinks
 from agent.netlink_thread import NetlinkThread
@@ -141,7 +142,7 @@ async def run(args: argparse.Namespace) -> None:
         return
     stopping.cancel()
     nc = connecting.result()
-    bus.connected = True
+    bus.connected_to(nc)  # and to which server: a lost one is not retried first
     config = AgentConfig(
         node=args.node,
         state_dir=args.state_dir,
@@ -150,7 +151,8 @@ async def run(args: argparse.Namespace) -> None:
         health_interval=args.health_interval,
     )
     nft = NftApplier(node=args.node)
-    agent = Agent(nc, config, links, nft, wireguard, Announcer(args.node))
+    events = KernelEvents.try_open()  # drift seen without reading the kernel every heartbeat
+    agent = Agent(nc, config, links, nft, wireguard, Announcer(args.node), events)
     await agent.start()
     await stop.wait()
     log.info("agent %s: stopping; the data plane stays as it is", args.node)

@@ -120,6 +120,7 @@ class Reconnect:
         self.down = False  # lost the connection since, not back yet
         self.failures = 0  # failed tries since the last success
         self.slow_consumer: Counter[str] = Counter()  # subject → messages dropped
+        self.server: str | None = None  # host:port of the server last connected or tried
 
     def delay(self, attempt: int) -> float:
         return backoff(attempt, self.base, self.cap, self.rand)
@@ -135,10 +136,27 @@ class Reconnect:
             "reconnect_to_server_handler": self.next_server,
         }
 
-    def next_server(self, servers: list, _info: dict) -> tuple[None, float]:
-        """nats-py's reconnect loop: any server (it picks the first), after our delay."""
+    def next_server(self, servers: list, _info: dict) -> tuple[Any, float]:
+        """nats-py's reconnect loop: which server next, after our delay. Left to itself with a
+        handler, nats-py would retry the first server for ever, even the one that died; so pick
+        among the least-failed servers one other than the last tried (a cluster's survivor),
+        at random so clients spread over the survivors. nats-py counts a server's failed tries
+        and resets them on success."""
         attempt = min((s.reconnects for s in servers), default=0)
-        return None, self.delay(attempt)
+        fewest = [s for s in servers if s.reconnects == attempt]
+        others = [s for s in fewest if s.uri.netloc != self.server] or fewest
+        chosen = self.rand_choice(others) if others else None
+        self.server = chosen.uri.netloc if chosen is not None else None
+        return chosen, self.delay(attempt)
+
+    def rand_choice(self, items: list):
+        return items[int(self.rand() * len(items)) % len(items)]
+
+    def connected_to(self, nc) -> None:
+        """Call once ``nats.connect`` returned: the first connect succeeded, to this server."""
+        self.connected = True
+        url = nc.connected_url
+        self.server = url.netloc if url is not None else None
 
     async def on_error(self, e: Exception) -> None:
         if isinstance(e, nats_errors.SlowConsumerError):

@@ -34,8 +34,8 @@ def test_jitter_spreads_clients_that_failed_together():
 
 def test_reconnect_handler_waits_by_the_servers_failed_tries():
     policy = Reconnect("t", rand=lambda: 1.0)
-    server = SimpleNamespace(reconnects=3)
-    assert policy.next_server([server], {}) == (None, 2.0)
+    server = SimpleNamespace(reconnects=3, uri=SimpleNamespace(netloc="127.0.0.1:4222"))
+    assert policy.next_server([server], {}) == (server, 2.0)
     kwargs = policy.kwargs()
     assert kwargs["max_reconnect_attempts"] == -1 and kwargs["reconnect_time_wait"] == 0
 
