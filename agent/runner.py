@@ -5,6 +5,11 @@ Only the newest snapshot is kept (a slow apply never builds a backlog). Each sna
 against what the kernel has *now* (``agent.subsystem``: observe → plan → apply), and an ack says
 which version the data plane holds; its error text is built here, from the typed errors.
 Silence from the controller changes nothing: the data plane keeps its last good state.
+
+The steady state: a heartbeat that carries the content last reconciled cleanly, while the
+kernel's notifications (``agent.kernel_events``) show nothing of ours changed, skips the full
+reconcile (``agent.steady`` decides) and only checks WireGuard, which has no notifications: no
+decode, no validation, no kernel dump, no write. Health counts skipped and full heartbeats.
 """
 
 import asyncio
@@ -17,13 +22,16 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from agent.announce import Announcer
-from agent.errors import ApplyError
+from agent.errors import ApplyError, ApplyResult
+from agent.kernel_events import KernelEvents
 from agent.links.applier import LinkApplier
+from agent.links.model import Observed
 from agent.logs import FailureLog, NodeLog
 from agent.nft.applier import NftApplier
 from agent.state import AppliedState, load_applied, save_applied
+from agent.steady import full_reason
 from agent.subsystem import Subsystem
-from agent.validate import Rejected, accept
+from agent.validate import Rejected, accept, same_content
 from client.api import ApiClient, ApiError
 from schemas import naming
 from schemas.codec import encode
@@ -31,6 +39,8 @@ from schemas.desired import Snapshot
 from schemas.messages import Ack, Health, clip
 
 log = logging.getLogger(__name__)
+
+DROPS_MAX_AGE = 10.0  # seconds: health refreshes the drop counters when no reconcile read them
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Agent:
         nft: NftApplier,
         wireguard=None,
         announcer: Announcer | None = None,
+        events: KernelEvents | None = None,
     ):
         self.nc, self.config = nc, config
         self.links, self.nft, self.wireguard = links, nft, wireguard
@@ -62,9 +73,12 @@ class Agent:
         self.failures = FailureLog(self.log)
         # gratuitous ARP for new NICs (issue 9); agent.main passes one, tests may leave it out
         self.announcer = announcer
+        # kernel notifications; without them every heartbeat is a full reconcile
+        self.events = events
         self.applied: AppliedState = load_applied(config.state_dir)
         self.started_at = time.time()
-        self.counters = {"received": 0, "applied": 0, "rejected": 0, "apply_errors": 0}
+        self.counters = {"received": 0, "applied": 0, "rejected": 0, "apply_errors": 0,
+                         "skipped": 0, "reconciled": 0}  # fmt: skip
         self.last_error: str | None = None
         self.last_snapshot_at = 0.0
         self.devices = 0
@@ -77,6 +91,13 @@ class Agent:
         self._report_now = asyncio.Event()  # health at once: a tap appeared, went or got carrier
         self._tasks: list[asyncio.Task] = []
         self._sub = None
+        # the steady state: the last snapshot reconciled without an error (and its bytes), the
+        # kernel as that reconcile observed it, whether every heartbeat since was clean (no
+        # error, no write) and how many in a row skipped the full reconcile
+        self._last: tuple[bytes, Snapshot] | None = None
+        self._seen: Observed | None = None
+        self._clean = False
+        self._skipped_in_a_row = 0
 
     async def start(self) -> None:
         # a bounded queue: only the newest snapshot matters, and a flood of duplicates beyond
@@ -102,6 +123,8 @@ class Agent:
             await self.announcer.close()
         if self._sub is not None:
             await self._sub.unsubscribe()
+        if self.events is not None:
+            self.events.close()
 
     async def farewell(self, timeout: float = 2.0) -> bool:
         """On SIGTERM: a last ack of the version the data plane holds (with its digest) and a
@@ -206,8 +229,14 @@ class Agent:
                 )
 
     async def handle(self, raw: bytes) -> Ack:
+        last_raw, last = self._last or (None, None)
+        same = self.events is not None and same_content(raw, last_raw, last)
         try:
-            snap = accept(raw, self.config.node, self.applied.version)
+            snap = (
+                last
+                if same and last is not None
+                else accept(raw, self.config.node, self.applied.version)
+            )
         except Rejected as e:
             self.counters["rejected"] += 1
             self.last_error = str(e)
@@ -223,7 +252,22 @@ class Agent:
             await self._ack(ack)
             return ack
         started = time.perf_counter()
-        changes, errors = await self.reconcile(snap)
+        reason = full_reason(
+            same_content=same,
+            clean=self._clean,
+            kernel_changed=self._kernel_changed(),
+            skipped_in_a_row=self._skipped_in_a_row,
+        )
+        if reason is None:
+            changes, errors = await self.check_mesh(snap)
+            self.counters["skipped"] += 1
+            self._skipped_in_a_row += 1
+        else:
+            changes, errors = await self.reconcile(snap)
+            self.counters["reconciled"] += 1
+            self._skipped_in_a_row = 0
+        self._clean = not errors and not changes
+        self._last = None if errors else (raw, snap)
         elapsed = (time.perf_counter() - started) * 1000
         self.failures.record(errors)  # the first failure of a kind, then "in sync again"
         if errors:
@@ -240,9 +284,10 @@ class Agent:
                 self.announcer.update(snap.taps, self._snapshot_gap)
             if changes:
                 log.info(
-                    "agent %s: version %d applied, %d change(s) in %.1f ms",
+                    "agent %s: version %d applied (%s), %d change(s) in %.1f ms",
                     self.config.node,
                     snap.version,
+                    reason or "mesh check",
                     changes,
                     elapsed,
                 )
@@ -260,10 +305,51 @@ class Agent:
         await self._ack(ack)
         return ack
 
+    def _kernel_changed(self) -> bool:
+        """Drain the notifications; True when something of ours may have changed."""
+        if self.events is None:
+            return True
+        try:
+            return self.events.drain()
+        except OSError as e:  # unreadable: assume the worst, a full reconcile finds out
+            self.log.warning("kernel notifications unreadable (%s): full reconcile", e)
+            return True
+
+    async def check_mesh(self, snap: Snapshot) -> tuple[int, list[ApplyError]]:
+        """A skipped heartbeat's one kernel read: WireGuard has no notifications, so its device
+        is observed and planned (zero writes when equal) against the last link dump."""
+        if snap.wireguard is None or self.wireguard is None:
+            return 0, []
+        result, errors = await self._reconcile_one(self.wireguard, snap, self._seen, check=True)
+        return (result.writes if result else 0), errors
+
+    async def _reconcile_one(
+        self, sub: Subsystem, snap: Snapshot, seen: Observed | None, check: bool = False
+    ) -> tuple[ApplyResult | None, list[ApplyError]]:
+        try:
+            desired = sub.desired(snap)
+            if desired is None:
+                return None, []  # silence never tears down
+            if check:  # WireGuard's cheap read for a heartbeat without news
+                result = await sub.check(desired, seen)  # type: ignore[attr-defined]
+            else:
+                result = await sub.reconcile(desired, seen)
+        except ApplyError as e:
+            return None, [e]
+        except ValueError as e:  # the plan refused the snapshot: nothing was written
+            return None, [ApplyError(sub.name, "plan", str(e), temporary=False)]
+        except Exception as e:  # an unexpected failure must not hide the other subsystems
+            self.log.exception("%s: reconcile crashed", sub.name)
+            return None, [ApplyError(sub.name, "reconcile", f"{type(e).__name__}: {e}")]
+        return result, list(result.errors)
+
     async def reconcile(self, snap: Snapshot) -> tuple[int, list[ApplyError]]:
         """Bring every subsystem to the snapshot; report writes and typed errors."""
         changes, errors = 0, list[ApplyError]()
         seen = await self.links.observe()  # one link dump per heartbeat serves every subsystem
+        self._seen = seen
+        if self.events is not None:  # neighbour and address events name links by ifindex
+            self.events.know(link.index for link in seen.links.values())
         wanted_taps = {t.name for t in snap.taps}
         taps = {name: link.carrier for name, link in seen.links.items() if name in wanted_taps}
         if taps != self.taps:
@@ -281,23 +367,11 @@ class Agent:
                     )
                 )  # fmt: skip
         for sub in self.subsystems:
-            try:
-                desired = sub.desired(snap)
-                if desired is None:
-                    continue  # silence never tears down
-                result = await sub.reconcile(desired, seen)
-            except ApplyError as e:
-                errors.append(e)
-                continue
-            except ValueError as e:  # the plan refused the snapshot: nothing was written
-                errors.append(ApplyError(sub.name, "plan", str(e), temporary=False))
-                continue
-            except Exception as e:  # an unexpected failure must not hide the other subsystems
-                self.log.exception("%s: reconcile crashed", sub.name)
-                errors.append(ApplyError(sub.name, "reconcile", f"{type(e).__name__}: {e}"))
+            result, failed = await self._reconcile_one(sub, snap, seen)
+            errors += failed
+            if result is None:
                 continue
             changes += result.writes
-            errors += result.errors
             if sub is self.links or sub is self.wireguard:  # managed devices that exist now
                 devices |= result.reached
         self.devices = len(devices)
@@ -340,10 +414,17 @@ class Agent:
             tunnel_ip=tunnel,
             peers=peers,
             drops=self.nft.drops,
+            heartbeats_skipped=self.counters["skipped"],
+            heartbeats_reconciled=self.counters["reconciled"],
         )
 
     async def _health_loop(self) -> None:
         while True:
+            if self._last is not None and time.monotonic() - self.nft.drops_at > DROPS_MAX_AGE:
+                try:  # skipped heartbeats read no counters: refresh them for the report
+                    await self.nft.observe()
+                except Exception as e:
+                    log.debug("agent %s: drop counters not read: %s", self.config.node, e)
             try:
                 await self.nc.publish(
                     naming.health_subject(self.config.node), encode(await self.health())

@@ -83,6 +83,31 @@ class _SchemaOnly(msgspec.Struct):
     schema: int = SNAPSHOT_SCHEMA
 
 
+class _Head(msgspec.Struct, frozen=True):
+    node: str = ""
+    version: int = -1
+    digest: str = ""
+    schema: int = SNAPSHOT_SCHEMA
+
+
+def same_content(raw: bytes, last_raw: bytes | None, last: Snapshot | None) -> bool:
+    """True when ``raw`` carries the content of ``last`` (a snapshot ``accept`` passed before):
+    the same bytes, or the same node, schema, version and digest (the controller's digest
+    covers all content; only ``published_at`` may differ). Cheap: no content is decoded, and
+    anything unexpected answers False, which sends ``raw`` through ``accept``."""
+    if last is None:
+        return False
+    if raw == last_raw:
+        return True
+    if not last.digest or len(raw) > limits.MAX_SNAPSHOT_BYTES:
+        return False
+    try:
+        head = decode(raw, _Head)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return False
+    return head == _Head(last.node, last.version, last.digest, last.schema)
+
+
 def _decode(raw: bytes, type_: type):
     try:
         return decode(raw, type_)
