@@ -3,7 +3,7 @@
 import asyncio
 import sys
 
-from bench import attach_ack, fdb_apply, heartbeat, overlay_ping, port_security
+from bench import attach_ack, fdb_apply, heartbeat, overlay_ping, port_security, scale
 from schemas.options import quiet_tls_close
 
 BENCHES = {
@@ -12,12 +12,15 @@ BENCHES = {
     "fdb_apply": fdb_apply.main,
     "heartbeat": heartbeat.main,
     "port_security": port_security.main,
+    "scale": scale.main,  # options after the names: see ``bench.scale``
 }
 
 
 def main() -> None:
     quiet_tls_close()
-    names = sys.argv[1:] or list(BENCHES)
+    args = sys.argv[1:]
+    cut = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    names = args[:cut] or list(BENCHES)  # what follows is the benches' own options
     for name in names:
         if name not in BENCHES:
             sys.exit(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
