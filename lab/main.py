@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--underlay-mtu", type=int, default=1500)
     up.add_argument("--heartbeat", type=float, default=1.0)
     up.add_argument("--no-mesh", action="store_true", help="agents without the WireGuard mesh")
+    up.add_argument("--nats-servers", type=int, default=1, choices=(1, 3),
+                    help="3: a NATS cluster, intent replicated on every server")  # fmt: skip
     up.add_argument(
         "--chaos",
         action="store_true",
@@ -141,6 +143,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         faults=args.chaos,
         fault_seed=args.seed,
         fault_process=args.chaos,
+        nats_servers=args.nats_servers,
     )
     started = time.monotonic()
     await lab.up(args.nodes)
