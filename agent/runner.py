@@ -29,7 +29,7 @@ from agent.links.model import Observed
 from agent.logs import FailureLog, NodeLog
 from agent.nft.applier import NftApplier
 from agent.state import AppliedState, load_applied, save_applied
-from agent.steady import full_reason
+from agent.steady import FULL, QUIET, SKIP, decide
 from agent.subsystem import Subsystem
 from agent.validate import Rejected, accept, same_content
 from client.api import ApiClient, ApiError
@@ -91,13 +91,13 @@ class Agent:
         self._report_now = asyncio.Event()  # health at once: a tap appeared, went or got carrier
         self._tasks: list[asyncio.Task] = []
         self._sub = None
-        # the steady state: the last snapshot reconciled without an error (and its bytes), the
-        # kernel as that reconcile observed it, whether every heartbeat since was clean (no
-        # error, no write) and how many in a row skipped the full reconcile
+        # the steady state (agent.steady): the last snapshot reconciled without an error (and its
+        # bytes), the kernel as the last full reconcile read it, whether every heartbeat since
+        # was clean (no error, no write) and how many heartbeats ago that read was
         self._last: tuple[bytes, Snapshot] | None = None
         self._seen: Observed | None = None
         self._clean = False
-        self._skipped_in_a_row = 0
+        self._since_full = 0
 
     async def start(self) -> None:
         # a bounded queue: only the newest snapshot matters, and a flood of duplicates beyond
@@ -235,7 +235,7 @@ class Agent:
             snap = (
                 last
                 if same and last is not None
-                else accept(raw, self.config.node, self.applied.version)
+                else accept(raw, self.config.node, self.applied.version, known=last)
             )
         except Rejected as e:
             self.counters["rejected"] += 1
@@ -252,20 +252,18 @@ class Agent:
             await self._ack(ack)
             return ack
         started = time.perf_counter()
-        reason = full_reason(
+        mode, reason = decide(
             same_content=same,
-            clean=self._clean,
+            clean=self._clean and self._seen is not None,
             kernel_changed=self._kernel_changed(),
-            skipped_in_a_row=self._skipped_in_a_row,
+            since_full=self._since_full,
         )
-        if reason is None:
+        if mode == SKIP:
             changes, errors = await self.check_mesh(snap)
-            self.counters["skipped"] += 1
-            self._skipped_in_a_row += 1
         else:
-            changes, errors = await self.reconcile(snap)
-            self.counters["reconciled"] += 1
-            self._skipped_in_a_row = 0
+            changes, errors = await self.reconcile(snap, quiet=mode == QUIET)
+        self.counters["reconciled" if mode == FULL else "skipped"] += 1
+        self._since_full = 0 if mode == FULL else self._since_full + 1
         self._clean = not errors and not changes
         self._last = None if errors else (raw, snap)
         elapsed = (time.perf_counter() - started) * 1000
@@ -287,7 +285,7 @@ class Agent:
                     "agent %s: version %d applied (%s), %d change(s) in %.1f ms",
                     self.config.node,
                     snap.version,
-                    reason or "mesh check",
+                    reason,
                     changes,
                     elapsed,
                 )
@@ -324,7 +322,12 @@ class Agent:
         return (result.writes if result else 0), errors
 
     async def _reconcile_one(
-        self, sub: Subsystem, snap: Snapshot, seen: Observed | None, check: bool = False
+        self,
+        sub: Subsystem,
+        snap: Snapshot,
+        seen: Observed | None,
+        check: bool = False,
+        quiet: bool = False,
     ) -> tuple[ApplyResult | None, list[ApplyError]]:
         try:
             desired = sub.desired(snap)
@@ -333,7 +336,7 @@ class Agent:
             if check:  # WireGuard's cheap read for a heartbeat without news
                 result = await sub.check(desired, seen)  # type: ignore[attr-defined]
             else:
-                result = await sub.reconcile(desired, seen)
+                result = await sub.reconcile(desired, seen, quiet=quiet)
         except ApplyError as e:
             return None, [e]
         except ValueError as e:  # the plan refused the snapshot: nothing was written
@@ -343,13 +346,17 @@ class Agent:
             return None, [ApplyError(sub.name, "reconcile", f"{type(e).__name__}: {e}")]
         return result, list(result.errors)
 
-    async def reconcile(self, snap: Snapshot) -> tuple[int, list[ApplyError]]:
-        """Bring every subsystem to the snapshot; report writes and typed errors."""
+    async def reconcile(self, snap: Snapshot, quiet: bool = False) -> tuple[int, list[ApplyError]]:
+        """Bring every subsystem to the snapshot; report writes and typed errors. ``quiet``: the
+        kernel still holds what the last full reconcile read (``agent.steady``): plan against
+        that, reading only WireGuard, which has no notifications."""
         changes, errors = 0, list[ApplyError]()
-        seen = await self.links.observe()  # one link dump per heartbeat serves every subsystem
-        self._seen = seen
-        if self.events is not None:  # neighbour and address events name links by ifindex
-            self.events.know(link.index for link in seen.links.values())
+        if quiet and self._seen is not None:
+            seen = self._seen
+        else:  # one link dump per heartbeat serves every subsystem
+            seen = self._seen = await self.links.observe()
+            if self.events is not None:  # neighbour and address events name links by ifindex
+                self.events.know(link.index for link in seen.links.values())
         wanted_taps = {t.name for t in snap.taps}
         taps = {name: link.carrier for name, link in seen.links.items() if name in wanted_taps}
         if taps != self.taps:
@@ -367,7 +374,8 @@ class Agent:
                     )
                 )  # fmt: skip
         for sub in self.subsystems:
-            result, failed = await self._reconcile_one(sub, snap, seen)
+            check = quiet and sub is self.wireguard  # its link is in ``seen``, its peers are read
+            result, failed = await self._reconcile_one(sub, snap, seen, check=check, quiet=quiet)
             errors += failed
             if result is None:
                 continue

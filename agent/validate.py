@@ -25,7 +25,7 @@ import msgspec
 from agent.errors import AgentError
 from schemas import limits, naming
 from schemas.codec import decode
-from schemas.desired import SNAPSHOT_SCHEMA, Bridge, Snapshot, Tap, WireGuard
+from schemas.desired import SNAPSHOT_SCHEMA, Bridge, Snapshot, Tap, Vxlan, WireGuard
 
 FLOOD_MAC = "00:00:00:00:00:00"
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -45,7 +45,9 @@ class Rejected(AgentError):
         self.version = version
 
 
-def accept(raw: bytes, node: str, applied_version: int) -> Snapshot:
+def accept(raw: bytes, node: str, applied_version: int, known: Snapshot | None = None) -> Snapshot:
+    """The decoded snapshot, or ``Rejected``. ``known``: a snapshot accepted before; the FDB of
+    a VXLAN equal to one of it is not checked entry by entry again (same mesh, same taps)."""
     if len(raw) > limits.MAX_SNAPSHOT_BYTES:
         raise Rejected(
             f"snapshot of {len(raw)} bytes refused unread: the limit is "
@@ -73,7 +75,7 @@ def accept(raw: bytes, node: str, applied_version: int) -> Snapshot:
         )
     try:
         check_limits(snap)
-        check_content(snap)
+        check_content(snap, known)
     except ValueError as e:
         raise Rejected(f"invalid snapshot version {snap.version}: {e}", snap.version) from None
     return snap
@@ -171,8 +173,10 @@ def _range(net: ipaddress.IPv4Network, words: str) -> _Range:
     return _Range(int(net.network_address), int(net.broadcast_address), words)
 
 
-def check_content(snap: Snapshot) -> None:
-    """The whole snapshot is one the agent may program: see the module docstring."""
+def check_content(snap: Snapshot, known: Snapshot | None = None) -> None:
+    """The whole snapshot is one the agent may program: see the module docstring. ``known``:
+    a snapshot that passed; its VXLAN FDBs are not checked again where nothing they depend on
+    (the mesh, the taps, the VXLAN itself) changed."""
     _check_names(snap)
     _check_mtus(snap)
     mesh = _check_wireguard(snap.wireguard)
@@ -180,7 +184,10 @@ def check_content(snap: Snapshot) -> None:
     gateways = _check_bridges(snap.bridges, blocked)
     _check_taps(snap.taps, {b.name: b for b in snap.bridges}, gateways, blocked)
     _check_nat(snap.nat_subnets, gateways, blocked)
-    _check_vxlans(snap, mesh)
+    checked: set[Vxlan] = set()
+    if known is not None and known.wireguard == snap.wireguard and known.taps == snap.taps:
+        checked = set(known.vxlans)
+    _check_vxlans(snap, mesh, checked)
 
 
 # --- names and MTUs ----------------------------------------------------------------------------
@@ -428,7 +435,7 @@ def _check_nat(
 # --- the overlay -------------------------------------------------------------------------------
 
 
-def _check_vxlans(snap: Snapshot, mesh: _Mesh | None) -> None:
+def _check_vxlans(snap: Snapshot, mesh: _Mesh | None, checked: set[Vxlan]) -> None:
     bridges = {b.name for b in snap.bridges}
     tap_macs = {(t.bridge, t.mac): t.name for t in snap.taps if t.mac}
     peer_dsts: set[str] = set()  # FDB destinations already found to be current peers
@@ -461,6 +468,8 @@ def _check_vxlans(snap: Snapshot, mesh: _Mesh | None) -> None:
                 raise _bad(where, "local", v.local, f"is in {special}")
         elif local != mesh.own:
             raise _bad(where, "local", v.local, f"is not this node's tunnel address {mesh.own}")
+        if v in checked:
+            continue  # its entries passed with this mesh and these taps
         destination: dict[str, str] = {}
         for entry in v.fdb:
             _check_mac(where, "fdb mac", entry.mac, flood_ok=True)

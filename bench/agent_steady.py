@@ -165,9 +165,11 @@ async def inner(entries: int) -> dict:
             out["decode_ms"] = cpu_ms(samples)
             # a change of one FDB entry: the full path, then one heartbeat to verify it
             changed = encode(snapshot(entries, version=2, extra=1))
+            full = after.counters["reconciled"]
             start = time.process_time()
             ack = await after.handle(changed)
             out["change_ms"] = (time.process_time() - start) * 1000
+            out["change_full"] = after.counters["reconciled"] - full
             out["change_writes"] = ack.changes
             start = time.process_time()
             ack = await after.handle(changed)
@@ -208,7 +210,8 @@ async def main() -> None:
             f"{r['after_ms']:6.2f} ms ({r['after_writes']} writes, kernel events "
             f"{'seen' if r['after_kernel_events'] else 'none'}, {r['skipped']} skipped) vs "
             f"before {r['before_ms']:6.1f} ms; msgspec decode {r['decode_ms']:5.2f} ms; "
-            f"one-entry change {r['change_ms']:6.1f} ms ({r['change_writes']} writes), "
+            f"one-entry change {r['change_ms']:6.1f} ms ({r['change_writes']} writes, "
+            f"{'full' if r['change_full'] else 'planned against the last read'}), "
             f"next heartbeat {r['verify_ms']:6.1f} ms ({r['verify_writes']} writes), "
             f"then {r['back_to_skip_ms']:5.2f} ms; cold apply {r['cold_ms']:7.1f} ms",
             flush=True,
