@@ -213,10 +213,11 @@ class Api:
                     f" {gone.network!r}, node {gone.node}): nothing to do"
                 ) from None
             raise
+        # the release order first: a crash in between must not hand the address out at once
+        await self._released([nic])
         await self.store.delete(nic)
         del self.intent.nics[nic.id]
         self._remember_detached([nic])
-        await self._released([nic])
         log.info("controller: NIC %s detached from %s on %s", nic.id, nic.network, nic.node)
         self.publisher.wake()
         return api.NicInfo(nic=nic, tap=naming.tap_name(nic.id))
@@ -319,10 +320,10 @@ class Api:
     async def node_remove(self, req: api.NodeRemove) -> api.NodeStatus:
         status = self._node_status(req.name) if req.name in self.intent.nodes else None
         node, nics = ops.remove_node(self.intent, req)
+        await self._released(nics)  # before the deletes, as in nic_detach
         for nic in nics:
             await self.store.delete(nic)
             del self.intent.nics[nic.id]
-        await self._released(nics)
         self._remember_detached(nics)
         await self.store.delete(node)
         del self.intent.nodes[node.name]
