@@ -8,17 +8,22 @@ sender MAC = the NIC's MAC, broadcast, written into the NIC's bridge from the no
 ``AF_PACKET`` socket on the bridge device). The bridge floods it to its taps and through the
 VXLAN flood list to the other nodes; Linux replaces an existing neighbour entry on such a frame.
 It is sent a few times over about one heartbeat, since a lost frame is not fatal but costly.
+What was announced is kept in the state directory, so a restarted agent announces only what
+changed while it was down, not every NIC it hosts (a rolling upgrade would be an ARP storm,
+each frame copied to every node of the flood list).
 
 ``plan`` (which NICs to announce) and ``garp_frame`` are pure; ``Announcer`` only sends. It never
 learns anything from the wire and never writes anything but these frames.
 """
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import msgspec
 
@@ -38,6 +43,7 @@ class Announcement(msgspec.Struct, frozen=True, order=True):
 
 
 Known = dict[tuple[str, str], str]  # (bridge, ip) → MAC last announced
+KNOWN_FILE = "announced.json"
 
 
 def plan(known: Known, taps: Iterable[Tap]) -> tuple[list[Announcement], Known]:
@@ -66,20 +72,55 @@ def send_frame(bridge: str, frame: bytes) -> None:
 
 
 class Announcer:
-    def __init__(self, node: str, send: Callable[[str, bytes], None] = send_frame):
+    def __init__(
+        self,
+        node: str,
+        send: Callable[[str, bytes], None] = send_frame,
+        state_dir: Path | None = None,
+    ):
         self.node, self.send = node, send
-        self.known: Known = {}
+        self.path = state_dir / KNOWN_FILE if state_dir is not None else None
+        self.known: Known = self._load()
         self.sent = 0  # frames written, for tests and logs
+        self._gaps: collections.deque[float] = collections.deque(maxlen=16)
         self._tasks: set[asyncio.Task] = set()
 
-    def update(self, taps: Iterable[Tap], heartbeat: float) -> list[Announcement]:
-        """Start announcing what ``plan`` says is due, over about ``heartbeat`` seconds."""
-        due, self.known = plan(self.known, taps)
+    def update(self, taps: Iterable[Tap], gap: float) -> list[Announcement]:
+        """Start announcing what ``plan`` says is due. ``gap``: time since the previous
+        snapshot; a change is published at once, so the spread uses the longest recent gap
+        (about one heartbeat), not this one."""
+        self._gaps.append(gap)
+        due, known = plan(self.known, taps)
+        if known != self.known:
+            self.known = known
+            self._save()
+        spread = max(self._gaps)
         for a in due:
-            task = asyncio.create_task(self._announce(a, heartbeat), name=f"announce {a.ip}")
+            task = asyncio.create_task(self._announce(a, spread), name=f"announce {a.ip}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return due
+
+    def _load(self) -> Known:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            entries = msgspec.json.decode(self.path.read_bytes(), type=list[Announcement])
+        except (OSError, msgspec.DecodeError) as e:  # lose nothing but a few extra frames
+            log.warning(
+                "agent %s: %s unreadable (%s); announcing every NIC", self.node, self.path, e
+            )
+            return {}
+        return {(a.bridge, a.ip): a.mac for a in entries}
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        entries = sorted(Announcement(b, ip, mac) for (b, ip), mac in self.known.items())
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(msgspec.json.encode(entries))
+        tmp.chmod(0o600)
+        tmp.replace(self.path)
 
     async def _announce(self, a: Announcement, heartbeat: float) -> None:
         frame = garp_frame(a.mac, a.ip)

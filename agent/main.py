@@ -152,7 +152,9 @@ async def run(args: argparse.Namespace) -> None:
     )
     nft = NftApplier(node=args.node)
     events = KernelEvents.try_open()  # drift seen without reading the kernel every heartbeat
-    agent = Agent(nc, config, links, nft, wireguard, Announcer(args.node), events)
+    agent = Agent(
+        nc, config, links, nft, wireguard, Announcer(args.node, state_dir=config.state_dir), events
+    )
     await agent.start()
     await stop.wait()
     log.info("agent %s: stopping; the data plane stays as it is", args.node)

@@ -64,3 +64,36 @@ async def test_announcer_sends_a_few_times_over_one_heartbeat_and_survives_a_mis
     await asyncio.sleep(0.05)
     assert len(sent) == 4
     await announcer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_agent_announces_only_what_changed_while_it_was_down(tmp_path):
+    """A rolling upgrade must not flood every NIC's announcement to every node again."""
+    sent = []
+    first = Announcer("n1", lambda bridge, frame: sent.append(frame), state_dir=tmp_path)
+    first.update([A, B], 0.01)
+    await asyncio.sleep(0.05)
+    await first.close()
+    assert len(sent) == 8
+    assert oct((tmp_path / "announced.json").stat().st_mode & 0o777) == "0o600"
+    sent.clear()
+    reused = tap("otc", "10.0.0.3", "02:00:00:00:00:0c")  # B went and came back while down
+    again = Announcer("n1", lambda bridge, frame: sent.append(frame), state_dir=tmp_path)
+    assert again.update([A, reused], 0.01) == [Announcement("otb1000", "10.0.0.3", reused.mac)]
+    await asyncio.sleep(0.05)
+    await again.close()
+    assert sent == [garp_frame(reused.mac, reused.ip)] * 4
+
+
+@pytest.mark.asyncio
+async def test_announcements_spread_over_a_heartbeat_even_when_the_change_came_at_once():
+    """The snapshot that brings a new NIC is published at once, a moment after the previous
+    heartbeat: its gap is tiny, but the four frames still spread over about a heartbeat."""
+    times = []
+    loop = asyncio.get_running_loop()
+    announcer = Announcer("n1", lambda bridge, frame: times.append(loop.time()))
+    announcer.update([], 0.3)  # heartbeats so far
+    announcer.update([A], 0.01)  # the change, published right after
+    await asyncio.sleep(0.45)
+    await announcer.close()
+    assert len(times) == 4 and times[-1] - times[0] >= 0.25, times
