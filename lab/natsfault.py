@@ -21,9 +21,17 @@ Faults, as rules in order; the first rule that matches a frame and fires decides
 ``drop``; ``duplicate`` (``copies`` extra copies); ``delay`` (``delay`` + uniform(0, ``jitter``)
 seconds, written later by its own task while later frames pass: reordering). Filters: direction
 (``to_server`` = what a client publishes, ``to_client`` = what it receives), a subject pattern
-with ``*``/``>``, identity, probability ``p``, at most ``count`` firings. Each rule draws from its
-own ``random.Random`` seeded from (proxy seed, rule index). Observers see every PUB/HPUB/MSG/HMSG
-as a ``FrameEvent`` with its fate, before the fault is applied.
+with ``*``/``>``, identity, probability ``p``, at most ``count`` firings. A rule's decision for
+a frame (and a delay's jitter) is a hash of (proxy seed, rule index, identity, direction,
+subject, how many frames of that identity, direction and subject this rule has judged), not a
+draw from a shared random sequence: a run replays frame by frame per subject however several
+publishers interleave (``count`` is the one filter that spans subjects). Observers see every
+PUB/HPUB/MSG/HMSG as a ``FrameEvent`` with its fate, before the fault is applied; delivery
+observers (``observe_delivered``) see each copy once it is written on (fate ``delivered``),
+a delayed frame when it finally goes: the order frames really arrived in.
+
+A frame declaring a payload over ``MAX_PAYLOAD`` closes its connection (logged) rather than
+being buffered without limit.
 
 Connection faults: ``cut`` aborts an identity's connections now; ``partition`` cuts them and
 refuses that identity's new connections (after reading their CONNECT) until ``heal``; ``stall``
@@ -41,9 +49,10 @@ one JSON line each. Only for labs and tests: it must never face anything but loo
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
-import random
 import signal
 import ssl
 import sys
@@ -63,6 +72,17 @@ ACTIONS = ("drop", "duplicate", "delay")
 SIZED = {"PUB", "HPUB", "MSG", "HMSG"}  # control line, then a payload of a stated size
 CHUNK = 65536
 CONNECT_TIMEOUT = 5.0
+MAX_PAYLOAD = 64 * 2**20  # nats-server's own max_payload is far lower; anything above is garbage
+
+
+class ProtocolError(ValueError):
+    """A frame the proxy refuses to buffer; its connection is closed."""
+
+
+def draw(*key) -> float:
+    """A uniform number in [0, 1) that depends on ``key`` only (replayable, order-free)."""
+    digest = hashlib.blake2b(":".join(map(str, key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -114,8 +134,11 @@ class Parser:
         while (eol := buf.find(b"\r\n", pos)) >= 0:
             words = bytes(buf[pos:eol]).decode("latin-1").split()
             op = words[0].upper() if words else ""
-            if op in SIZED and words[-1].isdigit():
-                end = eol + 2 + int(words[-1]) + 2
+            size = words[-1] if words else ""
+            if op in SIZED and size.isascii() and size.isdigit():  # not '²', which isdigit()
+                if int(size) > MAX_PAYLOAD:
+                    raise ProtocolError(f"{op} declares {size} bytes, over {MAX_PAYLOAD}")
+                end = eol + 2 + int(size) + 2
                 if len(buf) < end:
                     break
                 frames.append(Frame(op, words[1:], bytes(buf[pos:end]), eol + 2 - pos))
@@ -135,7 +158,7 @@ class FrameEvent:
     subject: str
     reply: str | None
     payload: bytes  # without headers
-    fate: str  # passed | dropped | duplicated | delayed
+    fate: str  # passed | dropped | duplicated | delayed; delivered (delivery observers)
     headers: bytes = b""  # the raw NATS/1.0 header block of HPUB/HMSG
 
 
@@ -150,7 +173,8 @@ class Rule:
     copies: int = 1  # duplicate: extra copies
     delay: float = 0.0
     jitter: float = 0.0
-    rng: random.Random = field(default_factory=random.Random, repr=False)
+    key: str = ""  # proxy seed and rule index: the stem of every draw
+    judged: dict = field(default_factory=dict, repr=False)  # (identity, dir, subject) → frames
     matched: int = 0
     dropped: int = 0
     duplicated: int = 0
@@ -170,6 +194,13 @@ class Rule:
     def fired(self) -> int:
         return self.dropped + self.duplicated + self.delayed
 
+    def draws(self, identity: str | None, direction: str, subject: str) -> tuple[float, float]:
+        """This frame's two draws (fire?, jitter), from its place in its own subject's stream."""
+        stream = (identity, direction, subject)
+        n = self.judged.get(stream, 0)
+        self.judged[stream] = n + 1
+        return draw(self.key, *stream, n, "p"), draw(self.key, *stream, n, "jitter")
+
     def applies(self, identity: str | None, direction: str, subject: str) -> bool:
         return (
             (self.direction is None or self.direction == direction)
@@ -182,7 +213,8 @@ class Rule:
         return {
             k: v
             for k, v in self.__dict__.items()
-            if k != "rng" and not (v is None or (k in ("copies", "delay", "jitter") and not v))
+            if k not in ("key", "judged")
+            and not (v is None or (k in ("copies", "delay", "jitter") and not v))
         }
 
 
@@ -244,19 +276,28 @@ class Connection:
         parser = Parser()
         with contextlib.suppress(OSError, ssl.SSLError):
             while data := await reader.read(CHUNK):
-                out = bytearray()
-                for frame in parser.feed(data):
+                out, delivered = bytearray(), []
+                try:
+                    frames = parser.feed(data)
+                except ProtocolError as e:
+                    log.warning("closing %s (%s): %s", self.identity or "?", direction, e)
+                    return
+                for frame in frames:
                     if frame.op == "CONNECT" and direction == TO_SERVER:
                         self._identify(frame)
                         if self.identity in self.proxy.partitioned:
                             log.info("refused %s: partitioned", self.identity)
                             return
                     if frame.op in SIZED:
-                        out += self._fault(frame, direction)
+                        raw, event = self._fault(frame, direction)
+                        out += raw
+                        if event is not None and raw:
+                            delivered += [event] * (len(raw) // len(frame.raw))
                     else:
                         out += frame.raw
                 if out:
                     await self.write(direction, bytes(out))
+                    self.proxy.notify_delivered(delivered)
 
     def _identify(self, frame: Frame) -> None:
         try:
@@ -267,33 +308,40 @@ class Connection:
         key = connect.get("nkey")
         self.identity = self.proxy.identity_of_key(key) if key else identity_from_name(self.name)
 
-    def _fault(self, frame: Frame, direction: str) -> bytes:
-        """The bytes to forward now; schedules a delayed copy if a delay rule fires."""
-        rule = self.proxy.decide(self.identity, direction, frame.subject)
+    def _fault(self, frame: Frame, direction: str) -> tuple[bytes, FrameEvent | None]:
+        """The bytes to forward now, and the frame as a delivered event (if anyone watches
+        deliveries); schedules a delayed copy if a delay rule fires."""
+        rule, jitter = self.proxy.decide(self.identity, direction, frame.subject)
         fate = "passed" if rule is None else FATES[rule.action]
-        if self.proxy.observers:
+        event = delivered = None
+        if self.proxy.observers or self.proxy.delivery_observers:
             headers, payload = frame.body()
             event = FrameEvent(
                 self.identity, direction, frame.op, frame.subject, frame.reply, payload, fate,
                 headers,
             )  # fmt: skip
             self.proxy.notify(event)
+            if self.proxy.delivery_observers:
+                delivered = dataclasses.replace(event, fate="delivered")
         if rule is None:
-            return frame.raw
+            return frame.raw, delivered
         if rule.action == "drop":
-            return b""
+            return b"", None
         if rule.action == "duplicate":
-            return frame.raw * (1 + rule.copies)
-        seconds = rule.delay + rule.rng.uniform(0, rule.jitter)
-        task = asyncio.create_task(self._later(direction, frame.raw, seconds))
+            return frame.raw * (1 + rule.copies), delivered
+        seconds = rule.delay + jitter * rule.jitter
+        task = asyncio.create_task(self._later(direction, frame.raw, seconds, delivered))
         self.delayed.add(task)
         task.add_done_callback(self.delayed.discard)
-        return b""
+        return b"", None
 
-    async def _later(self, direction: str, raw: bytes, seconds: float) -> None:
+    async def _later(
+        self, direction: str, raw: bytes, seconds: float, delivered: FrameEvent | None
+    ) -> None:
         await asyncio.sleep(seconds)
         with contextlib.suppress(OSError, ssl.SSLError):
             await self.write(direction, raw)
+            self.proxy.notify_delivered([delivered] if delivered else [])
 
     async def write(self, direction: str, data: bytes) -> None:
         """Serialised per direction; waits while this identity is stalled (bytes held)."""
@@ -321,6 +369,7 @@ class FaultProxy:
         self.seed = seed
         self.rules: list[Rule] = []
         self.observers: list[Callable[[FrameEvent], None]] = []
+        self.delivery_observers: list[Callable[[FrameEvent], None]] = []
         self.conns: set[Connection] = set()
         self.partitioned: set[str] = set()
         self.stalled: dict[str, asyncio.Event] = {}
@@ -405,7 +454,7 @@ class FaultProxy:
 
     def add_rule(self, action: str, subject: str = ">", **filters) -> Rule:
         index = len(self.rules)
-        rule = Rule(action, subject, rng=random.Random(f"{self.seed}:{index}"), **filters)
+        rule = Rule(action, subject, key=f"{self.seed}:{index}", **filters)
         self.rules.append(rule)
         return rule
 
@@ -415,30 +464,46 @@ class FaultProxy:
         if seed is not None:
             self.seed = seed
 
-    def decide(self, identity: str | None, direction: str, subject: str) -> Rule | None:
+    def decide(
+        self, identity: str | None, direction: str, subject: str
+    ) -> tuple[Rule | None, float]:
+        """The rule that fires on this frame (None: it passes) and its jitter draw."""
         for rule in self.rules:
             if not rule.applies(identity, direction, subject):
                 continue
             rule.matched += 1
-            if rule.rng.random() < rule.p:
+            fire, jitter = rule.draws(identity, direction, subject)
+            if fire < rule.p:
                 setattr(rule, FATES[rule.action], getattr(rule, FATES[rule.action]) + 1)
-                return rule
-        return None
+                return rule, jitter
+        return None, 0.0
 
     def observe(self, callback: Callable[[FrameEvent], None]) -> Callable[[FrameEvent], None]:
         self.observers.append(callback)
         return callback
 
     def unobserve(self, callback: Callable[[FrameEvent], None]) -> None:
-        with contextlib.suppress(ValueError):
-            self.observers.remove(callback)
+        for observers in (self.observers, self.delivery_observers):
+            with contextlib.suppress(ValueError):
+                observers.remove(callback)
 
-    def notify(self, event: FrameEvent) -> None:
-        for callback in list(self.observers):
+    def observe_delivered(
+        self, callback: Callable[[FrameEvent], None]
+    ) -> Callable[[FrameEvent], None]:
+        """``callback`` sees each frame copy right after it was written on (fate 'delivered')."""
+        self.delivery_observers.append(callback)
+        return callback
+
+    def notify(self, event: FrameEvent, observers: list | None = None) -> None:
+        for callback in list(self.observers if observers is None else observers):
             try:
                 callback(event)
             except Exception:
                 log.exception("observer %r failed", callback)
+
+    def notify_delivered(self, events: list[FrameEvent]) -> None:
+        for event in events:
+            self.notify(event, self.delivery_observers)
 
     # --- connection faults ----------------------------------------------------------------------
 

@@ -5,14 +5,25 @@ replayable, connection faults (cut, partition, stall), and the proxy as a proces
 import asyncio
 import json
 import os
+import random
 import secrets
 
 import nats
 import pytest
 
-from lab.natsfault import FaultProxy, FrameEvent, Parser, control, subject_matches
+from client.bus import files as bus_files
+from lab.natsfault import (
+    MAX_PAYLOAD,
+    FaultProxy,
+    FrameEvent,
+    Parser,
+    ProtocolError,
+    control,
+    subject_matches,
+)
 from lab.netns import python_module, spawn, wait_ready
 from schemas import naming
+from schemas.bus import tls_context
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -89,6 +100,39 @@ def test_parser_splits_pipelined_and_partial_frames():
             (b"NATS/1.0\r\n\r\n", b"abc"),
         )
         assert (msg.reply, msg.body()) == ("r", (b"", b"\r\n"))  # a payload may hold CRLF
+
+
+def test_parser_takes_only_ascii_digits_as_a_size_and_refuses_a_huge_one():
+    frames = Parser().feed(b"PUB a \xc2\xb2\r\nPING\r\n")  # '²' isdigit() but is no size
+    assert [f.op for f in frames] == ["PUB", "PING"] and frames[0].head == 0
+    assert len(Parser().feed(b"PUB a %d\r\n" % MAX_PAYLOAD)) == 0  # waits for the payload
+    with pytest.raises(ProtocolError):
+        Parser().feed(b"PUB a %d\r\n" % (MAX_PAYLOAD + 1))
+
+
+def fates(proxy: FaultProxy, order: list[tuple[str, str]]) -> dict[tuple[str, str], list[str]]:
+    """(identity, subject) → the fate of each of its frames, in its own order."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for identity, subject in order:
+        rule, jitter = proxy.decide(identity, "to_server", subject)
+        fate = "passed" if rule is None else f"{rule.action} {jitter:.6f}"
+        out.setdefault((identity, subject), []).append(fate)
+    return out
+
+
+def test_decisions_replay_per_subject_however_publishers_interleave():
+    streams = [("n1", ACK1), ("n2", naming.ack_subject("n2")), ("n1", HEALTH1)]
+    in_turn = [s for s in streams for _ in range(100)]
+    mixed = in_turn[:]
+    random.Random(7).shuffle(mixed)  # another interleaving, each stream's own order kept
+    runs = []
+    for order in (in_turn, mixed):
+        proxy = FaultProxy(("127.0.0.1", 1), seed=42)
+        proxy.add_rule("delay", "otherix.v1.ack.*", p=0.3, jitter=1.0)
+        proxy.add_rule("drop", ">", p=0.5)
+        runs.append(fates(proxy, order))
+    assert runs[0] == runs[1]
+    assert {f.split()[0] for fs in runs[0].values() for f in fs} == {"passed", "delay", "drop"}
 
 
 # --- through the proxy ---------------------------------------------------------------------------
@@ -174,6 +218,52 @@ async def test_drop_by_subject_replays_with_the_same_seed(nats_server):
     assert other != lost
 
 
+async def two_publishers(nats_server, interleaved: bool) -> dict[str, set[int]]:
+    """n1 and n2 each publish 100 acks through a proxy dropping 30 % of acks, one after the
+    other or interleaved; subject → the numbers dropped."""
+    acks = [naming.ack_subject(n) for n in ("n1", "n2")]
+    async with FaultProxy(
+        ("127.0.0.1", nats_server.port), tls_dir=nats_server.bus_dir, seed=42
+    ) as proxy:
+        dropped: dict[str, set[int]] = {a: set() for a in acks}
+        proxy.observe(lambda e: e.fate == "dropped" and dropped[e.subject].add(int(e.payload)))
+        nodes = [await via(proxy, nats_server, n) for n in ("n1", "n2")]
+        proxy.add_rule("drop", "otherix.v1.ack.*", direction="to_server", p=0.3)
+        if interleaved:
+            for i in range(100):
+                for node, subject in zip(nodes, acks, strict=True):
+                    await node.publish(subject, str(i).encode())
+                    await node.flush()  # the proxy sees them in this order
+        else:
+            for node, subject in zip(nodes, acks, strict=True):
+                for i in range(100):
+                    await node.publish(subject, str(i).encode())
+                await node.flush()
+        for node in nodes:
+            await node.close()
+        return dropped
+
+
+async def test_two_publishers_interleaving_differently_get_the_same_fates(nats_server):
+    one_after_the_other = await two_publishers(nats_server, interleaved=False)
+    interleaved = await two_publishers(nats_server, interleaved=True)
+    assert all(15 <= len(d) <= 45 for d in interleaved.values()), interleaved
+    assert interleaved == one_after_the_other
+
+
+async def test_a_frame_declaring_a_huge_payload_closes_its_connection(nats_server, proxy):
+    ctx = tls_context(nats_server.bus_dir / bus_files.CA_CERT)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", proxy.port, ssl=ctx, server_hostname="127.0.0.1"
+    )
+    writer.write(b"PUB x %d\r\n" % (MAX_PAYLOAD + 1))
+    await writer.drain()
+    async with asyncio.timeout(5):
+        while await reader.read(65536):  # the server's INFO, then the end
+            pass
+    writer.close()
+
+
 async def test_duplicate_to_client_delivers_copies(nats_server, proxy):
     admin = await via(proxy, nats_server, "admin")
     acks = await queue_sub(admin, ACK1)
@@ -192,11 +282,13 @@ async def test_delay_reorders(nats_server, proxy):
     acks = await queue_sub(admin, ACK1)
     n1 = await via(proxy, nats_server, "n1")
     await live(n1, ACK1, acks)
+    delivered: list[int] = []  # the order the proxy wrote them on
+    proxy.observe_delivered(lambda e: delivered.append(int(e.payload)))
     proxy.add_rule("delay", ACK1, delay=1.0, jitter=0.1, count=1)
     for i in range(5):
         await n1.publish(ACK1, str(i).encode())
     got = [int((await asyncio.wait_for(acks.get(), 5)).data) for _ in range(5)]
-    assert got == [1, 2, 3, 4, 0]
+    assert got == [1, 2, 3, 4, 0] == delivered
     assert proxy.stats()["rules"][0]["delayed"] == 1
 
 
