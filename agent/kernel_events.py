@@ -12,8 +12,9 @@ no thread and no callback on any event loop (pyroute2's async sockets do not run
 plain sockets read with ``recv`` need neither).
 
 It never decides what to do about a change (``agent.steady`` does) and never writes anything.
-Our own writes echo here too; the agent re-observes after any heartbeat that wrote, so echoes
-cost nothing extra. WireGuard (wireguard-go's UAPI, and the kernel module) has no notifications.
+Our own writes echo here too, and the kernel stamps FDB notifications with no sender (portid 0),
+so the agent names the (ifindex, MAC) pairs it just wrote (``drain(echoes)``); any other event
+still counts. WireGuard (wireguard-go's UAPI, and the kernel module) has no notifications.
 """
 
 import errno
@@ -25,6 +26,8 @@ from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
 
+Echoes = frozenset[tuple[int, bytes]]  # (ifindex, MAC as 6 bytes)
+
 NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
 SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_NETCONF = 1, 3, 5, 24
@@ -35,6 +38,7 @@ RTM_NEWNEIGH, RTM_DELNEIGH, RTM_NEWNETCONF, RTM_DELNETCONF = 28, 29, 80, 81
 NFNL_SUBSYS_NFTABLES = 10
 AF_BRIDGE = 7
 IFLA_IFNAME = 3
+NDA_LLADDR = 2
 NETCONFA_IFINDEX, NETCONFA_IFINDEX_ALL = 1, -1
 TABLE_ATTR = 1  # NFTA_{TABLE_NAME,CHAIN_TABLE,RULE_TABLE,SET_TABLE,SET_ELEM_LIST_TABLE,OBJ_TABLE}
 OUR_TABLE = b"otherix\0"
@@ -45,6 +49,7 @@ _NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 _NDMSG = struct.Struct("=Bxxxi")  # family, ifindex
+_NDMSG_SIZE = 12  # with state, flags, type
 _RTA = struct.Struct("=HH")
 _S32 = struct.Struct("=i")
 
@@ -59,9 +64,10 @@ def _attrs(data: bytes, offset: int, end: int):
         offset += (length + 3) & ~3
 
 
-def touches_ours(data: bytes, managed: set[int]) -> bool:
+def touches_ours(data: bytes, managed: set[int], echoes: Echoes = frozenset()) -> bool:
     """Pure: does any message of one datagram (rtnetlink or nftables) touch our state?
-    ``managed``: ifindexes of our devices; link events add ``ot…`` devices to it."""
+    ``managed``: ifindexes of our devices; link events add ``ot…`` devices to it. ``echoes``:
+    (ifindex, MAC) of FDB entries the agent itself just wrote: their events are not news."""
     ours = False
     offset = 0
     while offset + _NLMSG.size <= len(data):
@@ -85,7 +91,10 @@ def touches_ours(data: bytes, managed: set[int]) -> bool:
             ours |= _IFADDR.unpack_from(data, body)[4] in managed
         elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and end - body >= _NDMSG.size:
             family, index = _NDMSG.unpack_from(data, body)
-            ours |= family == AF_BRIDGE and index in managed  # ARP entries are not ours
+            if family == AF_BRIDGE and index in managed:  # ARP entries are not ours
+                attrs = _attrs(data, body + _NDMSG_SIZE, end)
+                mac = next((v for t, v in attrs if t == NDA_LLADDR), b"")
+                ours |= (index, mac) not in echoes
         elif kind in (RTM_NEWNETCONF, RTM_DELNETCONF):  # netconfmsg: family, 3 bytes pad
             for t, v in _attrs(data, body + 4, end):
                 if t == NETCONFA_IFINDEX and len(v) == 4:
@@ -141,8 +150,9 @@ class KernelEvents:
         """The ifindexes of our devices as just observed (replaces the previous set)."""
         self.managed = {i for i in indexes if i}
 
-    def drain(self) -> bool:
-        """Read every queued event now; True if any touched our state (or some were lost)."""
+    def drain(self, echoes: Echoes = frozenset()) -> bool:
+        """Read every queued event now; True if any touched our state (or some were lost).
+        ``echoes``: FDB entries the agent just wrote itself (see ``touches_ours``)."""
         changed = False
         for sock in self._sockets:
             while True:
@@ -157,7 +167,7 @@ class KernelEvents:
                     changed = True
                     continue
                 # parsed even once changed: link events teach new ot… ifindexes
-                changed = touches_ours(data, self.managed) or changed
+                changed = touches_ours(data, self.managed, echoes) or changed
         return changed
 
     def close(self) -> None:

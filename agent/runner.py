@@ -25,7 +25,8 @@ from agent.announce import Announcer
 from agent.errors import ApplyError, ApplyResult
 from agent.kernel_events import KernelEvents
 from agent.links.applier import LinkApplier
-from agent.links.model import Observed
+from agent.links.model import AddPortFdb, DelPortFdb, FdbAction, LinkPlan, Observed
+from agent.links.plan import advance
 from agent.logs import FailureLog, NodeLog
 from agent.nft.applier import NftApplier
 from agent.state import AppliedState, load_applied, save_applied
@@ -98,6 +99,7 @@ class Agent:
         self._seen: Observed | None = None
         self._clean = False
         self._since_full = 0
+        self._writes: dict[str, int] = {}  # per subsystem, in the last reconcile
 
     async def start(self) -> None:
         # a bounded queue: only the newest snapshot matters, and a flood of duplicates beyond
@@ -264,7 +266,9 @@ class Agent:
             changes, errors = await self.reconcile(snap, quiet=mode == QUIET)
         self.counters["reconciled" if mode == FULL else "skipped"] += 1
         self._since_full = 0 if mode == FULL else self._since_full + 1
-        self._clean = not errors and not changes
+        # a heartbeat that wrote is followed by a full one, unless it wrote only FDB entries
+        # and the notifications show nothing but their echoes
+        self._clean = not errors and (not changes or (mode != SKIP and self._advance()))
         self._last = None if errors else (raw, snap)
         elapsed = (time.perf_counter() - started) * 1000
         self.failures.record(errors)  # the first failure of a kind, then "in sync again"
@@ -302,6 +306,27 @@ class Agent:
         )
         await self._ack(ack)
         return ack
+
+    def _advance(self) -> bool:
+        """After a reconcile whose only writes were FDB entries: know the kernel state they
+        reached without a dump (``agent.links.plan.advance``), when the notifications since
+        are the echoes of those writes and nothing else."""
+        plan = self.links.applied
+        if self.events is None or self._seen is None or plan is None or not plan.actions:
+            return False
+        if any(writes for name, writes in self._writes.items() if name != self.links.name):
+            return False
+        echoes = _echoes(plan)
+        after = advance(self._seen, plan.actions)
+        if echoes is None or after is None:
+            return False
+        try:
+            if self.events.drain(echoes):
+                return False  # something else changed too: the next heartbeat reads it all
+        except OSError:
+            return False
+        self._seen = after
+        return True
 
     def _kernel_changed(self) -> bool:
         """Drain the notifications; True when something of ours may have changed."""
@@ -351,6 +376,7 @@ class Agent:
         kernel still holds what the last full reconcile read (``agent.steady``): plan against
         that, reading only WireGuard, which has no notifications."""
         changes, errors = 0, list[ApplyError]()
+        self.links.applied, self._writes = None, {}
         if quiet and self._seen is not None:
             seen = self._seen
         else:  # one link dump per heartbeat serves every subsystem
@@ -380,6 +406,7 @@ class Agent:
             if result is None:
                 continue
             changes += result.writes
+            self._writes[sub.name] = result.writes
             if sub is self.links or sub is self.wireguard:  # managed devices that exist now
                 devices |= result.reached
         self.devices = len(devices)
@@ -443,3 +470,16 @@ class Agent:
                 async with asyncio.timeout(self.config.health_interval):
                     await self._report_now.wait()
             self._report_now.clear()
+
+
+def _echoes(plan: LinkPlan) -> frozenset[tuple[int, bytes]] | None:
+    """(ifindex, MAC) of every FDB entry the plan wrote; None if it did anything else."""
+    out = set()
+    for a in plan.actions:
+        if not isinstance(a, FdbAction):
+            return None
+        device = a.port if isinstance(a, AddPortFdb | DelPortFdb) else a.device
+        if not (index := plan.indexes.get(device)):
+            return None
+        out.add((index, bytes.fromhex(a.mac.replace(":", ""))))
+    return frozenset(out)

@@ -165,6 +165,7 @@ async def inner(entries: int) -> dict:
             out["decode_ms"] = cpu_ms(samples)
             # a change of one FDB entry: the full path, then one heartbeat to verify it
             changed = encode(snapshot(entries, version=2, extra=1))
+            await after.handle(raw)  # settle: anything the kernel announced meanwhile is read
             full = after.counters["reconciled"]
             start = time.process_time()
             ack = await after.handle(changed)
