@@ -137,7 +137,8 @@ def spec(snapshot: Snapshot, mesh: str = WIREGUARD_IFNAME) -> NftSpec:
                         sorted(  # each distinct dst parsed once: thousands share a few peers
                             dst
                             for dst in {e.dst for e in v.fdb}
-                            if any(ipaddress.IPv4Address(dst) in n for n in peers)
+                            for addr in (ipaddress.IPv4Address(dst),)
+                            if any(addr in n for n in peers)
                         )
                     ),
                 )
