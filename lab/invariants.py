@@ -3,12 +3,18 @@
 - ``History`` records what the controller published for each node (version, digest) and every
   ack an agent sent, as the fault proxy saw them leave their sender (``History.observe`` is a
   ``lab.natsfault`` observer, called before any fault is applied), or fed directly through
-  ``published``/``acked``. Each event is checked at once: a node's applied version never goes
-  down; every ack names a version published for that node (or the one the node started with);
-  an ok ack carries the digest published with its version. ``wait_converged`` then bounds, in
-  heartbeats, how long the nodes take to ack the latest version after faults stop.
+  ``published``/``acked``. Each event is checked at once: a snapshot names the node of its
+  subject; the versions the controller publishes for a node never go down; a node's applied
+  version never goes down; every ack names a version published for that node (or the one the
+  node started with); an ok ack carries the digest published with its version.
+  ``wait_converged`` then bounds, in heartbeats, how long the nodes take to ack the latest
+  version after faults stop; ``wait_acked_mac`` finds the moment a node acked the first version
+  that carried a NIC (by MAC), for "reachable within one heartbeat of its ack".
+- ``DeliveryOrder``: a delivery observer (``FaultProxy.observe_delivered``) counting snapshots
+  that reached an agent after a newer one had (reordering really happened).
 - ``IntentLedger``: API writes the controller acknowledged; ``verify`` names any the controller's
-  intent lost (after kills and restarts).
+  intent lost (after kills and restarts); objects whose last write has an unknown outcome (it
+  timed out: the controller may or may not have made it) are not judged.
 - ``PingProbe``: a background ``ping -i 0.1`` from a VM namespace, for the share of the data
   path lost while the control plane is degraded.
 
@@ -17,6 +23,7 @@ or in a kernel.
 """
 
 import asyncio
+import contextlib
 import math
 import re
 import signal
@@ -34,17 +41,22 @@ _DESIRED = naming.desired_subject("")  # "otherix.v1.desired." + node
 _ACK = naming.ack_subject("")
 
 
+class _TapHead(msgspec.Struct, kw_only=True):
+    mac: str = ""
+
+
 class _Head(msgspec.Struct, kw_only=True):
     """What History needs of a snapshot: decoding a large one skips the rest cheaply."""
 
     node: str = ""
     version: int
     digest: str = ""
+    taps: tuple[_TapHead, ...] = ()
 
 
 @dataclass(frozen=True)
 class Violation:
-    invariant: str  # "monotonic", "published", "digest", "converged", "decode"
+    invariant: str  # "monotonic", "published", "digest", "converged", "decode", "subject"
     message: str
     event: object  # the ack, publication or proxy frame that broke it
 
@@ -63,6 +75,8 @@ class History:
     acks: dict[str, list[Ack]] = field(default_factory=dict)
     violations: list[Violation] = field(default_factory=list)
     checks: int = 0
+    first_with_mac: dict[tuple[str, str], int] = field(default_factory=dict)  # (node, MAC) → v
+    _last_published: dict[str, int] = field(default_factory=dict)
     _applied: dict[str, int] = field(default_factory=dict)  # highest applied version acked
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -83,7 +97,11 @@ class History:
                     "decode", f"{node}: snapshot on {subject} does not decode: {e}", event
                 )
                 return
-            self.published(node, head.version, head.digest)
+            with self._lock:
+                self.checks += 1
+                if head.node != node:
+                    self._violate("subject", f"snapshot for node {head.node!r} on {subject}", event)
+            self.published(node, head.version, head.digest, [t.mac for t in head.taps])
         elif subject.startswith(_ACK):
             node = subject[len(_ACK) :]
             try:
@@ -93,9 +111,20 @@ class History:
                 return
             self.acked(node, ack)
 
-    def published(self, node: str, version: int, digest: str) -> None:
+    def published(self, node: str, version: int, digest: str, macs=()) -> None:
         with self._lock:
             seen = self.publications.setdefault(node, {})
+            self.checks += 1
+            last = self._last_published.get(node, -1)
+            if version < last:
+                self._violate(
+                    "monotonic",
+                    f"{node}: published version {version} after {last}",
+                    (node, version, digest),
+                )
+            self._last_published[node] = max(last, version)
+            for mac in macs:
+                self.first_with_mac.setdefault((node, mac), version)
             self.checks += 1
             if seen.get(version, digest) != digest:  # a version names one content, always
                 self._violate(
@@ -195,6 +224,28 @@ class History:
                 raise AssertionError(self.violations[-1].message)
             await asyncio.sleep(poll)
 
+    async def wait_acked_mac(self, node: str, mac: str, timeout: float, poll: float = 0.005):
+        """The first ok ack of ``node`` applying a version at or past the first published for
+        it with a tap of ``mac``, as soon as it is recorded (polled every ``poll`` s)."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            with self._lock:
+                wanted = self.first_with_mac.get((node, mac))
+                acks = self.acks.get(node, [])
+                fresh, seen = acks[seen:], len(acks)
+            for ack in fresh if wanted is not None else ():
+                if ack.ok and ack.applied_version >= wanted:
+                    return ack
+            if wanted is None:
+                seen = 0  # not published yet: every ack so far is older
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{node}: no ack of the version carrying {mac} (first: {wanted}) within "
+                    f"{timeout}s; last ack {_ack_text(acks[-1] if acks else None)}"
+                )
+            await asyncio.sleep(poll)
+
     def assert_ok(self) -> None:
         if self.violations:
             lines = [f"[{v.invariant}] {v.message}" for v in self.violations[:20]]
@@ -226,35 +277,64 @@ def _ack_text(ack: Ack | None) -> str:
     return f"version {ack.version} applied {ack.applied_version} ok {ack.ok} digest {ack.digest}"
 
 
+@dataclass
+class DeliveryOrder:
+    """Per node, the versions of the snapshots the proxy delivered to its agent, in delivery
+    order; ``late`` counts those that arrived after a newer one (reordering that happened)."""
+
+    delivered: dict[str, list[int]] = field(default_factory=dict)
+    late: int = 0
+
+    def observe(self, event) -> None:
+        if event.direction != "to_client" or not event.subject.startswith(_DESIRED):
+            return
+        with contextlib.suppress(msgspec.MsgspecError):
+            version = decode(_body(event.payload), _Head).version
+            versions = self.delivered.setdefault(event.subject[len(_DESIRED) :], [])
+            if versions and version < max(versions):
+                self.late += 1
+            versions.append(version)
+
+
 # --- acknowledged intent -------------------------------------------------------------------------
 
 
 @dataclass
 class IntentLedger:
     """API writes the controller acknowledged (it answered with success), in order. Only the
-    final effect per object counts: a network created then deleted must be absent."""
+    final effect per object counts: a network created then deleted must be absent. Call
+    ``unknown(id)`` before a write that may time out (a NIC id or network name); the write's
+    own record, once acknowledged, makes the outcome known again."""
 
     networks: dict[str, bool] = field(default_factory=dict)  # name → exists
     nics: dict[str, tuple[str, str, bool]] = field(
         default_factory=dict
     )  # id → network, node, attached
     writes: int = 0
+    uncertain: set[str] = field(default_factory=set)  # last write's outcome unknown
+
+    def unknown(self, key: str) -> None:
+        self.uncertain.add(key)
 
     def network_created(self, name: str) -> None:
         self.networks[name] = True
-        self.writes += 1
+        self._known(name)
 
     def network_deleted(self, name: str) -> None:
         self.networks[name] = False
-        self.writes += 1
+        self._known(name)
 
     def nic_attached(self, nic_id: str, network: str, node: str) -> None:
         self.nics[nic_id] = (network, node, True)
-        self.writes += 1
+        self._known(nic_id)
 
     def nic_detached(self, nic_id: str) -> None:
         network, node, _ = self.nics.get(nic_id, ("", "", True))
         self.nics[nic_id] = (network, node, False)
+        self._known(nic_id)
+
+    def _known(self, key: str) -> None:
+        self.uncertain.discard(key)
         self.writes += 1
 
     async def verify(self, api) -> list[str]:
@@ -263,12 +343,16 @@ class IntentLedger:
         nics = {i.nic.id: i.nic for i in await api.nic_list()}
         lost = []
         for name, exists in sorted(self.networks.items()):
+            if name in self.uncertain:
+                continue
             if exists and name not in networks:
                 lost.append(f"network {name}: creation acknowledged, missing from intent")
             elif not exists and name in networks:
                 lost.append(f"network {name}: deletion acknowledged, still in intent")
         for nic_id, (network, node, attached) in sorted(self.nics.items()):
             nic = nics.get(nic_id)
+            if nic_id in self.uncertain:
+                continue
             if attached and nic is None:
                 lost.append(f"nic {nic_id} ({network}, {node}): attach acknowledged, missing")
             elif attached and (nic.network, nic.node) != (network, node):

@@ -5,10 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lab.invariants import History, IntentLedger
+from lab.invariants import DeliveryOrder, History, IntentLedger
 from schemas import naming
 from schemas.codec import encode
-from schemas.desired import Snapshot
+from schemas.desired import Snapshot, Tap
 from schemas.messages import Ack
 
 
@@ -26,7 +26,7 @@ def test_a_clean_history_has_no_violation_and_counts_its_checks():
         h.acked("n1", ack(v))
     h.acked("n1", ack(3))  # a duplicated ack changes nothing
     h.assert_ok()
-    assert h.checks == 3 + 4 * 3
+    assert h.checks == 2 * 3 + 4 * 3
     assert h.converged("n1")
 
 
@@ -72,13 +72,14 @@ def test_an_ok_ack_with_another_digest_and_a_republished_version_with_another_ar
     assert [v.invariant for v in h.violations] == ["digest", "published"]
 
 
+def frame(subject, payload, direction="to_server", op="PUB"):
+    return SimpleNamespace(identity="x", direction=direction, op=op, subject=subject,
+                           reply=None, payload=payload, fate="pass")  # fmt: skip
+
+
 def test_observe_reads_the_proxys_frames_and_ignores_the_rest():
     h = History()
     snap = Snapshot(node="n1", version=3, digest="d3")
-
-    def frame(subject, payload, direction="to_server", op="PUB"):
-        return SimpleNamespace(identity="x", direction=direction, op=op, subject=subject,
-                               reply=None, payload=payload, fate="pass")  # fmt: skip
 
     h.observe(frame(naming.desired_subject("n1"), encode(snap)))
     h.observe(frame(naming.desired_subject("n1"), encode(snap), direction="to_client", op="MSG"))
@@ -152,3 +153,57 @@ async def test_the_ledger_names_each_acknowledged_write_the_intent_lost():
         f"nic {'c' * 32}: detach acknowledged, still attached",
     ]
     assert ledger.writes == 8
+
+
+def test_published_versions_never_go_down_and_a_snapshot_names_its_subjects_node():
+    h = History()
+    h.published("n1", 5, "d5")
+    h.published("n1", 5, "d5")  # the heartbeat's republication
+    h.assert_ok()
+    h.published("n1", 4, "d4")
+    assert [v.invariant for v in h.violations] == ["monotonic"]
+    h.observe(frame(naming.desired_subject("n2"), encode(Snapshot(node="n1", version=9))))
+    assert [v.invariant for v in h.violations] == ["monotonic", "subject"]
+
+
+async def test_wait_acked_mac_returns_the_first_ack_of_the_version_that_carried_the_nic():
+    h = History()
+    tap = Tap(name="ot1", bridge="otb1", mtu=1390, mac="02:00:00:00:00:01", ip="10.0.0.5")
+    h.acked("n1", ack(1, digest="d1"))  # before the NIC existed: never the answer
+    for v, taps in ((1, ()), (2, (tap,)), (3, (tap,))):
+        snap = Snapshot(node="n1", version=v, digest=f"d{v}", taps=taps)
+        h.observe(frame(naming.desired_subject("n1"), encode(snap)))
+    assert h.first_with_mac == {("n1", tap.mac): 2}
+    h.acked("n1", ack(2, applied=1, ok=False))  # failed: not applied
+
+    async def later():
+        await asyncio.sleep(0.05)
+        h.acked("n1", ack(3))
+
+    task = asyncio.create_task(later())
+    assert (await h.wait_acked_mac("n1", tap.mac, timeout=1)).applied_version == 3
+    await task
+    with pytest.raises(AssertionError, match="no ack of the version carrying"):
+        await h.wait_acked_mac("n2", tap.mac, timeout=0.05)
+
+
+def test_delivery_order_counts_snapshots_delivered_after_a_newer_one():
+    order = DeliveryOrder()
+    for node, v in (("n1", 1), ("n1", 3), ("n2", 1), ("n1", 2), ("n1", 3), ("n1", 1)):
+        payload = encode(Snapshot(node=node, version=v))
+        order.observe(frame(naming.desired_subject(node), payload, "to_client", "MSG"))
+    order.observe(frame(naming.desired_subject("n1"), encode(Snapshot(node="n1", version=0))))
+    assert order.delivered == {"n1": [1, 3, 2, 3, 1], "n2": [1]} and order.late == 2
+
+
+async def test_the_ledger_does_not_judge_a_write_whose_outcome_is_unknown():
+    ledger = IntentLedger()
+    ledger.nic_attached("a" * 32, "ov", "n1")
+    ledger.network_created("tmp")
+    ledger.unknown("a" * 32)  # its detach timed out
+    ledger.unknown("tmp")  # its delete timed out
+    ledger.unknown("b" * 32)
+    assert await ledger.verify(FakeApi(set(), {})) == []
+    ledger.nic_detached("a" * 32)  # a later acknowledged write: known again
+    after = await ledger.verify(FakeApi(set(), {"a" * 32: ("ov", "n1")}))
+    assert after == [f"nic {'a' * 32}: detach acknowledged, still attached"]  # tmp: still unknown
