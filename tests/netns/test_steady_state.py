@@ -15,13 +15,15 @@ import pytest
 
 from agent.kernel_events import KernelEvents
 from agent.links.applier import LinkApplier
+from agent.links.model import FdbAction, Observed
 from agent.links.netlink import NetlinkLinks
+from agent.links.plan import advance
 from agent.netlink_thread import NetlinkThread
 from agent.nft.applier import NftApplier
-from agent.runner import Agent, AgentConfig
+from agent.runner import Agent, AgentConfig, _echoes
 from controller.compute import snapshot_digest
 from schemas.codec import encode
-from schemas.desired import Bridge, Tap
+from schemas.desired import Bridge, FdbEntry, Tap
 from tests.unit.test_subsystems import AGENT_SNAP, TAP, VX, FakeNats
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
@@ -164,3 +166,68 @@ async def test_a_foreign_device_changing_does_not_cost_a_full_reconcile(node):
     dumps = kernel.dumps
     assert (await agent.handle(RAW)).changes == 0
     assert kernel.dumps == dumps
+
+
+# --- FDB writes known without a dump: links.plan.advance and the echoes of our own writes ---
+
+REMOTE = "100.64.0.2"
+
+
+def fdb_snap(macs: dict[str, str], tap_mac: str | None = None):
+    """The overlay with these remote MACs (and the flood entry); validation is not the point
+    here, the kernel's answer to our FDB writes is."""
+    vx = msgspec.structs.replace(
+        SNAP.vxlans[0],
+        fdb=(FdbEntry(mac="00:00:00:00:00:00", dst=REMOTE),)
+        + tuple(FdbEntry(mac=m, dst=d) for m, d in macs.items()),
+    )
+    taps = (msgspec.structs.replace(SNAP.taps[0], mac=tap_mac or ""), *SNAP.taps[1:])
+    return msgspec.structs.replace(SNAP, vxlans=(vx,), taps=taps)
+
+
+def normal(o: Observed) -> tuple:
+    def drop_empty(d):
+        return {k: v for k, v in d.items() if v}
+
+    return o.links, *map(drop_empty, (o.fdb, o.learned, o.port_fdb, o.port_learned))
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "tap_mac"),
+    [
+        ({"02:00:00:00:00:01": REMOTE}, {"02:00:00:00:00:01": REMOTE, "02:00:00:00:00:02": REMOTE}, None),
+        ({"02:00:00:00:00:01": REMOTE, "02:00:00:00:00:02": REMOTE}, {"02:00:00:00:00:01": REMOTE}, None),
+        ({"02:00:00:00:00:01": REMOTE}, {"02:00:00:00:00:01": "100.64.0.3"}, None),  # dst moves
+        ({"02:00:00:00:00:01": REMOTE}, {}, "02:00:00:00:00:01"),  # the NIC moves here
+    ],
+    ids=["added", "removed", "moved to another node", "moved to a local tap"],
+)  # fmt: skip
+async def test_fdb_writes_are_known_without_a_dump(node, before, after, tap_mac):
+    ns, agent, _, monitor = node
+    links = agent.links
+    first = fdb_snap(before)
+    await links.reconcile(first)
+    seen = await links.observe()
+    monitor.know(link.index for link in seen.links.values())
+    monitor.drain()
+    plan = links.plan(fdb_snap(after, tap_mac), seen)
+    assert plan.actions and all(isinstance(a, FdbAction) for a in plan.actions), plan.actions
+    result = await links.apply(plan)
+    assert not result.errors and result.writes == len(plan.actions)
+    echoes = _echoes(plan)
+    assert echoes is not None and monitor.drain(echoes) is False  # only our own writes
+    assert normal(advance(seen, plan.actions)) == normal(await links.observe())
+
+
+async def test_a_foreign_fdb_write_among_our_echoes_is_still_seen(node):
+    ns, agent, _, monitor = node
+    links = agent.links
+    await links.reconcile(fdb_snap({"02:00:00:00:00:01": REMOTE}))
+    seen = await links.observe()
+    monitor.know(link.index for link in seen.links.values())
+    monitor.drain()
+    plan = links.plan(fdb_snap({"02:00:00:00:00:01": REMOTE, "02:00:00:00:00:02": REMOTE}), seen)
+    await links.apply(plan)
+    sh(ns, "bridge", "fdb", "append", "02:00:00:00:00:99", "dev", VX, "dst", "100.64.0.9",
+       "self", "permanent")  # fmt: skip
+    assert monitor.drain(_echoes(plan)) is True
