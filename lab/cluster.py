@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import msgspec
@@ -70,6 +71,7 @@ class LabState(msgspec.Struct, kw_only=True):
     nats_servers: int = 1
     nats_ports: list[int] = []
     route_ports: list[int] = []
+    monitor_ports: list[int] = []  # each server's HTTP monitoring, on loopback (/connz)
 
 
 def free_port() -> int:
@@ -124,6 +126,7 @@ class Lab:
             ports = [self.state.nats_port] + [free_port() for _ in range(nats_servers - 1)]
             self.state.nats_ports = ports
             self.state.route_ports = [free_port() for _ in ports]
+            self.state.monitor_ports = [free_port() for _ in ports]
         self.faults: FaultProxy | None = None  # the in-process proxy (tests), see start_faults
         self.health_interval = health_interval
         self.nc: Client | None = None
@@ -346,7 +349,9 @@ class Lab:
         name = self.nats_server_name(index)
         conf = bus_files.server_conf_file(self.bus_dir, name)
         store = self.state_dir / f"jetstream-{index}"
-        argv = [nats_server_binary(), "-c", str(conf), "-js", "-sd", str(store), "-n", name]
+        monitor = str(self.state.monitor_ports[index - 1])  # on the listen address: loopback
+        argv = [nats_server_binary(), "-c", str(conf), "-js", "-sd", str(store), "-n", name,
+                "-m", monitor]  # fmt: skip
         proc = await spawn(argv, state_dir=self.state_dir, name=f"nats-{index}")
         port = self.state.nats_ports[index - 1]
         await _wait_port(port, proc, self.state_dir / f"nats-{index}.log")
@@ -372,13 +377,26 @@ class Lab:
                 return i
         raise LabError(f"{name!r} is not a server of this lab")
 
-    async def stream_info(self, bucket: str = "otherix") -> dict:
+    async def nats_server_of(self, client: str) -> int | None:
+        """The index of the server the connection named ``client`` is on (its /connz), if any:
+        ``otherix-agent-<node>``, ``<prefix>-controller``."""
+        for i, port in enumerate(self.state.monitor_ports, 1):
+            url = f"http://127.0.0.1:{port}/connz?limit=4096"
+            try:
+                conns = await asyncio.to_thread(_get_json, url)
+            except OSError:
+                continue  # that server is down
+            if any(c.get("name") == client for c in conns.get("connections") or []):
+                return i
+        return None
+
+    async def stream_info(self, bucket: str = "otherix", timeout: float = 5.0) -> dict:
         """JetStream's own view of the intent stream (``$JS.API.STREAM.INFO.KV_<bucket>``):
         ``cluster.leader`` and ``cluster.replicas`` among others. Asked as the controller, the
         one identity allowed on JetStream's API."""
         nc = await self.nats_client("controller", connect_timeout=2, allow_reconnect=False)
         try:
-            msg = await nc.request(f"$JS.API.STREAM.INFO.KV_{bucket}", b"", timeout=5)
+            msg = await nc.request(f"$JS.API.STREAM.INFO.KV_{bucket}", b"", timeout=timeout)
         finally:
             await nc.close()
         info = json.loads(msg.data)
@@ -386,13 +404,18 @@ class Lab:
             raise LabError(f"stream KV_{bucket}: {info['error']}")
         return info
 
-    async def stream_leader(self, bucket: str = "otherix", timeout: float = 20.0) -> int:
-        """The index of the server leading the intent stream, once there is a leader."""
+    async def stream_leader(
+        self, bucket: str = "otherix", timeout: float = 20.0, other_than: int | None = None
+    ) -> int:
+        """The index of the server leading the intent stream, once there is a leader (one
+        other than server ``other_than``, e.g. a server just killed)."""
         deadline = time.monotonic() + timeout
         while True:
-            with contextlib.suppress(LabError, nats.errors.Error, TimeoutError):
-                leader = (await self.stream_info(bucket)).get("cluster", {}).get("leader")
-                if leader:
+            # a server dying under the request resets its connection (OSError)
+            with contextlib.suppress(LabError, nats.errors.Error, TimeoutError, OSError):
+                info = await self.stream_info(bucket, timeout=1.0)
+                leader = info.get("cluster", {}).get("leader")
+                if leader and self.nats_server_index(leader) != other_than:
                     return self.nats_server_index(leader)
             if time.monotonic() > deadline:
                 raise LabError(f"stream KV_{bucket} has no leader after {timeout}s")
@@ -638,6 +661,11 @@ class Lab:
 
     async def exec_node(self, node: str, *argv: str) -> str:
         return await run("ip", "netns", "exec", self.node_netns(node), *argv)
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return json.load(response)
 
 
 async def _wait_port(port: int, proc, log_file: Path, timeout: float = 15.0) -> None:

@@ -98,7 +98,8 @@ async def test_killing_the_intent_stream_leader_mid_churn_loses_no_acknowledged_
         before = len(churn.acked)
         killed_at = time.monotonic()
         await lab.kill_nats_server(leader)
-        await asyncio.sleep(HEARTBEAT * 16)  # churn goes on through the failover
+        new_leader = await lab.stream_leader(other_than=leader)
+        await asyncio.sleep(max(0.0, killed_at + HEARTBEAT * 16 - time.monotonic()))
     finally:
         stop.set()
         await task
@@ -106,8 +107,12 @@ async def test_killing_the_intent_stream_leader_mid_churn_loses_no_acknowledged_
     assert before > 0 and after, f"writes before the kill {before}, after {len(after)}"
     first_ack = after[0] - killed_at
 
-    new_leader = await lab.stream_leader()
-    assert new_leader != leader
+    # who was on the killed server and had to reconnect to a survivor (schemas.bus.Reconnect)
+    moved = [
+        who
+        for who in ["controller", *(f"agent-{n}" for n in NODES)]
+        if "reconnected to the bus" in (lab.state_dir / f"{who}.log").read_text(errors="replace")
+    ]
     # the controller answers from memory: restarted, it answers from what the surviving
     # servers' replicas of the intent stream hold
     await lab.stop_controller()
@@ -131,9 +136,47 @@ async def test_killing_the_intent_stream_leader_mid_churn_loses_no_acknowledged_
     assert not await churn.ledger.verify(api)
     await lab.wait_converged(timeout=30)
     report.add(
-        f"NATS stream leader {leader_name} SIGKILLed mid-churn: seed={seed}, next acknowledged"
-        f" write {first_ack:.2f}s after the kill, {churn.ledger.writes} acknowledged writes"
+        f"NATS stream leader {leader_name} SIGKILLed mid-churn: seed={seed}, the next"
+        f" acknowledged write {first_ack:.2f}s after the kill, {churn.ledger.writes} acknowledged writes"
         f" ({len(after)} after the kill; not acknowledged while failing over:"
         f" {dict(churn.failed) or 'none'}), none lost;"
-        f" new leader {lab.nats_server_name(new_leader)}, the killed server rejoined"
+        f" new leader {lab.nats_server_name(new_leader)}, reconnected to a survivor:"
+        f" {', '.join(moved) or 'none'}; the killed server rejoined"
+    )
+
+
+async def test_killing_the_server_an_agent_is_on_moves_it_to_a_survivor(lab: Lab):
+    """Whichever server the intent stream's leader was, clients must fail over too: kill the
+    server agent n1 is connected to, mid-churn; n1 reconnects to another server (not the dead
+    one again and again), every acknowledged write stays, both nodes converge."""
+    await ensure_network(lab, OVERLAY, "overlay", SUBNET)
+    await ensure_vms(lab, OVERLAY, VMS)
+    client = "otherix-agent-n1"
+    victim = await lab.nats_server_of(client)
+    assert victim is not None, "agent n1 is on no server"
+    churn = Churn(lab, random.SystemRandom().randrange(2**31))
+    stop = asyncio.Event()
+    task = asyncio.create_task(churn.run(stop))
+    try:
+        await asyncio.sleep(HEARTBEAT * 4)
+        killed_at = time.monotonic()
+        await lab.kill_nats_server(victim)
+        while (now_on := await lab.nats_server_of(client)) is None:
+            assert time.monotonic() - killed_at < 15, "agent n1 did not reconnect in 15 s"
+            await asyncio.sleep(0.05)
+        moved = time.monotonic() - killed_at
+        await asyncio.sleep(max(0.0, killed_at + HEARTBEAT * 12 - time.monotonic()))
+    finally:
+        stop.set()
+        await task
+    assert now_on != victim
+    lost = await churn.ledger.verify(await lab.connect())
+    assert not lost, "acknowledged intent lost:\n" + "\n".join(lost)
+    await lab.wait_converged(timeout=30)
+    assert await lab.ping("a1", lab.vms["a2"].ip, count=3, timeout=10), "overlay ping a1 → a2"
+    await lab.start_nats_server(victim)
+    report.add(
+        f"NATS server {lab.nats_server_name(victim)} under agent n1 SIGKILLed mid-churn: n1 on"
+        f" {lab.nats_server_name(now_on)} {moved:.2f}s after the kill,"
+        f" {churn.ledger.writes} acknowledged writes, none lost, converged"
     )
