@@ -5,6 +5,7 @@ The decision (``agent.steady.decide``) is a table; the notification filter
 fake kernel with a stand-in for the notifications, and every kernel read is counted.
 """
 
+import asyncio
 import socket
 import struct
 
@@ -13,12 +14,15 @@ import pytest
 
 from agent.kernel_events import touches_ours
 from agent.links.applier import LinkApplier
+from agent.links.model import Link, Observed
 from agent.runner import Agent, AgentConfig
 from agent.steady import FULL, QUIET, SKIP, decide
 from agent.validate import same_content
+from agent.wireguard import keys as wgkeys
+from agent.wireguard.applier import WireGuardApplier
 from controller.compute import snapshot_digest
 from schemas.codec import encode
-from schemas.desired import Bridge, Tap
+from schemas.desired import Bridge, Tap, WgPeer, WireGuard
 from tests.unit.fake_kernel import FakeKernel
 from tests.unit.test_subsystems import AGENT_SNAP, BR, TAP, FakeNats, FakeNft
 
@@ -251,3 +255,62 @@ async def test_a_failed_heartbeat_is_retried_in_full(tmp_path):
     assert kernel.observes == observes + 1  # not skipped: the same content failed before
     del kernel.fail[("CreateBridge", "otb2000")]
     assert (await agent.handle(encode(bigger))).ok and "otb2000" in kernel.links
+
+
+# --- WireGuard: no notifications, one UAPI read compared as bytes -------------------------------
+
+
+def uapi_answer(private: str, peers, shuffle: bool = False, counters: int = 0) -> bytes:
+    lines = [f"private_key={wgkeys.b64_to_hex(wgkeys.clamp(private))}", "listen_port=51820"]
+    blocks = [
+        [f"public_key={wgkeys.b64_to_hex(p.public_key)}", f"endpoint={p.endpoint}",
+         f"last_handshake_time_sec={counters}", f"rx_bytes={counters * 100}",
+         *(f"allowed_ip={a}" for a in p.allowed_ips)]
+        for p in peers
+    ]  # fmt: skip
+    for block in reversed(blocks) if shuffle else blocks:
+        lines += block
+    return ("\n".join(lines) + "\nerrno=0\n\n").encode()
+
+
+async def test_wireguard_check_reconciles_only_when_the_device_changed(tmp_path):
+    private = wgkeys.generate_private_key()
+    peers = tuple(
+        WgPeer(public_key=wgkeys.public_key(wgkeys.hex_to_b64(f"{i + 1:064x}")),
+               endpoint=f"198.18.0.{i + 2}:51820", allowed_ips=(f"100.64.0.{i + 2}/32",))
+        for i in range(3)
+    )  # fmt: skip
+    desired = WireGuard(name="otwg0", address="100.64.0.1/16", listen_port=51820, mtu=1440,
+                        peers=peers)  # fmt: skip
+    link = Link(name="otwg0", kind="", mtu=1440, up=True, addresses=frozenset({"100.64.0.1/16"}))
+    seen = Observed(links={"otwg0": link})
+    answer = [uapi_answer(private, peers)]
+
+    async def uapi(reader, writer):
+        if await reader.read(64):  # wireguard-go's socket; "alive" probes send nothing
+            writer.write(answer[0])
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(uapi, path=str(tmp_path / "otwg0.sock"))
+    wg = WireGuardApplier(None, private_key=private, backend="userspace", run_dir=tmp_path)  # type: ignore[arg-type]
+    reconciles = []
+
+    async def reconcile(*args, **kwargs):  # what a full reconcile reads, without its writes
+        reconciles.append(args)
+        return await wg.apply(wg.plan(desired, await wg.observe(seen)))
+
+    wg.reconcile = reconcile  # type: ignore[method-assign]
+    try:
+        assert (await wg.check(desired, seen)).writes == 0 and len(reconciles) == 1  # no record
+        # the same device: peers in another order, counters and handshakes moved on
+        answer[0] = uapi_answer(private, peers, shuffle=True, counters=7)
+        for _ in range(3):
+            assert (await wg.check(desired, seen)).writes == 0
+        assert len(reconciles) == 1
+        answer[0] = uapi_answer(private, peers[:2])  # a peer removed by hand
+        assert (await wg.check(desired, seen)).writes == 1  # put back
+        assert len(reconciles) == 2
+    finally:
+        await wg.close()
+        server.close()
