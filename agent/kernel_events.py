@@ -176,6 +176,19 @@ class KernelEvents:
         self._sockets = []
 
 
+class NoDrift:
+    """For an in-memory kernel (hollow agents in benches): nothing changes behind the agent."""
+
+    def drain(self, echoes: Echoes = frozenset()) -> bool:
+        return False
+
+    def know(self, indexes: Iterable[int]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _subscribe() -> list[socket.socket]:
     route = _socket(NETLINK_ROUTE, (RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_IFADDR,
                                     RTNLGRP_IPV4_NETCONF))  # fmt: skip

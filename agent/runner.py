@@ -23,7 +23,7 @@ from nats.aio.client import Client
 
 from agent.announce import Announcer
 from agent.errors import ApplyError, ApplyResult
-from agent.kernel_events import KernelEvents
+from agent.kernel_events import KernelEvents, NoDrift
 from agent.links.applier import LinkApplier
 from agent.links.model import AddPortFdb, DelPortFdb, FdbAction, LinkPlan, Observed
 from agent.links.plan import advance
@@ -62,7 +62,7 @@ class Agent:
         nft: NftApplier,
         wireguard=None,
         announcer: Announcer | None = None,
-        events: KernelEvents | None = None,
+        events: KernelEvents | NoDrift | None = None,
     ):
         self.nc, self.config = nc, config
         self.links, self.nft, self.wireguard = links, nft, wireguard
@@ -359,7 +359,7 @@ class Agent:
             if desired is None:
                 return None, []  # silence never tears down
             if check:  # WireGuard's cheap read for a heartbeat without news
-                result = await sub.check(desired, seen)  # type: ignore[attr-defined]
+                result = await sub.check(desired, seen)
             else:
                 result = await sub.reconcile(desired, seen, quiet=quiet)
         except ApplyError as e:

@@ -43,6 +43,11 @@ class Subsystem(ABC, Generic[D, Obs, P, R]):
         """Held from observe to apply (a subsystem with a background task overrides it)."""
         return contextlib.nullcontext()
 
+    async def check(self, desired: D, seen: Observed | None = None) -> ApplyResult[R]:
+        """A heartbeat without news (``agent.steady``): only a subsystem the kernel does not
+        notify about (WireGuard) is asked, and checks itself here; by default in full."""
+        return await self.reconcile(desired, seen)
+
     async def reconcile(
         self, desired: D, seen: Observed | None = None, *, quiet: bool = False
     ) -> ApplyResult[R]:
