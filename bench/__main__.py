@@ -3,13 +3,14 @@
 import asyncio
 import sys
 
-from bench import attach_ack, fdb_apply, heartbeat, overlay_ping, port_security, scale
+from bench import agent_steady, attach_ack, fdb_apply, heartbeat, overlay_ping, port_security, scale
 from schemas.options import quiet_tls_close
 
 BENCHES = {
     "attach_ack": attach_ack.main,
     "overlay_ping": overlay_ping.main,
     "fdb_apply": fdb_apply.main,
+    "agent_steady": agent_steady.main,
     "heartbeat": heartbeat.main,
     "port_security": port_security.main,
     "scale": scale.main,  # options after the names: see ``bench.scale``
