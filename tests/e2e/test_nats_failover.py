@@ -11,14 +11,17 @@ and the killed server, restarted on its store, rejoins the stream as a current r
 """
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
 
+import nats
 import pytest
 
 from lab.cluster import Lab
 from lab.invariants import IntentLedger
+from lab.netns import LabError
 from schemas.errors import ApiError
 from tests.chaos import report
 from tests.e2e.helpers import ensure_network, ensure_vms, lab_fixture, warm_up
@@ -33,6 +36,9 @@ HEARTBEAT = 0.5
 NODES = ["n1", "n2"]
 OVERLAY, SUBNET = "ov", "10.80.0.0/24"
 VMS = {"a1": "n1", "a2": "n2"}
+# Bounds, not performance claims: the figures are printed. On a loaded 2-core machine a failover
+# took up to twice as long as when idle.
+FAILOVER_BOUND = 60.0
 
 lab = lab_fixture(nodes=len(NODES), mesh=True, heartbeat=HEARTBEAT, nats_servers=3)
 
@@ -71,6 +77,15 @@ class Churn:
             self.nics[vm] = nic.id
         self.acked.append(time.monotonic())
 
+    async def acked_since(self, since: float, count: int, at_least: float) -> None:
+        """Until ``count`` writes were acknowledged after ``since`` and ``at_least`` seconds have
+        passed since then (churn goes on meanwhile); FAILOVER_BOUND at most."""
+        while time.monotonic() < since + FAILOVER_BOUND:
+            done = sum(t > since for t in self.acked) >= count
+            if done and time.monotonic() >= since + at_least:
+                return
+            await asyncio.sleep(0.1)
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
@@ -98,8 +113,8 @@ async def test_killing_the_intent_stream_leader_mid_churn_loses_no_acknowledged_
         before = len(churn.acked)
         killed_at = time.monotonic()
         await lab.kill_nats_server(leader)
-        new_leader = await lab.stream_leader(other_than=leader)
-        await asyncio.sleep(max(0.0, killed_at + HEARTBEAT * 16 - time.monotonic()))
+        new_leader = await lab.stream_leader(other_than=leader, timeout=FAILOVER_BOUND)
+        await churn.acked_since(killed_at, count=6, at_least=HEARTBEAT * 16)
     finally:
         stop.set()
         await task
@@ -125,9 +140,10 @@ async def test_killing_the_intent_stream_leader_mid_churn_loses_no_acknowledged_
 
     # the killed server comes back on its store and catches up as a replica of the stream
     await lab.start_nats_server(leader)
-    deadline = time.monotonic() + 30
+    deadline, cluster = time.monotonic() + FAILOVER_BOUND, {}
     while True:
-        cluster = (await lab.stream_info())["cluster"]
+        with contextlib.suppress(nats.errors.Error, TimeoutError, OSError, LabError):
+            cluster = (await lab.stream_info(timeout=2.0))["cluster"]
         peers = {r["name"]: r for r in cluster.get("replicas", [])}
         if leader_name in peers and peers[leader_name].get("current"):
             break
@@ -162,10 +178,10 @@ async def test_killing_the_server_an_agent_is_on_moves_it_to_a_survivor(lab: Lab
         killed_at = time.monotonic()
         await lab.kill_nats_server(victim)
         while (now_on := await lab.nats_server_of(client)) is None:
-            assert time.monotonic() - killed_at < 15, "agent n1 did not reconnect in 15 s"
+            assert time.monotonic() - killed_at < 30, "agent n1 did not reconnect in 30 s"
             await asyncio.sleep(0.05)
         moved = time.monotonic() - killed_at
-        await asyncio.sleep(max(0.0, killed_at + HEARTBEAT * 12 - time.monotonic()))
+        await churn.acked_since(killed_at, count=4, at_least=HEARTBEAT * 12)
     finally:
         stop.set()
         await task
