@@ -30,7 +30,7 @@ from agent.links.plan import advance
 from agent.logs import FailureLog, NodeLog
 from agent.nft.applier import NftApplier
 from agent.state import AppliedState, load_applied, save_applied
-from agent.steady import FULL, QUIET, SKIP, decide
+from agent.steady import FULL, QUIET, SKIP, decide, same_snapshot
 from agent.subsystem import Subsystem
 from agent.validate import Rejected, accept, same_content
 from client.api import ApiClient, ApiError
@@ -232,13 +232,10 @@ class Agent:
 
     async def handle(self, raw: bytes) -> Ack:
         last_raw, last = self._last or (None, None)
-        same = self.events is not None and same_content(raw, last_raw, last)
+        if self.events is not None and last is not None and same_content(raw, last_raw, last):
+            return await self.apply_snapshot(last, raw, same=True)  # no decode, no validation
         try:
-            snap = (
-                last
-                if same and last is not None
-                else accept(raw, self.config.node, self.applied.version, known=last)
-            )
+            snap = accept(raw, self.config.node, self.applied.version, known=last)
         except Rejected as e:
             self.counters["rejected"] += 1
             self.last_error = str(e)
@@ -253,6 +250,17 @@ class Agent:
             )
             await self._ack(ack)
             return ack
+        return await self.apply_snapshot(snap, raw, same=False)
+
+    async def apply_snapshot(
+        self, snap: Snapshot, raw: bytes | None = None, same: bool | None = None
+    ) -> Ack:
+        """Reconcile an accepted snapshot as much as this heartbeat needs (``agent.steady``),
+        then ack. ``same``: it carries the content last reconciled cleanly; None: compare its
+        version and digest (for a snapshot assembled from several messages)."""
+        if same is None:
+            last = self._last[1] if self._last else None
+            same = self.events is not None and same_snapshot(snap, last)
         started = time.perf_counter()
         mode, reason = decide(
             same_content=same,

@@ -17,6 +17,8 @@ UAPI or genetlink read, proportional to the peers, not the FDB), so a removed pe
 on the next heartbeat either way. This module only decides; the runner does the work.
 """
 
+from schemas.desired import Snapshot
+
 # at a 1 s heartbeat: a full resync at least every two minutes (Calico Felix refreshes its
 # routes every 90 s), about 1 ms per heartbeat amortised at 10,000 FDB entries
 RESYNC_EVERY = 120
@@ -24,6 +26,15 @@ RESYNC_EVERY = 120
 SKIP = "skip"  # nothing to do but the WireGuard check
 QUIET = "quiet"  # new content: plan against the kernel state last observed (it has not changed)
 FULL = "full"  # read the whole kernel state and plan against it
+
+
+def same_snapshot(snap: Snapshot, last: Snapshot | None) -> bool:
+    """``snap`` has the content of ``last`` (the controller's digest covers all content)."""
+    return (
+        last is not None
+        and bool(snap.digest)
+        and (snap.node, snap.version, snap.digest) == (last.node, last.version, last.digest)
+    )
 
 
 def decide(

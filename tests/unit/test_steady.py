@@ -16,7 +16,7 @@ from agent.kernel_events import touches_ours
 from agent.links.applier import LinkApplier
 from agent.links.model import Link, Observed
 from agent.runner import Agent, AgentConfig
-from agent.steady import FULL, QUIET, SKIP, decide
+from agent.steady import FULL, QUIET, SKIP, decide, same_snapshot
 from agent.validate import same_content
 from agent.wireguard import keys as wgkeys
 from agent.wireguard.applier import WireGuardApplier
@@ -314,3 +314,17 @@ async def test_wireguard_check_reconciles_only_when_the_device_changed(tmp_path)
     finally:
         await wg.close()
         server.close()
+
+
+async def test_an_assembled_snapshot_is_compared_by_version_and_digest(tmp_path):
+    """After the per-node head message lands, snapshots may be assembled from several
+    messages: no raw bytes to compare, the digest decides."""
+    assert same_snapshot(SNAP, SNAP) and not same_snapshot(SNAP, None)
+    assert not same_snapshot(msgspec.structs.replace(SNAP, digest=""), SNAP)
+    assert not same_snapshot(msgspec.structs.replace(SNAP, version=SNAP.version + 1), SNAP)
+    agent, kernel, _, _ = agent_on_fakes(tmp_path)
+    await converge(agent)
+    observes = kernel.observes
+    for _ in range(3):
+        assert (await agent.apply_snapshot(msgspec.structs.replace(SNAP))).changes == 0
+    assert kernel.observes == observes and agent.counters["skipped"] == 3
