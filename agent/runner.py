@@ -6,10 +6,12 @@ against what the kernel has *now* (``agent.subsystem``: observe → plan → app
 which version the data plane holds; its error text is built here, from the typed errors.
 Silence from the controller changes nothing: the data plane keeps its last good state.
 
-The steady state: a heartbeat that carries the content last reconciled cleanly, while the
-kernel's notifications (``agent.kernel_events``) show nothing of ours changed, skips the full
-reconcile (``agent.steady`` decides) and only checks WireGuard, which has no notifications: no
-decode, no validation, no kernel dump, no write. Health counts skipped and full heartbeats.
+The steady state (``agent.steady`` decides): while the kernel's notifications
+(``agent.kernel_events``) show nothing of ours changed since the last full read of the kernel, a
+heartbeat with the content last reconciled is skipped (no decode, no validation, no dump, no
+write; only WireGuard, which has no notifications, is read), and a new snapshot is planned
+against that read; FDB-only writes are then known from their echoes (``links.plan.advance``)
+instead of read back. Health counts heartbeats skipped (no full read) and full ones.
 """
 
 import asyncio
