@@ -5,8 +5,10 @@ high-water mark), ``generation.nodes`` (every node's version, saved now and then
 only). The controller keeps the whole intent in memory and writes through; a restart reloads it
 with ``load()``. The bucket's
 durability comes from the server (JetStream file storage, ``sync_interval: always`` in the
-shipped server config). It never validates or decides: callers write only what passed
-``controller.ops``, and the versions' mark only through ``controller.publisher``.
+shipped server config) and, on a cluster, from ``replicas=3``: JetStream acknowledges a put only
+once a majority of the replicas stored it, so losing any one server loses no acknowledged write.
+It never validates or decides: callers write only what passed ``controller.ops``, and the
+versions' mark only through ``controller.publisher``.
 """
 
 import logging
@@ -49,6 +51,10 @@ class Store:
                     description="Otherix networking intent",
                 )
             )
+        else:
+            have = (await kv.status()).stream_info.config.num_replicas or 1
+            if have != replicas:  # changing it is an operator's decision (nats stream edit)
+                log.warning("store: bucket %s has %d replica(s), not %d", bucket, have, replicas)
         return cls(kv)
 
     async def load(self) -> tuple[Intent, dict[str, NodeVersion]]:

@@ -212,3 +212,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "netns" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.chaos import report  # the chaos scenarios' figures, one line each
+
+    if report.LINES:
+        terminalreporter.section("chaos scenarios")
+        for line in report.LINES:
+            terminalreporter.write_line(line)
