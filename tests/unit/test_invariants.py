@@ -12,6 +12,7 @@ from schemas import naming
 from schemas.codec import encode
 from schemas.desired import Snapshot, Tap
 from schemas.messages import Ack
+from schemas.wire import SectionGet
 
 
 def head(snap: Snapshot, attached: bool = True) -> bytes:
@@ -81,9 +82,9 @@ def test_an_ok_ack_with_another_digest_and_a_republished_version_with_another_ar
     assert [v.invariant for v in h.violations] == ["digest", "published"]
 
 
-def frame(subject, payload, direction="to_server", op="PUB"):
+def frame(subject, payload, direction="to_server", op="PUB", reply=None):
     return SimpleNamespace(identity="x", direction=direction, op=op, subject=subject,
-                           reply=None, payload=payload, fate="pass")  # fmt: skip
+                           reply=reply, payload=payload, fate="pass")  # fmt: skip
 
 
 def test_observe_reads_the_proxys_frames_and_ignores_the_rest():
@@ -199,6 +200,25 @@ async def test_wait_acked_mac_returns_the_first_ack_of_the_version_that_carried_
     await task
     with pytest.raises(AssertionError, match="no ack of the version carrying"):
         await h.wait_acked_mac("n2", tap.mac, timeout=0.05)
+
+
+def test_a_nic_is_also_found_in_a_fetched_node_section():
+    """The change's HEAD never left (a controller killed before sending it): the tap reaches
+    the node through section.get; its version is the first HEAD naming that node section."""
+    h = History()
+    tap = Tap(name="ot1", bridge="otb1", mtu=1390, mac="02:00:00:00:00:01", ip="10.0.0.5")
+    whole = head_for(Snapshot(node="n1", version=4, digest="d4", taps=(tap,)))
+    node_section = next(s for s in whole.sections if s.name == "node")
+    bare = msgspec.structs.replace(whole, version=7, digest="d7", sections=())
+    h.observe(frame(naming.desired_subject("n1"), encode(bare)))
+    assert h.first_with_mac == {}
+    get = naming.node_api_subject("section.get", "n1")
+    h.observe(frame(get, encode(SectionGet(name="n1", section="node")), reply="_INBOX.k.1"))
+    h.observe(frame("_INBOX.k.2", encode(node_section)))  # not a reply to a section.get
+    assert h.first_with_mac == {}
+    h.observe(frame("_INBOX.k.1", encode(node_section)))
+    assert h.first_with_mac == {("n1", tap.mac): 7}
+    h.assert_ok()
 
 
 def test_delivery_order_counts_snapshots_delivered_after_a_newer_one():
