@@ -7,6 +7,7 @@ digests and batch; the peer diff) and replace only the writes. Owns nothing else
 touches the kernel, and nothing on the path a user runs uses it.
 """
 
+import inspect
 from pathlib import Path
 
 from agent.errors import ApplyResult
@@ -113,4 +114,15 @@ def hollow_agent(nc, node: Node, state_dir: Path) -> Agent:
         LinkApplier(FakeKernel()),
         MemoryNft(node.name),
         MemoryWireGuard(node.wg_public_key),
+        **_no_drift(),
     )
+
+
+def _no_drift() -> dict:
+    """An agent that takes kernel notifications gets "nothing changes behind you" (true of an
+    in-memory kernel), so it runs its shipped steady-state path; older agents take none."""
+    try:
+        from agent.kernel_events import NoDrift
+    except ImportError:
+        return {}
+    return {"events": NoDrift()} if "events" in inspect.signature(Agent).parameters else {}

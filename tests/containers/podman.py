@@ -5,7 +5,8 @@ made once and kept under its tag), the project image built on it from the Docker
 project under a unique name with ``compose.yaml`` copied into a directory of the test's, and
 removing everything that project made (containers, pods, volumes, networks) by its label.
 Every podman call reads ``deploy/containers.conf`` through CONTAINERS_CONF, never the host's.
-Never removes an image or anything labelled with another project; never touches a namespace.
+Never removes a tagged image (only the untagged one a rebuild leaves) nor anything labelled
+with another project; never touches a namespace.
 """
 
 import os
@@ -28,11 +29,11 @@ def podman_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF), **extra}
 
 
-def run(*argv, env=None, timeout: float = 120.0, check: bool = True, input=None) -> str:
+def run(*argv, env=None, timeout: float = 120.0, check: bool = True) -> str:
     """argv's stdout; on failure an AssertionError with the command and what it printed."""
     proc = subprocess.run(
         [str(a) for a in argv], env=env or podman_env(), capture_output=True, text=True,
-        timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL,
+        timeout=timeout, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(
