@@ -342,3 +342,24 @@ async def test_an_assembled_snapshot_is_compared_by_version_and_digest(tmp_path)
     for _ in range(3):
         assert (await agent.apply_snapshot(msgspec.structs.replace(SNAP))).changes == 0
     assert kernel.observes == observes and agent.counters["skipped"] == 3
+
+
+async def test_an_unchanged_heartbeats_head_is_neither_assembled_nor_validated(
+    tmp_path, monkeypatch
+):
+    """The heartbeat's HEAD (no sections attached, another timestamp) has the content last
+    reconciled: skipped on node, version and digest, before any assembly or validation."""
+    agent, kernel, _, _ = agent_on_fakes(tmp_path)
+    await converge(agent)
+    beat = encode(msgspec.structs.replace(head_for(SNAP), sections=(), published_at=9.0))
+    agent.assembler = None  # type: ignore[assignment]  # anything that assembles fails
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr("agent.runner.check_snapshot", no_validation)
+    observes = kernel.observes
+    for _ in range(3):
+        ack = await agent.handle(beat)
+        assert ack.ok and ack.version == SNAP.version and ack.digest == SNAP.digest
+    assert kernel.observes == observes and agent.counters["skipped"] == 3
