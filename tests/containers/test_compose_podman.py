@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -29,6 +30,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.containers, pytest.mark.timeout(900
 
 UNDERLAY_IP = "198.18.0.11"  # RFC 2544 benchmarking range, as in the lab; never routed
 NODE = "node1"
+# netavark turns the host's IPv4 forwarding on for the compose network, and a new namespace
+# copies the host's setting on this kernel: later tests' nodes would start forwarding
+HOST_FORWARDING = Path("/proc/sys/net/ipv4/ip_forward")
 
 
 def free_port() -> int:
@@ -75,6 +79,7 @@ def stack(image, host_netns, tmp_path):
             "OTHERIX_NODE": NODE,
         },
     )
+    forwarding = HOST_FORWARDING.read_text()
     ready = tmp_path / "relay.ready"
     relay = subprocess.Popen(
         [sys.executable, "-m", "lab.relay", "--target", f"127.0.0.1:{port}",
@@ -97,6 +102,7 @@ def stack(image, host_netns, tmp_path):
         compose.remove_everything()
         relay.terminate()
         relay.wait(10)
+        HOST_FORWARDING.write_text(forwarding)
 
 
 class Stack(NamedTuple):

@@ -24,7 +24,7 @@ from lab.invariants import IntentLedger
 from lab.netns import LabError
 from schemas.errors import ApiError
 from tests.chaos import report
-from tests.e2e.helpers import ensure_network, ensure_vms, lab_fixture, warm_up
+from tests.e2e.helpers import ensure_network, ensure_vms, eventually, lab_fixture, warm_up
 
 pytestmark = [
     pytest.mark.netns,
@@ -43,10 +43,22 @@ FAILOVER_BOUND = 60.0
 lab = lab_fixture(nodes=len(NODES), mesh=True, heartbeat=HEARTBEAT, nats_servers=3)
 
 
+async def overlay_ping(lab: Lab) -> None:
+    """a1 (n1) reaches a2 (n2) across the overlay; retried, since on a saturated 2-core machine
+    (load average above 100 seen) wireguard-go and the taps' frame copiers may miss a second."""
+    await eventually(
+        lambda: lab.ping("a1", lab.vms["a2"].ip, count=1, timeout=3),
+        timeout=30,
+        what="overlay ping a1 → a2",
+    )
+
+
 class Churn:
     """Random API writes, two per heartbeat; the ledger holds those acknowledged, ``acked`` when
     each was (monotonic seconds). A write that failed (the bus was failing over) is skipped: its
-    outcome is unknown and only acknowledged writes are promised."""
+    outcome is unknown, and so is the state of what it touched (a delete whose reply was lost
+    may have happened), so the ledger stops vouching for that object; only acknowledged writes
+    are promised."""
 
     def __init__(self, lab: Lab, seed: int):
         self.lab, self.rng = lab, random.Random(seed)
@@ -61,14 +73,24 @@ class Churn:
         self.serial += 1
         choice = self.rng.choice(["attach", "attach", "detach", "network"])
         if choice == "detach" and self.nics:
-            vm = self.rng.choice(sorted(self.nics))
-            await api.nic_detach(self.nics[vm])
-            self.ledger.nic_detached(self.nics.pop(vm))
+            nic_id = self.nics.pop(self.rng.choice(sorted(self.nics)))
+            try:
+                await api.nic_detach(nic_id)
+            except ApiError:
+                self.ledger.nics.pop(nic_id, None)  # whether it is still attached is unknown
+                raise
+            self.ledger.nic_detached(nic_id)
         elif choice == "network":
             name = f"f{self.serial}"
             await api.network_create(name, "bridge", f"10.81.{self.serial % 250}.0/24")
             self.ledger.network_created(name)
-            await api.network_delete(name, force=True)
+            try:
+                await api.network_delete(name, force=True)
+            except ApiError:
+                # a delete that was not acknowledged may still have happened (its reply lost
+                # with the server): whether the network exists is unknown
+                self.ledger.networks.pop(name, None)
+                raise
             self.ledger.network_deleted(name)
         else:
             vm = f"c{self.serial}"
@@ -136,7 +158,7 @@ async def test_killing_the_intent_stream_leader_mid_churn_loses_no_acknowledged_
     lost = await churn.ledger.verify(api)
     assert not lost, "acknowledged intent lost:\n" + "\n".join(lost)
     await lab.wait_converged(timeout=30)
-    assert await lab.ping("a1", lab.vms["a2"].ip, count=3, timeout=10), "overlay ping a1 → a2"
+    await overlay_ping(lab)
 
     # the killed server comes back on its store and catches up as a replica of the stream
     await lab.start_nats_server(leader)
@@ -189,10 +211,11 @@ async def test_killing_the_server_an_agent_is_on_moves_it_to_a_survivor(lab: Lab
     lost = await churn.ledger.verify(await lab.connect())
     assert not lost, "acknowledged intent lost:\n" + "\n".join(lost)
     await lab.wait_converged(timeout=30)
-    assert await lab.ping("a1", lab.vms["a2"].ip, count=3, timeout=10), "overlay ping a1 → a2"
+    await overlay_ping(lab)
     await lab.start_nats_server(victim)
     report.add(
         f"NATS server {lab.nats_server_name(victim)} under agent n1 SIGKILLed mid-churn: n1 on"
         f" {lab.nats_server_name(now_on)} {moved:.2f}s after the kill,"
-        f" {churn.ledger.writes} acknowledged writes, none lost, converged"
+        f" {churn.ledger.writes} acknowledged writes (not acknowledged: {dict(churn.failed) or 'none'}),"
+        f" none lost, converged"
     )
