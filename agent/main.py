@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -13,6 +14,8 @@ from pathlib import Path
 import nats
 import uvloop
 
+from agent.announce import Announcer
+from agent.kernel_events import KernelEvents
 from agent.links.applier import LinkApplier
 from agent.links.netlink import NetlinkLinks
 from agent.netlink_thread import NetlinkThread
@@ -22,7 +25,7 @@ from agent.state import secure_state_dir
 from agent.wireguard.applier import WireGuardApplier
 from agent.wireguard.keys import InvalidKey, load_or_create_private_key
 from schemas import naming
-from schemas.bus import BusConfigError
+from schemas.bus import BusConfigError, Reconnect
 from schemas.options import add_common, connect_kwargs, env, option, setup_logging
 
 log = logging.getLogger("agent")
@@ -118,7 +121,28 @@ async def run(args: argparse.Namespace) -> None:
         netlink.stop()
         sys.exit(f"otherix-agent: {e}")
     kwargs = connect_kwargs(args, f"otherix-agent-{args.node}")
-    nc = await nats.connect(args.nats, **kwargs, max_reconnect_attempts=-1)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # an agent started while nats-server is down keeps trying (back-off with jitter), and a
+    # SIGTERM meanwhile ends it cleanly
+    bus = Reconnect(f"agent {args.node}")
+    connecting = asyncio.ensure_future(nats.connect(args.nats, **kwargs, **bus.kwargs()))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        log.info("agent %s: stopped before reaching the bus; nothing changed", args.node)
+        if wireguard is not None:
+            await wireguard.close()
+        netlink.stop()
+        return
+    stopping.cancel()
+    nc = connecting.result()
+    bus.connected_to(nc)  # and to which server: a lost one is not retried first
     config = AgentConfig(
         node=args.node,
         state_dir=args.state_dir,
@@ -126,18 +150,20 @@ async def run(args: argparse.Namespace) -> None:
         wg_listen_port=args.wg_port,
         health_interval=args.health_interval,
     )
-    agent = Agent(nc, config, links, NftApplier(node=args.node), wireguard)
+    nft = NftApplier(node=args.node)
+    events = KernelEvents.try_open()  # drift seen without reading the kernel every heartbeat
+    agent = Agent(
+        nc, config, links, nft, wireguard, Announcer(args.node, state_dir=config.state_dir), events
+    )
     await agent.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("agent %s: stopping; the data plane stays as it is", args.node)
     await agent.stop()
+    await agent.farewell(timeout=2.0)
     if wireguard is not None:
-        await wireguard.close()
-    await nc.drain()
+        await wireguard.close()  # wireguard-go keeps running: the mesh stays up
+    with contextlib.suppress(Exception):  # bounded: a dead bus must not hold the exit
+        await asyncio.wait_for(nc.drain(), 3.0)
     netlink.stop()
 
 
@@ -151,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     except BusConfigError as e:
         sys.exit(f"otherix-agent: {e}")
     except (OSError, nats.errors.Error) as e:
-        sys.exit(f"otherix-agent: cannot reach NATS at {args.nats}: {e}")
+        sys.exit(f"otherix-agent: cannot reach NATS at {','.join(args.nats)}: {e}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 START_TIMEOUT = 10.0
+# One job (a cold apply of the largest snapshot) takes well under a second; a netlink call that
+# never answers must not hang the apply worker: the job is cancelled and the next heartbeat retries.
+JOB_TIMEOUT = 60.0
 
 
 @dataclass
@@ -77,12 +80,20 @@ class NetlinkThread:
             self._loop = self._thread = None
         log.info("netlink thread stopped")
 
-    async def run(self, job: Callable[[Sockets], Coroutine[Any, Any, T]]) -> T:
-        """Run ``job(sockets)`` in the netlink thread, alone; awaitable from any event loop."""
+    async def run(
+        self, job: Callable[[Sockets], Coroutine[Any, Any, T]], timeout: float = JOB_TIMEOUT
+    ) -> T:
+        """Run ``job(sockets)`` in the netlink thread, alone; awaitable from any event loop.
+        A job still running after ``timeout`` seconds is cancelled (freeing the thread for the
+        next one) and ``TimeoutError`` says so."""
         if self._loop is None:
             raise RuntimeError("netlink thread is not running")
         future = asyncio.run_coroutine_threadsafe(self._locked(job), self._loop)
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"netlink job did not finish within {timeout:g}s; cancelled") from None
 
     async def _locked(self, job: Callable[[Sockets], Coroutine[Any, Any, T]]) -> T:
         assert self._lock is not None and self._sockets is not None

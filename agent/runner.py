@@ -7,6 +7,13 @@ holds or fetches with ``section.get`` (``agent.assemble``) and checked whole
 against what the kernel has *now* (``agent.subsystem``: observe → plan → apply), and an ack says
 which version the data plane holds; its error text is built here, from the typed errors.
 Silence from the controller changes nothing: the data plane keeps its last good state.
+
+The steady state (``agent.steady`` decides): while the kernel's notifications
+(``agent.kernel_events``) show nothing of ours changed since the last full read of the kernel, a
+heartbeat with the content last reconciled is skipped (no decode, no validation, no dump, no
+write; only WireGuard, which has no notifications, is read), and a new snapshot is planned
+against that read; FDB-only writes are then known from their echoes (``links.plan.advance``)
+instead of read back. Health counts heartbeats skipped (no full read) and full ones.
 """
 
 import asyncio
@@ -18,14 +25,19 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
+from agent.announce import Announcer
 from agent.assemble import Assembler, BadSection, complete
-from agent.errors import ApplyError
+from agent.errors import ApplyError, ApplyResult
+from agent.kernel_events import KernelEvents, NoDrift
 from agent.links.applier import LinkApplier
+from agent.links.model import AddPortFdb, DelPortFdb, FdbAction, LinkPlan, Observed
+from agent.links.plan import advance
 from agent.logs import FailureLog, NodeLog
 from agent.nft.applier import NftApplier
 from agent.state import AppliedState, load_applied, save_applied
+from agent.steady import FULL, QUIET, SKIP, decide, same_snapshot
 from agent.subsystem import Subsystem
-from agent.validate import Rejected, accept_head, check_snapshot
+from agent.validate import Rejected, accept_head, check_snapshot, same_content
 from client.api import ApiClient, ApiError
 from schemas import naming
 from schemas.codec import encode
@@ -34,6 +46,8 @@ from schemas.messages import Ack, Health, clip
 from schemas.wire import SectionData, SectionGet
 
 log = logging.getLogger(__name__)
+
+DROPS_MAX_AGE = 10.0  # seconds: health refreshes the drop counters when no reconcile read them
 
 
 @dataclass
@@ -53,6 +67,8 @@ class Agent:
         links: LinkApplier,
         nft: NftApplier,
         wireguard=None,
+        announcer: Announcer | None = None,
+        events: KernelEvents | NoDrift | None = None,
     ):
         self.nc, self.config = nc, config
         self.links, self.nft, self.wireguard = links, nft, wireguard
@@ -62,13 +78,16 @@ class Agent:
         )
         self.log = NodeLog(log, config.node)
         self.failures = FailureLog(self.log)
+        # gratuitous ARP for new NICs (issue 9); agent.main passes one, tests may leave it out
+        self.announcer = announcer
+        # kernel notifications; without them every heartbeat is a full reconcile
+        self.events = events
         self.applied: AppliedState = load_applied(config.state_dir)
         self.assembler = Assembler(config.node)  # the sections held, in memory only
         self.api = ApiClient(nc, timeout=2.0)
         self.started_at = time.time()
-        self.counters = {
-            "received": 0, "applied": 0, "rejected": 0, "apply_errors": 0, "fetches": 0,
-        }  # fmt: skip
+        self.counters = {"received": 0, "applied": 0, "rejected": 0, "apply_errors": 0,
+                         "fetches": 0, "skipped": 0, "reconciled": 0}  # fmt: skip
         self.last_error: str | None = None
         self.last_snapshot_at = 0.0
         self.devices = 0
@@ -81,10 +100,23 @@ class Agent:
         self._report_now = asyncio.Event()  # health at once: a tap appeared, went or got carrier
         self._tasks: list[asyncio.Task] = []
         self._sub = None
+        # the steady state (agent.steady): the last snapshot reconciled without an error (and its
+        # bytes), the kernel as the last full reconcile read it, whether every heartbeat since
+        # was clean (no error, no write) and how many heartbeats ago that read was
+        self._last: tuple[bytes, Snapshot] | None = None
+        self._seen: Observed | None = None
+        self._clean = False
+        self._since_full = 0
+        self._writes: dict[str, int] = {}  # per subsystem, in the last reconcile
 
     async def start(self) -> None:
+        # a bounded queue: only the newest snapshot matters, and a flood of duplicates beyond
+        # this is dropped (counted as slow-consumer messages), never kept in memory
         self._sub = await self.nc.subscribe(
-            naming.desired_subject(self.config.node), cb=self._on_snapshot
+            naming.desired_subject(self.config.node),
+            cb=self._on_snapshot,
+            pending_msgs_limit=64,
+            pending_bytes_limit=32 * 2**20,
         )
         self._tasks = [
             asyncio.create_task(self._worker(), name="apply"),
@@ -97,8 +129,39 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.announcer is not None:
+            await self.announcer.close()
         if self._sub is not None:
             await self._sub.unsubscribe()
+        if self.events is not None:
+            self.events.close()
+
+    async def farewell(self, timeout: float = 2.0) -> bool:
+        """On SIGTERM: a last ack of the version the data plane holds (with its digest) and a
+        last health report, flushed within ``timeout``; nothing in the kernel is touched, so the
+        controller learns where this node stands and VMs keep forwarding. True if flushed."""
+        applied = self.applied
+        ack = Ack(
+            node=self.config.node,
+            version=applied.version,
+            applied_version=applied.version,
+            digest=applied.digest,
+            ok=self.last_error is None,
+            error=clip(self.last_error),
+            sent_at=time.time(),
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ack(ack)
+                await self.nc.publish(
+                    naming.health_subject(self.config.node), encode(await self.health())
+                )
+                await self.nc.flush(timeout=max(timeout / 2, 0.1))
+        except Exception as e:  # a bus that is down must not keep the agent from exiting
+            log.warning("agent %s: last ack not flushed: %s", self.config.node, e or "timeout")
+            return False
+        log.info("agent %s: last ack sent (version %d)", self.config.node, applied.version)
+        return True
 
     # --- registration ---------------------------------------------------------------------------
 
@@ -196,7 +259,12 @@ class Agent:
 
     async def handle(self, raw: bytes) -> Ack | None:
         """One HEAD: assemble, check, reconcile, ack. None when a section moved on while it was
-        fetched (a newer HEAD is on its way; the data plane is left as it is)."""
+        fetched (a newer HEAD is on its way; the data plane is left as it is). A HEAD with the
+        content last reconciled (an unchanged heartbeat's HEAD is the same bytes) is neither
+        decoded nor assembled nor validated again."""
+        last_raw, last = self._last or (None, None)
+        if self.events is not None and last is not None and same_content(raw, last_raw, last):
+            return await self.apply_snapshot(last, raw, same=True)
         try:
             head = accept_head(raw, self.config.node, self.applied.version)
         except Rejected as e:
@@ -223,11 +291,37 @@ class Agent:
             )
             return None
         try:
-            check_snapshot(snap)
+            check_snapshot(snap, known=last)
         except Rejected as e:
             return await self._refuse(e)
+        return await self.apply_snapshot(snap, raw)
+
+    async def apply_snapshot(
+        self, snap: Snapshot, raw: bytes | None = None, same: bool | None = None
+    ) -> Ack:
+        """Reconcile an accepted snapshot as much as this heartbeat needs (``agent.steady``),
+        then ack. ``same``: it carries the content last reconciled cleanly; None: compare the
+        assembled snapshot's version and digest with the last one's."""
+        if same is None:
+            last = self._last[1] if self._last else None
+            same = self.events is not None and same_snapshot(snap, last)
         started = time.perf_counter()
-        changes, errors = await self.reconcile(snap)
+        mode, reason = decide(
+            same_content=same,
+            clean=self._clean and self._seen is not None,
+            kernel_changed=self._kernel_changed(),
+            since_full=self._since_full,
+        )
+        if mode == SKIP:
+            changes, errors = await self.check_mesh(snap)
+        else:
+            changes, errors = await self.reconcile(snap, quiet=mode == QUIET)
+        self.counters["reconciled" if mode == FULL else "skipped"] += 1
+        self._since_full = 0 if mode == FULL else self._since_full + 1
+        # a heartbeat that wrote is followed by a full one, unless it wrote only FDB entries
+        # and the notifications show nothing but their echoes
+        self._clean = not errors and (not changes or (mode != SKIP and self._advance()))
+        self._last = None if errors else (raw, snap)
         elapsed = (time.perf_counter() - started) * 1000
         self.failures.record(errors)  # the first failure of a kind, then "in sync again"
         if errors:
@@ -239,11 +333,15 @@ class Agent:
             if self.applied.version != snap.version or self.applied.digest != snap.digest:
                 self.applied = AppliedState(version=snap.version, digest=snap.digest)
                 save_applied(self.config.state_dir, self.applied)
+            # every VM of a network reaches a new NIC at once, even at a reused address
+            if self.announcer is not None:
+                self.announcer.update(snap.taps, self._snapshot_gap)
             if changes:
                 log.info(
-                    "agent %s: version %d applied, %d change(s) in %.1f ms",
+                    "agent %s: version %d applied (%s), %d change(s) in %.1f ms",
                     self.config.node,
                     snap.version,
+                    reason,
                     changes,
                     elapsed,
                 )
@@ -261,10 +359,82 @@ class Agent:
         await self._ack(ack)
         return ack
 
-    async def reconcile(self, snap: Snapshot) -> tuple[int, list[ApplyError]]:
-        """Bring every subsystem to the snapshot; report writes and typed errors."""
+    def _advance(self) -> bool:
+        """After a reconcile whose only writes were FDB entries: know the kernel state they
+        reached without a dump (``agent.links.plan.advance``), when the notifications since
+        are the echoes of those writes and nothing else."""
+        plan = self.links.applied
+        if self.events is None or self._seen is None or plan is None or not plan.actions:
+            return False
+        if any(writes for name, writes in self._writes.items() if name != self.links.name):
+            return False
+        echoes = _echoes(plan)
+        after = advance(self._seen, plan.actions)
+        if echoes is None or after is None:
+            return False
+        try:
+            if self.events.drain(echoes):
+                return False  # something else changed too: the next heartbeat reads it all
+        except OSError:
+            return False
+        self._seen = after
+        return True
+
+    def _kernel_changed(self) -> bool:
+        """Drain the notifications; True when something of ours may have changed."""
+        if self.events is None:
+            return True
+        try:
+            return self.events.drain()
+        except OSError as e:  # unreadable: assume the worst, a full reconcile finds out
+            self.log.warning("kernel notifications unreadable (%s): full reconcile", e)
+            return True
+
+    async def check_mesh(self, snap: Snapshot) -> tuple[int, list[ApplyError]]:
+        """A skipped heartbeat's one kernel read: WireGuard has no notifications, so its device
+        is observed and planned (zero writes when equal) against the last link dump."""
+        if snap.wireguard is None or self.wireguard is None:
+            return 0, []
+        result, errors = await self._reconcile_one(self.wireguard, snap, self._seen, check=True)
+        return (result.writes if result else 0), errors
+
+    async def _reconcile_one(
+        self,
+        sub: Subsystem,
+        snap: Snapshot,
+        seen: Observed | None,
+        check: bool = False,
+        quiet: bool = False,
+    ) -> tuple[ApplyResult | None, list[ApplyError]]:
+        try:
+            desired = sub.desired(snap)
+            if desired is None:
+                return None, []  # silence never tears down
+            if check:  # WireGuard's cheap read for a heartbeat without news
+                result = await sub.check(desired, seen)
+            else:
+                result = await sub.reconcile(desired, seen, quiet=quiet)
+        except ApplyError as e:
+            return None, [e]
+        except ValueError as e:  # the plan refused the snapshot: nothing was written
+            return None, [ApplyError(sub.name, "plan", str(e), temporary=False)]
+        except Exception as e:  # an unexpected failure must not hide the other subsystems
+            self.log.exception("%s: reconcile crashed", sub.name)
+            return None, [ApplyError(sub.name, "reconcile", f"{type(e).__name__}: {e}")]
+        return result, list(result.errors)
+
+    async def reconcile(self, snap: Snapshot, quiet: bool = False) -> tuple[int, list[ApplyError]]:
+        """Bring every subsystem to the snapshot; report writes and typed errors. ``quiet``: the
+        kernel still holds what the last full reconcile read (``agent.steady``): plan against
+        that, reading only WireGuard, which has no notifications."""
         changes, errors = 0, list[ApplyError]()
-        seen = await self.links.observe()  # one link dump per heartbeat serves every subsystem
+        self.links.applied, self._writes = None, {}
+        if quiet and self._seen is not None:
+            seen = self._seen
+        else:  # one link dump per heartbeat serves every subsystem
+            seen = self._seen = await self.links.observe()
+            if self.events is not None:  # neighbour and address events name links by ifindex
+                self.events.know(link.index for link in seen.links.values())
         wanted_taps = {t.name for t in snap.taps}
         taps = {name: link.carrier for name, link in seen.links.items() if name in wanted_taps}
         if taps != self.taps:
@@ -282,23 +452,13 @@ class Agent:
                     )
                 )  # fmt: skip
         for sub in self.subsystems:
-            try:
-                desired = sub.desired(snap)
-                if desired is None:
-                    continue  # silence never tears down
-                result = await sub.reconcile(desired, seen)
-            except ApplyError as e:
-                errors.append(e)
-                continue
-            except ValueError as e:  # the plan refused the snapshot: nothing was written
-                errors.append(ApplyError(sub.name, "plan", str(e), temporary=False))
-                continue
-            except Exception as e:  # an unexpected failure must not hide the other subsystems
-                self.log.exception("%s: reconcile crashed", sub.name)
-                errors.append(ApplyError(sub.name, "reconcile", f"{type(e).__name__}: {e}"))
+            check = quiet and sub is self.wireguard  # its link is in ``seen``, its peers are read
+            result, failed = await self._reconcile_one(sub, snap, seen, check=check, quiet=quiet)
+            errors += failed
+            if result is None:
                 continue
             changes += result.writes
-            errors += result.errors
+            self._writes[sub.name] = result.writes
             if sub is self.links or sub is self.wireguard:  # managed devices that exist now
                 devices |= result.reached
         self.devices = len(devices)
@@ -341,10 +501,17 @@ class Agent:
             tunnel_ip=tunnel,
             peers=peers,
             drops=self.nft.drops,
+            heartbeats_skipped=self.counters["skipped"],
+            heartbeats_reconciled=self.counters["reconciled"],
         )
 
     async def _health_loop(self) -> None:
         while True:
+            if self._last is not None and time.monotonic() - self.nft.drops_at > DROPS_MAX_AGE:
+                try:  # skipped heartbeats read no counters: refresh them for the report
+                    await self.nft.observe()
+                except Exception as e:
+                    log.debug("agent %s: drop counters not read: %s", self.config.node, e)
             try:
                 await self.nc.publish(
                     naming.health_subject(self.config.node), encode(await self.health())
@@ -355,3 +522,16 @@ class Agent:
                 async with asyncio.timeout(self.config.health_interval):
                     await self._report_now.wait()
             self._report_now.clear()
+
+
+def _echoes(plan: LinkPlan) -> frozenset[tuple[int, bytes]] | None:
+    """(ifindex, MAC) of every FDB entry the plan wrote; None if it did anything else."""
+    out = set()
+    for a in plan.actions:
+        if not isinstance(a, FdbAction):
+            return None
+        device = a.port if isinstance(a, AddPortFdb | DelPortFdb) else a.device
+        if not (index := plan.indexes.get(device)):
+            return None
+        out.add((index, bytes.fromhex(a.mac.replace(":", ""))))
+    return frozenset(out)

@@ -5,6 +5,10 @@ never tears down); ``observe(seen)`` reads the kernel, given the heartbeat's one
 so no link is read twice; ``plan(desired, observed)`` is pure; ``apply(plan)`` writes and
 returns an ``ApplyResult``. An equal state plans nothing and ``apply`` of an empty plan makes no
 write, so a no-op heartbeat makes zero netlink writes.
+
+``reconcile(..., quiet=True)`` plans against the observation of the subsystem's last reconcile,
+without reading the kernel, when that reconcile wrote nothing and failed nothing: the caller
+says the kernel has not changed since (``agent.steady``, from kernel notifications).
 """
 
 import contextlib
@@ -21,6 +25,7 @@ D, Obs, P, R = TypeVar("D"), TypeVar("Obs"), TypeVar("P"), TypeVar("R")
 
 class Subsystem(ABC, Generic[D, Obs, P, R]):
     name: str
+    _quiet_observed: Any = None  # the last observation when its reconcile changed nothing
 
     @abstractmethod
     def desired(self, snapshot: Snapshot) -> D | None: ...
@@ -38,7 +43,22 @@ class Subsystem(ABC, Generic[D, Obs, P, R]):
         """Held from observe to apply (a subsystem with a background task overrides it)."""
         return contextlib.nullcontext()
 
-    async def reconcile(self, desired: D, seen: Observed | None = None) -> ApplyResult[R]:
-        """observe → plan → apply; a ``ValueError`` from ``plan`` means nothing was written."""
+    async def check(self, desired: D, seen: Observed | None = None) -> ApplyResult[R]:
+        """A heartbeat without news (``agent.steady``): only a subsystem the kernel does not
+        notify about (WireGuard) is asked, and checks itself here; by default in full."""
+        return await self.reconcile(desired, seen)
+
+    async def reconcile(
+        self, desired: D, seen: Observed | None = None, *, quiet: bool = False
+    ) -> ApplyResult[R]:
+        """observe → plan → apply; a ``ValueError`` from ``plan`` means nothing was written.
+        ``quiet``: the kernel has not changed since the last reconcile (see the docstring)."""
         async with self.exclusive():
-            return await self.apply(self.plan(desired, await self.observe(seen)))
+            observed = self._quiet_observed if quiet else None
+            self._quiet_observed = None  # until this reconcile is known to change nothing
+            if observed is None:
+                observed = await self.observe(seen)
+            result = await self.apply(self.plan(desired, observed))
+            if not result.writes and not result.errors:
+                self._quiet_observed = observed
+            return result

@@ -29,7 +29,7 @@ import msgspec
 from agent.errors import AgentError
 from schemas import limits, naming
 from schemas.codec import decode
-from schemas.desired import SNAPSHOT_SCHEMA, Bridge, Snapshot, Tap, WireGuard
+from schemas.desired import SNAPSHOT_SCHEMA, Bridge, Snapshot, Tap, Vxlan, WireGuard
 from schemas.wire import Head
 
 FLOOD_MAC = "00:00:00:00:00:00"
@@ -50,10 +50,11 @@ class Rejected(AgentError):
         self.version = version
 
 
-def accept(raw: bytes, node: str, applied_version: int) -> Snapshot:
-    """A whole snapshot as bytes (tests and tools; the wire carries HEADs and sections)."""
+def accept(raw: bytes, node: str, applied_version: int, known: Snapshot | None = None) -> Snapshot:
+    """A whole snapshot as bytes (tests and tools; the wire carries HEADs and sections), or
+    ``Rejected``. ``known``: as for ``check_snapshot``."""
     snap = _gate(raw, Snapshot, node, applied_version)
-    check_snapshot(snap)
+    check_snapshot(snap, known)
     return snap
 
 
@@ -63,11 +64,13 @@ def accept_head(raw: bytes, node: str, applied_version: int) -> Head:
     return _gate(raw, Head, node, applied_version)
 
 
-def check_snapshot(snap: Snapshot) -> None:
-    """The caps on every list, then the whole content; raises ``Rejected``."""
+def check_snapshot(snap: Snapshot, known: Snapshot | None = None) -> None:
+    """The caps on every list, then the whole content; raises ``Rejected``. ``known``: a snapshot
+    accepted before; the FDB of a VXLAN equal to one of it is not checked entry by entry again
+    (same mesh, same taps)."""
     try:
         check_limits(snap)
-        check_content(snap)
+        check_content(snap, known)
     except ValueError as e:
         raise Rejected(f"invalid snapshot version {snap.version}: {e}", snap.version) from None
 
@@ -103,6 +106,32 @@ def _gate(raw: bytes, type_: type, node: str, applied_version: int):
 
 class _SchemaOnly(msgspec.Struct):
     schema: int = SNAPSHOT_SCHEMA
+
+
+class _Head(msgspec.Struct, frozen=True):
+    node: str = ""
+    version: int = -1
+    digest: str = ""
+    schema: int = SNAPSHOT_SCHEMA
+
+
+def same_content(raw: bytes, last_raw: bytes | None, last: Snapshot | None) -> bool:
+    """True when ``raw`` (a HEAD, or a whole snapshot) carries the content of ``last`` (a
+    snapshot that passed before): the same bytes (an unchanged heartbeat's HEAD), or the same
+    node, schema, version and digest (the controller's digest covers all content; only
+    ``published_at`` and attached sections may differ). Cheap: no content is decoded, and
+    anything unexpected answers False, which sends ``raw`` through ``accept``."""
+    if last is None:
+        return False
+    if raw == last_raw:
+        return True
+    if not last.digest or len(raw) > limits.MAX_SNAPSHOT_BYTES:
+        return False
+    try:
+        head = decode(raw, _Head)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return False
+    return head == _Head(last.node, last.version, last.digest, last.schema)
 
 
 def _decode(raw: bytes, type_: type):
@@ -168,8 +197,10 @@ def _range(net: ipaddress.IPv4Network, words: str) -> _Range:
     return _Range(int(net.network_address), int(net.broadcast_address), words)
 
 
-def check_content(snap: Snapshot) -> None:
-    """The whole snapshot is one the agent may program: see the module docstring."""
+def check_content(snap: Snapshot, known: Snapshot | None = None) -> None:
+    """The whole snapshot is one the agent may program: see the module docstring. ``known``:
+    a snapshot that passed; its VXLAN FDBs are not checked again where nothing they depend on
+    (the mesh, the taps, the VXLAN itself) changed."""
     _check_names(snap)
     _check_mtus(snap)
     mesh = _check_wireguard(snap.wireguard)
@@ -177,7 +208,10 @@ def check_content(snap: Snapshot) -> None:
     gateways = _check_bridges(snap.bridges, blocked)
     _check_taps(snap.taps, {b.name: b for b in snap.bridges}, gateways, blocked)
     _check_nat(snap.nat_subnets, gateways, blocked)
-    _check_vxlans(snap, mesh)
+    checked: set[Vxlan] = set()
+    if known is not None and known.wireguard == snap.wireguard and known.taps == snap.taps:
+        checked = set(known.vxlans)
+    _check_vxlans(snap, mesh, checked)
 
 
 # --- names and MTUs ----------------------------------------------------------------------------
@@ -425,7 +459,7 @@ def _check_nat(
 # --- the overlay -------------------------------------------------------------------------------
 
 
-def _check_vxlans(snap: Snapshot, mesh: _Mesh | None) -> None:
+def _check_vxlans(snap: Snapshot, mesh: _Mesh | None, checked: set[Vxlan]) -> None:
     bridges = {b.name for b in snap.bridges}
     tap_macs = {(t.bridge, t.mac): t.name for t in snap.taps if t.mac}
     peer_dsts: set[str] = set()  # FDB destinations already found to be current peers
@@ -458,6 +492,8 @@ def _check_vxlans(snap: Snapshot, mesh: _Mesh | None) -> None:
                 raise _bad(where, "local", v.local, f"is in {special}")
         elif local != mesh.own:
             raise _bad(where, "local", v.local, f"is not this node's tunnel address {mesh.own}")
+        if v in checked:
+            continue  # its entries passed with this mesh and these taps
         destination: dict[str, str] = {}
         for entry in v.fdb:
             _check_mac(where, "fdb mac", entry.mac, flood_ok=True)

@@ -2,9 +2,12 @@
 
 Errors are the controller's own ``schemas.errors`` classes, re-created from a reply's code
 (``ApiError`` is re-exported here), plus ``Unavailable`` and ``Timeout`` when no controller
-answers. It never retries: callers decide.
+answers. It never retries: callers decide (every write is safe to repeat, see
+``controller.api``). Listings follow the controller's cursors page by page and return the whole
+list, as one reply did before paging.
 """
 
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -21,6 +24,7 @@ from schemas.wire import SectionData, SectionGet
 __all__ = ["ApiClient", "ApiError"]
 
 T = TypeVar("T")
+MAX_PAGES = 100_000  # a cursor that never ends is a controller bug, not a long list
 
 
 class ApiClient:
@@ -94,9 +98,12 @@ class ApiClient:
     async def nic_list(
         self, network: str | None = None, node: str | None = None
     ) -> list[api.NicInfo]:
-        return await self.call(
-            "nic.list", api.NicFilter(network=network, node=node), list[api.NicInfo]
-        )
+        async def fetch(cursor: str | None) -> tuple[tuple[api.NicInfo, ...], str | None]:
+            req = api.NicFilter(network=network, node=node, cursor=cursor)
+            got = await self.call("nic.list", req, api.NicPage)
+            return got.items, got.next
+
+        return await _all_pages("nic.list", fetch)
 
     async def node_register(self, **fields: Any) -> api.NodeStatus:
         req = api.NodeRegister(**fields)
@@ -115,7 +122,11 @@ class ApiClient:
         return await self.call("node.rekey", api.ByName(name=name), api.NodeStatus)
 
     async def node_list(self) -> list[api.NodeStatus]:
-        return await self.call("node.list", api.Empty(), list[api.NodeStatus])
+        async def fetch(cursor: str | None) -> tuple[tuple[api.NodeStatus, ...], str | None]:
+            got = await self.call("node.list", api.Page(cursor=cursor), api.NodePage)
+            return got.items, got.next
+
+        return await _all_pages("node.list", fetch)
 
     async def node_remove(self, name: str, force: bool = False) -> api.NodeStatus:
         return await self.call(
@@ -123,4 +134,31 @@ class ApiClient:
         )
 
     async def status(self) -> api.Status:
-        return await self.call("status", api.Empty(), api.Status)
+        """Every node's status; the counts are the first page's, ``converged`` holds only if
+        every page said so (the cluster may change while the pages come in)."""
+        pages: list[api.Status] = []
+
+        async def fetch(cursor: str | None) -> tuple[tuple[api.NodeStatus, ...], str | None]:
+            got = await self.call("status", api.Page(cursor=cursor), api.Status)
+            pages.append(got)
+            return got.nodes, got.next
+
+        nodes = await _all_pages("status", fetch)
+        converged = all(page.converged for page in pages)
+        return msgspec.structs.replace(pages[0], nodes=tuple(nodes), converged=converged, next=None)
+
+
+async def _all_pages(
+    endpoint: str, fetch: Callable[[str | None], Awaitable[tuple[tuple[T, ...], str | None]]]
+) -> list[T]:
+    items: list[T] = []
+    cursor: str | None = None
+    for _ in range(MAX_PAGES):
+        page, following = await fetch(cursor)
+        items.extend(page)
+        if following is None:
+            return items
+        if following == cursor or not page:
+            break
+        cursor = following
+    raise errors.Internal(f"{endpoint}: the controller's pages did not end (cursor {cursor!r})")

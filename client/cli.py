@@ -1,12 +1,15 @@
 """``otherixctl``: the operator CLI. Talks to the controller API over NATS; prints tables or JSON.
 
 Errors print the controller's message and exit 1 (2 for bad flags, 3 when ``status --wait`` times
-out before every node converged). It never reads the store or computes state itself: everything
-it shows comes from the API (and, for ``watch``, the acks and health agents publish).
+out before every node converged, 4 when a write timed out: its outcome is unknown, and the CLI
+says how to check and that repeating the command is safe). It never reads the store or computes
+state itself: everything it shows comes from the API (and, for ``watch``, the acks and health
+agents publish). Listings print every item: the client follows the controller's pages.
 """
 
 import argparse
 import asyncio
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -18,11 +21,12 @@ from client.api import ApiClient, ApiError
 from schemas import api, naming
 from schemas.bus import BusConfigError
 from schemas.codec import decode
+from schemas.errors import Timeout
 from schemas.intent import Egress, NetworkType
 from schemas.messages import Ack, Health
 from schemas.options import add_bus, connect_kwargs, quiet_tls_close
 
-EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 3
+EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNKNOWN = 1, 2, 3, 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,11 +207,44 @@ async def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     try:
         return await dispatch(args, nc, ApiClient(nc, timeout=args.timeout))
+    except Timeout as e:
+        if (check := check_command(args)) is None:  # a read: nothing was changed
+            print(f"otherixctl: error {e.code}: {e.message}", file=sys.stderr)
+            return EXIT_ERROR
+        print(unknown_outcome(e, check, getattr(args, "argv", None)), file=sys.stderr)
+        return EXIT_UNKNOWN
     except ApiError as e:
         print(f"otherixctl: error {e.code}: {e.message}", file=sys.stderr)
         return EXIT_ERROR
     finally:
         await nc.close()
+
+
+def check_command(args: argparse.Namespace) -> str | None:
+    """For a write, the command that shows whether it was made; None for a read."""
+    match args.cmd, getattr(args, "sub", None):
+        case "network", "create" | "delete":
+            return f"otherixctl network show {shlex.quote(args.name)}"
+        case "nic", "attach":
+            return shlex.join(
+                ["otherixctl", "nic", "list", "--network", args.network, "--node", args.node]
+            )
+        case "nic", "detach":
+            return "otherixctl nic list"
+        case "node", "remove" | "rekey":
+            return "otherixctl node list"
+    return None
+
+
+def unknown_outcome(error: Timeout, check: str, argv: list[str] | None) -> str:
+    again = shlex.join(["otherixctl", *argv]) if argv else "the same command"
+    return (
+        f"otherixctl: {error.message}: the change may or may not have been made.\n"
+        f"  check:  {check}\n"
+        f"  retry:  {again}\n"
+        "  (repeating it is safe: a create or attach that was made returns what it made,"
+        " marked as existing; a delete or detach that was made answers that it is gone)"
+    )
 
 
 async def dispatch(args: argparse.Namespace, nc, client: ApiClient) -> int:
@@ -217,6 +254,8 @@ async def dispatch(args: argparse.Namespace, nc, client: ApiClient) -> int:
                 args.name, args.type, args.subnet, args.egress, args.vni
             )
             emit(args, info, show_networks([info]))
+            if info.existed:
+                print(f"otherixctl: network {info.network.name} existed already", file=sys.stderr)
         case "network", "list":
             infos = await client.network_list()
             emit(args, infos, show_networks(infos))
@@ -236,6 +275,11 @@ async def dispatch(args: argparse.Namespace, nc, client: ApiClient) -> int:
                 args.network, args.node, args.vm, args.mac, args.ip, args.port_security
             )
             emit(args, info, show_nics([info]))
+            if info.existed:
+                print(
+                    f"otherixctl: vm {info.nic.vm} had this NIC on {info.nic.network} already",
+                    file=sys.stderr,
+                )
         case "nic", "detach":
             info = await client.nic_detach(args.id)
             emit(args, info, f"detached NIC {info.nic.id} (tap {info.tap})")
@@ -310,7 +354,9 @@ async def watch(args: argparse.Namespace, nc) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # repeated verbatim when a write's outcome is unknown
     quiet_tls_close()
     try:
         sys.exit(asyncio.run(run(args)))

@@ -34,9 +34,13 @@ class Acks:
         self.refused: Counter[str] = Counter()  # reason → reports refused (shown by status)
 
     async def subscribe(self, nc: Client) -> list[Any]:
+        # bounded queues: a flood of (duplicated) reports drops the excess as slow-consumer
+        # messages (counted by schemas.bus.Reconnect) instead of growing memory; the next
+        # heartbeat's reports carry the same truth
+        limits = {"pending_msgs_limit": 65536, "pending_bytes_limit": 64 * 2**20}
         return [
-            await nc.subscribe(naming.ack_subject("*"), cb=self.on_ack),
-            await nc.subscribe(naming.health_subject("*"), cb=self.on_health),
+            await nc.subscribe(naming.ack_subject("*"), cb=self.on_ack, **limits),
+            await nc.subscribe(naming.health_subject("*"), cb=self.on_health, **limits),
         ]
 
     def _refuse(self, reason: str, detail: str) -> None:

@@ -6,11 +6,16 @@ changed (it recomputes later, off the reply's path): a refused request returns b
 write. Read endpoints (``status``, ``node.list``, ``network.*``
 list/show, ``nic.list``) never write the store; the versions they show come from the
 publisher's memory. Errors are ``schemas.errors`` classes, sent as their code and message.
+
+Writes are safe to retry (a caller whose request timed out cannot know whether it was made): a
+create or attach that matches what exists returns it, marked ``existed``; a detach of a NIC
+detached moments ago says so. Listings (``status``, ``node.list``, ``nic.list``) are paged
+(``controller.paging``) so that no reply passes the bus's max_payload, whatever ``limit`` asks.
 """
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +25,7 @@ from nats.aio.client import Client
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Service
 
-from controller import ops
+from controller import ops, paging
 from controller.compute import ClusterConfig, network_bridge, network_mtu
 from controller.publisher import Publisher
 from controller.store import NotLeader, Store
@@ -28,13 +33,18 @@ from controller.tracker import Tracker
 from schemas import api, naming
 from schemas.bus import INBOX_ROOT
 from schemas.codec import encode
-from schemas.errors import ApiError, BadRequest, Internal, Unavailable
+from schemas.errors import ApiError, BadRequest, Internal, NotFound, Unavailable
 from schemas.intent import Intent, Nic, NodeVersion
 from schemas.wire import SectionData, SectionGet
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Awaitable[Any]]
+
+# A page fills at most this share of the connection's max_payload: the rest is room for the
+# reply's envelope (status's counts, the cursor) and headers.
+PAGE_SHARE = 0.75
+DETACHED_REMEMBERED = 4096  # NICs whose repeated detach is answered "already detached"
 
 
 def stale_after(config: ClusterConfig) -> float:
@@ -63,6 +73,9 @@ class Api:
         self.leader: Callable[[], str] = lambda: ""
         self.desired: Callable[[str], NodeVersion | None] = publisher.desired
         self.catch_up: Callable[[], Awaitable[None]] | None = None
+        self.max_payload = 1024 * 1024  # nats-server's default, while not serving
+        self._nc: Client | None = None  # once serving: its max_payload is the server's (INFO)
+        self.detached: OrderedDict[str, Nic] = OrderedDict()  # newest last, in memory only
 
     def table(self) -> dict[str, tuple[type, Handler]]:
         """Endpoint name → (request type, handler); the names are ``schemas.api.ENDPOINTS``."""
@@ -75,16 +88,17 @@ class Api:
             "nic.detach": (api.NicDetach, self.nic_detach),
             "nic.list": (api.NicFilter, self.nic_list),
             "node.register": (api.NodeRegister, self.node_register),
-            "node.list": (api.Empty, self.node_list),
+            "node.list": (api.Page, self.node_list),
             "node.remove": (api.NodeRemove, self.node_remove),
             "node.rekey": (api.ByName, self.node_rekey),
-            "status": (api.Empty, self.status),
+            "status": (api.Page, self.status),
             "section.get": (SectionGet, self.section_get),
         }
 
     async def serve(self, nc: Client, endpoints: tuple[str, ...] = api.ENDPOINTS) -> Service:
         """A micro service answering ``endpoints`` (the leader serves the writes, everyone the
         reads: a write reaches only the leader's queue subscription)."""
+        self._nc = nc
         service = await nats.micro.add_service(
             nc,
             name="otherix-networking",
@@ -146,17 +160,20 @@ class Api:
 
     # --- networks -------------------------------------------------------------------------------
 
-    def _network_info(self, name: str) -> api.NetworkInfo:
+    def _network_info(self, name: str, existed: bool = False) -> api.NetworkInfo:
         net = ops.network(self.intent, name)
         return api.NetworkInfo(
             network=net,
             mtu=network_mtu(net, self.config.underlay_mtu),
             nics=sum(1 for n in self.intent.nics.values() if n.network == name),
             bridge=network_bridge(net),
+            existed=existed,
         )
 
     async def network_create(self, req: api.NetworkCreate) -> api.NetworkInfo:
         net = ops.create_network(self.intent, req, self.clock(), self.config)
+        if self.intent.networks.get(net.name) is net:  # a retry: nothing to write
+            return self._network_info(net.name, existed=True)
         await self.store.put(net)
         self.intent.networks[net.name] = net
         log.info("controller: network %s created (%s %s)", net.name, net.type.value, net.subnet)
@@ -175,6 +192,7 @@ class Api:
         for nic in nics:
             await self.store.delete(nic)
             del self.intent.nics[nic.id]
+        self._remember_detached(nics)
         await self.store.delete(net)
         del self.intent.networks[net.name]
         log.info("controller: network %s deleted (%d NICs with it)", net.name, len(nics))
@@ -185,6 +203,11 @@ class Api:
 
     async def nic_attach(self, req: api.NicAttach) -> api.NicInfo:
         nic = ops.attach_nic(self.intent, req, self.clock())
+        if self.intent.nics.get(nic.id) is nic:  # a retry: nothing to write
+            log.info(
+                "controller: NIC %s of vm %s on %s existed already", nic.id, nic.vm, nic.network
+            )
+            return api.NicInfo(nic=nic, tap=naming.tap_name(nic.id), existed=True)
         await self.store.put(nic)
         self.intent.nics[nic.id] = nic
         log.info(
@@ -198,23 +221,66 @@ class Api:
         return api.NicInfo(nic=nic, tap=naming.tap_name(nic.id))
 
     async def nic_detach(self, req: api.NicDetach) -> api.NicInfo:
-        nic = ops.find_nic(self.intent, req.id)
+        try:
+            nic = ops.find_nic(self.intent, req.id)
+        except NotFound:
+            if gone := ops.find_detached(self.detached.values(), req.id):
+                raise NotFound(
+                    f"NIC {gone.id} is already detached (vm {gone.vm!r} on network"
+                    f" {gone.network!r}, node {gone.node}): nothing to do"
+                ) from None
+            raise
+        # the release order first: a crash in between must not hand the address out at once
+        await self._released([nic])
         await self.store.delete(nic)
         del self.intent.nics[nic.id]
+        self._remember_detached([nic])
         log.info("controller: NIC %s detached from %s on %s", nic.id, nic.network, nic.node)
         self.publisher.wake(("nic", nic.id))
         return api.NicInfo(nic=nic, tap=naming.tap_name(nic.id))
 
-    async def nic_list(self, req: api.NicFilter) -> list[api.NicInfo]:
+    async def nic_list(self, req: api.NicFilter) -> api.NicPage:
         if req.network is not None:
             ops.network(self.intent, req.network)
-        nics = sorted(self.intent.nics.values(), key=lambda n: (n.network, n.node, n.ip))
+        after = paging.decode_cursor(req.cursor, 4)
+        nics = sorted(
+            (
+                n
+                for n in self.intent.nics.values()
+                if req.network in (None, n.network) and req.node in (None, n.node)
+            ),
+            key=_nic_key,
+        )
         now, stale = self.clock(), stale_after(self.config)
-        return [
-            api.NicInfo(nic=n, tap=naming.tap_name(n.id), state=self._nic_state(n, now, stale))
-            for n in nics
-            if req.network in (None, n.network) and req.node in (None, n.node)
-        ]
+
+        def render(n: Nic) -> bytes:
+            state = self._nic_state(n, now, stale)
+            return encode(api.NicInfo(nic=n, tap=naming.tap_name(n.id), state=state))
+
+        items, cursor = paging.page(
+            nics, _nic_key, after, req.limit, self._budget(api.NicPage(items=())), render
+        )
+        return api.NicPage(items=tuple(items), next=cursor)  # items pre-encoded (msgspec.Raw)
+
+    def _budget(self, envelope: msgspec.Struct) -> int:
+        """Bytes a page's items may take: a share of max_payload, less the reply around them
+        and the longest cursor (a key of four names)."""
+        limit = self._nc.max_payload if self._nc is not None else self.max_payload
+        return int(limit * PAGE_SHARE) - len(encode(envelope)) - 4 * 256
+
+    def _remember_detached(self, nics: list[Nic]) -> None:
+        """Remember detached NICs (bounded) so that a repeated detach can say what happened."""
+        for nic in nics:
+            self.detached[nic.id] = nic
+            self.detached.move_to_end(nic.id)
+        while len(self.detached) > DETACHED_REMEMBERED:
+            self.detached.popitem(last=False)
+
+    async def _released(self, nics: list[Nic]) -> None:
+        """Record the detached NICs' addresses in their networks' release order."""
+        for net in ops.released_networks(self.intent, nics):
+            await self.store.put(net)
+            self.intent.networks[net.name] = net
 
     def _nic_state(self, nic: Nic, now: float, stale: float) -> api.NicState:
         """From the node's fresh health: is the tap there, and does a hypervisor hold it?"""
@@ -250,15 +316,32 @@ class Api:
         log.info("controller: node %s may register a new key or endpoint once", node.name)
         return self._node_status(node.name)
 
-    async def node_list(self, _: api.Empty) -> list[api.NodeStatus]:
-        return [self._node_status(name) for name in sorted(self.intent.nodes)]
+    async def node_list(self, req: api.Page) -> api.NodePage:
+        items, cursor = self._node_page(req, self._budget(api.NodePage(items=())))
+        return api.NodePage(items=tuple(items), next=cursor)  # items pre-encoded (msgspec.Raw)
+
+    def _node_page(self, req: api.Page, budget: int) -> tuple[list[msgspec.Raw], str | None]:
+        def render(name: str) -> bytes:
+            status = self._node_status(name)
+            data = encode(status)
+            if len(data) > budget and status.health is not None:
+                # one node alone past the budget (a health report with thousands of peers):
+                # its peer and tap lists stay out of the listing rather than the node
+                trimmed = msgspec.structs.replace(status.health, peers=(), taps={})
+                data = encode(msgspec.structs.replace(status, health=trimmed))
+            return data
+
+        after = paging.decode_cursor(req.cursor, 1)
+        return paging.page(sorted(self.intent.nodes), _name_key, after, req.limit, budget, render)
 
     async def node_remove(self, req: api.NodeRemove) -> api.NodeStatus:
         status = self._node_status(req.name) if req.name in self.intent.nodes else None
         node, nics = ops.remove_node(self.intent, req)
+        await self._released(nics)  # before the deletes, as in nic_detach
         for nic in nics:
             await self.store.delete(nic)
             del self.intent.nics[nic.id]
+        self._remember_detached(nics)
         await self.store.delete(node)
         del self.intent.nodes[node.name]
         # keep version.<node>: a node that comes back must never see its version go down
@@ -280,19 +363,30 @@ class Api:
             stale_after(self.config),
         )
 
-    async def status(self, _: api.Empty) -> api.Status:
-        nodes = tuple(self._node_status(name) for name in sorted(self.intent.nodes))
-        return api.Status(
-            nodes=nodes,
+    async def status(self, req: api.Page) -> api.Status:
+        names = sorted(self.intent.nodes)
+        envelope = api.Status(
+            nodes=(),
             networks=len(self.intent.networks),
             nics=len(self.intent.nics),
             heartbeat_interval=self.config.heartbeat_interval,
             underlay_mtu=self.config.underlay_mtu,
-            converged=all(n.converged for n in nodes),
+            converged=all(self._node_status(name).converged for name in names),
             now=self.clock(),
             refused_reports=dict(self.refused),
             leader=self.leader(),
         )
+        items, cursor = self._node_page(req, self._budget(envelope))
+        # nodes pre-encoded (msgspec.Raw); the counts and ``converged`` cover every node
+        return msgspec.structs.replace(envelope, nodes=tuple(items), next=cursor)
+
+
+def _name_key(name: str) -> paging.Key:
+    return (name,)
+
+
+def _nic_key(nic: Nic) -> paging.Key:
+    return (nic.network, nic.node, nic.ip, nic.id)
 
 
 async def _respond_error(req: MicroRequest, error: ApiError) -> None:

@@ -7,7 +7,7 @@ Every function takes what is already allocated and returns a value or raises ``B
 import ipaddress
 import random
 import re
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from schemas.errors import BadRequest, Conflict
 from schemas.limits import special_range
@@ -62,8 +62,19 @@ def check_subnet_free(net: ipaddress.IPv4Network, taken: dict[str, str]) -> None
             raise Conflict(f"subnet {net} overlaps {other} of network {name!r}")
 
 
-def allocate_ip(net: ipaddress.IPv4Network, used: Collection[str], wanted: str | None) -> str:
-    """The wanted address if valid and free, else the lowest free host after the gateway."""
+RELEASED_LIMIT = 1024  # released addresses a network remembers, oldest first
+
+
+def allocate_ip(
+    net: ipaddress.IPv4Network,
+    used: Collection[str],
+    wanted: str | None,
+    released: Sequence[str] = (),
+) -> str:
+    """The wanted address if valid and free; else the lowest free host never released (as far
+    as ``released`` remembers), else the least recently released free one. Like a DHCP server or
+    a cloud IPAM: an address just given up is handed out last, so VMs that cached its old MAC
+    are not asked to reach a new NIC behind it."""
     gateway = gateway_of(net)
     if wanted is not None:
         try:
@@ -79,10 +90,31 @@ def allocate_ip(net: ipaddress.IPv4Network, used: Collection[str], wanted: str |
         if str(ip) in used:
             raise Conflict(f"ip {ip} is already in use in {net}")
         return str(ip)
+    recent = set(released)
     for host in net.hosts():
-        if host != gateway and str(host) not in used:
+        if host != gateway and str(host) not in used and str(host) not in recent:
             return str(host)
+    for ip in released:  # oldest release first
+        if (
+            ip not in used
+            and ipaddress.ip_address(ip) in net
+            and ipaddress.ip_address(ip) != gateway
+        ):
+            return ip
     raise Conflict(f"subnet {net} is exhausted: no free address left")
+
+
+def release_ips(
+    released: Sequence[str], ips: Iterable[str], limit: int = RELEASED_LIMIT
+) -> tuple[str, ...]:
+    """The release order after ``ips`` were given up (in that order): each moves to the end
+    (most recent), and only the newest ``limit`` are kept."""
+    order = list(released)
+    for ip in ips:
+        if ip in order:
+            order.remove(ip)
+        order.append(ip)
+    return tuple(order[-limit:]) if limit > 0 else ()
 
 
 def normalise_mac(mac: str) -> str:

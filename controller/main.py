@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -14,7 +15,7 @@ from controller.compute import ClusterConfig
 from controller.service import Controller
 from controller.store import BUCKET, Store
 from schemas import naming
-from schemas.bus import BusConfigError
+from schemas.bus import BusConfigError, Reconnect
 from schemas.options import add_common, connect_kwargs, option, setup_logging
 
 log = logging.getLogger("controller")
@@ -49,12 +50,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     option(p, "--bucket", "OTHERIX_BUCKET", BUCKET, "JetStream KV bucket of the intent")
     option(
         p,
+        "--replicas",
+        "OTHERIX_REPLICAS",
+        "1",
+        "copies of the intent bucket when the controller creates it (3 on a 3-server cluster:"
+        " a write is acknowledged once a majority stored it)",
+        type=int,
+    )
+    option(
+        p,
         "--instance",
         "OTHERIX_INSTANCE",
         "otherix-controller",
         "this controller's name: its NATS connection name and its lease holder name (unique)",
     )
     args = p.parse_args(argv)
+    if not 1 <= args.replicas <= 5:
+        p.error(f"--replicas {args.replicas}: JetStream keeps 1 to 5 copies")
     if not 0.05 <= args.heartbeat <= 3600:
         p.error(f"--heartbeat {args.heartbeat}: must be between 0.05 and 3600 seconds")
     if not naming.MIN_UNDERLAY_MTU <= args.underlay_mtu <= naming.MAX_UNDERLAY_MTU:
@@ -75,11 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def open_store(nc, bucket: str, attempts: int = 50) -> Store:
-    """JetStream may still be starting (or recovering) when we connect: retry for ~10 s."""
+async def open_store(nc, bucket: str, replicas: int = 1, attempts: int = 50) -> Store:
+    """JetStream may still be starting (or recovering, or a cluster electing its meta leader)
+    when we connect: retry for ~10 s."""
     for attempt in range(attempts):
         try:
-            return await Store.open(nc.jetstream(), bucket)
+            return await Store.open(nc.jetstream(), bucket, replicas=replicas)
         except (nats.errors.Error, TimeoutError) as e:
             if attempt == attempts - 1:
                 raise SystemExit(f"otherix-controller: JetStream is not available: {e}") from None
@@ -89,10 +102,10 @@ async def open_store(nc, bucket: str, attempts: int = 50) -> Store:
 
 
 async def run(args: argparse.Namespace) -> None:
-    nc = await nats.connect(
-        args.nats, **connect_kwargs(args, args.instance), max_reconnect_attempts=-1
-    )
-    store = await open_store(nc, args.bucket)
+    bus = Reconnect("controller")
+    nc = await nats.connect(args.nats, **connect_kwargs(args, args.instance), **bus.kwargs())
+    bus.connected_to(nc)
+    store = await open_store(nc, args.bucket, args.replicas)
     config = ClusterConfig(
         underlay_mtu=args.underlay_mtu,
         mesh_prefix=args.mesh_prefix,
@@ -108,7 +121,7 @@ async def run(args: argparse.Namespace) -> None:
     await controller.start()
     log.info(
         "controller: serving on %s (heartbeat %.2fs, underlay MTU %d)",
-        args.nats,
+        ",".join(args.nats),
         args.heartbeat,
         args.underlay_mtu,
     )
@@ -119,7 +132,8 @@ async def run(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("controller: stopping")
     await controller.stop()
-    await nc.drain()
+    with contextlib.suppress(Exception):  # bounded: a dead bus must not hold the exit
+        await asyncio.wait_for(nc.drain(), 3.0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     except BusConfigError as e:
         sys.exit(f"otherix-controller: {e}")
     except (OSError, nats.errors.Error) as e:
-        sys.exit(f"otherix-controller: cannot reach NATS at {args.nats}: {e}")
+        sys.exit(f"otherix-controller: cannot reach NATS at {','.join(args.nats)}: {e}")
 
 
 if __name__ == "__main__":

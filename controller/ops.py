@@ -9,7 +9,7 @@ import base64
 import binascii
 import ipaddress
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import msgspec
@@ -56,8 +56,8 @@ def create_network(
     _check_id("network", req.name)
     if req.type in DEFERRED_TYPES:
         raise Deferred(f"network type {req.type.value!r} is deferred: not supported yet")
-    if req.name in intent.networks:
-        raise Conflict(f"network {req.name!r} already exists")
+    if (existing := existing_network(intent, req)) is not None:
+        return existing  # a retried create: the caller sees it is the stored object
     subnet = ipam.parse_subnet(req.subnet)
     ipam.check_subnet_allowed(subnet, config.mesh_prefix, config.underlay_cidrs)
     # the nodes' own addresses, also when no --underlay-cidr names their network (review)
@@ -97,6 +97,28 @@ def create_network(
     )
 
 
+def existing_network(intent: Intent, req: api.NetworkCreate) -> Network | None:
+    """The network ``req`` names if it exists with the parameters ``req`` asks for (a create
+    retried after its reply was lost), else None; a ``Conflict`` that names what differs when it
+    exists otherwise."""
+    net = intent.networks.get(req.name)
+    if net is None:
+        return None
+    differ = [
+        f"{what} {have}, not {asked}"
+        for what, have, asked, same in (
+            ("type", net.type.value, req.type.value, net.type == req.type),
+            ("subnet", net.subnet, req.subnet, net.subnet == str(ipam.parse_subnet(req.subnet))),
+            ("egress", net.egress.value, req.egress.value, net.egress == req.egress),
+            ("vni", net.vni, req.vni, req.vni is None or req.vni == net.vni),
+        )
+        if not same
+    ]
+    if differ:
+        raise Conflict(f"network {req.name!r} already exists with {'; '.join(differ)}")
+    return net
+
+
 def network(intent: Intent, name: str) -> Network:
     try:
         return intent.networks[name]
@@ -127,8 +149,12 @@ def attach_nic(
         raise NotFound(f"node {req.node!r} is not registered")
     if not req.vm or len(req.vm) > 128 or not req.vm.isprintable():
         raise BadRequest("vm must be a printable name of 1 to 128 characters")
+    if (existing := existing_nic(intent, req)) is not None:
+        return existing  # a retried attach: the caller sees it is the stored object
     members = [n for n in intent.nics.values() if n.network == net.name]
-    ip = ipam.allocate_ip(ipaddress.ip_network(net.subnet), {n.ip for n in members}, req.ip)
+    ip = ipam.allocate_ip(
+        ipaddress.ip_network(net.subnet), {n.ip for n in members}, req.ip, net.released
+    )
     mac = ipam.allocate_mac({n.mac for n in intent.nics.values()}, req.mac)
     taps = {naming.tap_name(n.id) for n in intent.nics.values()}
     nic_id = new_id()
@@ -146,12 +172,75 @@ def attach_nic(
     )
 
 
-def find_nic(intent: Intent, id_or_prefix: str) -> Nic:
+def released_networks(intent: Intent, nics: list[Nic]) -> list[Network]:
+    """The networks of ``nics`` with their addresses recorded as released (in the order given),
+    to persist with the detach: the release order survives a controller restart."""
+    changed = []
+    for name in sorted({n.network for n in nics}):
+        net = intent.networks.get(name)
+        if net is not None:
+            ips = [n.ip for n in nics if n.network == name]
+            changed.append(
+                msgspec.structs.replace(net, released=ipam.release_ips(net.released, ips))
+            )
+    return changed
+
+
+def existing_nic(intent: Intent, req: api.NicAttach) -> Nic | None:
+    """The VM's NIC on ``req``'s network if it matches what ``req`` asks for, else None. A VM
+    has one NIC per network: (vm, network) is what makes an attach retry-safe without keys to
+    remember, so an attach retried after its reply was lost returns the NIC it made. A request
+    that differs (another node, address, MAC or port security) is a ``Conflict`` naming the NIC."""
+    nic = next(
+        (n for n in intent.nics.values() if n.network == req.network and n.vm == req.vm), None
+    )
+    if nic is None:
+        return None
+    same_security = nic.port_security == req.port_security
+    differ = [
+        f"{what} {have}, not {asked}"
+        for what, have, asked, same in (
+            ("node", nic.node, req.node, nic.node == req.node),
+            ("ip", nic.ip, req.ip, req.ip is None or nic.ip == _ip_text(req.ip)),
+            ("mac", nic.mac, req.mac, req.mac is None or nic.mac == ipam.normalise_mac(req.mac)),
+            ("port_security", nic.port_security, req.port_security, same_security),
+        )
+        if not same
+    ]
+    if differ:
+        raise Conflict(
+            f"vm {req.vm!r} already has NIC {nic.id} (tap {naming.tap_name(nic.id)}) on network"
+            f" {req.network!r} with {'; '.join(differ)}: a VM has one NIC per network, detach"
+            " that one first to change it"
+        )
+    return nic
+
+
+def _ip_text(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise BadRequest(f"ip {value!r} is not a valid IPv4 address") from None
+
+
+def _nic_id_key(id_or_prefix: str) -> str:
     key = id_or_prefix.lower()
     if key.startswith(naming.PREFIX) and len(key) == 14:
         key = key[2:]  # a tap name names its NIC too
     if len(key) < 12:
         raise BadRequest(f"NIC id {id_or_prefix!r}: give the full id or at least 12 hex digits")
+    return key
+
+
+def find_detached(detached: Iterable[Nic], id_or_prefix: str) -> Nic | None:
+    """The one NIC among ``detached`` (NICs detached earlier) the id or prefix names, else None."""
+    key = _nic_id_key(id_or_prefix)
+    matches = [n for n in detached if n.id.startswith(key)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def find_nic(intent: Intent, id_or_prefix: str) -> Nic:
+    key = _nic_id_key(id_or_prefix)
     matches = [n for n in intent.nics.values() if n.id.startswith(key)]
     if not matches:
         raise NotFound(f"NIC {id_or_prefix!r} does not exist")

@@ -14,8 +14,10 @@ write: once a follower has taken over, every write of the deposed leader fails (
 whatever it believes. ``fence`` is set by taking or renewing the lease and cleared when a write
 fails or its outcome is unknown. The bucket's
 durability comes from the server (JetStream file storage, ``sync_interval: always`` in the
-shipped server config). It never validates or decides: callers write only what passed
-``controller.ops``, and the versions' mark only through ``controller.publisher``.
+shipped server config) and, on a cluster, from ``replicas=3``: JetStream acknowledges a put only
+once a majority of the replicas stored it, so losing any one server loses no acknowledged write.
+It never validates or decides: callers write only what passed ``controller.ops``, and the
+versions' mark only through ``controller.publisher``.
 """
 
 import asyncio
@@ -70,6 +72,10 @@ class Store:
                     description="Otherix networking intent",
                 )
             )
+        else:
+            have = (await kv.status()).stream_info.config.num_replicas or 1
+            if have != replicas:  # changing it is an operator's decision (nats stream edit)
+                log.warning("store: bucket %s has %d replica(s), not %d", bucket, have, replicas)
         return cls(kv)
 
     async def load(self) -> tuple[Intent, dict[str, NodeVersion]]:

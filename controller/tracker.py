@@ -53,6 +53,19 @@ class Tracker:
             applied = track.health.applied_version
         stale = bool(track.last_heard) and now - track.last_heard > stale_after
         health = self.fresh_health(node.name, now, stale_after)
+        # an agent whose key is not the registered one (its state was lost and its new key
+        # refused) has its mesh peers' trust wrong, whatever it acked
+        wrong_key = bool(
+            health and health.wg_public_key and node.wg_public_key
+            and health.wg_public_key != node.wg_public_key
+        )  # fmt: skip
+        last_error = track.last_error
+        if wrong_key and not last_error:
+            last_error = (
+                f"the agent's WireGuard key {health.wg_public_key} is not the registered one"
+                f" {node.wg_public_key}; if the node really has a new key, run"
+                f" 'otherixctl node rekey {node.name}'"
+            )
         return NodeStatus(
             node=node,
             desired_version=desired.version if desired else 0,
@@ -66,10 +79,11 @@ class Tracker:
                 and ack.applied_version >= desired.version
                 and health is not None
                 and not stale
+                and not wrong_key
             ),
             stale=stale,
             last_ack=ack,
-            last_error=track.last_error,
+            last_error=last_error,
             last_heard=track.last_heard,
             health=track.health,
             no_carrier=tuple(sorted(t for t, up in health.taps.items() if not up))

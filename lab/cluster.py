@@ -1,5 +1,11 @@
 """A running lab cluster: nats-server (JetStream), the controller, one agent per node namespace.
 
+With ``nats_servers=3`` the bus is a cluster of three servers on loopback ports (each its own
+store, routes by mutual TLS and the route password ``otherix-bus init --server`` renders), the
+intent bucket has three replicas, every client is given all URLs, and each node namespace's relay
+has one listener per server, on that server's own port. ``stream_leader``, ``kill_nats_server``
+and ``start_nats_server`` let tests kill the server leading the intent stream and bring it back.
+
 Composes the plumbing (``topology``, ``relay``, ``vm``) with the real programs, started as
 detached processes so ``otherix-lab up`` can return and ``down`` (or ``cleanup_prefix`` after a
 crash) can stop them. The lab's description is saved to ``{state_dir}/lab.json`` so later
@@ -8,12 +14,14 @@ commands find it. Everything here is side effects; the decisions live in control
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import msgspec
@@ -22,7 +30,18 @@ from nats.aio.client import Client
 
 from client.api import ApiClient, ApiError
 from client.bus import files as bus_files
-from lab.netns import LabError, alive, python_module, read_pidfile, run, spawn, stop_pidfile
+from client.bus.permissions import ClusterServer
+from lab.natsfault import FaultProxy, control
+from lab.netns import (
+    LabError,
+    alive,
+    python_module,
+    read_pidfile,
+    run,
+    spawn,
+    stop_pidfile,
+    wait_ready,
+)
 from lab.relay import start_relay
 from lab.topology import OUTSIDE_IP, UNDERLAY_CIDRS, Topology, cleanup_prefix, default_state_dir
 from lab.vm import VmHandle, ping, vm_add, vm_rm
@@ -30,6 +49,7 @@ from schemas import api
 from schemas.bus import CA_ENV, CREDS_ENV
 
 NODE_NATS_PORT = 4222  # what agents dial inside their namespace; the relay carries it home
+_RELOADED = "Reloaded server configuration"  # nats-server's log line once a reload is in force
 WIREGUARD_RUN = Path("/run/wireguard")
 
 
@@ -40,8 +60,18 @@ class LabState(msgspec.Struct, kw_only=True):
     heartbeat: float
     mesh: bool
     secure: bool = True  # TLS and identities on the bus (off only to measure what they cost)
+    # chaos: the controller and every relay reach nats-server through lab.natsfault on this port
+    fault_port: int = 0
+    fault_process: bool = False  # the proxy runs as a process (otherix-lab up --chaos)
+    fault_seed: int = 0
     nodes: dict[str, int] = {}  # name → index
     vms: dict[str, list[str]] = {}  # vm → NIC ids
+    # a cluster of nats-servers (nats_servers > 1): their client and route ports, in order;
+    # nats_port is the first one's
+    nats_servers: int = 1
+    nats_ports: list[int] = []
+    route_ports: list[int] = []
+    monitor_ports: list[int] = []  # each server's HTTP monitoring, on loopback (/connz)
 
 
 def free_port() -> int:
@@ -68,7 +98,15 @@ class Lab:
         nats_port: int | None = None,
         health_interval: float = 1.0,
         secure: bool = True,
+        faults: bool = False,
+        fault_seed: int = 0,
+        fault_process: bool = False,
+        nats_servers: int = 1,
     ):
+        if nats_servers not in (1, 3, 5):
+            raise LabError(f"nats_servers={nats_servers}: one server or a cluster of 3 or 5")
+        if nats_servers > 1 and faults:
+            raise LabError("the fault proxy stands in front of one nats-server, not a cluster")
         self.prefix = prefix
         self.state_dir = state_dir or default_state_dir(prefix)
         self.topology = Topology(prefix, underlay_mtu, self.state_dir)
@@ -79,7 +117,17 @@ class Lab:
             heartbeat=heartbeat,
             mesh=mesh,
             secure=secure,
+            fault_port=free_port() if faults else 0,
+            fault_process=fault_process,
+            fault_seed=fault_seed,
+            nats_servers=nats_servers,
         )
+        if nats_servers > 1:
+            ports = [self.state.nats_port] + [free_port() for _ in range(nats_servers - 1)]
+            self.state.nats_ports = ports
+            self.state.route_ports = [free_port() for _ in ports]
+            self.state.monitor_ports = [free_port() for _ in ports]
+        self.faults: FaultProxy | None = None  # the in-process proxy (tests), see start_faults
         self.health_interval = health_interval
         self.nc: Client | None = None
         self.api: ApiClient | None = None
@@ -89,7 +137,32 @@ class Lab:
 
     @property
     def nats_url(self) -> str:
+        """nats-server itself: what the lab's own clients (tests, operators) use."""
         return f"nats://127.0.0.1:{self.state.nats_port}"
+
+    @property
+    def nats_urls(self) -> list[str]:
+        """Every server's URL (one unless the bus is a cluster)."""
+        return [f"nats://127.0.0.1:{p}" for p in self.state.nats_ports] or [self.nats_url]
+
+    @property
+    def cluster(self) -> bool:
+        return self.state.nats_servers > 1
+
+    def nats_server_name(self, index: int) -> str:
+        """Server ``index`` (1-based) of the cluster: its server_name, pid and log file name."""
+        return f"{self.prefix}-nats-{index}"
+
+    def _nats_processes(self) -> list[str]:
+        """The pid/log file names of the bus's servers."""
+        if not self.cluster:
+            return ["nats-server"]
+        return [f"nats-{i}" for i in range(1, self.state.nats_servers + 1)]
+
+    @property
+    def bus_target(self) -> str:
+        """Where the controller and the relays connect: the fault proxy when there is one."""
+        return f"127.0.0.1:{self.state.fault_port or self.state.nats_port}"
 
     # --- the bus: every process has its own identity, TLS with the lab's own CA ----------------
 
@@ -104,7 +177,7 @@ class Lab:
 
     def bus_env(self, identity: str = "admin") -> dict[str, str]:
         """What an operator's shell needs to reach this lab as ``identity``."""
-        env = {"OTHERIX_NATS_URL": self.nats_url}
+        env = {"OTHERIX_NATS_URL": ",".join(self.nats_urls)}
         if self.state.secure:
             env |= bus_files.identity_env(self.bus_dir, identity)
         return env
@@ -112,7 +185,7 @@ class Lab:
     async def nats_client(self, identity: str = "admin", **kw) -> Client:
         secure = self.state.secure
         kwargs = bus_files.identity_kwargs(self.bus_dir, identity) if secure else {}
-        return await nats.connect(self.nats_url, **kwargs, **kw)
+        return await nats.connect(self.nats_urls, **kwargs, **kw)
 
     async def grant_node(self, name: str) -> None:
         """A node identity for ``name``, in force (reloaded) before its agent connects."""
@@ -138,19 +211,25 @@ class Lab:
             await self._reload_nats()
 
     async def _reload_nats(self, timeout: float = 10.0) -> None:
-        """Reload nats-server's users and wait until the new set is in force (its log says so)."""
-        pid = read_pidfile(self.state_dir / "nats-server.pid")
-        if pid is None or not alive(pid):
+        """Reload every running server's users and wait until the new set is in force (each
+        log says so). A cluster's server that is down reads the new set when it starts."""
+        reloading = []
+        for name in self._nats_processes():
+            pid = read_pidfile(self.state_dir / f"{name}.pid")
+            if pid is None or not alive(pid):
+                continue
+            log_file = self.state_dir / f"{name}.log"
+            before = log_file.read_text(errors="replace").count(_RELOADED)
+            bus_files.reload_server(pid)
+            reloading.append((log_file, before))
+        if not reloading:
             raise LabError("nats-server is not running")
-        log_file = self.state_dir / "nats-server.log"
-        done = "Reloaded server configuration"
-        before = log_file.read_text(errors="replace").count(done)
-        bus_files.reload_server(pid)
         deadline = time.monotonic() + timeout
-        while log_file.read_text(errors="replace").count(done) == before:
-            if time.monotonic() > deadline:
-                raise LabError(f"nats-server did not reload within {timeout}s; see {log_file}")
-            await asyncio.sleep(0.02)
+        for log_file, before in reloading:
+            while log_file.read_text(errors="replace").count(_RELOADED) == before:
+                if time.monotonic() > deadline:
+                    raise LabError(f"nats-server did not reload within {timeout}s; see {log_file}")
+                await asyncio.sleep(0.02)
 
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -179,6 +258,10 @@ class Lab:
             await self.topology.create_fabric()
             await self.topology.add_outside()
             await self.start_nats()
+            if self.state.fault_port:
+                await (
+                    self.start_fault_process() if self.state.fault_process else self.start_faults()
+                )
             await self.start_controller()
             for i in range(1, nodes + 1):
                 await self.add_node(f"n{i}")
@@ -196,6 +279,9 @@ class Lab:
 
     async def down(self) -> None:
         await self.close()
+        if self.faults is not None:
+            await self.faults.close()
+            self.faults = None
         await cleanup_prefix(self.prefix, self.state_dir)
         self.forget()
 
@@ -210,6 +296,17 @@ class Lab:
         return self.api
 
     async def start_nats(self) -> None:
+        if self.cluster:
+            if self.bus_dir.exists():  # a lab brought up again: the servers keep their ports
+                servers = bus_files.load_roster(self.bus_dir).servers
+                self.state.nats_ports = [s.port for s in servers]
+                self.state.route_ports = [s.route_port for s in servers]
+                self.state.nats_port = servers[0].port
+            await asyncio.gather(
+                *(self.start_nats_server(i) for i in range(1, self.state.nats_servers + 1))
+            )
+            self.save()
+            return
         store = self.state_dir / "jetstream"
         if self.state.secure and not self.bus_dir.exists():  # kept across restarts, like the store
             bus_files.init(self.bus_dir, store_dir="")
@@ -226,13 +323,156 @@ class Lab:
         self.save()
 
     async def stop_nats(self) -> None:
-        await stop_pidfile(self.state_dir / "nats-server.pid")
+        for name in self._nats_processes():
+            await stop_pidfile(self.state_dir / f"{name}.pid")
+
+    # --- a cluster of nats-servers ----------------------------------------------------------------
+
+    def _init_cluster_bus(self) -> None:
+        servers = tuple(
+            ClusterServer(name=self.nats_server_name(i), host="127.0.0.1", port=p, route_port=r)
+            for i, (p, r) in enumerate(
+                zip(self.state.nats_ports, self.state.route_ports, strict=True), 1
+            )
+        )
+        # the stores come from -sd; servers and routes listen on loopback only
+        bus_files.init(self.bus_dir, store_dir="", servers=servers, bind="127.0.0.1")
+
+    async def start_nats_server(self, index: int) -> None:
+        """Server ``index`` (1-based) of the cluster, on its own store (kept across restarts)."""
+        if not self.cluster:
+            raise LabError("this lab's bus is one nats-server: use start_nats")
+        if not self.state.secure:
+            raise LabError("a lab cluster is always secured (routes need the bus's certificate)")
+        if not self.bus_dir.exists():
+            self._init_cluster_bus()
+        name = self.nats_server_name(index)
+        conf = bus_files.server_conf_file(self.bus_dir, name)
+        store = self.state_dir / f"jetstream-{index}"
+        monitor = str(self.state.monitor_ports[index - 1])  # on the listen address: loopback
+        argv = [nats_server_binary(), "-c", str(conf), "-js", "-sd", str(store), "-n", name,
+                "-m", monitor]  # fmt: skip
+        proc = await spawn(argv, state_dir=self.state_dir, name=f"nats-{index}")
+        port = self.state.nats_ports[index - 1]
+        await _wait_port(port, proc, self.state_dir / f"nats-{index}.log")
+
+    async def kill_nats_server(self, index: int) -> None:
+        """SIGKILL server ``index``: no clean shutdown, like a crash or a power loss."""
+        pidfile = self.state_dir / f"nats-{index}.pid"
+        pid = read_pidfile(pidfile)
+        if pid is None or not alive(pid):
+            raise LabError(f"nats server {index} is not running")
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if not alive(pid):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise LabError(f"nats server {index} (pid {pid}) survived SIGKILL")
+        pidfile.unlink(missing_ok=True)
+
+    def nats_server_index(self, name: str) -> int:
+        for i in range(1, self.state.nats_servers + 1):
+            if self.nats_server_name(i) == name:
+                return i
+        raise LabError(f"{name!r} is not a server of this lab")
+
+    async def nats_server_of(self, client: str) -> int | None:
+        """The index of the server the connection named ``client`` is on (its /connz), if any:
+        ``otherix-agent-<node>``, ``<prefix>-controller``."""
+        for i, port in enumerate(self.state.monitor_ports, 1):
+            url = f"http://127.0.0.1:{port}/connz?limit=4096"
+            try:
+                conns = await asyncio.to_thread(_get_json, url)
+            except OSError:
+                continue  # that server is down
+            if any(c.get("name") == client for c in conns.get("connections") or []):
+                return i
+        return None
+
+    async def stream_info(self, bucket: str = "otherix", timeout: float = 5.0) -> dict:
+        """JetStream's own view of the intent stream (``$JS.API.STREAM.INFO.KV_<bucket>``):
+        ``cluster.leader`` and ``cluster.replicas`` among others. Asked as the controller, the
+        one identity allowed on JetStream's API."""
+        nc = await self.nats_client("controller", connect_timeout=2, allow_reconnect=False)
+        try:
+            msg = await nc.request(f"$JS.API.STREAM.INFO.KV_{bucket}", b"", timeout=timeout)
+        finally:
+            await nc.close()
+        info = json.loads(msg.data)
+        if "error" in info:
+            raise LabError(f"stream KV_{bucket}: {info['error']}")
+        return info
+
+    async def stream_leader(
+        self, bucket: str = "otherix", timeout: float = 20.0, other_than: int | None = None
+    ) -> int:
+        """The index of the server leading the intent stream, once there is a leader (one
+        other than server ``other_than``, e.g. a server just killed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            # a server dying under the request resets its connection (OSError)
+            with contextlib.suppress(LabError, nats.errors.Error, TimeoutError, OSError):
+                info = await self.stream_info(bucket, timeout=1.0)
+                leader = info.get("cluster", {}).get("leader")
+                if leader and self.nats_server_index(leader) != other_than:
+                    return self.nats_server_index(leader)
+            if time.monotonic() > deadline:
+                raise LabError(f"stream KV_{bucket} has no leader after {timeout}s")
+            await asyncio.sleep(0.1)
+
+    # --- faults: lab.natsfault between nats-server and the controller and agents ----------------
+
+    @property
+    def fault_control(self) -> Path:
+        return self.state_dir / "natsfault.sock"
+
+    async def start_faults(self, seed: int | None = None) -> FaultProxy:
+        """The proxy in this event loop (``self.faults``: rules, observers, cuts from Python).
+        Again with a proxy running: its rules are cleared and ``seed`` applies to new ones."""
+        if not self.state.fault_port:
+            raise LabError("this lab was not started with faults=True")
+        if self.faults is not None:
+            self.faults.clear(seed)
+            return self.faults
+        self.faults = FaultProxy(
+            ("127.0.0.1", self.state.nats_port),
+            tls_dir=self.bus_dir if self.state.secure else None,
+            seed=self.state.fault_seed if seed is None else seed,
+            port=self.state.fault_port,
+        )
+        await self.faults.start()
+        return self.faults
+
+    async def start_fault_process(self) -> None:
+        """The proxy as a detached process with a control socket (``otherix-lab chaos``)."""
+        ready = self.state_dir / "natsfault.ready"
+        ready.unlink(missing_ok=True)
+        argv = python_module(
+            "lab.natsfault", "--listen", str(self.state.fault_port),
+            "--upstream", f"127.0.0.1:{self.state.nats_port}", "--control", str(self.fault_control),
+            "--seed", str(self.state.fault_seed), "--ready-file", str(ready),
+            *(["--tls-dir", str(self.bus_dir)] if self.state.secure else []),
+        )  # fmt: skip
+        proc = await spawn(argv, state_dir=self.state_dir, name="natsfault")
+        await wait_ready(proc, ready, 10.0, self.state_dir / "natsfault.log")
+
+    async def chaos(self, request: dict) -> dict:
+        """One command to the proxy process (``{"cmd": "add_rule", ...}``); its answer."""
+        if not self.state.fault_process:
+            raise LabError(f"lab {self.prefix} has no chaos proxy process (otherix-lab up --chaos)")
+        try:
+            return await control(self.fault_control, request)
+        except OSError as e:
+            raise LabError(f"chaos proxy not answering on {self.fault_control}: {e}") from None
 
     async def start_controller(self, wait: bool = True, name: str = "controller") -> None:
         """A controller process; another ``name`` (``controller-2``) starts one more, which
         follows until the leader goes (controller failover)."""
+        urls = ",".join(self.nats_urls) if self.cluster else f"nats://{self.bus_target}"
         argv = python_module(
-            "controller.main", "--nats", self.nats_url, "--heartbeat", str(self.state.heartbeat),
+            "controller.main", "--nats", urls, "--heartbeat", str(self.state.heartbeat),
+            "--replicas", str(min(self.state.nats_servers, 3)),
             "--instance", f"{self.prefix}-{name}",  # found by name if its pid file is lost
             "--underlay-mtu", str(self.state.underlay_mtu), *self.bus_args("controller"),
             "--underlay-cidr", UNDERLAY_CIDRS,
@@ -266,8 +506,13 @@ class Lab:
         self.state.nodes[name] = index
         self.save()
         await self.grant_node(name)
-        await start_relay([node.netns], f"127.0.0.1:{self.state.nats_port}", NODE_NATS_PORT,
-                          state_dir=self.state_dir, name=f"relay-{name}")  # fmt: skip
+        if self.cluster:  # a listener per server, on the server's own port
+            targets = [f"127.0.0.1:{p}" for p in self.state.nats_ports]
+            await start_relay([node.netns], targets, self.state.nats_ports,
+                              state_dir=self.state_dir, name=f"relay-{name}")  # fmt: skip
+        else:
+            await start_relay([node.netns], self.bus_target, NODE_NATS_PORT,
+                              state_dir=self.state_dir, name=f"relay-{name}")  # fmt: skip
         await self.start_agent(name)
         await self.wait_registered(name)
 
@@ -296,8 +541,9 @@ class Lab:
     async def start_agent(self, name: str, *extra: str) -> None:
         node = self.topology.nodes[name]
         WIREGUARD_RUN.mkdir(parents=True, exist_ok=True)
+        ports = self.state.nats_ports or [NODE_NATS_PORT]
         agent = python_module(
-            "agent.main", "--nats", f"nats://127.0.0.1:{NODE_NATS_PORT}", "--node", name,
+            "agent.main", "--nats", ",".join(f"nats://127.0.0.1:{p}" for p in ports), "--node", name,
             "--state-dir", str(self.state_dir / "agents" / name),
             "--underlay-ip", node.underlay_ip, "--health-interval", str(self.health_interval),
             *self.bus_args(name),
@@ -420,6 +666,11 @@ class Lab:
 
     async def exec_node(self, node: str, *argv: str) -> str:
         return await run("ip", "netns", "exec", self.node_netns(node), *argv)
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return json.load(response)
 
 
 async def _wait_port(port: int, proc, log_file: Path, timeout: float = 15.0) -> None:

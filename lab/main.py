@@ -4,11 +4,15 @@ otherix-lab up --nodes 3        # nats-server + controller + 3 agents in namespa
 otherix-lab vm add web --network lan --node n1
 otherix-lab vm rm web
 otherix-lab down                # removes everything, also after a crash
+otherix-lab up --chaos --seed 7 # the same, with the fault proxy (lab.natsfault) on the bus
+otherix-lab chaos drop 'otherix.v1.desired.*' -p 0.3   # then: dup, delay, partition n1, heal,
+otherix-lab chaos stats         # stall, unstall, cut, clear (see otherix-lab chaos -h)
 otherix-lab demo                # builds a lab, shows the networks working, tears it down
 """
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -37,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--underlay-mtu", type=int, default=1500)
     up.add_argument("--heartbeat", type=float, default=1.0)
     up.add_argument("--no-mesh", action="store_true", help="agents without the WireGuard mesh")
+    up.add_argument("--nats-servers", type=int, default=1, choices=(1, 3),
+                    help="3: a NATS cluster, intent replicated on every server")  # fmt: skip
+    up.add_argument(
+        "--chaos",
+        action="store_true",
+        help="controller and agents reach nats-server through the fault proxy (otherix-lab chaos)",
+    )
+    up.add_argument("--seed", type=int, default=0, help="the fault proxy's seed (with --chaos)")
     sub.add_parser("down", help="stop and remove everything the lab created")
     vm = sub.add_parser("vm", help="VMs (namespaces wired to their taps)").add_subparsers(
         dest="vm_cmd", required=True
@@ -49,11 +61,70 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--mac")
     rm = vm.add_parser("rm")
     rm.add_argument("name")
+    add_chaos_parser(sub)
     demo = sub.add_parser(
         "demo", help="build a 2-node lab, show pings across nodes and through NAT, tear down"
     )
     demo.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     return p
+
+
+def add_chaos_parser(sub) -> None:
+    chaos = sub.add_parser(
+        "chaos", help="faults on the bus of a lab started with 'up --chaos'"
+    ).add_subparsers(dest="chaos_cmd", required=True)
+    for name, action, what in [
+        ("drop", "drop", "drop frames"),
+        ("dup", "duplicate", "duplicate frames"),
+        ("delay", "delay", "delay frames (later ones overtake them)"),
+    ]:
+        rule = chaos.add_parser(name, help=what)
+        rule.set_defaults(action=action)
+        rule.add_argument("subject", help="NATS subject pattern (* and > wildcards)")
+        rule.add_argument("-p", type=float, default=1.0, help="probability per frame")
+        rule.add_argument("--direction", choices=("to_server", "to_client"))
+        rule.add_argument("--identity", help="controller, admin, viewer or a node name")
+        rule.add_argument("--count", type=int, help="at most this many frames")
+        if action == "duplicate":
+            rule.add_argument("--copies", type=int, default=1, help="extra copies")
+        if action == "delay":
+            rule.add_argument("--seconds", type=float, required=True)
+            rule.add_argument("--jitter", type=float, default=0.0)
+    for name, what in [
+        ("cut", "close the identity's connections (it reconnects)"),
+        ("partition", "cut the identity and refuse it until 'heal'"),
+        ("stall", "hold the identity's traffic both ways until 'unstall'"),
+    ]:
+        chaos.add_parser(name, help=what).add_argument("identity")
+    for name, what in [("heal", "end a partition"), ("unstall", "release a stall")]:
+        chaos.add_parser(name, help=what).add_argument("identity", nargs="?", help="default: all")
+    chaos.add_parser("clear", help="remove every rule").add_argument("--seed", type=int)
+    chaos.add_parser("stats", help="rules with their counters, connections, partitions, stalls")
+
+
+def chaos_request(args: argparse.Namespace) -> dict:
+    """The control-socket request (lab.natsfault) for an ``otherix-lab chaos`` command."""
+    if args.chaos_cmd in ("drop", "dup", "delay"):
+        request = {"cmd": "add_rule", "action": args.action, "subject": args.subject, "p": args.p}
+        for key in ("direction", "identity", "count", "copies", "jitter"):
+            if getattr(args, key, None) is not None:
+                request[key] = getattr(args, key)
+        if args.chaos_cmd == "delay":
+            request["delay"] = args.seconds
+        return request
+    if args.chaos_cmd == "clear":
+        return {"cmd": "clear", "seed": args.seed}
+    return {"cmd": args.chaos_cmd} | (
+        {"identity": args.identity} if getattr(args, "identity", None) else {}
+    )
+
+
+async def cmd_chaos(args: argparse.Namespace) -> int:
+    answer = await Lab.load(args.prefix).chaos(chaos_request(args))
+    if not answer.pop("ok", False):
+        raise LabError(f"chaos {args.chaos_cmd}: {answer.get('error')}")
+    say(json.dumps(answer, indent=2 if args.chaos_cmd == "stats" else None))
+    return 0
 
 
 def say(text: str) -> None:
@@ -69,6 +140,10 @@ async def cmd_up(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         mesh=not args.no_mesh,
         nats_port=14222 if args.prefix == "otlab" else None,
+        faults=args.chaos,
+        fault_seed=args.seed,
+        fault_process=args.chaos,
+        nats_servers=args.nats_servers,
     )
     started = time.monotonic()
     await lab.up(args.nodes)
@@ -76,6 +151,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
     for var, value in lab.bus_env("admin").items():
         say(f"  export {var}={value}")
     say(f"  logs and state: {lab.state_dir}")
+    if args.chaos:
+        say(f"  chaos proxy: {lab.bus_target} (seed {args.seed}); otherix-lab chaos --help")
     say(f"  outside host: {OUTSIDE_IP} (netns {lab.topology.outside})")
     await lab.close()
     return 0
@@ -204,6 +281,8 @@ async def run(args: argparse.Namespace) -> int:
             return 0
         case "vm":
             return await cmd_vm(args)
+        case "chaos":
+            return await cmd_chaos(args)
         case "demo":
             return await cmd_demo(args)
     return 2

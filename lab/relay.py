@@ -8,6 +8,9 @@ namespace the relay was started in.
 
     python -m lab.relay --target 127.0.0.1:4222 --listen-port 4222 NS [NS...]
 
+A cluster's servers each get a listener: ``--target`` and ``--listen-port`` repeated, paired in
+order (one process per namespace whatever the number of servers).
+
 Owns only its sockets; exits on SIGTERM/SIGINT, closing every connection. One relay process per
 node namespace is the simple way to add namespaces later (``start_relay``).
 """
@@ -54,24 +57,29 @@ async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
 
 class Relay:
     def __init__(self, target: tuple[str, int]):
-        self.target = target
+        self.target = target  # the default for ``add``
         self.servers: list[asyncio.Server] = []
         self.conns: set[asyncio.Task] = set()
 
-    async def add(self, ns: str, port: int, host: str = "127.0.0.1") -> None:
+    async def add(
+        self, ns: str, port: int, host: str = "127.0.0.1", target: tuple[str, int] | None = None
+    ) -> None:
+        target = target or self.target
         sock = listen_in(ns, host, port)
         server = await asyncio.start_server(
-            lambda r, w: self._accepted(ns, r, w), sock=sock, limit=CHUNK
+            lambda r, w: self._accepted(ns, target, r, w), sock=sock, limit=CHUNK
         )
         self.servers.append(server)
-        log.info("listening on %s:%d in %s -> %s:%d", host, port, ns, *self.target)
+        log.info("listening on %s:%d in %s -> %s:%d", host, port, ns, *target)
 
-    async def _accepted(self, ns: str, cr: asyncio.StreamReader, cw: asyncio.StreamWriter):
+    async def _accepted(
+        self, ns: str, target: tuple[str, int], cr: asyncio.StreamReader, cw: asyncio.StreamWriter
+    ):
         self.conns.add(task := asyncio.current_task())
         uw = None
         try:
             ur, uw = await asyncio.wait_for(
-                asyncio.open_connection(*self.target, limit=CHUNK), CONNECT_TIMEOUT
+                asyncio.open_connection(*target, limit=CHUNK), CONNECT_TIMEOUT
             )
             up, down = (asyncio.ensure_future(c) for c in (_pipe(cr, uw), _pipe(ur, cw)))
             # both directions must end (half-closes); an error on either ends the connection
@@ -82,7 +90,7 @@ class Relay:
                 if not t.cancelled() and t.exception():
                     log.debug("%s: connection ended: %s", ns, t.exception())
         except (OSError, TimeoutError) as e:
-            log.warning("%s: cannot reach %s:%d: %s", ns, *self.target, e)
+            log.warning("%s: cannot reach %s:%d: %s", ns, *target, e)
         finally:
             for w in (cw, uw):
                 if w is not None:
@@ -105,15 +113,17 @@ def _hostport(value: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-async def serve(target: tuple[str, int], port: int, namespaces: list[str], ready_file=None):
-    relay = Relay(target)
+async def serve(pairs: list[tuple[tuple[str, int], int]], namespaces: list[str], ready_file=None):
+    """``pairs``: (target, listen port) for each listener made in every namespace."""
+    relay = Relay(pairs[0][0])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         for ns in namespaces:
-            await relay.add(ns, port)
+            for target, port in pairs:
+                await relay.add(ns, port, target=target)
         mark_ready(ready_file)
         await stop.wait()
     finally:
@@ -121,13 +131,27 @@ async def serve(target: tuple[str, int], port: int, namespaces: list[str], ready
 
 
 async def start_relay(
-    namespaces: list[str], target: str, listen_port: int, *, state_dir: Path, name: str
+    namespaces: list[str],
+    target: str | list[str],
+    listen_port: int | list[int],
+    *,
+    state_dir: Path,
+    name: str,
 ) -> asyncio.subprocess.Process:
-    """Start ``python -m lab.relay`` detached and wait until it listens (10 s at most)."""
+    """Start ``python -m lab.relay`` detached and wait until it listens (10 s at most). Lists
+    of targets and ports (paired in order) give one listener per server of a cluster."""
     ready = state_dir / f"{name}.ready"
     ready.unlink(missing_ok=True)
-    argv = python_module("lab.relay", "--target", target, "--listen-port", str(listen_port),
-                         "--ready-file", str(ready), *namespaces)  # fmt: skip
+    targets = [target] if isinstance(target, str) else target
+    ports = [listen_port] if isinstance(listen_port, int) else listen_port
+    if len(targets) != len(ports):
+        raise ValueError("one listen port per target")
+    pairs = [
+        a
+        for t, p in zip(targets, ports, strict=True)
+        for a in ("--target", t, "--listen-port", str(p))
+    ]
+    argv = python_module("lab.relay", *pairs, "--ready-file", str(ready), *namespaces)
     proc = await spawn(argv, state_dir=state_dir, name=name)
     try:
         await wait_ready(proc, ready, 10.0, state_dir / f"{name}.log")
@@ -141,16 +165,19 @@ async def start_relay(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab.relay", description=__doc__.split("\n")[0])
-    ap.add_argument("--target", default="127.0.0.1:4222", help="HOST:PORT to connect to")
-    ap.add_argument("--listen-port", type=int, default=4222, help="port on 127.0.0.1 in each ns")
+    ap.add_argument("--target", action="append", help="HOST:PORT to connect to (repeatable)")
+    ap.add_argument("--listen-port", type=int, action="append",
+                    help="port on 127.0.0.1 in each ns, one per --target")  # fmt: skip
     ap.add_argument("--ready-file", help="created once every listener is up")
     ap.add_argument("namespaces", nargs="+", metavar="NS")
     args = ap.parse_args(argv)
+    targets, ports = args.target or ["127.0.0.1:4222"], args.listen_port or [4222]
+    if len(targets) != len(ports):
+        ap.error("give one --listen-port per --target")
+    pairs = [(_hostport(t), p) for t, p in zip(targets, ports, strict=True)]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s")
     try:
-        asyncio.run(
-            serve(_hostport(args.target), args.listen_port, args.namespaces, args.ready_file)
-        )
+        asyncio.run(serve(pairs, args.namespaces, args.ready_file))
     except OSError as e:
         log.error("relay failed: %s", e)
         return 1

@@ -3,7 +3,7 @@
 Owns the VM namespace (guest NIC ``eth0`` + its veth peer ``wire0``) and the wire process
 (``lab.wire``) started in the node's namespace, recorded as ``{state_dir}/vm-{vm}.pid`` with
 its log beside it. The tap belongs to the agent; this module never creates or deletes one.
-Also: ``ping`` from any namespace.
+Also: ``ping`` from any namespace, and ``probe_once``: exactly one echo request.
 """
 
 # ruff: noqa: ASYNC109 - explicit timeouts are part of the lab API (they bound subprocesses)
@@ -116,6 +116,19 @@ async def ping(
         argv += ["-M", "do"]
     try:
         await run(*argv, dst, timeout=timeout + 5)
+    except LabError:
+        return False
+    return True
+
+
+async def probe_once(ns: str, dst: str, wait: float) -> bool:
+    """Exactly ONE echo request from ``ns``; True if its reply arrives within ``wait`` seconds.
+
+    ``ping -c 1 -W wait`` without ``-w``: with a deadline (``-w``) ping keeps sending until a
+    reply or the deadline, so ``-c 1 -w 1`` may send ten requests and hide a lost first one."""
+    argv = ["ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", "1", "-W", f"{wait:g}", dst]
+    try:
+        await run(*argv, timeout=wait + 5)  # exit 0: the one reply arrived in time
     except LabError:
         return False
     return True

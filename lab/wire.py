@@ -71,8 +71,12 @@ def open_tap(name: str, timeout: float) -> int:
             fcntl.ioctl(fd, TUNSETIFF, ifr)
             if _tap_flags(fd) & IFF_PERSIST:
                 return fd
-        except OSError:
+        except OSError as e:
             os.close(fd)
+            # the agent still holds the tap it is creating (TUNSETIFF, then TUNSETPERSIST)
+            if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
             raise
         # the tap vanished between the check and the ioctl, so we created one: drop it
         os.close(fd)

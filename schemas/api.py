@@ -4,6 +4,12 @@ Requests are input we own, so they are decoded with ``forbid_unknown_fields``: a
 name is an error, not a silently ignored option. Errors travel as micro-service error headers
 (``Nats-Service-Error-Code`` / ``Nats-Service-Error``) with an ``ErrorReply`` body; the exceptions
 they stand for are ``schemas.errors``.
+
+Writes are safe to repeat without an idempotency key: what a request names is its key. A
+``NetworkCreate`` with the parameters of an existing network, or a ``NicAttach`` for a VM that has
+a matching NIC on that network (a VM has one NIC per network), answers with that object and
+``existed=True``; one that differs is a 409 naming what it clashes with. Listings are paged
+(``Page``): a reply carries ``next`` until the last page.
 """
 
 import enum
@@ -60,6 +66,8 @@ class NetworkDelete(Request, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
 
 class NicAttach(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """(vm, network) names the NIC: repeated, it returns the NIC it made (see above)."""
+
     network: str
     node: str
     vm: str
@@ -72,7 +80,16 @@ class NicDetach(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: str  # full id or any unique prefix of at least 12 hex digits (the tap's digits)
 
 
-class NicFilter(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Page(Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A listing's page: at most ``limit`` items after ``cursor`` (None: from the start). The
+    controller may return fewer (a reply stays well under the bus's max_payload); only a reply
+    whose ``next`` is None ends the listing. Old requests without these fields get page one."""
+
+    limit: int | None = None
+    cursor: str | None = None  # opaque: the ``next`` of the previous page
+
+
+class NicFilter(Page, frozen=True, kw_only=True, forbid_unknown_fields=True):
     network: str | None = None
     node: str | None = None
 
@@ -98,6 +115,7 @@ class NetworkInfo(msgspec.Struct, frozen=True, kw_only=True):
     mtu: int
     nics: int
     bridge: str  # device name on the nodes
+    existed: bool = False  # network.create only: an identical network was there already
 
 
 class NicState(enum.StrEnum):
@@ -110,6 +128,7 @@ class NicInfo(msgspec.Struct, frozen=True, kw_only=True):
     nic: Nic
     tap: str
     state: NicState = NicState.PENDING
+    existed: bool = False  # nic.attach only: the VM had this NIC already (a retried attach)
 
 
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,7 +145,24 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     no_carrier: tuple[str, ...] = ()  # taps of this node without a hypervisor attached
 
 
+class NodePage(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``node.list`` reply: one page, sorted by name."""
+
+    items: tuple[NodeStatus, ...]
+    next: str | None = None  # the cursor of the next page; None on the last one
+
+
+class NicPage(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``nic.list`` reply: one page, sorted by network, node, address."""
+
+    items: tuple[NicInfo, ...]
+    next: str | None = None
+
+
 class Status(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``status`` reply: the counts and ``converged`` cover the whole cluster, ``nodes`` is
+    one page of it (sorted by name), ``next`` the cursor of the next page."""
+
     nodes: tuple[NodeStatus, ...]
     networks: int
     nics: int
@@ -137,6 +173,7 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     # agent reports refused since the controller started, by reason (forged or malformed)
     refused_reports: dict[str, int] = {}
     leader: str = ""  # instance name of the controller holding the lease, "" if none is known
+    next: str | None = None
     schema: int = SCHEMA_VERSION
 
 

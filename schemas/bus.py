@@ -5,14 +5,28 @@ lets it subscribe to, so no identity can read another's replies.
 
 Shared by every command (the controller depends on ``schemas`` alone). It builds keyword
 arguments for ``nats.connect`` and never connects; ``client.bus`` writes the files.
+
+``Reconnect`` is how the long-running processes (controller, agents) stay on the bus: they retry
+for ever, with capped exponential back-off and jitter so a restarted nats-server is not hit by
+every node at the same instant. nats-py 2.x has no jitter option; its reconnect loop takes a
+delay from ``reconnect_to_server_handler``, and its first connect awaits ``error_cb`` after each
+failed try, so both get their delay from the pure ``backoff`` here.
 """
 
+import asyncio
+import logging
+import random
 import re
 import ssl
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nkeys
+from nats import errors as nats_errors
+
+log = logging.getLogger(__name__)
 
 CREDS_ENV = "OTHERIX_NATS_CREDS"  # path of the identity's seed file (*.nk)
 CA_ENV = "OTHERIX_NATS_CA"  # path of the bus CA certificate (ca.pem)
@@ -82,3 +96,92 @@ def connect_kwargs(
 
 class BusConfigError(ValueError):
     """A credentials or CA file that cannot be used; the message names the file."""
+
+
+def backoff(
+    attempt: int, base: float = 0.25, cap: float = 5.0, rand: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait before try ``attempt`` + 1 (0 = after the first failure): doubling from
+    ``base`` up to ``cap``, and a random half of it ("equal jitter"), so clients that lost the
+    server together come back spread over time, yet none waits longer than ``cap``."""
+    ceiling = min(cap, base * 2 ** min(max(attempt, 0), 32))
+    return ceiling / 2 + ceiling / 2 * rand()
+
+
+class Reconnect:
+    """``nats.connect`` keywords for a process that must stay on the bus: never give up, back
+    off with jitter, log the first failure and then a count (not a line per try), and count
+    slow-consumer drops instead of logging each one. Set ``connected`` once ``connect`` returned.
+    """
+
+    def __init__(self, who: str, base: float = 0.25, cap: float = 5.0, rand=random.random):
+        self.who, self.base, self.cap, self.rand = who, base, cap, rand
+        self.connected = False  # the first connect succeeded (the caller sets it)
+        self.down = False  # lost the connection since, not back yet
+        self.failures = 0  # failed tries since the last success
+        self.slow_consumer: Counter[str] = Counter()  # subject → messages dropped
+        self.server: str | None = None  # host:port of the server last connected or tried
+
+    def delay(self, attempt: int) -> float:
+        return backoff(attempt, self.base, self.cap, self.rand)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0,  # the first connect: error_cb waits instead, with jitter
+            "connect_timeout": 2,
+            "error_cb": self.on_error,
+            "disconnected_cb": self.on_disconnected,
+            "reconnected_cb": self.on_reconnected,
+            "reconnect_to_server_handler": self.next_server,
+        }
+
+    def next_server(self, servers: list, _info: dict) -> tuple[Any, float]:
+        """nats-py's reconnect loop: which server next, after our delay. Left to itself with a
+        handler, nats-py would retry the first server for ever, even the one that died; so pick
+        among the least-failed servers one other than the last tried (a cluster's survivor),
+        at random so clients spread over the survivors. nats-py counts a server's failed tries
+        and resets them on success."""
+        attempt = min((s.reconnects for s in servers), default=0)
+        fewest = [s for s in servers if s.reconnects == attempt]
+        others = [s for s in fewest if s.uri.netloc != self.server] or fewest
+        chosen = self.rand_choice(others) if others else None
+        self.server = chosen.uri.netloc if chosen is not None else None
+        return chosen, self.delay(attempt)
+
+    def rand_choice(self, items: list):
+        return items[int(self.rand() * len(items)) % len(items)]
+
+    def connected_to(self, nc) -> None:
+        """Call once ``nats.connect`` returned: the first connect succeeded, to this server."""
+        self.connected = True
+        url = nc.connected_url
+        self.server = url.netloc if url is not None else None
+
+    async def on_error(self, e: Exception) -> None:
+        if isinstance(e, nats_errors.SlowConsumerError):
+            self.slow_consumer[e.subject] += 1
+            n = self.slow_consumer[e.subject]
+            if n == 1 or n % 1000 == 0:  # the first, then a count: a flood must not flood logs
+                log.warning(
+                    "%s: slow consumer on %s: %d message(s) dropped", self.who, e.subject, n
+                )
+            return
+        if self.connected and not self.down:  # an error on a working connection
+            log.warning("%s: bus error: %s", self.who, e or type(e).__name__)
+            return
+        self.failures += 1
+        if self.failures == 1 or self.failures % 20 == 0:
+            why = e or type(e).__name__
+            log.warning("%s: cannot reach the bus (%d tries): %s", self.who, self.failures, why)
+        if not self.connected:  # the first connect: nats-py itself would retry at once
+            await asyncio.sleep(self.delay(self.failures - 1))
+
+    async def on_disconnected(self) -> None:
+        if self.connected and not self.down:
+            log.warning("%s: disconnected from the bus; reconnecting", self.who)
+            self.down = True
+
+    async def on_reconnected(self) -> None:
+        log.info("%s: reconnected to the bus after %d failed tries", self.who, self.failures)
+        self.failures, self.down = 0, False

@@ -30,6 +30,9 @@ class Network(msgspec.Struct, frozen=True, kw_only=True):
     egress: Egress = Egress.NONE
     vni: int | None = None  # overlay only
     created_at: float = 0.0
+    # NIC addresses given up, oldest first (bounded, ``controller.ipam.RELEASED_LIMIT``): the
+    # allocator hands these out last, least recently released first. Older stores lack it.
+    released: tuple[str, ...] = ()
     schema: int = SCHEMA_VERSION
 
 

@@ -73,4 +73,7 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     # packets the data plane dropped, by reason (agent.nft.rules.REASONS: port security, host
     # and forward isolation, VXLAN guard); kept across rule reloads, zeroed by a reboot
     drops: Annotated[dict[Name, int], msgspec.Meta(max_length=MAX_DROP_REASONS)] = {}
+    # heartbeats that skipped the full reconcile (same content, no kernel change) and full ones
+    heartbeats_skipped: int = 0
+    heartbeats_reconciled: int = 0
     schema: int = SCHEMA_VERSION

@@ -33,9 +33,26 @@ def option(
     p.add_argument(flag, default=value, help=f"{help} (env {var})", **kw)
 
 
+class ServerUrls(list):
+    """The servers ``--nats`` names: a list for ``nats.connect`` (nats-py connects to one and,
+    losing it, reconnects to another), printed as the comma-separated text it came from."""
+
+    def __str__(self) -> str:
+        return ",".join(self)
+
+
+def server_urls(value: str) -> ServerUrls:
+    """``--nats``: one URL, or every server of a cluster comma-separated."""
+    urls = ServerUrls(u.strip() for u in value.split(",") if u.strip())
+    if not urls:
+        raise argparse.ArgumentTypeError("no NATS server URL")
+    return urls
+
+
 def add_bus(p: argparse.ArgumentParser) -> None:
     """Who this process is on the bus (``otherix-bus`` writes these files)."""
-    option(p, "--nats", "OTHERIX_NATS_URL", "nats://127.0.0.1:4222", "NATS server URL")
+    option(p, "--nats", "OTHERIX_NATS_URL", "nats://127.0.0.1:4222",
+           "NATS server URL, or a cluster's URLs comma-separated", type=server_urls)  # fmt: skip
     option(p, "--nats-creds", bus.CREDS_ENV, None, "this identity's nkey seed file (*.nk)")
     option(p, "--nats-ca", bus.CA_ENV, None, "CA certificate the server's must chain to")
 

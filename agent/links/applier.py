@@ -27,6 +27,7 @@ class LinkApplier(Subsystem[Snapshot, Observed, LinkPlan, frozenset[str]]):
 
     def __init__(self, kernel: LinkKernel):
         self.kernel = kernel
+        self.applied: LinkPlan | None = None  # the last plan given to ``apply``
 
     def desired(self, snapshot: Snapshot) -> Snapshot:
         return snapshot
@@ -41,6 +42,7 @@ class LinkApplier(Subsystem[Snapshot, Observed, LinkPlan, frozenset[str]]):
         )
 
     async def apply(self, plan: LinkPlan) -> ApplyResult[frozenset[str]]:
+        self.applied = plan
         if not plan.actions:  # nothing to write: not even a trip to the netlink thread
             return ApplyResult(writes=0, reached=frozenset(plan.indexes))
         return await self.kernel.execute(plan)

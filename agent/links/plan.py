@@ -16,6 +16,7 @@ never touched. A port that is (re-)enslaved or recreated in this plan starts wit
 """
 
 import functools
+from collections.abc import Iterable
 
 from agent.links.model import (
     Action,
@@ -38,7 +39,7 @@ from agent.links.model import (
     VxlanInfo,
 )
 from schemas import naming
-from schemas.desired import Snapshot, Vxlan
+from schemas.desired import FdbEntry, Snapshot, Vxlan
 
 # kinds a desired device may have; "tun" is a tap (the kernel reports taps as kind "tun")
 _BRIDGE, _TAP, _VXLAN = "bridge", "tun", "vxlan"
@@ -235,3 +236,46 @@ def _port_fdb(
         if mac not in want.get(bridge, {})
     ]
     return adds, dels
+
+
+def advance(observed: Observed, actions: Iterable[Action]) -> Observed | None:
+    """Pure: the kernel state after FDB ``actions`` all succeeded on ``observed`` (as the kernel
+    does them: a unicast VXLAN MAC's one dst replaced, a flood dst appended, a bridge MAC moved
+    between the ports of its bridge), so a heartbeat that only wrote FDB entries needs no new
+    dump to know where it stands. None when any action is not an FDB one."""
+    fdb = dict(observed.fdb)
+    learned = dict(observed.learned)
+    port_fdb = dict(observed.port_fdb)
+    port_learned = dict(observed.port_learned)
+    for a in actions:
+        match a:
+            case AddFdb(device=device, mac=mac, dst=dst):
+                entries = fdb.get(device, frozenset())
+                if is_unicast(mac):
+                    entries = frozenset(e for e in entries if e.mac != mac)
+                    learned[device] = learned.get(device, frozenset()) - {mac}
+                fdb[device] = entries | {FdbEntry(mac=mac, dst=dst)}
+            case DelFdb(device=device, mac=mac, dst=None):
+                learned[device] = learned.get(device, frozenset()) - {mac}
+            case DelFdb(device=device, mac=mac, dst=dst):
+                fdb[device] = fdb.get(device, frozenset()) - {FdbEntry(mac=mac, dst=dst)}
+            case AddPortFdb(port=port, mac=mac):
+                bridge = observed.links[port].master if port in observed.links else None
+                if bridge is None:
+                    return None
+                for other, link in observed.links.items():  # one entry per MAC on a bridge
+                    if link.master == bridge:
+                        if mac in port_fdb.get(other, ()):
+                            port_fdb[other] = port_fdb[other] - {mac}
+                        if mac in port_learned.get(other, ()):
+                            port_learned[other] = port_learned[other] - {mac}
+                port_fdb[port] = port_fdb.get(port, frozenset()) | {mac}
+            case DelPortFdb(port=port, mac=mac):
+                port_fdb[port] = port_fdb.get(port, frozenset()) - {mac}
+                port_learned[port] = port_learned.get(port, frozenset()) - {mac}
+            case _:
+                return None
+    return Observed(
+        links=observed.links, fdb=fdb, learned=learned, port_fdb=port_fdb,
+        port_learned=port_learned,
+    )  # fmt: skip

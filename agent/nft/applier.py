@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
         self._prefix = tuple(prefix)
         self.log = NodeLog(logging.getLogger(__name__), node)
         self.drops: dict[str, int] = {}  # packets per drop reason, as last observed
+        self.drops_at = 0.0  # time.monotonic() of that observation
 
     def desired(self, snapshot: Snapshot) -> NftDesired:
         # the guard is the agent's own choice: VXLAN only through the mesh (otwg0)
@@ -61,6 +63,7 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
             raise failed
         tables = parse_observed(*(x for x in listings if isinstance(x, dict)))
         self.drops = tables.drops
+        self.drops_at = time.monotonic()
         return msgspec.structs.replace(tables, forwarding=await self._forwarding())
 
     async def _list(self, family: str) -> dict | None:

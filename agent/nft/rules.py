@@ -134,12 +134,11 @@ def spec(snapshot: Snapshot, mesh: str = WIREGUARD_IFNAME) -> NftSpec:
                 (
                     v.vni,
                     tuple(
-                        sorted(
-                            {
-                                e.dst
-                                for e in v.fdb
-                                if any(ipaddress.IPv4Address(e.dst) in n for n in peers)
-                            }
+                        sorted(  # each distinct dst parsed once: thousands share a few peers
+                            dst
+                            for dst in {e.dst for e in v.fdb}
+                            for addr in (ipaddress.IPv4Address(dst),)
+                            if any(addr in n for n in peers)
                         )
                     ),
                 )

@@ -12,6 +12,11 @@ an existing ``otwg0`` of kind wireguard -> kernel; a live UAPI socket -> userspa
 wireguard-go a supervisor task restarts a dead daemon and re-applies the last snapshot.
 ``close()`` leaves the daemon running by default, so the data plane survives an agent restart;
 under systemd that needs ``KillMode=process`` (or a separate unit) for the same effect.
+
+WireGuard has no change notifications, so the agent's skipped heartbeats call ``check``: with
+wireguard-go it reads the UAPI answer as bytes and, when it equals (counters and handshake times
+aside) the answer of the last reconcile that planned nothing, for the same desired state, it is
+done without parsing or planning; anything else is a full ``reconcile``.
 """
 
 import asyncio
@@ -30,14 +35,22 @@ from agent.links.model import Observed
 from agent.logs import NodeLog
 from agent.subsystem import Subsystem
 from agent.wireguard import keys as wgkeys
-from agent.wireguard.backends import KernelBackend, Links, UserspaceBackend, link_actions
-from agent.wireguard.plan import WgObserved, WgPlan, plan, plan_device, plan_link
+from agent.wireguard.backends import (
+    UAPI_TIMEOUT,
+    KernelBackend,
+    Links,
+    UserspaceBackend,
+    link_actions,
+)
+from agent.wireguard.plan import WgObserved, WgPlan, parse_get, plan, plan_device, plan_link
 from schemas.desired import Snapshot, WireGuard
 from schemas.messages import PeerHealth
 from schemas.naming import WIREGUARD_IFNAME, is_managed
 
 RUN_DIR = Path("/var/run/wireguard")  # wireguard-go hard-codes this directory for its socket
 Backend = Literal["auto", "kernel", "userspace"]
+# lines of a UAPI get answer that change without anyone changing the device
+_VOLATILE = (b"last_handshake_time_sec=", b"last_handshake_time_nsec=", b"rx_bytes=", b"tx_bytes=")
 
 
 class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]]):
@@ -73,6 +86,8 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         self._lock = asyncio.Lock()
         self._last: WireGuard | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        self._answer: bytes | None = None  # the last observe's UAPI answer, volatile lines out
+        self._clean: tuple[WireGuard, bytes] | None = None  # desired and answer of a no-op plan
 
     @property
     def private_key(self) -> str:
@@ -83,6 +98,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         """Rotate the key; the next ``apply`` writes it."""
         self._public_key = wgkeys.public_key(key)  # validates
         self._private_key = key
+        self._clean = None  # the device holds the old key: not clean any more
 
     @property
     def public_key(self) -> str:
@@ -112,12 +128,32 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
             else await self._links.observe_link(self.ifname)
         )
         backend = await self._resolve(link, known=True)
+        self._answer = None
         if not await backend.ready(link):
             return WgObserved(link=link)
+        if isinstance(backend, UserspaceBackend):  # the same answer, kept for ``check``
+            answer = await _uapi_get(backend.uapi.path)
+            if answer is not None:
+                self._answer = _steady_part(answer)
+                return WgObserved(link=link, device=parse_get(answer.decode()))
         try:
             return WgObserved(link=link, device=await backend.observe())
         except DeviceMissing:
             return WgObserved(link=link)
+
+    async def check(self, desired: WireGuard, seen: Observed | None) -> ApplyResult[frozenset[str]]:
+        """A heartbeat without news: one UAPI read compared as bytes with the last no-op
+        reconcile's (same desired state); a difference, or no such read, is a ``reconcile``."""
+        clean = self._clean
+        if (
+            clean is not None
+            and clean[0] == desired
+            and isinstance(self._backend, UserspaceBackend)
+        ):
+            answer = await _uapi_get(self._backend.uapi.path)
+            if answer is not None and _steady_part(answer) == clean[1]:
+                return ApplyResult(writes=0, reached=frozenset({self.ifname}))
+        return await self.reconcile(desired, seen)
 
     def plan(self, desired: WireGuard, observed: WgObserved) -> WgPlan:
         if desired.name != self.ifname:
@@ -127,7 +163,10 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         return plan(desired, self._private_key, observed, self._public_key)
 
     async def apply(self, plan: WgPlan) -> ApplyResult[frozenset[str]]:
+        answer, self._clean = self._answer, None
         result = await self._apply(plan)
+        if plan.empty and not result.errors and answer is not None:
+            self._clean = (plan.desired, answer)
         if self.backend_name == "userspace" and self._supervisor is None:
             self._supervisor = asyncio.create_task(
                 self._supervise(), name=f"wg-supervise-{self.ifname}"
@@ -287,3 +326,35 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
 
 def _pyroute2_wireguard() -> Any:
     return Pyroute2WireGuard()
+
+
+def _steady_part(answer: bytes) -> bytes:
+    """The answer without volatile lines, its peers sorted (wireguard-go lists them in Go map
+    order, which changes from one read to the next)."""
+    device, *peers = answer.removesuffix(b"errno=0\n\n").rstrip().split(b"\npublic_key=")
+    blocks = [b"\n".join(x for x in p.split(b"\n") if not x.startswith(_VOLATILE)) for p in peers]
+    return b"\npublic_key=".join([device, *sorted(blocks)])
+
+
+async def _uapi_get(path: Path) -> bytes | None:
+    """wireguard-go's ``get=1`` answer as bytes (None: no answer; the caller falls back)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    answer = bytearray()
+    try:
+        async with asyncio.timeout(UAPI_TIMEOUT):
+            await loop.sock_connect(sock, str(path))
+            await loop.sock_sendall(sock, b"get=1\n\n")
+            while not answer.endswith(b"\n\n"):
+                data = await loop.sock_recv(sock, 65536)
+                if not data:
+                    return None
+                answer += data
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        sock.close()
+    if not answer.endswith(b"errno=0\n\n"):
+        return None
+    return bytes(answer)

@@ -34,6 +34,17 @@ def _parser() -> argparse.ArgumentParser:
         help="JetStream store as nats-server sees it (default: DIR/jetstream; '' = its -sd flag)",
     )
     p.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        type=_server,
+        metavar="NAME=HOST[:PORT[:ROUTE_PORT]]",
+        help="a server of a cluster (give three or more): one configuration each, routes"
+        " secured by mutual TLS and a route password; the certificate names every HOST",
+    )
+    p.add_argument("--cluster", default=permissions.DEFAULT_CLUSTER, help="the cluster's name")
+    p.add_argument("--bind", default="0.0.0.0", help="address a cluster's servers listen on")
+    p.add_argument(
         "--keep-existing",
         action="store_true",
         help="succeed without change when DIR already holds a bus (a container's first start)",
@@ -57,6 +68,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--json", action="store_true")
     return parser
+
+
+def _server(value: str) -> permissions.ClusterServer:
+    """``NAME=HOST[:PORT[:ROUTE_PORT]]`` (an IPv6 HOST in brackets)."""
+    name, sep, rest = value.partition("=")
+    if not sep or not name or not rest:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=HOST[:PORT[:ROUTE_PORT]]")
+    if rest.startswith("["):
+        host, _, ports = rest[1:].partition("]")
+        ports = ports.removeprefix(":")
+    else:
+        host, _, ports = rest.partition(":")
+    numbers = ports.split(":") if ports else []
+    if len(numbers) > 2 or not all(n.isdigit() for n in numbers):
+        raise argparse.ArgumentTypeError(f"{value!r}: ports must be numbers")
+    defaults = [permissions.DEFAULT_PORT, permissions.DEFAULT_ROUTE_PORT]
+    port, route_port = [int(n) for n in numbers] + defaults[len(numbers) :]
+    return permissions.ClusterServer(name=name, host=host, port=port, route_port=route_port)
 
 
 def _reload_target(args: argparse.Namespace) -> int | None:
@@ -108,8 +137,17 @@ def run(argv: list[str] | None = None) -> None:
                 bucket=args.bucket,
                 server_dir=args.server_dir,
                 store_dir=args.store_dir,
+                servers=tuple(args.server),
+                cluster=args.cluster,
+                bind=args.bind,
             )
-            print(f"created {args.dir}: nats-server -c {args.dir / files.SERVER_CONF}")
+            if not args.server:
+                print(f"created {args.dir}: nats-server -c {args.dir / files.SERVER_CONF}")
+                return
+            print(f"created {args.dir} for cluster {args.cluster}; on each server NAME:")
+            print(f"  nats-server -c {files.server_conf_file(args.dir, 'NAME')}")
+            urls = ",".join(s.url for s in args.server)
+            print(f"clients: OTHERIX_NATS_URL={urls}")
         case "add-node":
             pid = _reload_target(args)
             seed = files.add_node(args.dir, args.node)

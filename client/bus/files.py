@@ -5,6 +5,8 @@ Layout of DIR (0700, every file 0600)::
 
     roster.json          who exists (client.bus.permissions.Roster), the source of truth
     nats-server.conf     listen, JetStream, TLS; includes authorization.conf (written by init)
+    nats-server-<name>.conf   instead, one per server of a cluster (``init --server``): also
+                         the cluster block, with the route password (servers only)
     authorization.conf   users and permissions, re-rendered from the roster on every change
     ca.pem, ca-key.pem   the CA clients trust (keep ca-key.pem offline in production)
     server-cert.pem, server-key.pem
@@ -43,6 +45,17 @@ _LOCK = ".lock"
 
 class BusError(Exception):
     """A bus directory command was refused; nothing was changed."""
+
+
+def server_conf_file(directory: Path, server: str) -> Path:
+    """The configuration of server ``server`` of the bus's cluster."""
+    return Path(directory) / f"nats-server-{server}.conf"
+
+
+def _sans(roster: Roster, hosts: tuple[str, ...]) -> tuple[str, ...]:
+    """What the server certificate names: ``hosts`` and every cluster server's address (one
+    certificate serves each server's clients and routes)."""
+    return tuple(dict.fromkeys((*hosts, *(s.host for s in roster.servers))))
 
 
 def role_seed_file(directory: Path, role: str) -> Path:
@@ -135,16 +148,21 @@ def init(
     bucket: str = permissions.DEFAULT_BUCKET,
     server_dir: str | None = None,
     store_dir: str | None = None,
+    servers: tuple[permissions.ClusterServer, ...] = (),
+    cluster: str = permissions.DEFAULT_CLUSTER,
+    bind: str = "0.0.0.0",
 ) -> Roster:
     """Create DIR with a CA, a server certificate, one seed per role and node, the roster and
     the server configuration. DIR must not exist or be empty. ``store_dir=""`` leaves the
-    JetStream store to nats-server's ``-sd`` flag (which a configured store_dir forbids)."""
+    JetStream store to nats-server's ``-sd`` flag (which a configured store_dir forbids).
+    With ``servers`` (three or more), one configuration per server of a cluster, each with its
+    own store under store_dir, routes secured by mutual TLS and a route password."""
     directory = Path(directory).absolute()
     for node in nodes:
         _check_node(node)
     if len(set(nodes)) != len(nodes):
         raise BusError("a node is named twice")
-    bad = [h for h in hosts if not pki.valid_host(h)]
+    bad = [h for h in (*hosts, *(s.host for s in servers), bind) if not pki.valid_host(h)]
     if bad:
         raise BusError(f"not a DNS name or IP address: {', '.join(bad)}")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
@@ -159,23 +177,35 @@ def init(
         server_dir=server_dir,
         store_dir=server_dir.rstrip("/") + "/jetstream" if store_dir is None else store_dir,
         nodes={node: pki.public_key(seed) for node, seed in node_seeds.items()},
+        cluster=cluster,
+        servers=tuple(servers),
+        bind=bind,
         **{role: pki.public_key(seed) for role, seed in seeds.items()},
     )
     try:
-        server_conf = permissions.render_server_conf(roster)
+        if roster.servers:
+            secret = pki.new_route_secret()
+            confs = {
+                server_conf_file(Path(), s.name).name: permissions.render_cluster_conf(
+                    roster, s.name, secret
+                )
+                for s in roster.servers
+            }
+        else:
+            confs = {SERVER_CONF: permissions.render_server_conf(roster)}
     except ValueError as e:
         raise BusError(str(e)) from None
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))  # 0700
     try:
         ca_cert, ca_key = pki.new_ca()
-        server_cert, server_key = pki.new_server_cert(ca_cert, ca_key, roster.hosts)
+        server_cert, server_key = pki.new_server_cert(ca_cert, ca_key, _sans(roster, roster.hosts))
         for name, data in [
             (CA_CERT, ca_cert),
             (CA_KEY, ca_key),
             (SERVER_CERT, server_cert),
             (SERVER_KEY, server_key),
-            (SERVER_CONF, server_conf.encode()),
+            *((conf, text.encode()) for conf, text in confs.items()),
         ]:
             _write(staging / name, data)
         for role, seed in seeds.items():
@@ -225,7 +255,7 @@ def revoke_node(directory: Path, node: str) -> None:
 
 def renew_server_cert(directory: Path, hosts: tuple[str, ...] | None = None) -> Roster:
     """A new server certificate from the same CA, for ``hosts`` (default: the roster's) besides
-    localhost and 127.0.0.1; clients keep trusting it. Reload the server to use it. If this is
+    localhost, 127.0.0.1 and every cluster server; clients and the other servers keep trusting it. Reload the server to use it. If this is
     interrupted between the key and the certificate, run it again."""
     directory = Path(directory)
     with _locked(directory):
@@ -238,7 +268,7 @@ def renew_server_cert(directory: Path, hosts: tuple[str, ...] | None = None) -> 
             ca_cert, ca_key = (directory / CA_CERT).read_bytes(), (directory / CA_KEY).read_bytes()
         except OSError as e:
             raise BusError(f"the CA is needed to sign a server certificate: {e}") from None
-        cert, key = pki.new_server_cert(ca_cert, ca_key, hosts)
+        cert, key = pki.new_server_cert(ca_cert, ca_key, _sans(roster, hosts))
         roster = msgspec.structs.replace(roster, hosts=hosts)
         _write(directory / SERVER_KEY, key)
         _write(directory / SERVER_CERT, cert)

@@ -23,6 +23,12 @@ def new_user_seed() -> bytes:
     return bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER))
 
 
+def new_route_secret() -> str:
+    """The password every server of a cluster presents on its routes (URL-safe: it travels in
+    ``nats-route://`` URLs). Only the servers' configuration holds it; no client ever does."""
+    return secrets.token_urlsafe(32)
+
+
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -76,7 +82,9 @@ def new_server_cert(
     ca_cert_pem: bytes, ca_key_pem: bytes, hosts: tuple[str, ...]
 ) -> tuple[bytes, bytes]:
     """(certificate PEM, private key PEM) for nats-server, valid for localhost, 127.0.0.1 and
-    ``hosts`` (DNS names or IP addresses)."""
+    ``hosts`` (DNS names or IP addresses). It serves clients and is also the server's route
+    identity in a cluster, where nats-server uses one certificate as both TLS client and
+    server (mutual TLS): hence both key usages."""
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -92,7 +100,12 @@ def new_server_cert(
         .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
         .add_extension(x509.SubjectAlternativeName([_san(h) for h in sans]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),

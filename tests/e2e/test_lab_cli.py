@@ -1,11 +1,13 @@
 """The otherix-lab CLI as an operator uses it: up, vm add/rm, and down also after a crash."""
 
 import asyncio
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,38 @@ def test_bad_flags_are_refused():
     assert bad.returncode != 0 and "--nodes 0" in bad.stderr
     bad = lab_cli("Bad-Prefix", "down", check=False)
     assert bad.returncode != 0 and "prefix" in bad.stderr.lower()
+
+
+def test_up_with_chaos_and_the_chaos_commands():
+    prefix = "otcli" + secrets.token_hex(2)
+    try:
+        up = lab_cli(prefix, "up", "--nodes", "1", "--no-mesh", "--heartbeat", "0.5", "--chaos",
+                     "--seed", "3")  # fmt: skip
+        assert "1 node(s) converged" in up.stdout and "chaos proxy" in up.stdout
+        rule = json.loads(
+            lab_cli(prefix, "chaos", "drop", "otherix.v1.health.n1", "-p", "1").stdout
+        )
+        assert rule["rule"] == 0 and rule["action"] == "drop"
+
+        def stats() -> dict:
+            return json.loads(lab_cli(prefix, "chaos", "stats").stdout)
+
+        deadline = time.monotonic() + 10
+        while stats()["rules"][0]["dropped"] == 0:  # the agent's health (every second) dropped
+            assert time.monotonic() < deadline, stats()
+            time.sleep(0.3)
+        assert stats()["seed"] == 3 and {"controller", "n1"} <= set(stats()["connections"])
+        lab_cli(prefix, "chaos", "partition", "n1")
+        assert stats()["partitioned"] == ["n1"]
+        lab_cli(prefix, "chaos", "heal")
+        lab_cli(prefix, "chaos", "clear")
+        after = stats()
+        assert after["rules"] == [] and after["partitioned"] == []
+        bad = lab_cli(prefix, "chaos", "dup", "x", "-p", "2", check=False)
+        assert bad.returncode != 0 and "chaos dup" in bad.stderr
+        lab_cli(prefix, "down")
+        assert lab_processes(prefix) == [] and netns_list(prefix) == []
+        gone = lab_cli(prefix, "chaos", "stats", check=False)
+        assert gone.returncode != 0 and "no lab" in gone.stderr
+    finally:
+        asyncio.run(cleanup_prefix(prefix))

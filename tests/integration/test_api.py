@@ -14,13 +14,12 @@ import pytest_asyncio
 
 from agent.assemble import Assembler, complete
 from client.api import ApiClient, ApiError
-from controller.store import LEASE_KEY
 from schemas import SCHEMA_VERSION, naming
 from schemas.codec import decode
 from schemas.desired import Snapshot
 from schemas.intent import Intent
 from schemas.wire import Head
-from tests.conftest import last_intent_write, start_controller
+from tests.conftest import bookkeeping, last_intent_write, start_controller
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -47,15 +46,16 @@ def api(controller, nc):
 
 
 async def store_state(ctl) -> tuple[dict[str, bytes], int]:
-    """Every live key with its value, plus the last write's sequence (moves on any write but the
-    lease's renewals)."""
+    """Every live key of intent with its value, plus the last write's sequence (moves on any
+    write of intent; the controller's own ``bookkeeping`` keys are left out)."""
     values = {}
     for key in await ctl.store.keys():
+        if bookkeeping(key):
+            continue
         try:
             values[key] = (await ctl.store.kv.get(key)).value
         except nats.js.errors.KeyNotFoundError:
             pass  # deleted
-    values.pop(LEASE_KEY, None)  # renewed every heartbeat (same value, new revision)
     return values, await last_intent_write(ctl.nc)
 
 
@@ -188,10 +188,78 @@ async def test_nic_attach_list_detach(api):
     assert (await api.nic_detach(b.nic.id[:12])).nic == b.nic
     assert (await api.nic_detach(c.tap)).nic == c.nic
     assert [i.nic.id for i in await api.nic_list()] == [d.nic.id]
-    assert (await api.nic_attach("br", "n2", "vm-e")).nic.ip == "10.0.0.2"
-    with pytest.raises(ApiError) as e:
+    # never-used addresses first, then the least recently released (a, then b): issue 9
+    ips = [(await api.nic_attach("br", "n2", f"vm-{i}")).nic.ip for i in range(4)]
+    assert ips == ["10.0.0.4", "10.0.0.5", "10.0.0.2", "10.0.0.3"]
+    assert (await api.network_show("br")).network.released == ("10.0.0.2", "10.0.0.3")
+    with pytest.raises(ApiError) as e:  # a repeated detach (say, after a timeout) says so
         await api.nic_detach(a.nic.id)
-    assert e.value.code == 404 and "does not exist" in e.value.message
+    assert (e.value.code, e.value.message) == (
+        404,
+        f"NIC {a.nic.id} is already detached (vm 'vm-a' on network 'br', node n1): nothing to do",
+    )
+
+
+# --- retries: a request repeated (its reply lost) changes nothing more ----------------------------
+
+
+async def test_attach_twice_makes_one_nic(api, controller):
+    await api.node_register(name="n1")
+    await api.node_register(name="n2")
+    await api.network_create("br", "bridge", "10.0.0.0/24")
+    first = await api.nic_attach("br", "n1", "vm")
+    assert not first.existed
+    before = await store_state(controller)
+    again = await api.nic_attach("br", "n1", "vm")
+    assert again.existed and (again.nic, again.tap) == (first.nic, first.tap)
+    assert [i.nic.id for i in await api.nic_list()] == [first.nic.id]
+    assert await store_state(controller) == before  # not even a rewrite
+
+    # what a retry cannot return is refused, naming the NIC it clashes with
+    for kwargs, differs in (
+        ({"node": "n2"}, "node n1, not n2"),
+        ({"node": "n1", "ip": "10.0.0.9"}, "ip 10.0.0.2, not 10.0.0.9"),
+    ):
+        with pytest.raises(ApiError) as e:
+            await api.nic_attach("br", vm="vm", **kwargs)
+        assert (e.value.code, e.value.message) == (
+            409,
+            f"vm 'vm' already has NIC {first.nic.id} (tap {first.tap}) on network 'br' with"
+            f" {differs}: a VM has one NIC per network, detach that one first to change it",
+        )
+    assert await store_state(controller) == before
+
+
+async def test_attach_retried_after_a_client_timeout_leaves_one_nic(api, controller, nc):
+    await api.node_register(name="n1")
+    await api.network_create("br", "bridge", "10.0.0.0/24")
+    impatient = ApiClient(nc, timeout=0.3)
+    async with controller.api._lock:  # the controller is busy (as while it stamps versions)
+        with pytest.raises(ApiError) as e:
+            await impatient.nic_attach("br", "n1", "vm")
+        assert e.value.code == 504 and "did not answer nic.attach within 0.3s" in e.value.message
+    # the request was made after all, once the controller got to it
+    for _ in range(250):  # bounded: at most 5 s
+        if made := await api.nic_list():
+            break
+        await asyncio.sleep(0.02)
+    retried = await api.nic_attach("br", "n1", "vm")
+    assert retried.existed and retried.nic == made[0].nic
+    assert [i.nic.id for i in await api.nic_list()] == [made[0].nic.id]
+
+
+async def test_network_create_twice_returns_the_network(api, controller):
+    first = await api.network_create("ov", "overlay", "10.1.0.0/24")
+    before = await store_state(controller)
+    again = await api.network_create("ov", "overlay", "10.1.0.0/24")
+    assert again.existed and not first.existed and again.network == first.network
+    assert await store_state(controller) == before
+    with pytest.raises(ApiError) as e:
+        await api.network_create("ov", "overlay", "10.1.0.0/24", vni=5000)
+    assert (e.value.code, e.value.message) == (
+        409,
+        "network 'ov' already exists with vni 1000, not 5000",
+    )
 
 
 async def test_status_reports_desired_versions(api):
@@ -225,7 +293,7 @@ BAD_REQUESTS = [
     (lambda a: a.network_create("Bad_Name", "bridge", "10.5.0.0/24"), 400, f"network name 'Bad_Name' is invalid: {NAME_RULE}"),
     (lambda a: a.network_create("-x", "bridge", "10.5.0.0/24"), 400, f"network name '-x' is invalid: {NAME_RULE}"),
     (lambda a: a.network_create("x" * 64, "bridge", "10.5.0.0/24"), 400, f"network name '{'x' * 64}' is invalid: {NAME_RULE}"),
-    (lambda a: a.network_create("br", "bridge", "10.5.0.0/24"), 409, "network 'br' already exists"),
+    (lambda a: a.network_create("br", "bridge", "10.5.0.0/24"), 409, "network 'br' already exists with subnet 10.0.0.0/24, not 10.5.0.0/24"),
     (lambda a: a.network_create("x", "bridge", "10.0.0.128/25"), 409, "subnet 10.0.0.128/25 overlaps 10.0.0.0/24 of network 'br'"),
     (lambda a: a.network_create("x", "bridge", "10.0.0.0/8"), 409, "subnet 10.0.0.0/8 overlaps 10.0.0.0/24 of network 'br'"),
     (lambda a: a.network_create("x", "bridge", "10.5.0.1/24"), 400, "subnet '10.5.0.1/24' is not a valid network in CIDR form: 10.5.0.1/24 has host bits set"),

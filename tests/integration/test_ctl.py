@@ -28,8 +28,9 @@ from client.api import ApiClient, ApiError
 from schemas import naming
 from schemas.bus import CA_ENV, CREDS_ENV
 from schemas.codec import encode
+from schemas.errors import Timeout
 from schemas.messages import Ack, Health
-from tests.conftest import NatsServer
+from tests.conftest import NatsServer, start_controller
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -377,3 +378,71 @@ async def test_watch_prints_a_crafted_ack(cluster, capsys):
     got = json.loads(lines[0])
     assert got["subject"] == "otherix.v1.ack.watched"
     assert got["ack"]["version"] == 7 and got["ack"]["digest"] == "abc" and got["ack"]["ok"]
+
+
+# --- retries: repeating a write is safe, and a timed-out write says its outcome is unknown ------
+
+
+def test_nic_attach_repeated_gives_the_same_nic(cluster):
+    api(cluster, lambda a: a.node_register(name="hv1", underlay_ip="192.0.2.10"))
+    ctl(cluster, "network", "create", "again", "--type", "bridge", "--subnet", "10.40.0.0/24")
+    done = ctl(
+        cluster, "network", "create", "again", "--type", "bridge", "--subnet", "10.40.0.0/24"
+    )
+    assert done.stderr == "otherixctl: network again existed already\n"
+    attach = ("nic", "attach", "--network", "again", "--node", "hv1", "--vm", "twice")
+    first = ctl_json(cluster, *attach)
+    done = ctl(cluster, *attach, "--json")
+    assert json.loads(done.stdout)["nic"] == first["nic"] and json.loads(done.stdout)["existed"]
+    assert done.stderr == "otherixctl: vm twice had this NIC on again already\n"
+    assert [i["nic"]["id"] for i in ctl_json(cluster, "nic", "list", "--network", "again")] == [
+        first["nic"]["id"]
+    ]
+    done = ctl(cluster, "nic", "attach", "--network", "again", "--node", "hv1", "--vm", "twice",
+               "--ip", "10.40.0.99", rc=1)  # fmt: skip
+    assert done.stderr.startswith(
+        f"otherixctl: error 409: vm 'twice' already has NIC {first['nic']['id']}"
+    )
+    ctl(cluster, "nic", "detach", first["tap"])
+    done = ctl(cluster, "nic", "detach", first["tap"], rc=1)
+    assert done.stderr == (
+        f"otherixctl: error 404: NIC {first['nic']['id']} is already detached (vm 'twice' on"
+        " network 'again', node hv1): nothing to do\n"
+    )
+
+
+async def test_a_write_that_times_out_says_its_outcome_is_unknown(nats_server, capsys):
+    controller = await start_controller(nats_server)
+    try:
+        client = ApiClient(await nats_server.connect("admin"))
+        await client.node_register(name="n1")
+        await client.network_create("lan", "bridge", "10.0.0.0/24")
+        attach = ["nic", "attach", "--network", "lan", "--node", "n1", "--vm", "vm1"]
+        argv = [*as_admin(nats_server), "--timeout", "1", *attach]
+        async with controller.api._lock:  # the controller is busy past the CLI's patience
+            assert await cli.run(cli.build_parser().parse_args(argv)) == cli.EXIT_UNKNOWN
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines()[:3] == [
+            "otherixctl: the controller did not answer nic.attach within 1.0s: the change may or"
+            " may not have been made.",
+            "  check:  otherixctl nic list --network lan --node n1",
+            "  retry:  the same command",
+        ]
+        # the attach was made once the controller got to it; repeating it returns that NIC
+        args = cli.build_parser().parse_args([*argv, "--json"])
+        assert await cli.run(args) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert again["existed"] and [i.nic.id for i in await client.nic_list()] == [
+            again["nic"]["id"]
+        ]
+    finally:
+        await controller.stop()
+
+
+def test_the_retry_hint_repeats_the_command_as_typed(capsys):
+    args = cli.build_parser().parse_args(["nic", "detach", "ot0123456789ab"])
+    text = cli.unknown_outcome(
+        Timeout("no answer"), "otherixctl nic list", ["nic", "detach", "x y"]
+    )
+    assert "  retry:  otherixctl nic detach 'x y'\n" in text and cli.check_command(args)
+    assert cli.check_command(cli.build_parser().parse_args(["nic", "list"])) is None

@@ -1,6 +1,7 @@
 """The links subsystem's kernel side (``NetlinkLinks`` on a ``NetlinkThread``) against the real
 kernel, in a throwaway network namespace."""
 
+import asyncio
 import errno
 import os
 import secrets
@@ -650,3 +651,15 @@ async def test_the_old_append_then_delete_leaves_a_hole(nl, ns):
 async def _old_move(s, index):
     assert s.fdb.change(fdb.APPEND, [(index, REMOTE, "10.0.0.3")]) == []
     assert s.fdb.change(fdb.DELETE, [(index, REMOTE, "10.0.0.2")]) == []
+
+
+async def test_a_job_that_never_finishes_times_out_and_frees_the_thread(nl):
+    """A netlink call that never answers must not hang the agent's apply worker for ever."""
+    thread = nl.netlink
+
+    async def stuck(sockets):
+        await asyncio.sleep(3600)
+
+    with pytest.raises(TimeoutError, match="did not finish within 0.2s"):
+        await thread.run(stuck, timeout=0.2)
+    assert await asyncio.wait_for(thread.run(lambda s: asyncio.sleep(0, "next")), 5) == "next"

@@ -30,6 +30,9 @@ def ns():
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
     try:
         sh(name, "ip", "link", "set", "lo", "up")
+        # a new namespace copies the host's forwarding setting on some kernels (podman turns it
+        # on for the host): start from what a fresh node has, forwarding off
+        sh(name, "sysctl", "-qw", "net.ipv4.ip_forward=0")
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)

@@ -15,7 +15,7 @@ from controller.versions import BLOCK
 from schemas import api, naming
 from schemas.codec import decode, encode
 from schemas.intent import Generation, Intent, NodeVersions
-from schemas.messages import Ack
+from schemas.messages import Ack, Health, PeerHealth
 from schemas.wire import Head
 from tests.unit.factories import bridge_net, nic, node
 
@@ -205,3 +205,24 @@ def test_endpoint_table_is_the_published_list():
     pub, store = publisher(it)
     table = Api(store, ClusterConfig(), it, Tracker(), pub, asyncio.Lock(), clock=lambda: 0.0)
     assert set(table.table()) == set(api.ENDPOINTS)
+
+
+async def test_a_node_too_large_for_a_page_is_listed_without_its_peer_list():
+    it = cluster()
+    it.nodes["n2"] = node("n2", False)
+    pub, store = publisher(it)
+    tracker = Tracker()
+    peers = tuple(PeerHealth(public_key=f"key-{i}", node=f"peer-{i}") for i in range(400))
+    health = Health(node="n1", applied_version=1, ok=True, started_at=0, sent_at=0, peers=peers)
+    tracker.record_health(health, now=0.0)
+    table = Api(store, ClusterConfig(), it, tracker, pub, asyncio.Lock(), clock=lambda: 0.0)
+    table.max_payload = 16 * 1024  # one node's health report alone is about 20 KB
+    page = decode(encode(await table.node_list(api.Page())), api.NodePage)
+    assert [s.node.name for s in page.items] == ["n1", "n2"] and page.next is None
+    assert page.items[0].health.peers == () and page.items[0].health.ok
+    assert len(encode(page)) < table.max_payload
+    status = decode(encode(await table.status(api.Page())), api.Status)
+    assert status.nodes == page.items
+    table.max_payload = 1024 * 1024  # room enough: the whole report
+    (whole,) = decode(encode(await table.node_list(api.Page(limit=1))), api.NodePage).items
+    assert len(whole.health.peers) == 400

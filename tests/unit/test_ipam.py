@@ -1,9 +1,16 @@
 import ipaddress
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from controller import ipam
+from controller import ipam, ops
+from schemas import api
+from schemas.codec import decode, encode
 from schemas.errors import ApiError, BadRequest, Conflict
+from schemas.intent import Network
+from tests.unit import factories as f
 
 
 def net(cidr):
@@ -145,3 +152,89 @@ def test_tunnel_ips():
     assert ipam.allocate_tunnel_ip("100.64.0.0/16", {"100.64.0.1"}) == "100.64.0.2"
     with pytest.raises(Conflict, match="exhausted"):
         ipam.allocate_tunnel_ip("100.64.0.0/30", {"100.64.0.1", "100.64.0.2"})
+
+
+# --- least recently released first (issue 9: a detached NIC's address went straight to the next
+# NIC, with a new MAC that VMs on other nodes did not know for seconds) -------------------------
+
+
+def test_a_released_address_is_not_handed_out_while_others_are_free():
+    n = net("10.0.0.0/24")
+    released = ipam.release_ips((), ["10.0.0.2"])
+    assert ipam.allocate_ip(n, {"10.0.0.3"}, None, released) == "10.0.0.4"
+
+
+def test_an_exhausted_subnet_hands_out_the_least_recently_released_first():
+    n = net("10.0.0.0/29")  # .2-.6 for NICs
+    released = ipam.release_ips((), ["10.0.0.5", "10.0.0.3", "10.0.0.4"])
+    used = {"10.0.0.2", "10.0.0.6"}
+    assert ipam.allocate_ip(n, used, None, released) == "10.0.0.5"
+    assert ipam.allocate_ip(n, used | {"10.0.0.5"}, None, released) == "10.0.0.3"
+    # released again: now the most recent, so the others come first
+    released = ipam.release_ips(released, ["10.0.0.5"])
+    assert released == ("10.0.0.3", "10.0.0.4", "10.0.0.5")
+    assert ipam.allocate_ip(n, used, None, released) == "10.0.0.3"
+
+
+def test_an_explicitly_requested_released_address_is_given():
+    n = net("10.0.0.0/24")
+    released = ipam.release_ips((), ["10.0.0.2"])
+    assert ipam.allocate_ip(n, set(), "10.0.0.2", released) == "10.0.0.2"
+
+
+def test_release_order_is_bounded_keeping_the_newest():
+    released = ipam.release_ips((), [f"10.0.0.{i}" for i in range(2, 12)], limit=4)
+    assert released == ("10.0.0.8", "10.0.0.9", "10.0.0.10", "10.0.0.11")
+
+
+def test_detach_then_attach_through_ops_gets_a_different_address_and_the_order_persists():
+    network = f.bridge_net()
+    intent = f.intent(networks=[network], nodes=[f.node("n1")])
+    first = ops.attach_nic(intent, api.NicAttach(network="lan", node="n1", vm="a"), 0)
+    intent.nics[first.id] = first
+    (changed,) = ops.released_networks(intent, [first])
+    del intent.nics[first.id]
+    intent.networks["lan"] = changed
+    again = ops.attach_nic(intent, api.NicAttach(network="lan", node="n1", vm="b"), 0)
+    assert (first.ip, again.ip) == ("10.0.0.2", "10.0.0.3")
+    wanted = api.NicAttach(network="lan", node="n1", vm="c", ip=first.ip)
+    assert ops.attach_nic(intent, wanted, 0).ip == first.ip  # asked for: still given
+    # the Network record carries the order; a store written before the field existed still loads
+    assert decode(encode(changed), Network).released == (first.ip,)
+    old = msgspec.structs.asdict(network)
+    old.pop("released")
+    assert decode(encode(old), Network).released == ()
+
+
+# --- properties -----------------------------------------------------------------------------
+
+HOSTS = [f"10.0.0.{i}" for i in range(2, 15)]  # a /28 without its gateway
+
+
+@settings(deadline=None, database=None, max_examples=300)
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from(HOSTS)), max_size=60))
+def test_allocation_prefers_never_used_then_least_recently_released(steps):
+    """Random attach (True) / detach (False of the given address) sequences: every default
+    allocation is free, never-used if any is, else the oldest released free address."""
+    n = net("10.0.0.0/28")
+    used: list[str] = []
+    released: tuple[str, ...] = ()
+    ever: set[str] = set()
+    for attach, ip in steps:
+        if attach:
+            try:
+                got = ipam.allocate_ip(n, set(used), None, released)
+            except Conflict:
+                assert len(used) == len(HOSTS)
+                continue
+            assert got not in used
+            fresh = [h for h in HOSTS if h not in ever]
+            if fresh:
+                assert got == fresh[0]
+            else:
+                assert got == next(r for r in released if r not in used)
+            used.append(got)
+            ever.add(got)
+        elif ip in used:
+            used.remove(ip)
+            released = ipam.release_ips(released, [ip])

@@ -144,7 +144,7 @@ attachments = st.builds(
     api.NicAttach,
     network=net_names,
     node=node_names,
-    vm=mostly(["vm"], text),
+    vm=mostly(["vm", "vm2", "vm3", "vm4"], text),  # one NIC per VM and network
     mac=mostly([None], mostly(["02:00:00:00:00:aa", "02-00-00-00-00-BB"], text)),
     ip=mostly([None], mostly(["10.0.0.7", "10.1.0.7"], ipv4 | text)),
     port_security=st.booleans(),
@@ -185,7 +185,7 @@ def sequences(draw) -> list[api.Request]:
         api.NicAttach,
         network=mostly([n.name for n in nets], text),
         node=mostly(nodes, text),
-        vm=mostly(["vm"], text),
+        vm=mostly(["vm", "vm2", "vm3", "vm4"], text),  # one NIC per VM and network
         mac=mostly([None], mostly(["02:00:00:00:00:aa", "02-00-00-00-00-BB"], text)),
         ip=mostly([None], mostly(["10.0.0.7", "10.1.0.7"], ipv4 | text)),
         port_security=st.booleans(),

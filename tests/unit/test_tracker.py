@@ -78,3 +78,18 @@ def test_taps_without_carrier_are_listed():
     t.record_health(health(3, taps={"ot000000000001": True, "ot000000000002": False}), now=100)
     assert t.status(NODE, desired(3), now=101, stale_after=10).no_carrier == ("ot000000000002",)
     assert t.status(NODE, desired(3), now=200, stale_after=10).no_carrier == ()  # stale: unknown
+
+
+def test_an_agent_with_another_key_than_the_registered_one_is_not_converged():
+    """An agent that lost its state comes back with a new WireGuard key, which registration
+    refuses: whatever it acks, its peers trust the old key, and status must say so."""
+    key, other = "A" * 43 + "=", "B" * 43 + "="
+    node = Node(name="n1", wg_public_key=key)
+    t = Tracker()
+    t.record_ack(ack(3), now=100)
+    t.record_health(health(3, wg_public_key=key), now=100)
+    assert t.status(node, desired(3), now=101, stale_after=10).converged
+    t.record_health(health(3, wg_public_key=other), now=100)
+    status = t.status(node, desired(3), now=101, stale_after=10)
+    assert not status.converged
+    assert "is not the registered one" in status.last_error and "node rekey n1" in status.last_error

@@ -1,0 +1,217 @@
+"""Kernel notifications that tell the agent its managed state may have drifted.
+
+Two non-blocking netlink sockets in the node's namespace, subscribed to multicast groups:
+rtnetlink (links, IPv4 addresses, bridge/VXLAN FDB entries, IPv4 netconf — the forwarding
+switch) and nfnetlink's nftables group. ``drain()`` reads whatever queued since the last call,
+synchronously, and answers whether any of it touched what we own: a link named ``ot…`` (or one
+whose ifindex we know as managed), an address or AF_BRIDGE neighbour entry on such a link, any
+IPv4 netconf change, or anything in an nftables table named ``otherix``. A receive buffer that
+overflowed (ENOBUFS: events were lost) counts as a change. The kernel queues an event before the
+write that caused it returns, so a drift made before ``drain()`` is always seen by it; there is
+no thread and no callback on any event loop (pyroute2's async sockets do not run on uvloop, and
+plain sockets read with ``recv`` need neither).
+
+It never decides what to do about a change (``agent.steady`` does) and never writes anything.
+Our own writes echo here too, and the kernel stamps FDB notifications with no sender (portid 0),
+so the agent names the (ifindex, MAC) pairs it just wrote (``drain(echoes)``); any other event
+still counts. WireGuard (wireguard-go's UAPI, and the kernel module) has no notifications.
+"""
+
+import errno
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
+
+Echoes = frozenset[tuple[int, bytes]]  # (ifindex, MAC as 6 bytes)
+
+NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
+RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_NETCONF = 1, 3, 5, 24
+NFNLGRP_NFTABLES = 7
+SO_RCVBUFFORCE = 33  # not in the socket module
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 20, 21
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_NEWNETCONF, RTM_DELNETCONF = 28, 29, 80, 81
+NFNL_SUBSYS_NFTABLES = 10
+AF_BRIDGE = 7
+IFLA_IFNAME = 3
+NDA_LLADDR = 2
+NETCONFA_IFINDEX, NETCONFA_IFINDEX_ALL = 1, -1
+TABLE_ATTR = 1  # NFTA_{TABLE_NAME,CHAIN_TABLE,RULE_TABLE,SET_TABLE,SET_ELEM_LIST_TABLE,OBJ_TABLE}
+OUR_TABLE = b"otherix\0"
+PREFIX = b"ot"
+RCVBUF = 4 * 2**20
+
+_NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_NDMSG = struct.Struct("=Bxxxi")  # family, ifindex
+_NDMSG_SIZE = 12  # with state, flags, type
+_RTA = struct.Struct("=HH")
+_S32 = struct.Struct("=i")
+
+
+def _attrs(data: bytes, offset: int, end: int):
+    """(type, value) of each netlink attribute in data[offset:end]."""
+    while offset + 4 <= end:
+        length, kind = _RTA.unpack_from(data, offset)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def touches_ours(data: bytes, managed: set[int], echoes: Echoes = frozenset()) -> bool:
+    """Pure: does any message of one datagram (rtnetlink or nftables) touch our state?
+    ``managed``: ifindexes of our devices; link events add ``ot…`` devices to it. ``echoes``:
+    (ifindex, MAC) of FDB entries the agent itself just wrote: their events are not news."""
+    ours = False
+    offset = 0
+    while offset + _NLMSG.size <= len(data):
+        length, kind, _, _, _ = _NLMSG.unpack_from(data, offset)
+        if length < _NLMSG.size:
+            break
+        body, end = offset + _NLMSG.size, min(offset + length, len(data))
+        offset += (length + 3) & ~3
+        if kind >> 8 == NFNL_SUBSYS_NFTABLES:  # nfgenmsg (4 bytes), then the attributes
+            ours |= any(t == TABLE_ATTR and v == OUR_TABLE for t, v in _attrs(data, body + 4, end))
+        elif kind in (RTM_NEWLINK, RTM_DELLINK) and end - body >= _IFINFO.size:
+            index = _IFINFO.unpack_from(data, body)[2]
+            attrs = _attrs(data, body + _IFINFO.size, end)
+            name = next((v for t, v in attrs if t == IFLA_IFNAME), b"")
+            if name.startswith(PREFIX):
+                managed.add(index)
+                ours = True
+            elif index in managed:  # renamed away from ot…, or deleted
+                ours = True
+        elif kind in (RTM_NEWADDR, RTM_DELADDR) and end - body >= _IFADDR.size:
+            ours |= _IFADDR.unpack_from(data, body)[4] in managed
+        elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and end - body >= _NDMSG.size:
+            family, index = _NDMSG.unpack_from(data, body)
+            if family == AF_BRIDGE and index in managed:  # ARP entries are not ours
+                attrs = _attrs(data, body + _NDMSG_SIZE, end)
+                mac = next((v for t, v in attrs if t == NDA_LLADDR), b"")
+                ours |= (index, mac) not in echoes
+        elif kind in (RTM_NEWNETCONF, RTM_DELNETCONF):  # netconfmsg: family, 3 bytes pad
+            for t, v in _attrs(data, body + 4, end):
+                if t == NETCONFA_IFINDEX and len(v) == 4:
+                    index = _S32.unpack(v)[0]  # "all" is where IPv4 forwarding is switched
+                    ours |= index == NETCONFA_IFINDEX_ALL or index in managed
+    return ours
+
+
+class KernelEvents:
+    """The two subscribed sockets; ``drain()`` says whether our state may have changed."""
+
+    def __init__(self, sockets: Iterable[socket.socket]):
+        self._sockets = list(sockets)
+        self.managed: set[int] = set()  # ifindexes of our devices, from the last full observe
+        self.overflows = 0
+
+    @classmethod
+    def open(cls, netns: str | None = None) -> "KernelEvents":
+        """Subscribe in ``netns`` (a socket keeps the namespace it was made in; a short-lived
+        thread enters it, so no other thread ever changes namespace)."""
+        if netns is None:
+            return cls(_subscribe())
+        out: list = []
+
+        def inside() -> None:
+            from pyroute2.netns import popns, pushns
+
+            pushns(netns)
+            try:
+                out.append(_subscribe())
+            except BaseException as e:
+                out.append(e)
+            finally:
+                popns()
+
+        thread = threading.Thread(target=inside, name="kernel-events-open")
+        thread.start()
+        thread.join()
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return cls(out[0])
+
+    @classmethod
+    def try_open(cls, netns: str | None = None) -> "KernelEvents | None":
+        """``open``, or None with a warning: the agent then reconciles fully every heartbeat."""
+        try:
+            return cls.open(netns)
+        except OSError as e:
+            log.warning("no kernel notifications (%s): every heartbeat is a full reconcile", e)
+            return None
+
+    def know(self, indexes: Iterable[int]) -> None:
+        """The ifindexes of our devices as just observed (replaces the previous set)."""
+        self.managed = {i for i in indexes if i}
+
+    def drain(self, echoes: Echoes = frozenset()) -> bool:
+        """Read every queued event now; True if any touched our state (or some were lost).
+        ``echoes``: FDB entries the agent just wrote itself (see ``touches_ours``)."""
+        changed = False
+        for sock in self._sockets:
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.ENOBUFS:
+                        raise
+                    self.overflows += 1  # events were lost: assume the worst
+                    changed = True
+                    continue
+                # parsed even once changed: link events teach new ot… ifindexes
+                changed = touches_ours(data, self.managed, echoes) or changed
+        return changed
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+
+
+class NoDrift:
+    """For an in-memory kernel (hollow agents in benches): nothing changes behind the agent."""
+
+    def drain(self, echoes: Echoes = frozenset()) -> bool:
+        return False
+
+    def know(self, indexes: Iterable[int]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _subscribe() -> list[socket.socket]:
+    route = _socket(NETLINK_ROUTE, (RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_IFADDR,
+                                    RTNLGRP_IPV4_NETCONF))  # fmt: skip
+    try:
+        nft = _socket(NETLINK_NETFILTER, (NFNLGRP_NFTABLES,))
+    except BaseException:
+        route.close()
+        raise
+    return [route, nft]
+
+
+def _socket(protocol: int, groups: tuple[int, ...]) -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+    try:
+        try:  # root may go past net.core.rmem_max: a burst of our own writes fits
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        sock.bind((0, 0))
+        for group in groups:
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

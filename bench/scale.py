@@ -1,0 +1,642 @@
+"""``./dev bench scale``: the control plane at 100 / 1,000 / 5,000 hollow nodes (issue 10), one table.
+
+Measured only through stable interfaces, so the same command gives the figures of any wire
+protocol: the controller as a process (CPU time and RSS from ``/proc``), nats-server's own
+counters (``/varz`` of its monitoring port: ``in_bytes`` is what clients published, ``out_bytes``
+what the server delivered), the API, the per-node subject ``otherix.v1.desired.<node>`` and the
+agents' acks on ``otherix.v1.ack.<node>`` (of both only the top-level ``version`` and ``ok``).
+
+Phases, each on its own nats-server (an OPEN bus: plaintext, no identities, since a roster of
+5,000 node identities is impractical; ``bench attach_ack`` measures what the secured bus costs):
+
+- baseline: the same controller with an empty intent (CPU per heartbeat, RSS);
+- per size: hollow nodes (``bench.hollow``: 20 NICs each over several overlays, written to the
+  store before the controller starts; nobody acks, the controller publishes anyway). Start-up
+  (load + first publication) is bounded by ``--limit`` seconds and ``--mem-limit`` MB, beyond
+  which the size is reported as "did not finish". Then CPU and bus bytes per heartbeat over
+  ``--heartbeats`` heartbeats, and ``--changes`` NIC attaches: API reply → the last node hosting
+  that network got a message with a newer version, and the bus bytes of that window;
+- convergence with ``--hollow-agents`` HOLLOW AGENTS: the real ``agent.runner.Agent`` on an
+  in-memory kernel, all in this process (like kubemark): API request → every affected node's ack;
+- convergence with ``--real-agents`` REAL agents in network namespaces (``lab.cluster.Lab``,
+  root only): nodes are added until the count or ``--real-budget`` seconds, whichever comes first;
+- agent CPU per unchanged heartbeat: ``bench agent_steady`` when it exists.
+
+Options: ``./dev bench scale --nodes 100,1000 --hollow-agents 200 --real-agents 0`` for a quick run.
+Everything here is measurement; it never changes the code it measures.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import nats
+
+from bench import hollow
+from client.api import ApiClient
+from schemas.codec import encode
+from schemas.errors import ApiError
+from tests.conftest import free_port, nats_server_binary, stop_server, wait_listening
+
+DESIRED = "otherix.v1.desired."
+ACK = "otherix.v1.ack."
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="./dev bench scale", description=__doc__.split("\n")[0])
+    p.add_argument("--nodes", default="100,1000,5000", help="hollow node counts, comma-separated")
+    p.add_argument("--nics", type=int, default=20, help="NICs per hollow node")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="controller heartbeat (s)")
+    p.add_argument("--heartbeats", type=int, default=10, help="heartbeats per CPU/bytes window")
+    p.add_argument("--changes", type=int, default=5, help="NIC attaches timed per size")
+    p.add_argument("--limit", type=float, default=120.0,
+                   help="seconds a controller may take to start (load + first publication) or a change to land")  # fmt: skip
+    p.add_argument("--mem-limit", type=int, default=6000, help="controller RSS limit (MB)")
+    p.add_argument("--hollow-agents", type=int, default=1000, help="0: skip")
+    p.add_argument("--agent-nics", type=int, default=2, help="NICs per hollow agent's node")
+    p.add_argument("--hollow-limit", type=float, default=180.0,
+                   help="seconds for every hollow agent to ack its first snapshot")  # fmt: skip
+    p.add_argument("--real-agents", type=int, default=100, help="0: skip")
+    p.add_argument("--real-budget", type=float, default=150.0,
+                   help="seconds for bringing real agents up")  # fmt: skip
+    p.add_argument("--runs", type=int, default=20, help="attaches per convergence measurement")
+    p.add_argument("--conv-budget", type=float, default=120.0,
+                   help="seconds per convergence measurement: fewer runs past it")  # fmt: skip
+    return p.parse_args(argv)
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+    def add(self, figure: str, size: str, measured: str, baseline: str = "") -> None:
+        self.rows.append((figure, size, measured, baseline))
+        print(f"   {figure} [{size}]: {measured}   ({baseline})", flush=True)
+
+    def print(self) -> None:
+        head = ("figure", "size", "measured", "same-run baseline")
+        widths = [max(len(r[i]) for r in [head, *self.rows]) for i in range(4)]
+        line = "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |"
+        print(line)
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for row in self.rows:
+            print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+
+
+def ms(seconds: float) -> str:
+    if seconds < 0.01:
+        return f"{seconds * 1000:.2f} ms"
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# --- the bus and the controller as processes -------------------------------------------------
+
+
+class Bus:
+    """An open nats-server with JetStream and its monitoring port on 127.0.0.1."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir / f"bus-{secrets.token_hex(3)}"
+        self.dir.mkdir()
+        self.port, self.monitor = free_port(), free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.clients: list = []
+        self.errors: list[Exception] = []
+
+    def __enter__(self) -> "Bus":
+        argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                "-sd", str(self.dir / "js"), "-m", str(self.monitor)]  # fmt: skip
+        log = self.dir / "nats-server.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        wait_listening(self.proc, self.port, log, 10)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        stop_server(self.proc)
+
+    async def connect(self, **kw):
+        async def quiet(e: Exception) -> None:  # a lagging hollow agent's connection is cut as a
+            self.errors.append(e)  # slow consumer: counted, not a traceback per connection
+
+        nc = await nats.connect(self.url, max_reconnect_attempts=5, error_cb=quiet, **kw)
+        self.clients.append(nc)
+        return nc
+
+    async def close_clients(self) -> None:
+        for nc in self.clients:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        self.clients.clear()
+
+    async def varz(self) -> tuple[int, int]:
+        """(in_bytes, out_bytes) since the server started."""
+
+        def get() -> dict:
+            url = f"http://127.0.0.1:{self.monitor}/varz"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return msgspec.json.decode(r.read())
+
+        v = await asyncio.to_thread(get)
+        return v["in_bytes"], v["out_bytes"]
+
+
+def short_load(ctl: "ControllerProcess", cluster: hollow.HollowCluster, label: str, table) -> None:
+    """A row when the controller's log says it loaded fewer records than were written."""
+    found = re.search(r"(\d+) networks, (\d+) NICs, (\d+) nodes", ctl.loaded())
+    if found is None:
+        return
+    written = (len(cluster.networks), len(cluster.nics), len(cluster.nodes))
+    loaded = tuple(int(x) for x in found.groups())
+    if loaded != written:
+        table.add("STORE LOAD SHORT: networks, NICs, nodes loaded vs written", label,
+                  f"{loaded} of {written}", f"{sum(written):,} keys written")  # fmt: skip
+
+
+class DidNotFinish(Exception):
+    pass
+
+
+class ControllerProcess:
+    """``otherix-controller`` as a subprocess: CPU time and RSS read from ``/proc``."""
+
+    def __init__(self, bus: Bus, heartbeat: float, bucket: str = "otherix"):
+        self.log = bus.dir / f"controller-{bucket}.log"
+        argv = [sys.executable, "-m", "controller.main", "--nats", bus.url,
+                "--heartbeat", str(heartbeat), "--underlay-cidr", hollow.UNDERLAY_CIDR,
+                "--mesh-prefix", hollow.MESH_PREFIX, "--bucket", bucket]  # fmt: skip
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.started = time.perf_counter()
+
+    def cpu(self) -> float:
+        """CPU seconds so far, every thread: the scheduler's nanoseconds (``schedstat``), as
+        ``stat``'s user + system ticks are too coarse (10 ms) for a small heartbeat."""
+        total = 0
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that just ended
+                total += int((task / "schedstat").read_text().split()[0])
+        return total / 1e9
+
+    def memory(self, key: str = "VmRSS") -> int:
+        """``VmRSS`` (or ``VmHWM``, the peak) in bytes."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    async def wait(self, ready: Callable[[], bool], limit: float, mem_limit: int) -> float:
+        """Until ``ready()``; seconds since start. Past ``limit`` seconds or ``mem_limit`` bytes
+        of RSS the controller is stopped and ``DidNotFinish`` raised."""
+        while not ready():
+            elapsed = time.perf_counter() - self.started
+            if self.proc.poll() is not None:
+                raise DidNotFinish(f"controller exited ({self.proc.returncode}); see {self.log}")
+            rss = self.memory()
+            if rss > mem_limit:
+                self.stop()
+                raise DidNotFinish(
+                    f"did not finish: RSS passed {size(mem_limit)} after {elapsed:.0f} s"
+                )
+            if elapsed > limit:
+                self.stop()
+                raise DidNotFinish(f"did not finish within {limit:.0f} s (RSS {size(rss)} by then)")
+            await asyncio.sleep(0.2)
+        return time.perf_counter() - self.started
+
+    def loaded(self) -> str:
+        """The controller's own count of what it loaded (its log line), to catch a short load
+        (or see that it never got past loading)."""
+        for line in self.log.read_text(errors="replace").splitlines():
+            if "loaded" in line and "NICs" in line:
+                return "loaded " + line.split("loaded", 1)[1].strip()
+        return "not finished"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+# --- watching the per-node subject and the acks -------------------------------------------------
+
+
+class Head(msgspec.Struct):
+    """All we read of a desired-state message or an ack: its top-level version (and ok)."""
+
+    version: int = 0
+    ok: bool = True
+
+
+_json_head = msgspec.json.Decoder(Head)
+_pack_head = msgspec.msgpack.Decoder(Head)
+
+
+def head(data: bytes) -> Head:
+    try:
+        return _json_head.decode(data)
+    except msgspec.DecodeError:
+        return _pack_head.decode(data)
+
+
+class Watch:
+    """Latest version (and its arrival time) per node on ``prefix.<node>``, and waiters."""
+
+    def __init__(self, prefix: str, only_ok: bool = False):
+        self.prefix, self.only_ok = prefix, only_ok
+        self.version: dict[str, int] = {}
+        self.at: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+        self.changed = asyncio.Event()
+
+    async def on_msg(self, msg) -> None:
+        node = msg.subject[len(self.prefix) :]
+        h = head(msg.data)
+        self.count[node] = self.count.get(node, 0) + 1
+        if h.version > self.version.get(node, -1) and (h.ok or not self.only_ok):
+            self.version[node], self.at[node] = h.version, time.perf_counter()
+        self.changed.set()
+
+    async def subscribe(self, nc, nodes: list[str] | None = None) -> None:
+        """Each node's subject, or one wildcard for all."""
+        targets = [self.prefix + n for n in nodes] if nodes else [self.prefix + ">"]
+        for subject in targets:
+            await nc.subscribe(subject, cb=self.on_msg, pending_bytes_limit=512 * 2**20)
+
+    async def beyond(self, floor: dict[str, int], timeout: float) -> float:
+        """Until every node of ``floor`` has a version above it; the last arrival time."""
+        async with asyncio.timeout(timeout):
+            while True:
+                late = [n for n, v in floor.items() if self.version.get(n, -1) <= v]
+                if not late:
+                    return max(self.at[n] for n in floor)
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def heartbeats(watch: Watch, node: str, count: int, timeout: float) -> None:
+    """Until ``count`` more messages arrived on ``node``'s subject."""
+    target = watch.count.get(node, 0) + count
+    async with asyncio.timeout(timeout):
+        while watch.count.get(node, 0) < target:
+            watch.changed.clear()
+            await watch.changed.wait()
+
+
+async def api_rtt(api: ApiClient, network: str, runs: int = 10) -> float:
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        await api.network_show(network)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+# --- phases ---------------------------------------------------------------------------------------
+
+
+async def empty_baseline(opts, work: Path, table: Table) -> dict:
+    """The same controller with no intent: CPU per heartbeat and RSS."""
+    with Bus(work) as bus:
+        ctl = ControllerProcess(bus, opts.heartbeat)
+        try:
+            api = ApiClient(await bus.connect(), timeout=2.0)
+            ready: list[bool] = []
+
+            async def probe() -> None:
+                while not ready:
+                    with contextlib.suppress(ApiError):
+                        await api.network_list()
+                        ready.append(True)
+                    await asyncio.sleep(0.1)
+
+            task = asyncio.create_task(probe())
+            await ctl.wait(lambda: bool(ready), opts.limit, opts.mem_limit * 2**20)
+            await task
+            await asyncio.sleep(opts.heartbeat)
+            cpu0 = ctl.cpu()
+            await asyncio.sleep(opts.heartbeat * opts.heartbeats)
+            cpu = (ctl.cpu() - cpu0) / opts.heartbeats
+            return {"cpu": cpu, "rss": ctl.memory()}
+        finally:
+            ctl.stop()
+            await bus.close_clients()
+
+
+async def controller_side(opts, nodes: int, work: Path, table: Table, empty: dict) -> None:
+    label = f"{nodes:,} hollow nodes"
+    cluster = hollow.build(nodes, opts.nics)
+    network = cluster.networks[0].name
+    hosts = sorted(cluster.hosts(network))
+    canary = hollow.node_name(min(len(cluster.networks) // 2, nodes - 1))
+    if canary in hosts:
+        canary = next(n.name for n in cluster.nodes if n.name not in hosts)
+    with Bus(work) as bus:
+        nc = await bus.connect()
+        wrote = await hollow.write(nc, cluster)
+        print(f"-- {label}: {len(cluster.nics):,} NICs on {len(cluster.networks)} overlays"
+              f" written in {wrote:.1f} s; {len(hosts)} nodes host {network}", flush=True)  # fmt: skip
+        watch = Watch(DESIRED)
+        await watch.subscribe(nc, [canary])
+        ctl = ControllerProcess(bus, opts.heartbeat)
+        try:
+            try:
+                started = await ctl.wait(
+                    lambda: canary in watch.at, opts.limit, opts.mem_limit * 2**20
+                )
+            except DidNotFinish as e:
+                table.add("controller start (load + first publication)", label, str(e),
+                          f"store load: {ctl.loaded()} of {len(cluster.nics)} NICs written")  # fmt: skip
+                short_load(ctl, cluster, label, table)
+                return
+            table.add("controller start (load + first publication)", label, f"{started:.1f} s",
+                      f"{ctl.loaded()} of {len(cluster.nics)} NICs written")  # fmt: skip
+            short_load(ctl, cluster, label, table)
+
+            # heartbeats: CPU and bytes over a window of whole cycles seen on the canary
+            await heartbeats(watch, canary, 1, opts.limit)
+            cpu0, (in0, _) = ctl.cpu(), await bus.varz()
+            t0 = time.perf_counter()
+            await heartbeats(watch, canary, opts.heartbeats, opts.limit)
+            took = time.perf_counter() - t0
+            cpu, (in1, _) = ctl.cpu() - cpu0, await bus.varz()
+            n = opts.heartbeats
+            table.add("controller CPU per heartbeat", label,
+                      f"{ms(cpu / n)} ({cpu / took * 100:.0f} % of a core; cycle {took / n:.2f} s)",
+                      f"empty intent {ms(empty['cpu'])}")  # fmt: skip
+            intent_bytes = sum(len(encode(r)) for r in (*cluster.networks, *cluster.nodes, *cluster.nics))  # fmt: skip
+            table.add("bus bytes per heartbeat (published)", label,
+                      f"{size((in1 - in0) / n)} ({size((in1 - in0) / took)}/s)",
+                      f"whole intent encoded {size(intent_bytes)}")  # fmt: skip
+
+            # one NIC attach at a time: reply → the last hosting node's newer message
+            api = ApiClient(await bus.connect(), timeout=max(opts.limit, 10))
+            rtt = await api_rtt(api, network)
+            changes = Watch(DESIRED)
+            await changes.subscribe(await bus.connect(), hosts)
+            await changes.beyond({h: -1 for h in hosts}, opts.limit)  # every subscription live
+            lags, windows, byte_counts, totals = [], [], [], []
+            nic_bytes = len(encode(cluster.nics[0]))
+            began = time.perf_counter()
+            for i in range(opts.changes):
+                if i and time.perf_counter() - began > opts.conv_budget / 2:
+                    break  # a slow controller: fewer samples, the count says so
+                await heartbeats(watch, canary, 1, opts.limit)  # start right after a cycle
+                floor = {h: changes.version[h] for h in hosts}
+                (in0, _), start = await bus.varz(), time.perf_counter()
+                await api.nic_attach(network, hosts[i % len(hosts)], f"bench-{i}")
+                replied = time.perf_counter()
+                try:
+                    last = await changes.beyond(floor, opts.limit)
+                except TimeoutError:
+                    table.add("change → last hosting node's message", label,
+                              f"did not arrive within {opts.limit:.0f} s")  # fmt: skip
+                    return
+                in1, _ = await bus.varz()
+                lags.append(last - replied)
+                totals.append(last - start)
+                windows.append(time.perf_counter() - start)
+                byte_counts.append(in1 - in0)
+            table.add("nic attach: API reply → last hosting node's message", label,
+                      f"median {ms(statistics.median(lags))}, max {ms(max(lags))} (n={len(lags)})"
+                      f" (request → last: {ms(statistics.median(totals))})",
+                      f"API round trip {ms(rtt)}")  # fmt: skip
+            table.add("bus bytes per change (one nic attach)", label,
+                      f"median {size(statistics.median(byte_counts))}"
+                      f" (window {ms(statistics.median(windows))})",
+                      f"one NIC record × {len(hosts)} hosting nodes = {size(nic_bytes * len(hosts))}")  # fmt: skip
+            table.add("controller RSS", label, f"{size(ctl.memory())} (peak {size(ctl.memory('VmHWM'))})",
+                      f"empty intent {size(empty['rss'])}")  # fmt: skip
+        finally:
+            ctl.stop()
+            await bus.close_clients()
+
+
+async def hollow_agents(opts, work: Path, table: Table) -> None:
+    from bench.hollow_agents import hollow_agent  # the agent code only for this phase
+
+    count = opts.hollow_agents
+    label = f"{count:,} HOLLOW agents, {opts.agent_nics} NICs each"
+    cluster = hollow.build(count, opts.agent_nics)
+    network = cluster.networks[0].name
+    hosts = sorted(cluster.hosts(network))
+    with Bus(work) as bus:
+        nc = await bus.connect()
+        await hollow.write(nc, cluster)
+        acks = Watch(ACK, only_ok=True)
+        await acks.subscribe(nc)
+        watch = Watch(DESIRED)
+        names = [n.name for n in cluster.nodes]
+        await watch.subscribe(nc, [names[-1]])
+        ctl = ControllerProcess(bus, opts.heartbeat)
+        agents = []
+        logging.getLogger("agent").setLevel(logging.ERROR)  # a thousand agents' start-up lines
+        try:
+            try:  # agents start once the controller publishes: registering then changes nothing
+                await ctl.wait(lambda: names[-1] in watch.at, opts.limit, opts.mem_limit * 2**20)
+            except DidNotFinish as e:
+                table.add("controller start", label, str(e))
+                return
+            conns = [await bus.connect() for _ in range(max(1, count // 10))]
+            for i, node in enumerate(cluster.nodes):
+                state = work / "agents" / node.name
+                state.mkdir(parents=True, exist_ok=True)
+                agents.append(hollow_agent(conns[i % len(conns)], node, state))
+            start, cpu0 = time.perf_counter(), time.process_time()
+            for agent in agents:
+                await agent.start()
+            try:
+                await ctl.wait(
+                    lambda: len(acks.version) == count, opts.hollow_limit, opts.mem_limit * 2**20
+                )
+            except DidNotFinish as e:
+                # why: what one snapshot costs the agent code, times the agents
+                handled = sum(sum(a.counters.values()) - a.counters["received"] for a in agents)
+                cpu = time.process_time() - cpu0
+                per = cpu / max(handled, 1)
+                table.add("convergence after start", label,
+                          f"{str(e).replace('did not finish', 'not converged')};"
+                          f" {len(acks.version)} of {count} acked; {len(bus.errors)} bus errors",
+                          f"agent CPU {ms(per)} per snapshot handled ({handled} in {cpu:.0f} s):"
+                          f" {count} agents need {per * count:.0f} s of CPU per heartbeat")  # fmt: skip
+                return
+            table.add("convergence after start (every node acked ok)", label,
+                      ms(time.perf_counter() - start))  # fmt: skip
+
+            # steady state: this process (all agents) and the bus, per heartbeat
+            await heartbeats(watch, names[-1], 2, opts.limit)
+            cpu0, (in0, out0) = time.process_time(), await bus.varz()
+            t0 = time.perf_counter()
+            await heartbeats(watch, names[-1], opts.heartbeats, opts.limit)
+            took, n = time.perf_counter() - t0, opts.heartbeats
+            cpu, (in1, out1) = time.process_time() - cpu0, await bus.varz()
+            table.add("agents' CPU per heartbeat (all hollow agents)", label,
+                      f"{ms(cpu / n)} ({cpu / took * 100:.0f} % of a core)",
+                      f"{ms(cpu / n / count)} per agent")  # fmt: skip
+            table.add("bus bytes per heartbeat (in + out, with acks and health)", label,
+                      f"{size((in1 - in0 + out1 - out0) / n)}",
+                      f"published {size((in1 - in0) / n)}, delivered {size((out1 - out0) / n)}")  # fmt: skip
+
+            api = ApiClient(await bus.connect(), timeout=max(opts.limit, 10))
+            rtt = await api_rtt(api, network)
+            report_convergence(table, label, await converge(api, acks, network, hosts, opts), rtt)
+        finally:
+            for agent in agents:
+                await agent.stop()
+            ctl.stop()
+            await bus.close_clients()
+
+
+async def converge(
+    api: ApiClient, acks: Watch, network: str, hosts: list[str], opts
+) -> tuple[list[float], str]:
+    """API request → every hosting node acked ok a version newer than before, per attach;
+    fewer than ``opts.runs`` samples once ``opts.conv_budget`` seconds are spent. Returns the
+    samples and why there are fewer, if there are."""
+    samples: list[float] = []
+    began = time.perf_counter()
+    for i in range(opts.runs):
+        if time.perf_counter() - began > opts.conv_budget:
+            return samples, f"; stopped at the {opts.conv_budget:.0f} s budget"
+        floor = {h: acks.version.get(h, -1) for h in hosts}
+        start = time.perf_counter()
+        await api.nic_attach(network, hosts[i % len(hosts)], f"conv-{i}")
+        try:
+            samples.append(await acks.beyond(floor, opts.limit) - start)
+        except TimeoutError:
+            return samples, f"; attach {i + 1} not converged within {opts.limit:.0f} s"
+    return samples, ""
+
+
+def report_convergence(
+    table: Table, label: str, result: tuple[list[float], str], rtt: float
+) -> None:
+    samples, note = result
+    figure = "convergence: API change → all affected acks"
+    if not samples:
+        table.add(figure, label, f"no attach converged{note}", f"API round trip {ms(rtt)}")
+        return
+    table.add(figure, label,
+              f"p50 {ms(pct(samples, 0.5))}, p99 {ms(pct(samples, 0.99))} (n={len(samples)}{note})",
+              f"API round trip {ms(rtt)}")  # fmt: skip
+
+
+async def real_agents(opts, table: Table) -> None:
+    from lab.cluster import Lab  # root only; imported here so the rest runs without it
+
+    want = opts.real_agents
+    lab = Lab("otsc" + secrets.token_hex(2), heartbeat=opts.heartbeat, mesh=True, secure=False)
+    try:
+        start = time.perf_counter()
+        await lab.up(0)
+        names = []
+        while len(names) < want and time.perf_counter() - start < opts.real_budget:
+            names.append(f"n{len(names) + 1}")
+            await lab.add_node(names[-1])
+        await lab.wait_converged(timeout=120)
+        up = time.perf_counter() - start
+        label = f"{len(names)} REAL agents in namespaces"
+        note = "" if len(names) == want else f" (budget {opts.real_budget:.0f} s reached before {want})"  # fmt: skip
+        table.add("lab bring-up (Lab.up + add_node each)", label,
+                  f"{up:.1f} s, {up / max(len(names), 1):.2f} s per node{note}")  # fmt: skip
+        api = await lab.connect()
+        await api.network_create("scale", "overlay", "10.77.0.0/16")
+        for name in names:
+            await api.nic_attach("scale", name, f"vm-{name}")
+        await lab.wait_converged(timeout=120)
+        acks = Watch(ACK, only_ok=True)
+        await acks.subscribe(lab.nc)
+        await acks.beyond({n: -1 for n in names}, 30)
+        rtt = await api_rtt(api, "scale")
+        report_convergence(table, label, await converge(api, acks, "scale", names, opts), rtt)
+    finally:
+        await lab.down()
+
+
+def agent_steady(table: Table) -> None:
+    """Helper G's bench (issue 10 item 5) in its own process, when the tree has it."""
+    if not (ROOT / "bench" / "agent_steady.py").exists():
+        table.add("agent CPU per unchanged heartbeat at 1,000 / 10,000 FDB entries", "one agent",
+                  "not measured here: run `./dev bench agent_steady` (issue 10 item 5)",
+                  "msgspec's raw decode of the same message (printed by that bench)")  # fmt: skip
+        return
+    print("-- agent steady state: bench.agent_steady", flush=True)
+    code = "import asyncio, bench.agent_steady as b; asyncio.run(b.main())"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        text = out.stdout.strip() or out.stderr.strip()[-2000:]
+    except subprocess.TimeoutExpired:
+        text = "did not finish within 300 s"
+    print(text, flush=True)
+    table.add("agent CPU per unchanged heartbeat at 1,000 / 10,000 FDB entries", "one agent",
+              "see `bench agent_steady` output above the table",
+              "msgspec raw decode (in that output)")  # fmt: skip
+
+
+async def main() -> None:
+    argv = sys.argv[sys.argv.index("scale") + 1 :] if "scale" in sys.argv else []
+    opts = parse([a for a in argv if a not in ("scale",)])
+    began = time.perf_counter()
+    table = Table()
+    work = Path(tempfile.mkdtemp(prefix="otscale-"))
+    try:
+        print("-- baseline: the controller with an empty intent", flush=True)
+        empty = await empty_baseline(opts, work, table)
+        for nodes in (int(n) for n in opts.nodes.split(",") if n):
+            await controller_side(opts, nodes, work, table, empty)
+        if opts.hollow_agents:
+            print(f"-- {opts.hollow_agents} hollow agents", flush=True)
+            await hollow_agents(opts, work, table)
+        if opts.real_agents:
+            if os.geteuid() != 0:
+                table.add("convergence with real agents", "-", "skipped: needs root")
+            else:
+                print(f"-- up to {opts.real_agents} real agents", flush=True)
+                await real_agents(opts, table)
+        agent_steady(table)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(f"bus: OPEN (plaintext, no identities); heartbeat {opts.heartbeat} s; {opts.nics} NICs"
+          f" per hollow node, 4 overlays per node; one controller on {os.cpu_count()} cores")  # fmt: skip
+    print("hollow nodes: records in the store, no agent; HOLLOW agents: the real agent.runner.Agent"
+          " on an in-memory kernel, all in the bench's process (like kubemark)")  # fmt: skip
+    table.print()
+    print(f"wall time: {time.perf_counter() - began:.0f} s")

@@ -1,0 +1,73 @@
+"""The bus back-off schedule and what the reconnect policy does with nats-py's callbacks."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from nats import errors as nats_errors
+
+from schemas.bus import Reconnect, backoff
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter_in_the_upper_half():
+    assert [backoff(a, 0.25, 5.0, rand=lambda: 1.0) for a in range(7)] == [
+        0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0,
+    ]  # fmt: skip
+    assert [backoff(a, 0.25, 5.0, rand=lambda: 0.0) for a in range(3)] == [0.125, 0.25, 0.5]
+
+
+@given(st.integers(min_value=-5, max_value=10**6), st.floats(min_value=0, max_value=1))
+def test_backoff_is_bounded_for_any_attempt(attempt, r):
+    delay = backoff(attempt, 0.25, 5.0, rand=lambda: r)
+    assert 0.125 <= delay <= 5.0
+
+
+def test_jitter_spreads_clients_that_failed_together():
+    import random
+
+    rng = random.Random(7)
+    delays = {round(backoff(4, rand=rng.random), 3) for _ in range(50)}
+    assert len(delays) > 40 and min(delays) >= 2.0 and max(delays) <= 4.0
+
+
+def test_reconnect_handler_waits_by_the_servers_failed_tries():
+    policy = Reconnect("t", rand=lambda: 1.0)
+    server = SimpleNamespace(reconnects=3, uri=SimpleNamespace(netloc="127.0.0.1:4222"))
+    assert policy.next_server([server], {}) == (server, 2.0)
+    kwargs = policy.kwargs()
+    assert kwargs["max_reconnect_attempts"] == -1 and kwargs["reconnect_time_wait"] == 0
+
+
+@pytest.mark.asyncio
+async def test_first_connect_failures_sleep_with_back_off_and_log_once(caplog, monkeypatch):
+    slept = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr("schemas.bus.asyncio.sleep", sleep)
+    policy = Reconnect("agent n1", rand=lambda: 1.0)
+    with caplog.at_level(logging.WARNING, logger="schemas.bus"):
+        for _ in range(5):
+            await policy.on_error(ConnectionRefusedError("refused"))
+    assert slept == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert len(caplog.records) == 1 and "cannot reach the bus" in caplog.text
+    policy.connected = True
+    await policy.on_disconnected()
+    await policy.on_error(ConnectionRefusedError("refused"))  # nats-py's loop waits: we do not
+    assert len(slept) == 5
+    await policy.on_reconnected()
+    assert policy.failures == 0 and not policy.down
+
+
+@pytest.mark.asyncio
+async def test_slow_consumer_drops_are_counted_and_logged_once(caplog):
+    policy = Reconnect("controller")
+    policy.connected = True
+    with caplog.at_level(logging.WARNING, logger="schemas.bus"):
+        for _ in range(500):
+            await policy.on_error(nats_errors.SlowConsumerError("otherix.v1.ack.n1", "", 1, None))
+    assert policy.slow_consumer["otherix.v1.ack.n1"] == 500
+    assert len(caplog.records) == 1
