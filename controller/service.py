@@ -104,6 +104,12 @@ class Controller:
         if self.leading:
             await self._stop_leading()
             try:
+                # a renewal cut short by the cancel above may have landed (its ack unread): renew
+                # once more, so the fence is our last write again and the save and release land
+                await self.lease.renew(time.monotonic())
+            except Exception as e:
+                log.warning("controller: lease not renewed at stop: %s", e)
+            try:
                 await self.publisher.close()
             except Exception as e:  # the bus may be gone already: versions are a nicety
                 log.warning("controller: node versions not saved at stop: %s", e)

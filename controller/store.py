@@ -188,13 +188,12 @@ class Store:
     async def renew_lease(self, value: bytes, revision: int) -> int | None:
         """Rewrite our lease entry if it is still at ``revision``; None if it is not ours."""
         async with self._writing:
-            try:
-                seq = await self._publish(
-                    LEASE_KEY, value, {"Nats-Expected-Last-Subject-Sequence": str(revision)}
-                )
-            except Exception:
-                self.fence = None  # outcome unknown: no write until a renewal succeeds
-                raise
+            # unknown until the ack says otherwise: a renewal that fails or is cancelled (a
+            # stop) may still have landed, and our next write must not expect the sequence before
+            self.fence = None
+            seq = await self._publish(
+                LEASE_KEY, value, {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+            )
             if seq is None:
                 current = await self.lease()  # our own renewal whose ack was lost?
                 seq = current[0] if current and current[1] == value else None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from client.api import ApiClient
-from controller.store import NotLeader, Store
+from controller.store import LEASE_KEY, NotLeader, Store
 from schemas import api as api_schema
 from schemas import naming
 from schemas.codec import decode
@@ -285,6 +285,39 @@ async def test_a_deposed_leader_is_fenced_whatever_it_believes(nats_server):
         await c1.stop()
         if c2 is not None:
             await c2.stop()
+
+
+async def test_a_stop_during_a_renewal_still_saves_the_versions_and_releases_the_lease(
+    nats_server,
+):
+    """A stop cancels the lease task, possibly while a renewal's ack is on its way: the renewal
+    landed, but its new sequence is unknown. The stop must still save the nodes' versions and
+    release the lease (both fenced writes), or a restart sends every node a new version and a
+    follower waits two heartbeats for the lease."""
+    admin = ApiClient(await nats_server.connect("admin"))
+    ctl = await start_controller(nats_server, instance="c1")
+    await admin.node_register(name="n1")
+    await admin.network_create("br", "bridge", "10.0.0.0/24")
+    await admin.nic_attach("br", "n1", "vm")
+    publish, landed = ctl.store._publish, asyncio.Event()
+
+    async def ack_unread(key: str, value: bytes, headers: dict[str, str]) -> int | None:
+        seq = await publish(key, value, headers)
+        if key == LEASE_KEY and not landed.is_set():
+            landed.set()
+            await asyncio.Event().wait()  # the stop cancels us here: the renewal has landed
+        return seq
+
+    ctl.store._publish = ack_unread
+    await asyncio.wait_for(landed.wait(), 5)
+    ctl.publisher._saved = {}  # the stop must write the nodes' versions, whatever was saved
+    await ctl.stop()
+    sent = {node: (h.version, h.digest) for node, h in ctl.publisher.model.heads.items()}
+
+    store = Store(ctl.store.kv)
+    assert await store.lease() is None  # released: a follower would lead at once
+    _, saved = await store.generation()
+    assert saved.nodes == sent and "n1" in sent
 
 
 async def test_a_follower_answers_reads_with_the_callers_own_writes(nats_server):
