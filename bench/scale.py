@@ -28,6 +28,7 @@ Everything here is measurement; it never changes the code it measures.
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -154,6 +155,10 @@ class Bus:
         nc = await nats.connect(self.url, max_reconnect_attempts=5, error_cb=quiet, **kw)
         self.clients.append(nc)
         return nc
+
+    def error_kinds(self) -> str:
+        kinds = collections.Counter(type(e).__name__ for e in self.errors)
+        return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) or "none"
 
     async def close_clients(self) -> None:
         for nc in self.clients:
@@ -492,7 +497,7 @@ async def hollow_agents(opts, work: Path, table: Table) -> None:
                 per = cpu / max(handled, 1)
                 table.add("convergence after start", label,
                           f"{str(e).replace('did not finish', 'not converged')};"
-                          f" {len(acks.version)} of {count} acked; {len(bus.errors)} bus errors",
+                          f" {len(acks.version)} of {count} acked; bus errors: {bus.error_kinds()}",
                           f"agent CPU {ms(per)} per snapshot handled ({handled} in {cpu:.0f} s):"
                           f" {count} agents need {per * count:.0f} s of CPU per heartbeat")  # fmt: skip
                 return

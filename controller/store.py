@@ -21,6 +21,7 @@ versions' mark only through ``controller.publisher``.
 """
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 
@@ -125,12 +126,25 @@ class Store:
 
         Not ``kv.keys()``: in nats-py 2.16 its watcher can signal "no more keys" before the
         ordered consumer's first messages are processed and then returns nothing, which would
-        make a restarted controller load an empty intent. Stream info (one request/reply) lists
-        the subjects deterministically; the server pages it at 100,000 subjects.
+        make a restarted controller load an empty intent. Stream info (request/reply) lists the
+        subjects deterministically, but the server pages it at 100,000 subjects and nats-py's
+        ``stream_info`` cannot ask for the next page: a 5,000-node store (105,100 keys) loaded
+        without its nodes. So the pages are requested here, by offset, until ``total``.
         """
-        prefix = f"$KV.{self.kv._name}."
-        info = await self.kv._js.stream_info(self.kv._stream, subjects_filter=f"{prefix}>")
-        return sorted(s[len(prefix) :] for s in (info.state.subjects or {}))
+        prefix, js = f"$KV.{self.kv._name}.", self.kv._js
+        subjects: list[str] = []
+        while True:
+            request = {"subjects_filter": f"{prefix}>", "offset": len(subjects)}
+            reply = await js._api_request(
+                f"{js._prefix}.STREAM.INFO.{self.kv._stream}",
+                json.dumps(request).encode(),
+                timeout=js._timeout,
+            )
+            page = (reply.get("state") or {}).get("subjects") or {}
+            subjects.extend(page)
+            if not page or len(subjects) >= reply.get("total", 0):
+                break
+        return sorted(s[len(prefix) :] for s in subjects)
 
     async def put(
         self, obj: "Network | Nic | Node | NodeVersion | Generation | NodeVersions"
