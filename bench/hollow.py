@@ -16,7 +16,8 @@ import uuid
 
 import msgspec
 
-from controller.store import Store
+from controller.store import Store, entry_key
+from schemas.codec import encode
 from schemas.intent import Network, NetworkType, Nic, Node
 from tests.chaos.hollow import hollow_node
 
@@ -98,11 +99,15 @@ def build(
 
 
 async def write(nc, cluster: HollowCluster, in_flight: int = 512) -> float:
-    """Write every record (``nc`` may write the bucket); return the seconds it took. Puts run
-    ``in_flight`` at a time: JetStream acks each one, and one at a time would take minutes."""
+    """Write every record (``nc`` may write the bucket) before any controller runs, past the
+    controller's fenced ``Store`` (which writes only as the lease holder); return the seconds it
+    took. Puts run ``in_flight`` at a time: JetStream acks each one, and one at a time would take
+    minutes."""
     started = time.perf_counter()
-    store = await Store.open(nc.jetstream())
+    kv = (await Store.open(nc.jetstream())).kv
     records = [*cluster.networks, *cluster.nodes, *cluster.nics]
     for at in range(0, len(records), in_flight):
-        await asyncio.gather(*(store.put(r) for r in records[at : at + in_flight]))
+        await asyncio.gather(
+            *(kv.put(entry_key(r), encode(r)) for r in records[at : at + in_flight])
+        )
     return time.perf_counter() - started

@@ -16,7 +16,8 @@ import uuid
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from controller.store import Store
+from controller.store import Store, entry_key
+from schemas.codec import encode
 from schemas.intent import Nic, Node
 
 
@@ -59,8 +60,9 @@ def hollow_nics(
 
 
 async def write_intent(nc, node: Node, nics: list[Nic]) -> None:
-    """Write ``node`` and ``nics`` to the store (``nc`` connected as the controller)."""
+    """Write ``node`` and ``nics`` to the store (``nc`` connected as the controller), past the
+    controller's fenced ``Store``: no controller runs, so none holds the lease."""
     store = await Store.open(nc.jetstream())
-    await store.put(node)
+    await store.kv.put(entry_key(node), encode(node))
     for nic in nics:
-        await store.put(nic)
+        await store.kv.put(entry_key(nic), encode(nic))
