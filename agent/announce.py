@@ -83,23 +83,33 @@ class Announcer:
         self.known: Known = self._load()
         self.sent = 0  # frames written, for tests and logs
         self._gaps: collections.deque[float] = collections.deque(maxlen=16)
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[Announcement, asyncio.Task] = {}
 
     def update(self, taps: Iterable[Tap], gap: float) -> list[Announcement]:
-        """Start announcing what ``plan`` says is due. ``gap``: time since the previous
-        snapshot; a change is published at once, so the spread uses the longest recent gap
-        (about one heartbeat), not this one."""
+        """Start announcing what ``plan`` says is due, and stop announcing what is no longer
+        true (a NIC detached, or its address moved to another MAC, while its frames were still
+        going out: they would poison the caches the new NIC's announcement just fixed).
+        ``gap``: time since the previous snapshot; a change is published at once, so the
+        spread uses the longest recent gap (about one heartbeat), not this one."""
         self._gaps.append(gap)
         due, known = plan(self.known, taps)
         if known != self.known:
             self.known = known
             self._save()
+        for a, task in list(self._tasks.items()):
+            if known.get((a.bridge, a.ip)) != a.mac:
+                task.cancel()
+                del self._tasks[a]
         spread = max(self._gaps)
         for a in due:
             task = asyncio.create_task(self._announce(a, spread), name=f"announce {a.ip}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[a] = task
+            task.add_done_callback(lambda done, a=a: self._finished(a, done))
         return due
+
+    def _finished(self, a: Announcement, task: asyncio.Task) -> None:
+        if self._tasks.get(a) is task:
+            del self._tasks[a]
 
     def _load(self) -> Known:
         if self.path is None or not self.path.exists():
@@ -136,7 +146,8 @@ class Announcer:
         log.debug("agent %s: announced %s at %s on %s", self.node, a.ip, a.mac, a.bridge)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,7 +1,9 @@
 """The agent's main loop (on the NATS / uvloop side): register, receive, apply, ack, report.
 
-Only the newest snapshot is kept (a slow apply never builds a backlog). Each snapshot is checked
-(``agent.validate``), then each subsystem (WireGuard, links + FDB, nftables) is reconciled
+Only the newest HEAD is kept (a slow apply never builds a backlog). Each HEAD is checked
+(``agent.validate.accept_head``), the state it names is assembled from the sections it carries,
+holds or fetches with ``section.get`` (``agent.assemble``) and checked whole
+(``agent.validate.check_snapshot``), then each subsystem (WireGuard, links + FDB, nftables) is reconciled
 against what the kernel has *now* (``agent.subsystem``: observe → plan → apply), and an ack says
 which version the data plane holds; its error text is built here, from the typed errors.
 Silence from the controller changes nothing: the data plane keeps its last good state.
@@ -24,6 +26,7 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from agent.announce import Announcer
+from agent.assemble import Assembler, BadSection, complete
 from agent.errors import ApplyError, ApplyResult
 from agent.kernel_events import KernelEvents, NoDrift
 from agent.links.applier import LinkApplier
@@ -34,12 +37,13 @@ from agent.nft.applier import NftApplier
 from agent.state import AppliedState, load_applied, save_applied
 from agent.steady import FULL, QUIET, SKIP, decide, same_snapshot
 from agent.subsystem import Subsystem
-from agent.validate import Rejected, accept, same_content
+from agent.validate import Rejected, accept_head, check_snapshot, same_content
 from client.api import ApiClient, ApiError
 from schemas import naming
 from schemas.codec import encode
 from schemas.desired import Snapshot
 from schemas.messages import Ack, Health, clip
+from schemas.wire import SectionData, SectionGet
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +83,11 @@ class Agent:
         # kernel notifications; without them every heartbeat is a full reconcile
         self.events = events
         self.applied: AppliedState = load_applied(config.state_dir)
+        self.assembler = Assembler(config.node)  # the sections held, in memory only
+        self.api = ApiClient(nc, timeout=2.0)
         self.started_at = time.time()
         self.counters = {"received": 0, "applied": 0, "rejected": 0, "apply_errors": 0,
-                         "skipped": 0, "reconciled": 0}  # fmt: skip
+                         "fetches": 0, "skipped": 0, "reconciled": 0}  # fmt: skip
         self.last_error: str | None = None
         self.last_snapshot_at = 0.0
         self.devices = 0
@@ -232,34 +238,70 @@ class Agent:
                     )
                 )
 
-    async def handle(self, raw: bytes) -> Ack:
+    async def _fetch(self, req: SectionGet) -> SectionData:
+        self.counters["fetches"] += 1
+        return await self.api.section_get(req)
+
+    async def _refuse(self, e: Rejected) -> Ack:
+        self.counters["rejected"] += 1
+        self.last_error = str(e)
+        log.warning("agent %s: snapshot refused: %s", self.config.node, e)
+        ack = Ack(
+            node=self.config.node,
+            version=e.version,
+            applied_version=self.applied.version,
+            ok=False,
+            error=clip(str(e)),
+            sent_at=time.time(),
+        )
+        await self._ack(ack)
+        return ack
+
+    async def handle(self, raw: bytes) -> Ack | None:
+        """One HEAD: assemble, check, reconcile, ack. None when a section moved on while it was
+        fetched (a newer HEAD is on its way; the data plane is left as it is). A HEAD with the
+        content last reconciled (an unchanged heartbeat's HEAD is the same bytes) is neither
+        decoded nor assembled nor validated again."""
         last_raw, last = self._last or (None, None)
         if self.events is not None and last is not None and same_content(raw, last_raw, last):
-            return await self.apply_snapshot(last, raw, same=True)  # no decode, no validation
+            return await self.apply_snapshot(last, raw, same=True)
         try:
-            snap = accept(raw, self.config.node, self.applied.version, known=last)
+            head = accept_head(raw, self.config.node, self.applied.version)
         except Rejected as e:
-            self.counters["rejected"] += 1
-            self.last_error = str(e)
-            log.warning("agent %s: snapshot refused: %s", self.config.node, e)
+            return await self._refuse(e)
+        try:
+            snap = await complete(self.assembler, head, self._fetch)
+        except (ApiError, BadSection) as e:  # the data plane keeps its state; next HEAD retries
+            self.counters["apply_errors"] += 1
+            self.last_error = f"version {head.version}: sections not complete: {e}"
+            log.warning("agent %s: %s", self.config.node, self.last_error)
             ack = Ack(
                 node=self.config.node,
-                version=e.version,
+                version=head.version,
                 applied_version=self.applied.version,
                 ok=False,
-                error=clip(str(e)),
+                error=clip(self.last_error),
                 sent_at=time.time(),
             )
             await self._ack(ack)
             return ack
-        return await self.apply_snapshot(snap, raw, same=False)
+        if snap is None:
+            log.debug(
+                "agent %s: version %d moved on while fetching", self.config.node, head.version
+            )
+            return None
+        try:
+            check_snapshot(snap, known=last)
+        except Rejected as e:
+            return await self._refuse(e)
+        return await self.apply_snapshot(snap, raw)
 
     async def apply_snapshot(
         self, snap: Snapshot, raw: bytes | None = None, same: bool | None = None
     ) -> Ack:
         """Reconcile an accepted snapshot as much as this heartbeat needs (``agent.steady``),
-        then ack. ``same``: it carries the content last reconciled cleanly; None: compare its
-        version and digest (for a snapshot assembled from several messages)."""
+        then ack. ``same``: it carries the content last reconciled cleanly; None: compare the
+        assembled snapshot's version and digest with the last one's."""
         if same is None:
             last = self._last[1] if self._last else None
             same = self.events is not None and same_snapshot(snap, last)

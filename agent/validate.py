@@ -9,6 +9,10 @@ special-purpose ranges; FDB entries unicast and pointing at current peers' tunne
 WireGuard peers' allowed IPs inside the mesh prefix; ports 1-65535. Every refusal names the field
 and its value.
 
+On the wire a node receives a HEAD (``accept_head``: size, schema, decode, node, version) and
+assembles the Snapshot from sections (``agent.assemble``); the content checks then run on the
+assembled whole (``check_snapshot``), exactly as on a snapshot received whole (``accept``).
+
 It never logs, counts or does I/O: the runner calls it before any subsystem runs and counts and
 acks a ``Rejected``, so a refused snapshot changes nothing in the kernel.
 """
@@ -26,6 +30,7 @@ from agent.errors import AgentError
 from schemas import limits, naming
 from schemas.codec import decode
 from schemas.desired import SNAPSHOT_SCHEMA, Bridge, Snapshot, Tap, Vxlan, WireGuard
+from schemas.wire import Head
 
 FLOOD_MAC = "00:00:00:00:00:00"
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -46,8 +51,31 @@ class Rejected(AgentError):
 
 
 def accept(raw: bytes, node: str, applied_version: int, known: Snapshot | None = None) -> Snapshot:
-    """The decoded snapshot, or ``Rejected``. ``known``: a snapshot accepted before; the FDB of
-    a VXLAN equal to one of it is not checked entry by entry again (same mesh, same taps)."""
+    """A whole snapshot as bytes (tests and tools; the wire carries HEADs and sections), or
+    ``Rejected``. ``known``: as for ``check_snapshot``."""
+    snap = _gate(raw, Snapshot, node, applied_version)
+    check_snapshot(snap, known)
+    return snap
+
+
+def accept_head(raw: bytes, node: str, applied_version: int) -> Head:
+    """The cheap checks on a HEAD from ``otherix.v1.desired.<node>``: size, schema, decode, node,
+    version. The state it names is checked whole, once assembled (``check_snapshot``)."""
+    return _gate(raw, Head, node, applied_version)
+
+
+def check_snapshot(snap: Snapshot, known: Snapshot | None = None) -> None:
+    """The caps on every list, then the whole content; raises ``Rejected``. ``known``: a snapshot
+    accepted before; the FDB of a VXLAN equal to one of it is not checked entry by entry again
+    (same mesh, same taps)."""
+    try:
+        check_limits(snap)
+        check_content(snap, known)
+    except ValueError as e:
+        raise Rejected(f"invalid snapshot version {snap.version}: {e}", snap.version) from None
+
+
+def _gate(raw: bytes, type_: type, node: str, applied_version: int):
     if len(raw) > limits.MAX_SNAPSHOT_BYTES:
         raise Rejected(
             f"snapshot of {len(raw)} bytes refused unread: the limit is "
@@ -65,20 +93,15 @@ def accept(raw: bytes, node: str, applied_version: int, known: Snapshot | None =
         raise Rejected(
             f"snapshot schema {schema} is not supported (this agent speaks {SNAPSHOT_SCHEMA})"
         )
-    snap = _decode(raw, Snapshot)
-    if snap.node != node:
-        raise Rejected(f"snapshot is for node {snap.node!r}, this is {node!r}", snap.version)
-    if snap.version < applied_version:
+    value = _decode(raw, type_)
+    if value.node != node:
+        raise Rejected(f"snapshot is for node {value.node!r}, this is {node!r}", value.version)
+    if value.version < applied_version:
         raise Rejected(
-            f"stale snapshot: version {snap.version} is older than applied version {applied_version}",
-            snap.version,
+            f"stale snapshot: version {value.version} is older than applied version {applied_version}",
+            value.version,
         )
-    try:
-        check_limits(snap)
-        check_content(snap, known)
-    except ValueError as e:
-        raise Rejected(f"invalid snapshot version {snap.version}: {e}", snap.version) from None
-    return snap
+    return value
 
 
 class _SchemaOnly(msgspec.Struct):
@@ -93,9 +116,10 @@ class _Head(msgspec.Struct, frozen=True):
 
 
 def same_content(raw: bytes, last_raw: bytes | None, last: Snapshot | None) -> bool:
-    """True when ``raw`` carries the content of ``last`` (a snapshot ``accept`` passed before):
-    the same bytes, or the same node, schema, version and digest (the controller's digest
-    covers all content; only ``published_at`` may differ). Cheap: no content is decoded, and
+    """True when ``raw`` (a HEAD, or a whole snapshot) carries the content of ``last`` (a
+    snapshot that passed before): the same bytes (an unchanged heartbeat's HEAD), or the same
+    node, schema, version and digest (the controller's digest covers all content; only
+    ``published_at`` and attached sections may differ). Cheap: no content is decoded, and
     anything unexpected answers False, which sends ``raw`` through ``accept``."""
     if last is None:
         return False

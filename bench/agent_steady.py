@@ -12,8 +12,10 @@ mesh, plus a NAT bridge network with one tap.
 reconcile. "before": the same agent without notifications, which reconciles fully on every
 heartbeat (decode, validate, observe, plan) — the old behaviour. CPU is ``time.process_time``
 of the process (every thread, the netlink one included; not child processes such as ``nft``)
-over ``HEARTBEATS`` calls of ``Agent.handle`` with the same bytes. A separate notification
-socket (a netlink monitor) checks that the skipped heartbeats wrote nothing.
+over ``HEARTBEATS`` calls of ``Agent.handle`` with the same bytes: the HEAD of an unchanged
+heartbeat (``schemas.wire``), its sections held by the agent as if fetched before. A change is
+the HEAD carrying the changed items as deltas, as the controller attaches them. A separate
+notification socket (a netlink monitor) checks that the skipped heartbeats wrote nothing.
 """
 
 import asyncio
@@ -98,6 +100,38 @@ def cpu_ms(samples: list[float]) -> float:
     return sorted(samples)[len(samples) // 2] * 1000
 
 
+def change_head(old, new):
+    """``new``'s HEAD as the controller sends it after ``old``: each changed section attached as
+    a delta from ``old``'s version (the items added or replaced, the keys removed)."""
+    import msgspec
+
+    from schemas.wire import Item, SectionData, item_key
+
+    before = {s.name: s for s in old.sections}
+    attached = []
+    for section in new.sections:
+        was = before.get(section.name)
+        if was is not None and was.digest == section.digest:
+            continue
+        had = {bytes(u) for u in was.upserts} if was else set()
+        keys = {item_key(msgspec.json.decode(bytes(u), type=Item)) for u in section.upserts}
+        removals = tuple(
+            k for k in (item_key(msgspec.json.decode(u, type=Item)) for u in had) if k not in keys
+        )
+        upserts = tuple(u for u in section.upserts if bytes(u) not in had)
+        attached.append(
+            SectionData(
+                name=section.name,
+                version=new.version,
+                digest=section.digest,
+                base=was.version if was else 0,
+                upserts=upserts,
+                removals=removals,
+            )
+        )
+    return msgspec.structs.replace(new, sections=tuple(attached))
+
+
 async def heartbeats(agent, raw: bytes, count: int = HEARTBEATS) -> tuple[float, int, int]:
     """Median CPU per ``handle(raw)`` in ms, total writes, acks not ok."""
     samples, writes, failed = [], 0, 0
@@ -114,6 +148,7 @@ async def inner(entries: int) -> dict:
     """In the node's namespaces: build the agent, converge, then measure."""
     import msgspec
 
+    from agent.assemble import head_for
     from agent.kernel_events import KernelEvents
     from agent.links.applier import LinkApplier
     from agent.links.netlink import NetlinkLinks
@@ -127,7 +162,8 @@ async def inner(entries: int) -> dict:
 
     await run("ip", "link", "set", "lo", "up")
     snap = snapshot(entries)
-    raw = encode(snap)
+    head = head_for(snap)
+    raw = encode(msgspec.structs.replace(head, sections=()))  # an unchanged heartbeat
     nl = NetlinkThread()
     nl.start()
     links = LinkApplier(NetlinkLinks(nl, node="bench"))
@@ -135,7 +171,7 @@ async def inner(entries: int) -> dict:
         links, private_key=wgkeys.generate_private_key(), backend="userspace", node="bench"
     )
     monitor = KernelEvents.open()  # independent of the agent's: did anything write?
-    out: dict = {"entries": entries, "bytes": len(raw)}
+    out: dict = {"entries": entries, "bytes": len(encode(snap)), "head_bytes": len(raw)}
     try:
         with tempfile.TemporaryDirectory() as state:
             agents = {}
@@ -143,6 +179,8 @@ async def inner(entries: int) -> dict:
                 config = AgentConfig(node="bench", state_dir=Path(state) / label)
                 config.state_dir.mkdir()
                 agents[label] = Agent(Bus(), config, links, NftApplier(), wg, events=events)
+                for section in head.sections:  # held, as if fetched
+                    assert agents[label].assembler.offer(section)
             after = agents["after"]
             start = time.perf_counter()
             first = await after.handle(raw)  # cold apply
@@ -161,14 +199,15 @@ async def inner(entries: int) -> dict:
             out["skipped"] = after.counters["skipped"]
             cpu, writes, failed = await heartbeats(agents["before"], raw, 10)
             out["before_ms"], out["before_writes"], out["before_failed"] = cpu, writes, failed
-            samples = []
+            samples, whole = [], encode(snap)
             for _ in range(HEARTBEATS):
                 start = time.process_time()
-                msgspec.json.decode(raw, type=Snapshot)
+                msgspec.json.decode(whole, type=Snapshot)
                 samples.append(time.process_time() - start)
             out["decode_ms"] = cpu_ms(samples)
             # a change of one FDB entry: the full path, then one heartbeat to verify it
-            changed = encode(snapshot(entries, version=2, extra=1))
+            new_head = head_for(snapshot(entries, version=2, extra=1))
+            changed = encode(change_head(head, new_head))
             await after.handle(raw)  # settle: anything the kernel announced meanwhile is read
             full = after.counters["reconciled"]
             start = time.process_time()
@@ -176,11 +215,12 @@ async def inner(entries: int) -> dict:
             out["change_ms"] = (time.process_time() - start) * 1000
             out["change_full"] = after.counters["reconciled"] - full
             out["change_writes"] = ack.changes
+            beat = encode(msgspec.structs.replace(new_head, sections=()))
             start = time.process_time()
-            ack = await after.handle(changed)
+            ack = await after.handle(beat)
             out["verify_ms"] = (time.process_time() - start) * 1000
             out["verify_writes"] = ack.changes
-            out["back_to_skip_ms"] = (await heartbeats(after, changed, 5))[0]
+            out["back_to_skip_ms"] = (await heartbeats(after, beat, 5))[0]
             after.events.close()
     finally:
         monitor.close()
@@ -211,7 +251,8 @@ async def main() -> None:
             raise RuntimeError(f"agent_steady --inner {entries} failed (exit {proc.returncode})")
         r = json.loads(out.decode().strip().splitlines()[-1])
         print(
-            f"{r['entries']:>6} FDB entries ({r['bytes'] // 1000} KB message): unchanged heartbeat "
+            f"{r['entries']:>6} FDB entries ({r['bytes'] // 1000} KB state, {r['head_bytes']} B "
+            f"HEAD): unchanged heartbeat "
             f"{r['after_ms']:6.2f} ms ({r['after_writes']} writes, kernel events "
             f"{'seen' if r['after_kernel_events'] else 'none'}, {r['skipped']} skipped) vs "
             f"before {r['before_ms']:6.1f} ms; msgspec decode {r['decode_ms']:5.2f} ms; "

@@ -1,4 +1,4 @@
-"""The controller's publishing timeline: heartbeat period, change → snapshot, ``status --wait``.
+"""The controller's publishing timeline: heartbeat period, change → HEAD, ``status --wait``.
 
 The integration tests assert order and counts only; the times live here. Baselines from the same
 run: the configured heartbeat interval, a bare publish → receive on the same connection and an API
@@ -18,7 +18,7 @@ from client.api import ApiClient
 from client.cli import EXIT_TIMEOUT, build_parser, run
 from schemas import naming
 from schemas.codec import decode
-from schemas.desired import Snapshot
+from schemas.wire import Head
 from tests.conftest import NatsServer, start_controller
 
 RUNS = 20
@@ -26,17 +26,20 @@ HEARTBEAT = 0.2
 
 
 async def arrivals(nc, node: str, api: ApiClient | None = None):
-    """A node's snapshots with their arrival time; returns once the first one arrived (a positive
-    signal, not flush()). With ``api``, registering throwaway nodes publishes while we wait."""
-    queue: asyncio.Queue[tuple[float, Snapshot]] = asyncio.Queue()
+    """A node's HEADs with their arrival time; returns once the first one arrived (a positive
+    signal, not flush()). With ``api``, attaching throwaway NICs to the node publishes its HEAD
+    while we wait (a change is sent at once to the nodes it affects only)."""
+    queue: asyncio.Queue[tuple[float, Head]] = asyncio.Queue()
 
     async def on_msg(msg):
-        queue.put_nowait((time.perf_counter(), decode(msg.data, Snapshot)))
+        queue.put_nowait((time.perf_counter(), decode(msg.data, Head)))
 
     await nc.subscribe(naming.desired_subject(node), cb=on_msg)
+    if api is not None:
+        await api.network_create("pokes", "bridge", "10.99.0.0/16")
     for attempt in range(30):
         if api is not None:
-            await api.node_register(name=f"poke{attempt}")
+            await api.nic_attach("pokes", node, f"poke{attempt}")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(queue.get(), 0.3)
             return queue
@@ -69,13 +72,15 @@ async def change_to_snapshot(server: NatsServer, nc) -> None:
         queue = await arrivals(nc, "c1", api)
         change = []
         for i in range(RUNS):
+            await asyncio.sleep(0.05)  # let the pokes' HEADs arrive
             while not queue.empty():
                 queue.get_nowait()
+            before = (await api.status()).nodes[0].desired_version
             start = time.perf_counter()
-            info = await api.nic_attach("br", "c1", f"vm{i}")
-            while True:
-                at, snap = await asyncio.wait_for(queue.get(), 10)
-                if any(t.name == info.tap for t in snap.taps):
+            await api.nic_attach("br", "c1", f"vm{i}")
+            while True:  # the HEAD of the change, with the changed section attached
+                at, head = await asyncio.wait_for(queue.get(), 10)
+                if head.version > before:
                     change.append(at - start)
                     break
 

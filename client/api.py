@@ -19,6 +19,7 @@ from schemas import api, errors, naming
 from schemas.codec import decode, encode
 from schemas.errors import ApiError
 from schemas.intent import Egress, NetworkType
+from schemas.wire import SectionData, SectionGet
 
 __all__ = ["ApiClient", "ApiError"]
 
@@ -111,6 +112,11 @@ class ApiClient:
         except ValueError as e:
             raise errors.BadRequest(str(e)) from None
         return await self.call("node.register", req, api.NodeStatus, subject)
+
+    async def section_get(self, req: SectionGet) -> SectionData:
+        """An agent's fetch of one of its desired-state sections (``schemas.wire``)."""
+        subject = naming.node_api_subject("section.get", req.name)  # the bus checks who asks
+        return await self.call("section.get", req, SectionData, subject)
 
     async def node_rekey(self, name: str) -> api.NodeStatus:
         return await self.call("node.rekey", api.ByName(name=name), api.NodeStatus)

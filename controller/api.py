@@ -1,8 +1,9 @@
 """The API as a NATS micro service: the endpoint table and one handler per endpoint.
 
 Every request runs under the controller's one lock. A mutation validates first (pure,
-``controller.ops``), then persists, then updates memory and wakes the publisher: a refused
-request returns before the first write. Read endpoints (``status``, ``node.list``, ``network.*``
+``controller.ops``), then persists, then updates memory and tells the publisher which records
+changed (it recomputes later, off the reply's path): a refused request returns before the first
+write. Read endpoints (``status``, ``node.list``, ``network.*``
 list/show, ``nic.list``) never write the store; the versions they show come from the
 publisher's memory. Errors are ``schemas.errors`` classes, sent as their code and message.
 
@@ -34,6 +35,7 @@ from schemas.bus import INBOX_ROOT
 from schemas.codec import encode
 from schemas.errors import ApiError, BadRequest, Internal, NotFound
 from schemas.intent import Intent, Nic
+from schemas.wire import SectionData, SectionGet
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class Api:
             "node.remove": (api.NodeRemove, self.node_remove),
             "node.rekey": (api.ByName, self.node_rekey),
             "status": (api.Page, self.status),
+            "section.get": (SectionGet, self.section_get),
         }
 
     async def serve(self, nc: Client) -> Service:
@@ -160,7 +163,7 @@ class Api:
         await self.store.put(net)
         self.intent.networks[net.name] = net
         log.info("controller: network %s created (%s %s)", net.name, net.type.value, net.subnet)
-        self.publisher.wake()
+        self.publisher.wake(("network", net.name))
         return self._network_info(net.name)
 
     async def network_list(self, _: api.Empty) -> list[api.NetworkInfo]:
@@ -179,7 +182,7 @@ class Api:
         await self.store.delete(net)
         del self.intent.networks[net.name]
         log.info("controller: network %s deleted (%d NICs with it)", net.name, len(nics))
-        self.publisher.wake()
+        self.publisher.wake(("network", net.name), *(("nic", nic.id) for nic in nics))
         return info
 
     # --- NICs -----------------------------------------------------------------------------------
@@ -200,7 +203,7 @@ class Api:
             nic.network,
             nic.node,
         )
-        self.publisher.wake()
+        self.publisher.wake(("nic", nic.id))
         return api.NicInfo(nic=nic, tap=naming.tap_name(nic.id))
 
     async def nic_detach(self, req: api.NicDetach) -> api.NicInfo:
@@ -219,7 +222,7 @@ class Api:
         del self.intent.nics[nic.id]
         self._remember_detached([nic])
         log.info("controller: NIC %s detached from %s on %s", nic.id, nic.network, nic.node)
-        self.publisher.wake()
+        self.publisher.wake(("nic", nic.id))
         return api.NicInfo(nic=nic, tap=naming.tap_name(nic.id))
 
     async def nic_list(self, req: api.NicFilter) -> api.NicPage:
@@ -289,7 +292,7 @@ class Api:
                 node.underlay_ip,
                 node.tunnel_ip,
             )
-            self.publisher.wake()
+            self.publisher.wake(("node", node.name))
         return self._node_status(node.name)
 
     async def node_rekey(self, req: api.ByName) -> api.NodeStatus:
@@ -330,9 +333,13 @@ class Api:
         # keep version.<node>: a node that comes back must never see its version go down
         self.tracker.forget(node.name)
         log.info("controller: node %s removed (%d NICs with it)", node.name, len(nics))
-        self.publisher.wake()
+        self.publisher.wake(("node", node.name), *(("nic", nic.id) for nic in nics))
         assert status is not None
         return status
+
+    async def section_get(self, req: SectionGet) -> SectionData:
+        """An agent's fetch of one of its own sections (node-scoped: the bus checks who asks)."""
+        return self.publisher.section_get(req)
 
     def _node_status(self, name: str) -> api.NodeStatus:
         return self.tracker.status(

@@ -1,7 +1,9 @@
-"""Pure: intent + cluster settings → every node's desired snapshot.
+"""Pure: intent + cluster settings → every node's desired snapshot, all at once.
 
-Nothing here reads a clock, a store or a socket. Snapshots come out with ``version=0`` and their
-content digest set; the publisher stamps versions (see ``controller.versions``).
+The reference computation: the controller publishes sections computed incrementally
+(``controller.sections``), and what an agent assembles from them equals this (tested on random
+intents). Also the shared rules both use (screening, MTUs, bridge names). Nothing here reads a
+clock, a store or a socket. Snapshots come out with ``version=0`` and their content digest set.
 """
 
 import hashlib
@@ -60,23 +62,40 @@ def screen(intent: Intent, config: ClusterConfig) -> tuple[Intent, list[str]]:
     problems: list[str] = []
     networks = {}
     for name, net in intent.networks.items():
-        try:
-            ipam.check_subnet_allowed(
-                ipaddress.IPv4Network(net.subnet), config.mesh_prefix, config.underlay_cidrs
-            )
-        except (ValueError, ApiError) as e:
-            problems.append(f"network {name}: {e}")
+        if why := network_problem(net, config):
+            problems.append(why)
             continue
         networks[name] = net
     nodes = {}
     for name, node in intent.nodes.items():
-        if on_mesh(node) and (why := _bad_endpoint(node, config)):
-            problems.append(f"node {name} left out of the mesh: {why}")
-            node = msgspec.structs.replace(node, wg_public_key=None)
+        node, why = screened_node(node, config)
+        if why:
+            problems.append(why)
         nodes[name] = node
     if not problems:
         return intent, problems
     return Intent(networks=networks, nics=intent.nics, nodes=nodes), problems
+
+
+def network_problem(net: Network, config: ClusterConfig) -> str | None:
+    """Why ``screen`` leaves this network out, else None."""
+    try:
+        ipam.check_subnet_allowed(
+            ipaddress.IPv4Network(net.subnet), config.mesh_prefix, config.underlay_cidrs
+        )
+    except (ValueError, ApiError) as e:
+        return f"network {net.name}: {e}"
+    return None
+
+
+def screened_node(node: Node, config: ClusterConfig) -> tuple[Node, str | None]:
+    """The node as ``screen`` keeps it (off the mesh when its endpoint is bad), and why."""
+    if on_mesh(node) and (why := _bad_endpoint(node, config)):
+        return (
+            msgspec.structs.replace(node, wg_public_key=None),
+            f"node {node.name} left out of the mesh: {why}",
+        )
+    return node, None
 
 
 def _bad_endpoint(node: Node, config: ClusterConfig) -> str | None:

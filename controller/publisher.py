@@ -1,30 +1,55 @@
-"""The heartbeat publisher: every node's stamped desired snapshot on ``otherix.v1.desired.<node>``,
-every heartbeat and at once after a change.
+"""The heartbeat publisher: every node's HEAD on ``otherix.v1.desired.<node>`` every heartbeat,
+and at once to the nodes a change affects, with the content of their changed sections attached
+once; and ``section.get``, which serves a node the sections its HEAD names.
 
-It owns the desired versions (a new one is persisted before it is ever sent), the encoded
-snapshots (rebuilt only after a change) and the isolation of one node's send failure from the
-others. It never changes intent and never answers the API. ``desired`` serves read
-endpoints: after a change it computes the coming version in memory and never writes.
+It owns the section model (``controller.sections``: incremental, pure), the versions' persisted
+high-water mark (reserved in blocks before any version above it is sent, ``controller.versions``),
+the encoded HEADs (re-encoded only for the nodes a change affects) and the isolation of one
+node's send failure from the others. Changes are taken over lazily: ``wake`` only records which
+records changed, so an API reply never waits for this work; the next read, fetch or publish
+commits them (synchronously, in memory). It never changes intent and never answers the rest of
+the API.
 """
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
-import msgspec
 import nats.errors
 from nats.aio.client import Client
 
 from controller import versions
-from controller.compute import ClusterConfig, compute_snapshots
+from controller.compute import ClusterConfig
+from controller.sections import Attachments, Key, Model, VersionExhausted
 from controller.store import Store
 from schemas import naming
 from schemas.codec import encode
-from schemas.desired import Snapshot
-from schemas.intent import Intent, NodeVersion
+from schemas.intent import Generation, Intent, NodeVersion, NodeVersions
+from schemas.wire import SectionData, SectionGet
 
 log = logging.getLogger(__name__)
+
+# Room left in a message for what is not items: JSON envelope, names, digests, reply headers.
+ENVELOPE = 2048
+SAVE_EVERY = 1.0  # seconds between saves of the nodes' versions (one entry, never per change)
+
+
+class Versions(Mapping[str, NodeVersion]):
+    """Each node's current desired version and digest, read from the model's HEADs."""
+
+    def __init__(self, model: Model):
+        self._heads = model.heads
+
+    def __getitem__(self, node: str) -> NodeVersion:
+        head = self._heads[node]
+        return NodeVersion(node=node, version=head.version, digest=head.digest)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._heads)
+
+    def __len__(self) -> int:
+        return len(self._heads)
 
 
 class Publisher:
@@ -38,30 +63,102 @@ class Publisher:
         clock: Callable[[], float] = time.time,
     ):
         self.nc, self.store, self.config, self.intent, self.clock = nc, store, config, intent, clock
-        self.versions: dict[str, NodeVersion] = {}  # last persisted (or continued) per node
-        self._lock = lock  # the controller's one lock: intent does not move while we stamp
-        self._dirty = True  # intent or versions changed since the last restamp
-        self._pending: dict[str, tuple[Snapshot, NodeVersion]] | None = None  # while dirty
-        self._encoded: dict[str, bytes] = {}  # node → snapshot bytes, rebuilt on change only
+        self._lock = lock  # the controller's one lock: intent does not move while we commit
+        self.model = Model(config, on_problem=self._problem, on_error=self._node_failed)
+        self.versions = Versions(self.model)
+        self._reserved = 0  # persisted high-water mark: nothing above it has been sent
+        self._everything = True  # take over the whole intent at the next commit
+        self._keys: set[Key] = set()
+        self._fresh: dict[str, Attachments] = {}  # nodes to publish at once, with their content
+        self._encoded: dict[str, bytes] = {}  # node → its HEAD without content, as last encoded
+        self._problems: set[str] = set()  # logged once each
         self._changed = asyncio.Event()
+        self._next_heartbeat = 0.0
+        self._saved: dict[str, tuple[int, str]] = {}  # node versions as last saved
+        self._save_after = 0.0  # monotonic time before which versions are not saved again
         self._stopping = False
 
-    def wake(self) -> None:
-        """Intent or versions changed: restamp and publish at once."""
-        self._dirty, self._pending = True, None
+    def start_from(
+        self,
+        reserved: int,
+        loaded: Mapping[str, NodeVersion],
+        saved: NodeVersions | None = None,
+    ) -> None:
+        """Continue above the persisted mark and the per-node versions of older releases; a node
+        whose content is what it was when ``saved`` keeps that version."""
+        self._reserved = reserved
+        self.model.generation = versions.start_generation(reserved, loaded.values())
+        if saved is not None:
+            self.model.earlier = {
+                n: (v, d) for n, (v, d) in saved.nodes.items() if v <= self.model.generation
+            }
+            self._saved = saved.nodes
+
+    def wake(self, *keys: Key) -> None:
+        """These records changed (all of them when none are named): publish at once."""
+        if keys:
+            self._keys.update(keys)
+        else:
+            self._everything = True
         self._changed.set()
 
     def continue_above(self, node: str, applied_version: int) -> None:
         """``node`` has applied a version we never issued: publish above it from now on."""
-        known = self.versions.get(node)
-        version = versions.continue_above(known, node, applied_version)
-        if version is not None:
+        known = self.model.heads.get(node)
+        current = known.version if known else 0
+        if node in self.model.nodes and versions.continue_above(current, applied_version):
             log.warning(
                 "controller: node %s has applied version %d, above ours (%d); continuing above it",
-                node, applied_version, known.version if known else 0,
+                node, applied_version, current,
             )  # fmt: skip
-            self.versions[node] = version
-            self.wake()
+            self.model.force(node, applied_version)
+            self._changed.set()
+
+    @property
+    def budget(self) -> int:
+        """Bytes of items one message may carry: the server's max_payload less the envelope."""
+        return max(self.nc.max_payload - ENVELOPE, 512)
+
+    # --- commits (in memory, no I/O) ------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Take over pending changes; the nodes they affect get a new version and are queued."""
+        if self._everything:
+            self._everything, self._keys = False, set()
+            self.model.sync(self.intent)
+        elif self._keys:
+            keys, self._keys = self._keys, set()
+            self.model.sync(self.intent, keys)
+        try:
+            done = self.model.commit()
+        except VersionExhausted as e:
+            log.error("controller: no new versions (%s); the last ones stay", e)
+            return
+        if done.nodes:
+            attach = Attachments(done)
+            for node in done.nodes:
+                self._fresh[node] = attach
+        for node in [n for n in self._encoded if n not in self.model.heads]:
+            del self._encoded[node]  # removed: nothing more is published for it
+            self._fresh.pop(node, None)
+
+    def desired(self, node: str) -> NodeVersion | None:
+        """Version and digest of ``node``'s current HEAD, pending changes included. In memory
+        only: reads never persist."""
+        self.commit()
+        return self.versions.get(node)
+
+    def section_get(self, req: SectionGet) -> SectionData:
+        self.commit()
+        return self.model.get(req.name, req, self.budget)
+
+    def _problem(self, problem: str) -> None:
+        if problem not in self._problems:
+            self._problems.add(problem)
+            log.error("controller: %s", problem)
+
+    def _node_failed(self, node: str, error: Exception) -> None:
+        log.error("controller: node %s: no new state (%s); its last one stays", node, error)
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -73,8 +170,9 @@ class Publisher:
                 log.exception("controller: heartbeat failed; retrying next cycle")
             # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel that arrives as the
             # wait ends, and this loop would never stop.
+            wait = max(self._next_heartbeat - time.monotonic(), 0.0)
             try:
-                async with asyncio.timeout(self.config.heartbeat_interval):
+                async with asyncio.timeout(wait):
                     await self._changed.wait()
             except TimeoutError:
                 pass
@@ -87,81 +185,69 @@ class Publisher:
         self._changed.set()
 
     async def publish_all(self) -> None:
+        """The nodes a change affected, with their content; every node when a heartbeat is due."""
         async with self._lock:
-            if self._dirty:
-                await self._restamp()
-            encoded = dict(self._encoded)
-        for node, data in encoded.items():
+            self.commit()
+            if not await self._reserve():
+                fresh = {}  # nothing above the persisted mark may leave: old HEADs only
+            else:
+                fresh, self._fresh = self._fresh, {}
+            now, budget = self.clock(), self.budget
+            with_content = {}
+            for node, attach in fresh.items():
+                if node not in self.model.heads:
+                    continue
+                self._encoded[node] = encode(self.model.head(node, budget, published_at=now))
+                with_content[node] = encode(self.model.head(node, budget, attach, now))
+            heartbeat = time.monotonic() >= self._next_heartbeat
+            if heartbeat:
+                self._next_heartbeat = time.monotonic() + self.config.heartbeat_interval
+                messages = {**self._encoded, **with_content}
+            else:
+                messages = with_content
+        for node, data in messages.items():
             try:
                 await self.nc.publish(naming.desired_subject(node), data)
-            except nats.errors.MaxPayloadError:  # one oversized node must not starve the rest
-                log.error(
-                    "controller: snapshot of node %s is %d bytes, above the server's max_payload; not sent",
-                    node, len(data),
-                )  # fmt: skip
-            except nats.errors.Error as e:
-                log.error("controller: snapshot of node %s not sent: %s", node, e)
+            except nats.errors.Error as e:  # one node's failure must not starve the rest
+                log.error("controller: HEAD of node %s not sent: %s", node, e)
+        await self._save_versions()
 
-    # --- stamping -------------------------------------------------------------------------------
+    async def close(self) -> None:
+        """On a clean stop: save the nodes' versions now, so a restart keeps them all."""
+        self._save_after = 0.0
+        async with self._lock:
+            await self._save_versions()
 
-    def _plan(self) -> dict[str, tuple[Snapshot, NodeVersion]]:
-        """Each node's snapshot and the version it will carry; computed once per change.
-
-        A node that cannot be computed or stamped is left out (and logged): it keeps its last
-        good snapshot, and the others are never held back by it.
-        """
-        if self._pending is None:
-            failed: dict[str, Exception] = {}
-            skipped: list[str] = []
-            snapshots = compute_snapshots(
-                self.intent, self.config, on_error=failed.__setitem__, on_skip=skipped.append
-            )
-            for problem in skipped:  # logged once per change: the plan is computed once
-                log.error("controller: %s; left out of every snapshot", problem)
-            plan = {}
-            for node, snapshot in snapshots.items():
-                try:
-                    plan[node] = (snapshot, versions.stamp(self.versions.get(node), snapshot))
-                except versions.VersionExhausted as e:
-                    failed[node] = e
-            for node, e in failed.items():
-                log.error("controller: node %s: no new snapshot (%s); its last one stays", node, e)
-            self._pending = plan
-        return self._pending
-
-    def desired(self, node: str) -> NodeVersion | None:
-        """Version and digest of ``node``'s next snapshot. In memory only: reads never persist."""
-        if self._dirty and node in self.intent.nodes:
-            planned = self._plan().get(node)
-            if planned is not None:
-                return planned[1]
-        return self.versions.get(node)
-
-    async def _restamp(self) -> None:
-        """Persist new versions, then encode every snapshot with its version. A node whose write
-        or encoding fails keeps its last good bytes and is retried on the next heartbeat."""
-        plan = self._plan()
-        self._dirty, self._pending = False, None  # a wake during the writes below counts again
-        now = self.clock()
-        encoded = {n: data for n, data in self._encoded.items() if n in self.intent.nodes}
+    async def _save_versions(self) -> None:
+        """Every node's version in one entry, at most every ``SAVE_EVERY`` seconds: a restarted
+        controller keeps the versions of unchanged nodes (a crash right after a change costs
+        those nodes one refused HEAD, then continues above what they applied)."""
+        if time.monotonic() < self._save_after:
+            return
+        now = {n: (h.version, h.digest) for n, h in self.model.heads.items()}
+        if now == self._saved:
+            return
+        self._save_after = time.monotonic() + SAVE_EVERY
+        data = NodeVersions(nodes=now)
+        if len(encode(data)) > self.budget:
+            log.warning("controller: %d nodes' versions exceed one entry; not saved", len(now))
+            return
         try:
-            for node, (snapshot, version) in plan.items():
-                previous = self.versions.get(node)
-                try:
-                    if version is not previous:
-                        await self.store.put(version)
-                        if self.versions.get(node) is previous:  # not continued meanwhile
-                            self.versions[node] = version
-                    stamped = msgspec.structs.replace(
-                        snapshot, version=version.version, published_at=now
-                    )
-                    encoded[node] = encode(stamped)
-                except Exception as e:
-                    self._dirty = True
-                    log.error("controller: node %s: version %d not published: %s",
-                              node, version.version, e)  # fmt: skip
-        except BaseException:  # cancelled mid-way: what was not written is still pending
-            self._dirty = True
-            raise
-        finally:
-            self._encoded = encoded
+            await self.store.put(data)
+        except Exception as e:
+            log.warning("controller: node versions not saved (%s); retrying later", e)
+            return
+        self._saved = now
+
+    async def _reserve(self) -> bool:
+        """Persist the high-water mark before any version above it is sent; False if we cannot."""
+        mark = versions.reservation(self.model.generation, self._reserved)
+        if mark is None:
+            return True
+        try:
+            await self.store.put(Generation(reserved=mark))
+        except Exception as e:
+            log.error("controller: version mark %d not persisted (%s); new versions wait", mark, e)
+            return False
+        self._reserved = mark
+        return True

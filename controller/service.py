@@ -9,7 +9,7 @@ of its own beyond start and stop.
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from nats.aio.client import Client
@@ -49,7 +49,7 @@ class Controller:
         self._subs: list[Any] = []
 
     @property
-    def versions(self) -> dict[str, NodeVersion]:
+    def versions(self) -> Mapping[str, NodeVersion]:
         return self.publisher.versions
 
     @property
@@ -61,7 +61,8 @@ class Controller:
         self.intent.networks.update(intent.networks)
         self.intent.nics.update(intent.nics)
         self.intent.nodes.update(intent.nodes)
-        self.publisher.versions.update(versions)
+        reserved, saved = await self.store.generation()
+        self.publisher.start_from(reserved, versions, saved)
         log.info(
             "controller: loaded %d networks, %d NICs, %d nodes",
             len(self.intent.networks),
@@ -77,6 +78,10 @@ class Controller:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.publisher.close()
+        except Exception as e:  # the bus may be gone already: versions are a nicety, not state
+            log.warning("controller: node versions not saved at stop: %s", e)
         if self._service is not None:
             await self._service.stop()
         for sub in self._subs:

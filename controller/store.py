@@ -1,11 +1,14 @@
 """Intent persisted in a NATS JetStream key-value bucket, one JSON entry per object.
 
-Keys: ``network.<name>``, ``nic.<id>``, ``node.<name>``, ``version.<node>``. The controller keeps
-the whole intent in memory and writes through; a restart reloads it with ``load()``. The bucket's
+Keys: ``network.<name>``, ``nic.<id>``, ``node.<name>``, ``generation.reserved`` (the versions'
+high-water mark), ``generation.nodes`` (every node's version, saved now and then) and ``version.<node>`` (written by releases before snapshot schema 3, read
+only). The controller keeps the whole intent in memory and writes through; a restart reloads it
+with ``load()``. The bucket's
 durability comes from the server (JetStream file storage, ``sync_interval: always`` in the
 shipped server config) and, on a cluster, from ``replicas=3``: JetStream acknowledges a put only
-once a majority of the replicas stored it, so losing any one server loses no acknowledged write. It never validates or decides: callers write only what passed
-``controller.ops``, and versions only through ``controller.publisher``.
+once a majority of the replicas stored it, so losing any one server loses no acknowledged write.
+It never validates or decides: callers write only what passed ``controller.ops``, and the
+versions' mark only through ``controller.publisher``.
 """
 
 import json
@@ -18,7 +21,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from schemas.codec import decode, encode
-from schemas.intent import Intent, Network, Nic, Node, NodeVersion
+from schemas.intent import Generation, Intent, Network, Nic, Node, NodeVersion, NodeVersions
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ class Store:
         objects: dict[str, dict] = {kind: {} for kind in _KINDS}
         for key in await self.keys():
             kind, _, name = key.partition(".")
+            if kind == "generation":
+                continue  # read by generation()
             if kind not in _KINDS:
                 log.warning("store: ignoring unknown key %s", key)
                 continue
@@ -74,6 +79,26 @@ class Store:
                 log.error("store: entry %s is unreadable and is skipped: %s", key, e)
         intent = Intent(networks=objects["network"], nics=objects["nic"], nodes=objects["node"])
         return intent, objects["version"]
+
+    async def generation(self) -> tuple[int, NodeVersions]:
+        """The persisted high-water mark of desired versions (0 if none), and the nodes'
+        versions as last saved (none if unreadable: they only spare agents a new version)."""
+        reserved, saved = 0, NodeVersions()
+        for key in ("generation.reserved", "generation.nodes"):
+            try:
+                entry = await self.kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value is None:
+                continue
+            if key == "generation.reserved":
+                reserved = decode(entry.value, Generation).reserved
+                continue
+            try:
+                saved = decode(entry.value, NodeVersions)
+            except msgspec.DecodeError as e:
+                log.warning("store: entry %s is unreadable and is skipped: %s", key, e)
+        return reserved, saved
 
     async def keys(self) -> list[str]:
         """Every key with an entry (deleted ones included; ``get`` skips those).
@@ -100,14 +125,16 @@ class Store:
                 break
         return sorted(s[len(prefix) :] for s in subjects)
 
-    async def put(self, obj: Network | Nic | Node | NodeVersion) -> None:
+    async def put(
+        self, obj: "Network | Nic | Node | NodeVersion | Generation | NodeVersions"
+    ) -> None:
         await self.kv.put(_key(obj), encode(obj))
 
     async def delete(self, obj: Network | Nic | Node | NodeVersion) -> None:
         await self.kv.delete(_key(obj))
 
 
-def _key(obj: Network | Nic | Node | NodeVersion) -> str:
+def _key(obj: "Network | Nic | Node | NodeVersion | Generation | NodeVersions") -> str:
     match obj:
         case Network(name=name):
             return f"network.{name}"
@@ -117,4 +144,8 @@ def _key(obj: Network | Nic | Node | NodeVersion) -> str:
             return f"node.{name}"
         case NodeVersion(node=name):
             return f"version.{name}"
+        case Generation():
+            return "generation.reserved"
+        case NodeVersions():
+            return "generation.nodes"
     raise TypeError(f"cannot store {type(obj).__name__}")

@@ -1,42 +1,36 @@
-"""Pure: the version each node's desired snapshot carries.
+"""Pure: how desired versions only grow, also across restarts, without a write per change.
 
-A node's version changes only when its snapshot's content (digest) does, and only ever grows,
-also past a version a node reports having applied that this controller never issued (its store
-was lost, or restored from an older backup). These functions return values; they never read a
-clock, write the store or publish: ``controller.publisher`` persists a version before sending it.
+Every change the controller commits is one *generation* (``controller.sections``), and a node's
+version is the generation of the last change that affected it. Only a high-water mark is
+persisted, reserved in blocks: no version above it is ever sent, and a restarted controller
+continues above it, so the store sees one write per ``BLOCK`` changes, not one per node and
+change. A node that has applied a version above ours (a lost or restored store) makes the
+generation continue above that version. These functions return values; they never read a clock,
+write the store or publish: ``controller.publisher`` persists a mark before sending below it.
 """
 
+from collections.abc import Iterable
+
 from schemas import MAX_VERSION
-from schemas.desired import Snapshot
 from schemas.intent import NodeVersion
 
-
-class VersionExhausted(Exception):
-    """A node's version reached ``MAX_VERSION``; no snapshot can be stamped above it."""
+BLOCK = 1024  # generations reserved per store write
 
 
-def stamp(previous: NodeVersion | None, snapshot: Snapshot) -> NodeVersion:
-    """``previous`` itself while the content is the same, else one version above it."""
-    if previous is not None and previous.digest == snapshot.digest:
-        return previous
-    if previous is not None and previous.version >= MAX_VERSION:
-        raise VersionExhausted(f"node {snapshot.node}: version {previous.version} is the maximum")
-    return NodeVersion(
-        node=snapshot.node,
-        version=(previous.version if previous else 0) + 1,
-        digest=snapshot.digest,
-    )
+def start_generation(reserved: int, loaded: Iterable[NodeVersion] = ()) -> int:
+    """Where a starting controller's generations continue: above everything it (or an older
+    release, which persisted each node's version) may have issued."""
+    return max([reserved, *(v.version for v in loaded)])
 
 
-def continue_above(
-    known: NodeVersion | None, node: str, applied_version: int
-) -> NodeVersion | None:
-    """The version to continue from when ``node`` has applied one above ours, else ``None``.
-
-    Its digest is unknown (empty), so the next ``stamp`` goes one above it even for the same
-    content; without that the agent would refuse every snapshot as stale. Never up to
-    ``MAX_VERSION``: there must be room for the next stamp.
-    """
-    if applied_version <= (known.version if known else 0) or applied_version >= MAX_VERSION:
+def reservation(generation: int, reserved: int, block: int = BLOCK) -> int | None:
+    """The mark to persist before sending ``generation``, or None while ``reserved`` covers it."""
+    if generation <= reserved:
         return None
-    return NodeVersion(node=node, version=applied_version, digest="")
+    return min(generation + block, MAX_VERSION)
+
+
+def continue_above(current: int, applied_version: int) -> bool:
+    """Whether a node's report of ``applied_version`` must move its version above it. Never up
+    to ``MAX_VERSION``: there must be room for the next generation."""
+    return current < applied_version < MAX_VERSION

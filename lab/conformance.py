@@ -3,7 +3,8 @@
 Three parts, kept apart so the comparison is testable without a kernel:
 
 - ``desired_snapshot``: the node's latest desired state, read from the bus with the node's own
-  identity. It is the only place here that knows how desired state reaches a node.
+  identity (a HEAD, assembled from its sections as the agent does). It is the only place here
+  that knows how desired state reaches a node.
 - ``observe``: what the kernel holds, read INDEPENDENTLY of the agent's code, with the standard
   tools run inside the node's namespace (``ip -d -j addr``: ``ip -d -j link`` plus addresses;
   ``bridge -j fdb``, ``nft -j list ruleset``, ``sysctl net.ipv4.ip_forward``), and ``wg show
@@ -28,11 +29,14 @@ import time
 
 import msgspec
 
+from agent.assemble import Assembler, BadSection, complete
 from agent.nft import rules as nft_rules
+from client.api import ApiClient, ApiError
 from lab.netns import run
 from schemas import naming
 from schemas.codec import decode
 from schemas.desired import Snapshot
+from schemas.wire import Head
 
 FLOOD_MAC = "00:00:00:00:00:00"
 # what a desired device's kind may read as: wireguard-go's otwg0 is a tun device
@@ -472,36 +476,52 @@ def _short(value, limit: int = 160) -> str:
 
 
 async def desired_snapshot(lab, node: str, timeout: float = 10.0) -> Snapshot:
-    """The next desired snapshot the controller publishes for ``node`` (every heartbeat), read
-    with the node's own bus identity straight from nats-server (never through a fault proxy).
+    """The node's desired state as the controller publishes it: the next HEAD on its subject
+    (every heartbeat), assembled from its sections exactly as the agent does (``agent.assemble``,
+    fetching with ``section.get``), read with the node's own bus identity straight from
+    nats-server (never through a fault proxy).
 
-    The one place that knows how desired state reaches a node: when the wire protocol changes
-    (issue 10), only this function changes."""
+    The one place that knows how desired state reaches a node: when the wire protocol changes,
+    only this function changes."""
     try:
         nc = await lab.nats_client(node, connect_timeout=timeout, allow_reconnect=False)
     except Exception as e:  # nats-server down or restarting: nothing to compare against
         raise ConformanceError(f"cannot reach the bus as {node}: {e!r}") from None
     try:
-        received: asyncio.Future = asyncio.get_running_loop().create_future()
-
-        async def on_msg(msg) -> None:
-            if not received.done():
-                received.set_result(msg.data)
-
-        await nc.subscribe(naming.desired_subject(node), cb=on_msg)
-        try:
-            data = await asyncio.wait_for(received, timeout)
-        except TimeoutError:
-            raise ConformanceError(
-                f"no desired snapshot for {node} on {naming.desired_subject(node)} within {timeout}s"
-            ) from None
+        async with asyncio.timeout(timeout):
+            return await _assemble_next(nc, node)
+    except TimeoutError:
+        raise ConformanceError(
+            f"no desired snapshot for {node} on {naming.desired_subject(node)} within {timeout}s"
+        ) from None
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
-    try:
-        return decode(data, Snapshot)
-    except msgspec.MsgspecError as e:
-        raise ConformanceError(f"desired snapshot for {node} does not decode: {e}") from None
+
+
+async def _assemble_next(nc, node: str) -> Snapshot:
+    """HEADs until one assembles (a section that moved on while fetched waits for the next)."""
+    heads: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_msg(msg) -> None:
+        heads.put_nowait(msg.data)
+
+    await nc.subscribe(naming.desired_subject(node), cb=on_msg)
+    assembler, api = Assembler(node), ApiClient(nc, timeout=2.0)
+    while True:
+        data = await heads.get()
+        try:
+            head = decode(data, Head)
+        except msgspec.MsgspecError as e:
+            raise ConformanceError(f"desired HEAD for {node} does not decode: {e}") from None
+        try:
+            snap = await complete(assembler, head, api.section_get)
+        except (ApiError, BadSection) as e:
+            raise ConformanceError(
+                f"desired state for {node} version {head.version}: sections not complete: {e}"
+            ) from None
+        if snap is not None:
+            return snap
 
 
 async def observe(lab, node: str) -> KernelView:

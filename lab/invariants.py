@@ -9,7 +9,10 @@
   node started with); an ok ack carries the digest published with its version.
   ``wait_converged`` then bounds, in heartbeats, how long the nodes take to ack the latest
   version after faults stop; ``wait_acked_mac`` finds the moment a node acked the first version
-  that carried a NIC (by MAC), for "reachable within one heartbeat of its ack".
+  that carried a NIC (by MAC: the tap in the node section attached to the change's HEAD, or in
+  a node section a ``section.get`` reply carried, as the first HEAD version naming that
+  section), for "reachable within one heartbeat of its ack". The desired subject carries HEADs (``schemas.wire``): node, version
+  and digest are all History reads of them.
 - ``DeliveryOrder``: a delivery observer (``FaultProxy.observe_delivered``) counting snapshots
   that reached an agent after a newer one had (reordering really happened).
 - ``IntentLedger``: API writes the controller acknowledged; ``verify`` names any the controller's
@@ -36,22 +39,44 @@ import msgspec
 from schemas import naming
 from schemas.codec import decode
 from schemas.messages import Ack
+from schemas.wire import NODE_SECTION
 
 _DESIRED = naming.desired_subject("")  # "otherix.v1.desired." + node
 _ACK = naming.ack_subject("")
+_SECTION_GET = naming.api_subject("section.get", "")  # + node; the reply goes to its inbox
+_FETCHES_KEPT = 4096  # section.get requests awaiting their reply (unanswered ones age out)
 
 
-class _TapHead(msgspec.Struct, kw_only=True):
+class _ItemHead(msgspec.Struct, kw_only=True):
+    type: str = ""  # the item's tag (``schemas.wire``): "tap" for a tap
     mac: str = ""
 
 
+class _SectionHead(msgspec.Struct, kw_only=True):
+    name: str = ""
+    version: int = 0
+    upserts: tuple[_ItemHead, ...] = ()
+
+    def tap_macs(self) -> list[str]:
+        if self.name != NODE_SECTION:
+            return []
+        return [item.mac for item in self.upserts if item.type == "tap" and item.mac]
+
+
 class _Head(msgspec.Struct, kw_only=True):
-    """What History needs of a snapshot: decoding a large one skips the rest cheaply."""
+    """What History needs of a HEAD (``schemas.wire.Head``): the rest is skipped cheaply."""
 
     node: str = ""
     version: int
     digest: str = ""
-    taps: tuple[_TapHead, ...] = ()
+    refs: tuple[tuple[str, int, str], ...] = ()  # [section, version, digest]
+    sections: tuple[_SectionHead, ...] = ()  # attached once, in the HEAD of the change
+
+    def tap_macs(self) -> list[str]:
+        return [mac for section in self.sections for mac in section.tap_macs()]
+
+    def node_section(self) -> int | None:
+        return next((version for name, version, _ in self.refs if name == NODE_SECTION), None)
 
 
 @dataclass(frozen=True)
@@ -78,6 +103,9 @@ class History:
     first_with_mac: dict[tuple[str, str], int] = field(default_factory=dict)  # (node, MAC) → v
     _last_published: dict[str, int] = field(default_factory=dict)
     _applied: dict[str, int] = field(default_factory=dict)  # highest applied version acked
+    # (node, version of its node section) → the first HEAD version naming it
+    _named: dict[tuple[str, int], int] = field(default_factory=dict)
+    _fetches: dict[str, str] = field(default_factory=dict)  # reply inbox → node
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # --- recording ---------------------------------------------------------------------------
@@ -101,7 +129,9 @@ class History:
                 self.checks += 1
                 if head.node != node:
                     self._violate("subject", f"snapshot for node {head.node!r} on {subject}", event)
-            self.published(node, head.version, head.digest, [t.mac for t in head.taps])
+                if (section := head.node_section()) is not None:
+                    self._named.setdefault((node, section), head.version)
+            self.published(node, head.version, head.digest, head.tap_macs())
         elif subject.startswith(_ACK):
             node = subject[len(_ACK) :]
             try:
@@ -110,6 +140,30 @@ class History:
                 self._violate("decode", f"{node}: ack on {subject} does not decode: {e}", event)
                 return
             self.acked(node, ack)
+        elif subject.startswith(_SECTION_GET) and event.reply:
+            with self._lock:
+                self._fetches[event.reply] = subject[len(_SECTION_GET) :]
+                while len(self._fetches) > _FETCHES_KEPT:
+                    del self._fetches[next(iter(self._fetches))]
+        else:
+            self._fetched(event)
+
+    def _fetched(self, event) -> None:
+        """A section.get reply: a tap in a node section fetched rather than attached to a HEAD
+        (the change's HEAD lost with a controller killed before sending it, or too large)."""
+        with self._lock:
+            node = self._fetches.pop(event.subject, None)
+        if node is None:
+            return
+        try:
+            data = decode(_body(event.payload), _SectionHead)
+        except msgspec.MsgspecError:
+            return  # an error reply
+        if macs := data.tap_macs():
+            with self._lock:
+                version = self._named.get((node, data.version), data.version)
+                for mac in macs:
+                    self.first_with_mac.setdefault((node, mac), version)
 
     def published(self, node: str, version: int, digest: str, macs=()) -> None:
         with self._lock:

@@ -34,12 +34,14 @@ ENDPOINTS = (
     "node.remove",
     "node.rekey",
     "status",
+    "section.get",
 )
 # Endpoints that never change intent: a viewer may call these.
 READ_ENDPOINTS = ("network.list", "network.show", "nic.list", "node.list", "status")
 # Endpoints an agent calls about itself: the node is the subject's last token
 # (otherix.v1.api.node.register.<node>), so the bus, not the handler, decides who may call them.
-NODE_SCOPED_ENDPOINTS = ("node.register",)
+# section.get: an agent fetches one of its own desired-state sections (schemas.wire).
+NODE_SCOPED_ENDPOINTS = ("node.register", "section.get")
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -1,4 +1,4 @@
-"""The per-node desired-state snapshot the controller publishes on every heartbeat.
+"""The per-node desired-state snapshot: the complete state an agent validates and applies.
 
 Snapshots are frozen Structs with value equality, so "nothing changed" is ``==``. They are decoded
 without ``forbid_unknown_fields`` so that an older agent survives a newer controller during a
@@ -12,8 +12,10 @@ from schemas import Version
 # Snapshots have their own schema version (API requests keep schemas.SCHEMA_VERSION): 2 carries
 # each tap's address and port-security flag and the infrastructure prefixes, and no longer lets
 # the controller choose the VXLAN guard's interface. An agent refuses any other version, so a
-# mixed old/new cluster keeps its last good state instead of misapplying.
-SNAPSHOT_SCHEMA = 2
+# mixed old/new cluster keeps its last good state instead of misapplying. 3: the snapshot no
+# longer travels whole; a HEAD names versioned sections (``schemas.wire``) and the agent assembles
+# this Snapshot from them, as the input of its validation gate and appliers.
+SNAPSHOT_SCHEMA = 3
 
 
 class Bridge(msgspec.Struct, frozen=True, kw_only=True):

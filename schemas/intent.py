@@ -62,11 +62,28 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class NodeVersion(msgspec.Struct, frozen=True, kw_only=True):
-    """Last published desired version per node, persisted so versions grow across restarts."""
+    """A node's desired version and digest. Releases before snapshot schema 3 persisted one per
+    node (``version.<node>``); they are still read at start, so versions keep growing."""
 
     node: str
     version: Version
     digest: str
+    schema: int = SCHEMA_VERSION
+
+
+class Generation(msgspec.Struct, frozen=True, kw_only=True):
+    """The high-water mark of desired-state generations (``controller.versions``): no version
+    above it has been sent, and a restarted controller continues above it."""
+
+    reserved: Version
+    schema: int = SCHEMA_VERSION
+
+
+class NodeVersions(msgspec.Struct, frozen=True, kw_only=True):
+    """Each node's (version, digest), saved now and then in one entry (never per change): a
+    restarted controller keeps a node's version while its content is the same."""
+
+    nodes: dict[str, tuple[Version, str]] = {}
     schema: int = SCHEMA_VERSION
 
 

@@ -9,8 +9,8 @@ timing out. Data only; no I/O.
 
 import ipaddress
 
-# Raw bytes, checked before decoding: nats-server's default max_payload, so no legitimate
-# snapshot is larger (the controller refuses to publish one that is).
+# Raw bytes of one message (a HEAD or a section page), checked before decoding: nats-server's
+# default max_payload, so no legitimate message is larger (sections are paged below it).
 MAX_SNAPSHOT_BYTES = 1024 * 1024
 # Networks with a NIC on one node: each is one bridge (and one VXLAN or NAT subnet).
 MAX_BRIDGES = 1024
@@ -18,14 +18,15 @@ MAX_BRIDGES = 1024
 MAX_TAPS = 4096
 # Overlay networks on one node (one VXLAN each), at most one per bridge.
 MAX_VXLANS = MAX_BRIDGES
-# One VXLAN's FDB: every remote NIC of that network plus one flood entry per remote node.
-MAX_FDB_PER_VXLAN = 8192
+# One VXLAN's FDB: every remote NIC of that network plus one flood entry per remote node
+# (issue 10: a node hosting networks with 50,000 entries in total gets them all).
+MAX_FDB_PER_VXLAN = 65536
 # All FDB entries of a node: each one is a netlink write when it changes.
-MAX_FDB_TOTAL = 16384
+MAX_FDB_TOTAL = 65536
 # Masqueraded subnets: one per NAT network on the node, at most one per bridge.
 MAX_NAT_SUBNETS = MAX_BRIDGES
-# WireGuard peers: every other node of the mesh (the roadmap says thousands of nodes).
-MAX_PEERS = 4096
+# WireGuard peers: every other node of the mesh (issue 10 asks for 5,000 nodes).
+MAX_PEERS = 8192
 # The controller gives each peer its tunnel /32; a few more leave room, never a routing table.
 MAX_ALLOWED_IPS_PER_PEER = 16
 # The mesh prefix plus the underlay CIDRs of the controller's --underlay-cidr.

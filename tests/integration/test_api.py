@@ -12,12 +12,14 @@ import nats
 import pytest
 import pytest_asyncio
 
+from agent.assemble import Assembler, complete
 from client.api import ApiClient, ApiError
 from controller.store import BUCKET
 from schemas import SCHEMA_VERSION, naming
 from schemas.codec import decode
 from schemas.desired import Snapshot
 from schemas.intent import Intent
+from schemas.wire import Head
 from tests.conftest import start_controller
 
 pytestmark = pytest.mark.timeout(30)
@@ -426,18 +428,25 @@ async def test_subnet_exhaustion_and_reuse(api):
 
 
 async def first_snapshot(nc, node: str, timeout: float = 5.0) -> Snapshot:
-    """Wait for the node's next snapshot (the heartbeat repeats it, so a late subscription is fine)."""
+    """Wait for the node's next HEAD and assemble its state as an agent does (the heartbeat
+    repeats the HEAD, so a late subscription is fine)."""
     got: asyncio.Future = asyncio.get_running_loop().create_future()
+    assembler, api = Assembler(node), ApiClient(nc)
 
     async def on_msg(msg):
-        if not got.done():
-            got.set_result(decode(msg.data, Snapshot))
+        snap = await complete(assembler, decode(msg.data, Head), api.section_get)
+        if snap is not None and not got.done():
+            got.set_result(snap)
 
     sub = await nc.subscribe(naming.desired_subject(node), cb=on_msg)
     try:
         return await asyncio.wait_for(got, timeout)
     finally:
         await sub.unsubscribe()
+
+
+def content(snap: Snapshot) -> Snapshot:
+    return msgspec.structs.replace(snap, version=0, published_at=0.0)
 
 
 async def test_intent_and_versions_survive_restarts(nats_server):
@@ -470,14 +479,17 @@ async def test_intent_and_versions_survive_restarts(nats_server):
         assert [i.network.name for i in await api.network_list()] == ["br", "ov"]
         assert len(await api.nic_list()) == 3
         assert [s.node.tunnel_ip for s in await api.node_list()] == ["100.64.0.1", "100.64.0.2"]
-        # nothing changed: the same versions (and content) are published again
+        # nothing changed: the same versions (and content) are published again (the nodes'
+        # versions are saved in one entry at a clean stop and every few seconds)
         st = await api.status()
         assert {s.node.name: s.desired_version for s in st.nodes} == versions
         snap = await first_snapshot(n1, "n1")
         assert (snap.version, snap.digest) == (snap_before.version, snap_before.digest)
+        assert content(snap) == content(snap_before)
         assert snap.published_at > snap_before.published_at
 
-        # a change after the restart moves the version past everything published before
+        # a change after the restart moves the version past everything published before, for
+        # the nodes it affects only
         await api.nic_attach("br", "n1", "vm3")
         st = await api.status()
         after = {s.node.name: s.desired_version for s in st.nodes}

@@ -11,6 +11,7 @@ from schemas import MAX_VERSION, naming
 from schemas.codec import encode
 from schemas.intent import Network, NetworkType, Nic
 from schemas.messages import MAX_TEXT, Ack, Health, clip
+from schemas.wire import SectionData, SectionGet
 from tests.conftest import start_controller
 from tests.integration.test_heartbeat import Listener, wait_status
 
@@ -202,3 +203,36 @@ async def test_no_vm_network_on_a_nodes_own_address_even_without_underlay_cidrs(
         " which no VM network may use"
     )
     assert (await api.network_create("lan", "bridge", "198.51.101.0/24")).network.name == "lan"
+
+
+async def test_a_node_fetches_only_the_sections_its_own_state_needs(api, nats_server):
+    """section.get answers a node only about sections its HEAD names: never the FDB of a VNI it
+    does not host, never through another node's subject (the bus refuses), never for another
+    node named in the body. The same node's genuine fetch is answered."""
+    key_c = "QEFCQ0RFRkdISUpLTE1OT1BRUlNUVVZXWFlaW1xdXl8="
+    for i, (name, key) in enumerate([("n1", KEY_A), ("n2", KEY_B), ("n3", key_c)]):
+        await api.node_register(
+            name=name, underlay_ip=f"192.0.2.{i + 1}", wg_public_key=key, wg_listen_port=51820
+        )
+    ov1 = (await api.network_create("ov1", "overlay", "10.1.0.0/24")).network.vni
+    ov2 = (await api.network_create("ov2", "overlay", "10.2.0.0/24")).network.vni
+    await api.nic_attach("ov1", "n1", "vm1")
+    await api.nic_attach("ov2", "n2", "vm2")
+    await api.nic_attach("ov2", "n3", "vm3")
+    n1 = ApiClient(await nats_server.connect("n1"), timeout=1.0)
+
+    own = await n1.section_get(SectionGet(name="n1", section=f"vni.{ov1}"))
+    assert len(own.upserts) == 1 and own.name == f"vni.{ov1}"
+    with pytest.raises(ApiError) as refused:  # a VNI n1 does not host: its FDB stays unread
+        await n1.section_get(SectionGet(name="n1", section=f"vni.{ov2}"))
+    assert refused.value.code == 404 and f"vni.{ov2}" in refused.value.message
+    with pytest.raises(ApiError) as refused:  # n2's own section, asked for on n1's subject
+        await n1.call("section.get", SectionGet(name="n2", section="node"), SectionData,
+                      naming.node_api_subject("section.get", "n1"))  # fmt: skip
+    assert refused.value.code == 400
+    with pytest.raises(ApiError) as refused:  # on n2's subject: the bus lets it go nowhere
+        await n1.call("section.get", SectionGet(name="n2", section=f"vni.{ov2}"), SectionData,
+                      naming.node_api_subject("section.get", "n2"))  # fmt: skip
+    assert refused.value.code in (503, 504)
+    n2 = ApiClient(await nats_server.connect("n2"), timeout=1.0)  # n2 itself may
+    assert len((await n2.section_get(SectionGet(name="n2", section=f"vni.{ov2}"))).upserts) == 2

@@ -13,6 +13,7 @@ import subprocess
 import msgspec
 import pytest
 
+from agent.assemble import head_for
 from agent.kernel_events import KernelEvents
 from agent.links.applier import LinkApplier
 from agent.links.model import FdbAction, Observed
@@ -39,7 +40,7 @@ SNAP = msgspec.structs.replace(
     nat_subnets=("10.77.0.0/24",),
 )
 SNAP = msgspec.structs.replace(SNAP, digest=snapshot_digest(SNAP))
-RAW = encode(SNAP)
+RAW = encode(head_for(SNAP))  # the HEAD on the wire, its sections attached
 
 
 def sh(ns: str, *argv: str) -> str:

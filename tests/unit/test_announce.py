@@ -97,3 +97,18 @@ async def test_announcements_spread_over_a_heartbeat_even_when_the_change_came_a
     await asyncio.sleep(0.45)
     await announcer.close()
     assert len(times) == 4 and times[-1] - times[0] >= 0.25, times
+
+
+@pytest.mark.asyncio
+async def test_a_nic_that_went_stops_being_announced_at_once():
+    """Detached while its frames still go out, then its address given to a new NIC on another
+    node: the old MAC must not be announced after that, or it undoes the new announcement."""
+    sent = []
+    announcer = Announcer("n1", lambda bridge, frame: sent.append(frame))
+    announcer.update([], 0.2)  # heartbeats so far
+    announcer.update([A], 0.01)  # A's first frame goes at once, three more over 0.2 s
+    await asyncio.sleep(0.01)
+    announcer.update([], 0.01)  # A detached
+    await asyncio.sleep(0.3)
+    await announcer.close()
+    assert sent == [garp_frame(A.mac, A.ip)]

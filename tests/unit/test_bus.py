@@ -87,6 +87,7 @@ def test_authorization_is_the_permission_matrix():
                     f"otherix.v1.ack.{n}",
                     f"otherix.v1.health.{n}",
                     f"otherix.v1.api.node.register.{n}",
+                    f"otherix.v1.api.section.get.{n}",  # its own sections only
                 ],
                 "allow_responses": False,
                 "subscribe": [f"otherix.v1.desired.{n}", inbox[f"node {n}"]],

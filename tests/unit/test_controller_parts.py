@@ -11,78 +11,140 @@ from controller.api import Api
 from controller.compute import ClusterConfig
 from controller.publisher import Publisher
 from controller.tracker import Tracker
+from controller.versions import BLOCK
 from schemas import api, naming
 from schemas.codec import decode, encode
-from schemas.intent import Intent, NodeVersion
+from schemas.intent import Generation, Intent, NodeVersions
 from schemas.messages import Ack, Health, PeerHealth
+from schemas.wire import Head
 from tests.unit.factories import bridge_net, nic, node
 
 
 class MemoryStore:
-    """Records every write; the publisher's only store calls are put."""
+    """Records every write of the versions' mark (``marks``) and of the nodes' versions
+    (``saved``); the publisher's only store calls are put."""
 
     def __init__(self):
-        self.writes: list[NodeVersion] = []
+        self.writes: list[Generation] = []
+        self.saved: list[NodeVersions] = []
 
     async def put(self, obj):
-        self.writes.append(obj)
+        (self.saved if isinstance(obj, NodeVersions) else self.writes).append(obj)
+
+
+class Bus:
+    """What the publisher needs of a NATS client: max_payload and publish (recorded)."""
+
+    max_payload = 1024 * 1024
+
+    def __init__(self):
+        self.sent: list[tuple[str, Head]] = []
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        self.sent.append((subject, decode(data, Head)))
+
+    def take(self) -> dict[str, Head]:
+        out = {subject.rsplit(".", 1)[-1]: head for subject, head in self.sent}
+        self.sent.clear()
+        return out
 
 
 def publisher(it: Intent) -> tuple[Publisher, MemoryStore]:
     store = MemoryStore()
-    return Publisher(None, store, ClusterConfig(), it, asyncio.Lock(), clock=lambda: 1.0), store
+    pub = Publisher(Bus(), store, ClusterConfig(), it, asyncio.Lock(), clock=lambda: 1.0)
+    return pub, store
 
 
 def cluster() -> Intent:
     return Intent(networks={"lan": bridge_net()}, nodes={"n1": node("n1", False)})
 
 
-async def test_pending_version_is_computed_in_memory_and_persisted_once():
+async def test_pending_version_is_computed_in_memory_and_the_mark_written_once_per_block():
     it = cluster()
     pub, store = publisher(it)
     assert pub.desired("n1").version == 1 and store.writes == []
-    await pub._restamp()
-    assert [(v.node, v.version) for v in store.writes] == [("n1", 1)]
+    await pub.publish_all()
+    assert store.writes == [Generation(reserved=1 + BLOCK)]
+    assert pub.nc.take()["n1"].version == 1
 
     it.nics["a"] = nic(1, "lan", "n1")
-    pub.wake()
+    pub.wake(("nic", "a"))
     for _ in range(3):
         assert pub.desired("n1").version == 2
-    assert len(store.writes) == 1  # reads wrote nothing
-    await pub._restamp()
-    assert [v.version for v in store.writes] == [1, 2] and pub.versions["n1"].version == 2
+    await pub.publish_all()
+    sent = pub.nc.take()
+    assert sent["n1"].version == 2 and [s.name for s in sent["n1"].sections] == ["node"]
+    assert len(store.writes) == 1 and pub.versions["n1"].version == 2  # still in the block
 
 
-async def test_unchanged_content_is_not_written_again():
+async def test_unchanged_content_keeps_its_version():
     pub, store = publisher(cluster())
-    await pub._restamp()
+    await pub.publish_all()
     pub.wake()  # woken without a content change
-    await pub._restamp()
+    await pub.publish_all()
     assert len(store.writes) == 1 and pub.desired("n1").version == 1
 
 
-async def test_a_failed_write_leaves_the_change_pending():
+async def test_a_change_is_sent_only_to_the_nodes_it_affects_until_the_heartbeat():
+    it = cluster()
+    it.nodes["n2"] = node("n2", False)
+    pub, _ = publisher(it)
+    await pub.publish_all()  # the first heartbeat: everyone
+    assert set(pub.nc.take()) == {"n1", "n2"}
+    it.nics["a"] = nic(1, "lan", "n1")
+    pub.wake(("nic", "a"))
+    await pub.publish_all()
+    assert set(pub.nc.take()) == {"n1"}
+    pub._next_heartbeat = 0.0  # the heartbeat is due: every HEAD, refs only
+    await pub.publish_all()
+    sent = pub.nc.take()
+    assert set(sent) == {"n1", "n2"} and all(h.sections == () for h in sent.values())
+
+
+async def test_no_version_above_the_persisted_mark_is_ever_sent():
     pub, store = publisher(cluster())
 
     async def broken(obj):
         raise ConnectionError("store down")
 
     store.put = broken
-    try:
-        await pub._restamp()
-    except ConnectionError:
-        pass
-    assert pub._dirty and pub.desired("n1").version == 1 and pub.versions == {}
+    await pub.publish_all()
+    assert pub.nc.take() == {} and pub.desired("n1").version == 1
+    del store.put
+    await pub.publish_all()
+    assert pub.nc.take()["n1"].version == 1 and store.writes == [Generation(reserved=1 + BLOCK)]
 
 
-async def test_continuing_above_a_node_is_pending_until_restamped():
+async def test_continuing_above_a_node_moves_the_mark_only_past_the_block():
     pub, store = publisher(cluster())
-    await pub._restamp()
+    await pub.publish_all()
     pub.continue_above("n1", 500)
-    assert pub.desired("n1").version == 501 and len(store.writes) == 1
+    assert pub.desired("n1").version == 501
     pub.continue_above("n1", 3)  # behind us: nothing to do
-    await pub._restamp()
-    assert store.writes[-1].version == 501
+    await pub.publish_all()
+    assert pub.nc.take()["n1"].version == 501 and len(store.writes) == 1
+    pub.continue_above("n1", 5000)
+    await pub.publish_all()
+    assert pub.nc.take()["n1"].version == 5001
+    assert store.writes[-1] == Generation(reserved=5001 + BLOCK)
+
+
+async def test_a_restarted_publisher_keeps_the_versions_of_unchanged_nodes():
+    it = cluster()
+    it.nodes["n2"] = node("n2", False)
+    pub, store = publisher(it)
+    it.nics["a"] = nic(1, "lan", "n1")
+    pub.wake()
+    await pub.publish_all()
+    before = {n: pub.versions[n].version for n in ("n1", "n2")}
+    assert store.saved[-1].nodes == {n: (v.version, v.digest) for n, v in pub.versions.items()}
+    # a restart: same intent except n2 gained a NIC while the controller was down
+    it.nics["b"] = nic(2, "lan", "n2")
+    again, _ = publisher(it)
+    again.start_from(store.writes[-1].reserved, {}, store.saved[-1])
+    await again.publish_all()
+    assert again.versions["n1"].version == before["n1"]  # same content, same version
+    assert again.versions["n2"].version > store.writes[-1].reserved  # changed: above the mark
 
 
 def msg(subject: str, value) -> SimpleNamespace:
@@ -92,7 +154,7 @@ def msg(subject: str, value) -> SimpleNamespace:
 async def test_acks_count_only_a_registered_nodes_own():
     it = cluster()
     pub, _ = publisher(it)
-    await pub._restamp()  # version 1 is published to n1
+    await pub.publish_all()  # version 1 is published to n1
     tracker = Tracker()
     acks = Acks(it, tracker, pub, clock=lambda: 2.0)
     ok = Ack(node="n1", version=1, applied_version=1)
@@ -109,7 +171,7 @@ async def test_acks_count_only_a_registered_nodes_own():
 async def test_an_ack_of_a_version_never_published_is_refused_and_counted():
     it = cluster()
     pub, _ = publisher(it)
-    await pub._restamp()
+    await pub.publish_all()
     tracker = Tracker()
     acks = Acks(it, tracker, pub, clock=lambda: 2.0)
     forged = Ack(node="n1", version=2, applied_version=2, digest=pub.versions["n1"].digest)
@@ -125,7 +187,7 @@ async def test_a_node_that_cannot_be_computed_does_not_stop_the_others():
     it = cluster()
     it.nodes["n2"] = node("n2", False)
     pub, store = publisher(it)
-    await pub._restamp()
+    await pub.publish_all()
     good = dict(pub._encoded)
     # a damaged record: a VNI whose device name cannot exist, on a NIC of n1 only
     it.networks["bad"] = msgspec.structs.replace(bridge_net("bad"), type="overlay", vni=10**13)
@@ -133,28 +195,9 @@ async def test_a_node_that_cannot_be_computed_does_not_stop_the_others():
     it.nics["x"] = nic(1, "bad", "n1")
     it.nics["y"] = nic(2, "lan", "n2")
     pub.wake()
-    await pub._restamp()
-    assert pub._encoded["n1"] == good["n1"]  # n1 keeps its last good snapshot
+    await pub.publish_all()
+    assert pub._encoded["n1"] == good["n1"]  # n1 keeps its last good state
     assert pub._encoded["n2"] != good["n2"] and pub.desired("n2").version == 2
-
-
-async def test_a_failed_write_for_one_node_does_not_stop_the_others():
-    it = cluster()
-    it.nodes["n2"] = node("n2", False)
-    pub, store = publisher(it)
-    put = store.put
-
-    async def flaky(obj):
-        if obj.node == "n1":
-            raise ConnectionError("store down for n1")
-        await put(obj)
-
-    store.put = flaky
-    await pub._restamp()
-    assert set(pub._encoded) == {"n2"} and pub._dirty  # n1 is retried next heartbeat
-    store.put = put
-    await pub._restamp()
-    assert set(pub._encoded) == {"n1", "n2"}
 
 
 def test_endpoint_table_is_the_published_list():

@@ -3,13 +3,23 @@
 import asyncio
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 
+from agent.assemble import head_for
 from lab.invariants import DeliveryOrder, History, IntentLedger
 from schemas import naming
 from schemas.codec import encode
 from schemas.desired import Snapshot, Tap
 from schemas.messages import Ack
+from schemas.wire import SectionGet
+
+
+def head(snap: Snapshot, attached: bool = True) -> bytes:
+    """What the controller publishes: a HEAD, with the sections of its change attached or not
+    (a heartbeat)."""
+    h = head_for(snap)
+    return encode(h if attached else msgspec.structs.replace(h, sections=()))
 
 
 def ack(version, applied=None, digest=None, ok=True, node="n1"):
@@ -72,17 +82,17 @@ def test_an_ok_ack_with_another_digest_and_a_republished_version_with_another_ar
     assert [v.invariant for v in h.violations] == ["digest", "published"]
 
 
-def frame(subject, payload, direction="to_server", op="PUB"):
+def frame(subject, payload, direction="to_server", op="PUB", reply=None):
     return SimpleNamespace(identity="x", direction=direction, op=op, subject=subject,
-                           reply=None, payload=payload, fate="pass")  # fmt: skip
+                           reply=reply, payload=payload, fate="pass")  # fmt: skip
 
 
 def test_observe_reads_the_proxys_frames_and_ignores_the_rest():
     h = History()
     snap = Snapshot(node="n1", version=3, digest="d3")
 
-    h.observe(frame(naming.desired_subject("n1"), encode(snap)))
-    h.observe(frame(naming.desired_subject("n1"), encode(snap), direction="to_client", op="MSG"))
+    h.observe(frame(naming.desired_subject("n1"), head(snap)))
+    h.observe(frame(naming.desired_subject("n1"), head(snap), direction="to_client", op="MSG"))
     h.observe(frame(naming.health_subject("n1"), b"{}"))
     headers = b"NATS/1.0\r\nX: 1\r\n\r\n"
     h.observe(frame(naming.ack_subject("n1"), headers + encode(ack(3)), op="HPUB"))
@@ -162,7 +172,7 @@ def test_published_versions_never_go_down_and_a_snapshot_names_its_subjects_node
     h.assert_ok()
     h.published("n1", 4, "d4")
     assert [v.invariant for v in h.violations] == ["monotonic"]
-    h.observe(frame(naming.desired_subject("n2"), encode(Snapshot(node="n1", version=9))))
+    h.observe(frame(naming.desired_subject("n2"), head(Snapshot(node="n1", version=9))))
     assert [v.invariant for v in h.violations] == ["monotonic", "subject"]
 
 
@@ -170,9 +180,14 @@ async def test_wait_acked_mac_returns_the_first_ack_of_the_version_that_carried_
     h = History()
     tap = Tap(name="ot1", bridge="otb1", mtu=1390, mac="02:00:00:00:00:01", ip="10.0.0.5")
     h.acked("n1", ack(1, digest="d1"))  # before the NIC existed: never the answer
-    for v, taps in ((1, ()), (2, (tap,)), (3, (tap,))):
+    for v, taps, attached in (
+        (1, (), True),
+        (2, (tap,), True),
+        (2, (tap,), False),
+        (3, (tap,), True),
+    ):
         snap = Snapshot(node="n1", version=v, digest=f"d{v}", taps=taps)
-        h.observe(frame(naming.desired_subject("n1"), encode(snap)))
+        h.observe(frame(naming.desired_subject("n1"), head(snap, attached)))
     assert h.first_with_mac == {("n1", tap.mac): 2}
     h.acked("n1", ack(2, applied=1, ok=False))  # failed: not applied
 
@@ -187,12 +202,31 @@ async def test_wait_acked_mac_returns_the_first_ack_of_the_version_that_carried_
         await h.wait_acked_mac("n2", tap.mac, timeout=0.05)
 
 
+def test_a_nic_is_also_found_in_a_fetched_node_section():
+    """The change's HEAD never left (a controller killed before sending it): the tap reaches
+    the node through section.get; its version is the first HEAD naming that node section."""
+    h = History()
+    tap = Tap(name="ot1", bridge="otb1", mtu=1390, mac="02:00:00:00:00:01", ip="10.0.0.5")
+    whole = head_for(Snapshot(node="n1", version=4, digest="d4", taps=(tap,)))
+    node_section = next(s for s in whole.sections if s.name == "node")
+    bare = msgspec.structs.replace(whole, version=7, digest="d7", sections=())
+    h.observe(frame(naming.desired_subject("n1"), encode(bare)))
+    assert h.first_with_mac == {}
+    get = naming.node_api_subject("section.get", "n1")
+    h.observe(frame(get, encode(SectionGet(name="n1", section="node")), reply="_INBOX.k.1"))
+    h.observe(frame("_INBOX.k.2", encode(node_section)))  # not a reply to a section.get
+    assert h.first_with_mac == {}
+    h.observe(frame("_INBOX.k.1", encode(node_section)))
+    assert h.first_with_mac == {("n1", tap.mac): 7}
+    h.assert_ok()
+
+
 def test_delivery_order_counts_snapshots_delivered_after_a_newer_one():
     order = DeliveryOrder()
     for node, v in (("n1", 1), ("n1", 3), ("n2", 1), ("n1", 2), ("n1", 3), ("n1", 1)):
-        payload = encode(Snapshot(node=node, version=v))
+        payload = head(Snapshot(node=node, version=v), attached=False)
         order.observe(frame(naming.desired_subject(node), payload, "to_client", "MSG"))
-    order.observe(frame(naming.desired_subject("n1"), encode(Snapshot(node="n1", version=0))))
+    order.observe(frame(naming.desired_subject("n1"), head(Snapshot(node="n1", version=0))))
     assert order.delivered == {"n1": [1, 3, 2, 3, 1], "n2": [1]} and order.late == 2
 
 

@@ -12,6 +12,7 @@ import struct
 import msgspec
 import pytest
 
+from agent.assemble import head_for
 from agent.kernel_events import touches_ours
 from agent.links.applier import LinkApplier
 from agent.links.model import Link, Observed
@@ -29,7 +30,14 @@ from tests.unit.test_subsystems import AGENT_SNAP, BR, TAP, FakeNats, FakeNft
 pytestmark = pytest.mark.timeout(20)
 
 SNAP = msgspec.structs.replace(AGENT_SNAP, digest=snapshot_digest(AGENT_SNAP))
-RAW = encode(SNAP)
+
+
+def wire(snap) -> bytes:
+    """What ``otherix.v1.desired.<node>`` carries: a HEAD, here with its sections attached."""
+    return encode(head_for(snap))
+
+
+RAW = wire(SNAP)
 
 # --- the decision -------------------------------------------------------------------------------
 
@@ -65,6 +73,12 @@ def test_same_content_by_bytes_or_by_version_and_digest():
     ):
         assert not same_content(encode(changed), RAW, SNAP)
     assert not same_content(b"\xff not json", RAW, SNAP)
+    # a HEAD: the heartbeat's (no sections attached) has the content of the change's
+    head = head_for(SNAP)
+    heartbeat = encode(msgspec.structs.replace(head, sections=(), published_at=123.0))
+    assert heartbeat != encode(head) and same_content(heartbeat, encode(head), SNAP)
+    moved = msgspec.structs.replace(head, version=SNAP.version + 1, sections=())
+    assert not same_content(encode(moved), encode(head), SNAP)
     no_digest = msgspec.structs.replace(SNAP, digest="")
     assert not same_content(encode(msgspec.structs.replace(no_digest, published_at=1.0)),
                             encode(no_digest), no_digest)  # fmt: skip
@@ -235,10 +249,10 @@ async def test_new_content_on_a_quiet_kernel_is_planned_without_reading_it(tmp_p
     new = msgspec.structs.replace(SNAP, version=SNAP.version + 1, taps=(*SNAP.taps, tap2))
     new = msgspec.structs.replace(new, digest=snapshot_digest(new))
     observes, runs = kernel.observes, len(nft.runs)
-    ack = await agent.handle(encode(new))
+    ack = await agent.handle(wire(new))
     assert ack.ok and ack.changes > 0 and tap2.name in kernel.links
     assert kernel.observes == observes  # no dump: the kernel was as last read
-    assert (await agent.handle(encode(new))).changes == 0  # a full read checks the writes
+    assert (await agent.handle(wire(new))).changes == 0  # a full read checks the writes
     assert kernel.observes == observes + 1 and len(nft.runs) > runs
 
 
@@ -249,12 +263,12 @@ async def test_a_failed_heartbeat_is_retried_in_full(tmp_path):
                                      bridges=(Bridge(name=BR, mtu=1390), Bridge(name="otb2000", mtu=1390)))  # fmt: skip
     bigger = msgspec.structs.replace(bigger, digest=snapshot_digest(bigger))
     kernel.fail[("CreateBridge", "otb2000")] = 16  # EBUSY
-    assert not (await agent.handle(encode(bigger))).ok
+    assert not (await agent.handle(wire(bigger))).ok
     observes = kernel.observes
-    assert not (await agent.handle(encode(bigger))).ok
+    assert not (await agent.handle(wire(bigger))).ok
     assert kernel.observes == observes + 1  # not skipped: the same content failed before
     del kernel.fail[("CreateBridge", "otb2000")]
-    assert (await agent.handle(encode(bigger))).ok and "otb2000" in kernel.links
+    assert (await agent.handle(wire(bigger))).ok and "otb2000" in kernel.links
 
 
 # --- WireGuard: no notifications, one UAPI read compared as bytes -------------------------------
@@ -327,4 +341,25 @@ async def test_an_assembled_snapshot_is_compared_by_version_and_digest(tmp_path)
     observes = kernel.observes
     for _ in range(3):
         assert (await agent.apply_snapshot(msgspec.structs.replace(SNAP))).changes == 0
+    assert kernel.observes == observes and agent.counters["skipped"] == 3
+
+
+async def test_an_unchanged_heartbeats_head_is_neither_assembled_nor_validated(
+    tmp_path, monkeypatch
+):
+    """The heartbeat's HEAD (no sections attached, another timestamp) has the content last
+    reconciled: skipped on node, version and digest, before any assembly or validation."""
+    agent, kernel, _, _ = agent_on_fakes(tmp_path)
+    await converge(agent)
+    beat = encode(msgspec.structs.replace(head_for(SNAP), sections=(), published_at=9.0))
+    agent.assembler = None  # type: ignore[assignment]  # anything that assembles fails
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr("agent.runner.check_snapshot", no_validation)
+    observes = kernel.observes
+    for _ in range(3):
+        ack = await agent.handle(beat)
+        assert ack.ok and ack.version == SNAP.version and ack.digest == SNAP.digest
     assert kernel.observes == observes and agent.counters["skipped"] == 3

@@ -12,6 +12,7 @@ import logging
 import msgspec
 import pytest
 
+from agent.assemble import head_for
 from agent.errors import ApplyError
 from agent.links import model as m
 from agent.links.applier import LinkApplier
@@ -171,7 +172,7 @@ async def test_agent_acks_typed_errors_as_text_and_counts_only_devices_that_exis
     kernel, nft = FakeKernel(), FakeNft()
     kernel.fail[("CreateTap", TAP)] = errno.EBUSY
     agent = make_agent(tmp_path, kernel, nft)
-    ack = await agent.handle(encode(AGENT_SNAP))
+    ack = await agent.handle(encode(head_for(AGENT_SNAP)))
     assert not ack.ok and ack.applied_version == 0
     assert ack.error == (  # readable text, built from the typed errors at the edge
         f"version 5: CreateTap {TAP}: Device or resource busy; "
@@ -182,11 +183,11 @@ async def test_agent_acks_typed_errors_as_text_and_counts_only_devices_that_exis
     assert decode(agent.nc.published[-1][1], Ack) == ack
 
     del kernel.fail[("CreateTap", TAP)]
-    ack = await agent.handle(encode(AGENT_SNAP))
+    ack = await agent.handle(encode(head_for(AGENT_SNAP)))
     assert ack.ok and ack.error is None and ack.applied_version == 5 and ack.changes > 0
     assert (await agent.health()).devices == 3
     writes, runs = kernel.writes, len(nft.runs)
-    ack = await agent.handle(encode(AGENT_SNAP))  # the no-op heartbeat
+    ack = await agent.handle(encode(head_for(AGENT_SNAP)))  # the no-op heartbeat
     assert ack.ok and ack.changes == 0 and kernel.writes == writes
     assert [r for r in nft.runs[runs:] if r != "nft -j" and r != "sysctl -n"] == []
 
@@ -197,10 +198,10 @@ async def test_agent_logs_a_failure_once_then_in_sync_once(tmp_path, caplog):
     agent = make_agent(tmp_path, kernel, FakeNft())
     with caplog.at_level(logging.INFO, logger="agent"):
         for _ in range(3):
-            await agent.handle(encode(AGENT_SNAP))
+            await agent.handle(encode(head_for(AGENT_SNAP)))
         del kernel.fail[("CreateTap", TAP)]
         for _ in range(3):
-            await agent.handle(encode(AGENT_SNAP))
+            await agent.handle(encode(head_for(AGENT_SNAP)))
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [  # four kinds (the tap's create, then its master, learning, up), once
         f"node n1: CreateTap failed (temporary): CreateTap {TAP}: Device or resource busy; "
@@ -225,7 +226,7 @@ async def test_agent_without_the_mesh_refuses_a_wireguard_snapshot(tmp_path):
         wireguard=WireGuard(name="otwg0", address="100.64.0.1/24", listen_port=51820, mtu=1440),
     )
     agent = make_agent(tmp_path, FakeKernel(), FakeNft())
-    ack = await agent.handle(encode(snap))
+    ack = await agent.handle(encode(head_for(snap)))
     assert not ack.ok
     assert ack.error == (
         "version 1: mesh otwg0: snapshot asks for the WireGuard mesh but this agent runs without it"

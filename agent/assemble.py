@@ -1,0 +1,341 @@
+"""Pure: the agent's copy of its sections, and the ``Snapshot`` assembled from them.
+
+The controller's HEAD names the sections this node needs by version and digest
+(``schemas.wire``). ``Assembler.offer`` takes section content from anywhere (a delta attached to
+a HEAD, a fetch reply, a page of one) and keeps it only when it checks out: a delta applies only
+to the exact version it was made from, and every result must have the digest the controller
+announced, so a dropped, duplicated or reordered message is ignored, never half-applied.
+``missing`` says which sections to fetch; ``snapshot`` assembles only when every section is held
+at the HEAD's digest (never a mix of old and new), into the ``Snapshot`` the validation gate and
+the appliers have always taken.
+
+No I/O, no clock, no logging: ``complete`` fetches through the callable it is given
+(``agent.runner`` passes a ``section.get`` request).
+"""
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from schemas.codec import decode, encode
+from schemas.desired import Bridge, FdbEntry, Snapshot, Tap, Vxlan, WgPeer, WireGuard
+from schemas.wire import (
+    MESH_SECTION,
+    NODE_SECTION,
+    BridgeItem,
+    FdbItem,
+    Head,
+    Item,
+    NatItem,
+    PeerItem,
+    Ref,
+    SectionData,
+    SectionGet,
+    Settings,
+    TapItem,
+    VxlanItem,
+    WgItem,
+    add_hash,
+    digest_of,
+    item_hash,
+    item_key,
+    sub_hash,
+    vni_section,
+)
+
+FLOOD_MAC = "00:00:00:00:00:00"
+
+
+class BadSection(ValueError):
+    """Section content that cannot be decoded; the message names the section."""
+
+
+@dataclass
+class Held:
+    version: int = 0
+    total: int = 0
+    items: dict[str, Item] = field(default_factory=dict)
+    hashes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.total)
+
+
+@dataclass
+class _Pages:
+    version: int
+    digest: str
+    pages: int
+    got: dict[int, list[tuple[Item, int]]] = field(default_factory=dict)
+
+
+def _items(data: SectionData) -> list[tuple[Item, int]]:
+    out = []
+    for raw in data.upserts:
+        blob = bytes(raw)
+        try:
+            item = decode(blob, Item)
+        except msgspec.DecodeError as e:
+            raise BadSection(f"section {data.name} version {data.version}: {e}") from None
+        out.append((item, item_hash(blob)))
+    return out
+
+
+def _whole(version: int, items: Iterable[tuple[Item, int]]) -> Held:
+    held = Held(version=version)
+    for item, h in items:
+        key = item_key(item)
+        if key in held.hashes:
+            held.total = sub_hash(held.total, held.hashes[key])
+        held.items[key], held.hashes[key] = item, h
+        held.total = add_hash(held.total, h)
+    return held
+
+
+class Assembler:
+    def __init__(self, node: str):
+        self.node = node
+        self.held: dict[str, Held] = {}
+        self._pages: dict[str, _Pages] = {}
+
+    def offer(self, data: SectionData) -> bool:
+        """Keep ``data`` if it yields the announced digest from what is held; True if kept.
+        Raises ``BadSection`` for content that does not decode."""
+        held = self.held.get(data.name)
+        if held is not None and held.version == data.version and held.digest == data.digest:
+            return False  # a duplicate
+        if data.base:
+            return self._apply_delta(held, data)
+        if data.pages > 1:
+            return self._add_page(data)
+        fresh = _whole(data.version, _items(data))
+        if fresh.digest != data.digest:
+            return False
+        self.held[data.name] = fresh
+        return True
+
+    def _apply_delta(self, held: Held | None, data: SectionData) -> bool:
+        if held is None or held.version != data.base:
+            return False  # made from a version we do not hold: fetch instead
+        ups = {item_key(i): (i, h) for i, h in _items(data)}
+        total = held.total
+        for key in {*data.removals, *ups}:
+            if key in held.hashes:
+                total = sub_hash(total, held.hashes[key])
+        for _, h in ups.values():
+            total = add_hash(total, h)
+        if digest_of(total) != data.digest:
+            return False  # not what the controller has: fetch the whole section
+        for key in data.removals:
+            held.items.pop(key, None)
+            held.hashes.pop(key, None)
+        for key, (item, h) in ups.items():
+            held.items[key], held.hashes[key] = item, h
+        held.total, held.version = total, data.version
+        return True
+
+    def _add_page(self, data: SectionData) -> bool:
+        pending = self._pages.get(data.name)
+        if pending is None or (pending.version, pending.digest, pending.pages) != (
+            data.version,
+            data.digest,
+            data.pages,
+        ):
+            pending = self._pages[data.name] = _Pages(data.version, data.digest, data.pages)
+        if not 0 <= data.page < data.pages:
+            return False
+        pending.got[data.page] = _items(data)
+        if len(pending.got) < pending.pages:
+            return False
+        del self._pages[data.name]
+        fresh = _whole(data.version, (x for p in range(data.pages) for x in pending.got[p]))
+        if fresh.digest != data.digest:
+            return False
+        self.held[data.name] = fresh
+        return True
+
+    def next_page(self, name: str) -> tuple[int, int] | None:
+        """(version, page) still to fetch of a paged whole section, else None."""
+        pending = self._pages.get(name)
+        if pending is None:
+            return None
+        missing = [p for p in range(pending.pages) if p not in pending.got]
+        return (pending.version, missing[0]) if missing else None
+
+    def missing(self, head: Head) -> list[Ref]:
+        """The HEAD's sections not held at its digest. One held at the same digest under
+        another version (a restarted controller) is adopted as that version."""
+        out = []
+        for ref in head.refs:
+            held = self.held.get(ref.name)
+            if held is not None and held.digest == ref.digest:
+                held.version = ref.version
+            else:
+                out.append(ref)
+        return out
+
+    def holds(self, ref: Ref) -> bool:
+        held = self.held.get(ref.name)
+        return held is not None and held.digest == ref.digest
+
+    def have(self, name: str) -> int:
+        held = self.held.get(name)
+        return held.version if held else 0
+
+    def forget_unused(self, head: Head) -> None:
+        """Drop sections the HEAD no longer names (a VNI this node left)."""
+        wanted = {r.name for r in head.refs}
+        for name in [n for n in self.held if n not in wanted]:
+            del self.held[name]
+        for name in [n for n in self._pages if n not in wanted]:
+            del self._pages[name]
+
+    def snapshot(self, head: Head) -> Snapshot | None:
+        """The whole state at the HEAD, or None while any section is missing."""
+        if self.missing(head):
+            return None
+        return build(self.node, head, {r.name: self.held[r.name].items.values() for r in head.refs})
+
+
+Fetch = Callable[[SectionGet], Awaitable[SectionData]]
+MAX_REQUESTS = 1024  # per HEAD: a section changing faster than it can be paged waits a beat
+
+
+async def complete(assembler: Assembler, head: Head, fetch: Fetch) -> Snapshot | None:
+    """The whole state at ``head``: take what it carries, fetch what is still missing (a delta
+    from what is held, or every page of the whole section), and assemble. None when a section
+    moved on while fetching (a newer HEAD follows); a failed fetch raises from ``fetch``."""
+    for data in head.sections:
+        assembler.offer(data)
+    requests = 0
+    for ref in assembler.missing(head):
+        have = assembler.have(ref.name)
+        # from what is held; if that does not give the announced digest, the whole section
+        for start in (have, 0) if have else (0,):
+            asked: SectionGet | None = SectionGet(name=assembler.node, section=ref.name, have=start)
+            while asked is not None and requests < MAX_REQUESTS:
+                requests += 1
+                assembler.offer(await fetch(asked))
+                page = assembler.next_page(ref.name)
+                asked = None
+                if page is not None:
+                    asked = SectionGet(
+                        name=assembler.node, section=ref.name, version=page[0], page=page[1]
+                    )
+            if assembler.holds(ref):
+                break
+    snap = assembler.snapshot(head)
+    if snap is not None:
+        assembler.forget_unused(head)
+    return snap
+
+
+def build(node: str, head: Head, sections: dict[str, Iterable[Item]]) -> Snapshot:
+    """Pure assembly: the node's own section, plus its VNIs' FDB and the mesh without itself."""
+    own = list(sections.get(NODE_SECTION, ()))
+    settings = next((i for i in own if isinstance(i, Settings)), Settings())
+    wg = next((i for i in own if isinstance(i, WgItem)), None)
+    vxlans = []
+    for v in sorted((i for i in own if isinstance(i, VxlanItem)), key=lambda v: v.name):
+        fdb: set[FdbEntry] = set()
+        for entry in sections.get(vni_section(v.vni), ()):
+            if isinstance(entry, FdbItem) and entry.node != node:
+                fdb.add(FdbEntry(mac=FLOOD_MAC, dst=entry.dst))
+                fdb.add(FdbEntry(mac=entry.mac, dst=entry.dst))
+        vxlans.append(
+            Vxlan(
+                name=v.name,
+                vni=v.vni,
+                bridge=v.bridge,
+                local=v.local,
+                mtu=v.mtu,
+                port=v.port,
+                fdb=tuple(sorted(fdb)),
+            )
+        )
+    wireguard = None
+    if wg is not None:
+        peers = sorted(
+            _as(WgPeer, p)
+            for p in sections.get(MESH_SECTION, ())
+            if isinstance(p, PeerItem) and p.node != node
+        )
+        wireguard = WireGuard(
+            name=wg.name,
+            address=wg.address,
+            listen_port=wg.listen_port,
+            mtu=wg.mtu,
+            peers=tuple(peers),
+        )
+    return Snapshot(
+        node=node,
+        version=head.version,
+        underlay_mtu=settings.underlay_mtu,
+        bridges=tuple(
+            sorted((_as(Bridge, i) for i in own if isinstance(i, BridgeItem)), key=lambda b: b.name)
+        ),
+        taps=tuple(
+            sorted((_as(Tap, i) for i in own if isinstance(i, TapItem)), key=lambda t: t.name)
+        ),
+        nat_subnets=tuple(sorted(i.subnet for i in own if isinstance(i, NatItem))),
+        vxlans=tuple(vxlans),
+        wireguard=wireguard,
+        infrastructure=settings.infrastructure,
+        digest=head.digest,
+        published_at=head.published_at,
+    )
+
+
+def _as(type_, item):
+    """A wire item as the plain snapshot Struct it extends (equal values compare equal)."""
+    return type_(**msgspec.structs.asdict(item))
+
+
+def head_for(snap: Snapshot) -> Head:
+    """For tests and tools: a HEAD carrying, whole, sections that assemble into ``snap`` (the
+    inverse of ``build``; every FDB destination gets its flood entry, as the controller's do)."""
+    own: list[Item] = [
+        Settings(underlay_mtu=snap.underlay_mtu, infrastructure=snap.infrastructure),
+        *(_as(BridgeItem, b) for b in snap.bridges),
+        *(_as(TapItem, t) for t in snap.taps),
+        *(NatItem(subnet=s) for s in snap.nat_subnets),
+    ]
+    sections: dict[str, list[Item]] = {NODE_SECTION: own}
+    for v in snap.vxlans:
+        own.append(
+            VxlanItem(
+                name=v.name, vni=v.vni, bridge=v.bridge, local=v.local, mtu=v.mtu, port=v.port
+            )
+        )
+        sections[vni_section(v.vni)] = [
+            FdbItem(nic=f"{i:012x}", node=f"at {e.dst}", mac=e.mac, dst=e.dst)
+            for i, e in enumerate(v.fdb)
+        ]
+    if snap.wireguard is not None:
+        wg = snap.wireguard
+        own.append(WgItem(name=wg.name, address=wg.address, listen_port=wg.listen_port, mtu=wg.mtu))
+        sections[MESH_SECTION] = [_as(PeerItem, p) for p in wg.peers]
+    data = []
+    for name, items in sections.items():
+        blobs = [encode(i) for i in items]
+        total = 0
+        for blob in blobs:
+            total = add_hash(total, item_hash(blob))
+        data.append(
+            SectionData(
+                name=name,
+                version=snap.version,
+                digest=digest_of(total),
+                upserts=tuple(msgspec.Raw(b) for b in blobs),
+            )
+        )
+    return Head(
+        node=snap.node,
+        version=snap.version,
+        digest=snap.digest,
+        refs=tuple(Ref(d.name, d.version, d.digest) for d in data),
+        sections=tuple(data),
+        published_at=snap.published_at,
+    )
