@@ -93,7 +93,9 @@ class NetlinkThread:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except TimeoutError:
             future.cancel()
-            raise TimeoutError(f"netlink job did not finish within {timeout:g}s; cancelled") from None
+            raise TimeoutError(
+                f"netlink job did not finish within {timeout:g}s; cancelled"
+            ) from None
 
     async def _locked(self, job: Callable[[Sockets], Coroutine[Any, Any, T]]) -> T:
         assert self._lock is not None and self._sockets is not None
