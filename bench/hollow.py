@@ -9,17 +9,14 @@ addresses unique. Owns only that computation and those store writes; it never ru
 controller is up on the same bucket.
 """
 
-import asyncio
 import ipaddress
 import time
 import uuid
 
 import msgspec
 
-from controller.store import Store, entry_key
-from schemas.codec import encode
 from schemas.intent import Network, NetworkType, Nic, Node
-from tests.chaos.hollow import hollow_node
+from tests.chaos.hollow import hollow_node, write_records
 
 UNDERLAY_CIDR = "172.16.0.0/12"  # the hollow nodes' underlay; pass it as --underlay-cidr
 MESH_PREFIX = "100.64.0.0/16"  # the controller's default mesh prefix
@@ -98,16 +95,8 @@ def build(
     return HollowCluster(networks=tuple(networks), nodes=tuple(node_list), nics=tuple(nic_list))
 
 
-async def write(nc, cluster: HollowCluster, in_flight: int = 512) -> float:
-    """Write every record (``nc`` may write the bucket) before any controller runs, past the
-    controller's fenced ``Store`` (which writes only as the lease holder); return the seconds it
-    took. Puts run ``in_flight`` at a time: JetStream acks each one, and one at a time would take
-    minutes."""
+async def write(nc, cluster: HollowCluster) -> float:
+    """Write every record before any controller runs; return the seconds it took."""
     started = time.perf_counter()
-    kv = (await Store.open(nc.jetstream())).kv
-    records = [*cluster.networks, *cluster.nodes, *cluster.nics]
-    for at in range(0, len(records), in_flight):
-        await asyncio.gather(
-            *(kv.put(entry_key(r), encode(r)) for r in records[at : at + in_flight])
-        )
+    await write_records(nc, [*cluster.networks, *cluster.nodes, *cluster.nics])
     return time.perf_counter() - started

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab.netns import mark_ready
+from lab.relay import hostport
 from schemas.bus import tls_context
 from schemas.options import quiet_tls_close
 
@@ -604,14 +605,9 @@ async def control(path: Path, request: dict, timeout: float = 10.0) -> dict:
         writer.close()
 
 
-def _hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host or "127.0.0.1", int(port)
-
-
 async def serve(args: argparse.Namespace) -> None:
     proxy = FaultProxy(
-        _hostport(args.upstream), tls_dir=args.tls_dir, seed=args.seed, port=args.listen
+        hostport(args.upstream), tls_dir=args.tls_dir, seed=args.seed, port=args.listen
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -108,7 +108,8 @@ class Relay:
                 await asyncio.wait_for(s.wait_closed(), 2.0)
 
 
-def _hostport(value: str) -> tuple[str, int]:
+def hostport(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``:PORT`` for loopback) as a (host, port) pair."""
     host, _, port = value.rpartition(":")
     return host or "127.0.0.1", int(port)
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     targets, ports = args.target or ["127.0.0.1:4222"], args.listen_port or [4222]
     if len(targets) != len(ports):
         ap.error("give one --listen-port per --target")
-    pairs = [(_hostport(t), p) for t, p in zip(targets, ports, strict=True)]
+    pairs = [(hostport(t), p) for t, p in zip(targets, ports, strict=True)]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s")
     try:
         asyncio.run(serve(pairs, args.namespaces, args.ready_file))

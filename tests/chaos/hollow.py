@@ -8,6 +8,7 @@ the real nodes that share their overlay. Owns only those store writes; the contr
 stopped while they happen and is started again by the caller.
 """
 
+import asyncio
 import base64
 import ipaddress
 import time
@@ -59,10 +60,17 @@ def hollow_nics(
     ]
 
 
+async def write_records(nc, records, in_flight: int = 512) -> None:
+    """Write ``records`` to the intent bucket (``nc`` may write it) while no controller runs,
+    past the controller's fenced ``Store``, which writes only as the lease holder. Puts run
+    ``in_flight`` at a time: JetStream acks each one, and one at a time takes minutes."""
+    kv = (await Store.open(nc.jetstream())).kv
+    for at in range(0, len(records), in_flight):
+        await asyncio.gather(
+            *(kv.put(entry_key(r), encode(r)) for r in records[at : at + in_flight])
+        )
+
+
 async def write_intent(nc, node: Node, nics: list[Nic]) -> None:
-    """Write ``node`` and ``nics`` to the store (``nc`` connected as the controller), past the
-    controller's fenced ``Store``: no controller runs, so none holds the lease."""
-    store = await Store.open(nc.jetstream())
-    await store.kv.put(entry_key(node), encode(node))
-    for nic in nics:
-        await store.kv.put(entry_key(nic), encode(nic))
+    """A hollow node and its NICs, written as a restarted controller finds them."""
+    await write_records(nc, [node, *nics])
