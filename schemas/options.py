@@ -11,7 +11,7 @@ import sys
 
 import msgspec
 
-from schemas import bus
+from schemas import bus, probes
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -61,6 +61,23 @@ def connect_kwargs(args: argparse.Namespace, name: str) -> dict:
     """``nats.connect`` keywords for the identity the flags name; BusConfigError names a bad
     file before any connection is tried."""
     return bus.connect_kwargs(args.nats_creds, args.nats_ca, name=name)
+
+
+def metrics_address(value: str) -> tuple[str, int] | None:
+    """``--metrics-address``: HOST:PORT, or "" for none."""
+    if not value:
+        return None
+    try:
+        return probes.listen_address(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_metrics(p: argparse.ArgumentParser, default: str = "") -> None:
+    """Where Prometheus metrics, /healthz and /readyz are served (``schemas.probes``)."""
+    option(p, "--metrics-address", "OTHERIX_METRICS_ADDRESS", default,
+           "HOST:PORT serving /metrics, /healthz and /readyz; empty: none",
+           type=metrics_address)  # fmt: skip
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
