@@ -18,6 +18,7 @@ from agent.announce import Announcer
 from agent.kernel_events import KernelEvents
 from agent.links.applier import LinkApplier
 from agent.links.netlink import NetlinkLinks
+from agent.metrics import AgentMetrics, CountingBus, CountingLinks
 from agent.netlink_thread import NetlinkThread
 from agent.nft.applier import NftApplier
 from agent.runner import Agent, AgentConfig
@@ -26,7 +27,8 @@ from agent.wireguard.applier import WireGuardApplier
 from agent.wireguard.keys import InvalidKey, load_or_create_private_key
 from schemas import naming
 from schemas.bus import BusConfigError, Reconnect
-from schemas.options import add_common, connect_kwargs, env, option, setup_logging
+from schemas.options import add_common, add_metrics, connect_kwargs, env, option, setup_logging
+from schemas.probes import ProbeServer
 
 log = logging.getLogger("agent")
 
@@ -84,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "seconds between health reports",
         type=float,
     )
+    add_metrics(p)  # off by default: compose turns it on
     args = p.parse_args(argv)
     if not naming.valid_id(args.node):
         p.error(f"--node {args.node!r}: use 1-63 lowercase letters, digits and '-'")
@@ -114,7 +117,38 @@ async def run(args: argparse.Namespace) -> None:
     secure_state_dir(args.state_dir)  # it holds the node's private key
     netlink = NetlinkThread()  # the one rtnetlink socket: links, FDB and otwg0's link
     netlink.start()
-    links = LinkApplier(NetlinkLinks(netlink, node=args.node))
+    metrics = AgentMetrics()  # counted always (it costs next to nothing), served on request
+    try:
+        probes = await serve_probes(args.metrics_address, metrics, netlink)
+    except OSError as e:
+        netlink.stop()
+        host, port = args.metrics_address
+        sys.exit(f"otherix-agent: cannot serve metrics on {host}:{port} (--metrics-address): {e}")
+    try:
+        await serve(args, netlink, metrics)
+    finally:
+        if probes is not None:
+            await probes.stop()
+
+
+async def serve_probes(
+    address: tuple[str, int] | None, metrics: AgentMetrics, netlink: NetlinkThread
+) -> ProbeServer | None:
+    """/metrics, /healthz (the event loop answers and the netlink thread runs) and /readyz."""
+    if address is None:
+        return None
+    probes = ProbeServer(
+        metrics.registry,
+        live=lambda: None if netlink.alive else "netlink thread not running",
+        ready=metrics.ready,
+        refresh=metrics.refresh,
+    )
+    await probes.start(*address)
+    return probes
+
+
+async def serve(args: argparse.Namespace, netlink: NetlinkThread, metrics: AgentMetrics) -> None:
+    links = LinkApplier(CountingLinks(NetlinkLinks(netlink, node=args.node), metrics))
     try:
         wireguard = make_wireguard(args, links)
     except InvalidKey as e:
@@ -153,8 +187,10 @@ async def run(args: argparse.Namespace) -> None:
     nft = NftApplier(node=args.node)
     events = KernelEvents.try_open()  # drift seen without reading the kernel every heartbeat
     agent = Agent(
-        nc, config, links, nft, wireguard, Announcer(args.node, state_dir=config.state_dir), events
-    )
+        CountingBus(nc, args.node, metrics), config, links, nft, wireguard,
+        Announcer(args.node, state_dir=config.state_dir), events,
+    )  # fmt: skip
+    metrics.watch(agent)
     await agent.start()
     await stop.wait()
     log.info("agent %s: stopping; the data plane stays as it is", args.node)

@@ -80,6 +80,11 @@ class NetlinkThread:
             self._loop = self._thread = None
         log.info("netlink thread stopped")
 
+    @property
+    def alive(self) -> bool:
+        """The thread runs its loop (liveness, ``/healthz``)."""
+        return self._thread is not None and self._thread.is_alive()
+
     async def run(
         self, job: Callable[[Sockets], Coroutine[Any, Any, T]], timeout: float = JOB_TIMEOUT
     ) -> T:

@@ -33,6 +33,7 @@ from agent.links.applier import LinkApplier
 from agent.links.model import AddPortFdb, DelPortFdb, FdbAction, LinkPlan, Observed
 from agent.links.plan import advance
 from agent.logs import FailureLog, NodeLog
+from agent.metrics import NO_METRICS
 from agent.nft.applier import NftApplier
 from agent.state import AppliedState, load_applied, save_applied
 from agent.steady import FULL, QUIET, SKIP, decide, same_snapshot
@@ -60,6 +61,8 @@ class AgentConfig:
 
 
 class Agent:
+    metrics = NO_METRICS  # agent.metrics.AgentMetrics.watch sets the real one
+
     def __init__(
         self,
         nc: Client,
@@ -244,6 +247,7 @@ class Agent:
 
     async def _refuse(self, e: Rejected) -> Ack:
         self.counters["rejected"] += 1
+        self.metrics.refused(e)
         self.last_error = str(e)
         log.warning("agent %s: snapshot refused: %s", self.config.node, e)
         ack = Ack(
@@ -262,6 +266,7 @@ class Agent:
         fetched (a newer HEAD is on its way; the data plane is left as it is). A HEAD with the
         content last reconciled (an unchanged heartbeat's HEAD is the same bytes) is neither
         decoded nor assembled nor validated again."""
+        self.metrics.head_started()
         last_raw, last = self._last or (None, None)
         if self.events is not None and last is not None and same_content(raw, last_raw, last):
             return await self.apply_snapshot(last, raw, same=True)
@@ -273,6 +278,7 @@ class Agent:
             snap = await complete(self.assembler, head, self._fetch)
         except (ApiError, BadSection) as e:  # the data plane keeps its state; next HEAD retries
             self.counters["apply_errors"] += 1
+            self.metrics.head_done("incomplete")
             self.last_error = f"version {head.version}: sections not complete: {e}"
             log.warning("agent %s: %s", self.config.node, self.last_error)
             ack = Ack(
@@ -286,6 +292,7 @@ class Agent:
             await self._ack(ack)
             return ack
         if snap is None:
+            self.metrics.head_done("incomplete")
             log.debug(
                 "agent %s: version %d moved on while fetching", self.config.node, head.version
             )
@@ -323,6 +330,7 @@ class Agent:
         self._clean = not errors and (not changes or (mode != SKIP and self._advance()))
         self._last = None if errors else (raw, snap)
         elapsed = (time.perf_counter() - started) * 1000
+        self.metrics.reconciled(snap, self.applied, changes, errors)
         self.failures.record(errors)  # the first failure of a kind, then "in sync again"
         if errors:
             self.counters["apply_errors"] += 1
@@ -479,6 +487,7 @@ class Agent:
             backend, key = self.wireguard.backend_name, self.wireguard.public_key
             try:
                 peers = tuple(await self.wireguard.peers())
+                self.metrics.peers_read(peers)
             except Exception as e:
                 log.debug("agent %s: no WireGuard peers to report: %s", self.config.node, e)
             tunnel = self.tunnel_address

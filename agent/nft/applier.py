@@ -51,6 +51,7 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
         self.log = NodeLog(logging.getLogger(__name__), node)
         self.drops: dict[str, int] = {}  # packets per drop reason, as last observed
         self.drops_at = 0.0  # time.monotonic() of that observation
+        self.rule_count = 0  # rules in our tables as last applied (agent.metrics reads it)
 
     def desired(self, snapshot: Snapshot) -> NftDesired:
         # the guard is the agent's own choice: VXLAN only through the mesh (otwg0)
@@ -94,6 +95,7 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
             reached = NftObserved(
                 exists=plan.digest is not None, digest=plan.digest, rule_count=plan.rule_count
             )
+            self.rule_count = reached.rule_count
             return ApplyResult(writes, reached, tuple(errors))
         if plan.digest is None:
             self.log.info("nft: deleting tables %s %s", " and ".join(FAMILIES), TABLE)
@@ -116,6 +118,7 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
                 forwarding=forwarding,
                 counters=plan.before.counters if plan.before and plan.digest else {},
             )
+        self.rule_count = reached.rule_count
         return ApplyResult(writes, reached, tuple(errors))
 
     async def load(self, batch: str) -> None:
