@@ -1,4 +1,9 @@
-"""A running lab cluster: nats-server (JetStream), the controller, one agent per node namespace.
+"""A running lab cluster: nats-server (JetStream), the controller(s), one agent per node namespace.
+
+With ``controllers=N`` (1-3) N controller processes share the intent bucket: ``controller``,
+``controller-2``, ``controller-3`` (pid and log files by those names, ``--instance
+<prefix>-<name>``); one leads through the lease, the others follow. ``leader``,
+``kill_controller`` and ``start_controller`` address the leader or one controller by name.
 
 With ``nats_servers=3`` the bus is a cluster of three servers on loopback ports (each its own
 store, routes by mutual TLS and the route password ``otherix-bus init --server`` renders), the
@@ -50,7 +55,9 @@ from schemas.bus import CA_ENV, CREDS_ENV
 
 NODE_NATS_PORT = 4222  # what agents dial inside their namespace; the relay carries it home
 _RELOADED = "Reloaded server configuration"  # nats-server's log line once a reload is in force
+_SERVING = b"controller: serving on"  # a controller's log line once it leads or follows
 WIREGUARD_RUN = Path("/run/wireguard")
+MAX_CONTROLLERS = 3  # one leader and two followers: more only adds lease polling on the bus
 
 
 class LabState(msgspec.Struct, kw_only=True):
@@ -72,6 +79,7 @@ class LabState(msgspec.Struct, kw_only=True):
     nats_ports: list[int] = []
     route_ports: list[int] = []
     monitor_ports: list[int] = []  # each server's HTTP monitoring, on loopback (/connz)
+    controllers: int = 1  # controller processes (failover: one leads, the others follow)
 
 
 def free_port() -> int:
@@ -102,7 +110,10 @@ class Lab:
         fault_seed: int = 0,
         fault_process: bool = False,
         nats_servers: int = 1,
+        controllers: int = 1,
     ):
+        if not 1 <= controllers <= MAX_CONTROLLERS:
+            raise LabError(f"controllers={controllers}: 1 to {MAX_CONTROLLERS} controllers")
         if nats_servers not in (1, 3, 5):
             raise LabError(f"nats_servers={nats_servers}: one server or a cluster of 3 or 5")
         if nats_servers > 1 and faults:
@@ -121,6 +132,7 @@ class Lab:
             fault_process=fault_process,
             fault_seed=fault_seed,
             nats_servers=nats_servers,
+            controllers=controllers,
         )
         if nats_servers > 1:
             ports = [self.state.nats_port] + [free_port() for _ in range(nats_servers - 1)]
@@ -262,7 +274,7 @@ class Lab:
                 await (
                     self.start_fault_process() if self.state.fault_process else self.start_faults()
                 )
-            await self.start_controller()
+            await self.start_controllers()
             for i in range(1, nodes + 1):
                 await self.add_node(f"n{i}")
             await self.wait_converged()
@@ -466,23 +478,106 @@ class Lab:
         except OSError as e:
             raise LabError(f"chaos proxy not answering on {self.fault_control}: {e}") from None
 
+    # --- controllers: one leads (the lease), the others follow ----------------------------------
+
+    @staticmethod
+    def controller_name(index: int) -> str:
+        """Controller ``index`` (1-based): its pid and log file name (``controller`` for the
+        first, as in a one-controller lab)."""
+        return "controller" if index == 1 else f"controller-{index}"
+
+    @property
+    def controller_names(self) -> list[str]:
+        return [self.controller_name(i) for i in range(1, self.state.controllers + 1)]
+
+    def controller_instance(self, name: str) -> str:
+        """What ``status`` calls controller ``name`` (its ``--instance``, unique per lab)."""
+        return f"{self.prefix}-{name}"
+
+    def controller_pid(self, name: str = "controller") -> int | None:
+        pid = read_pidfile(self.state_dir / f"{name}.pid")
+        return pid if pid is not None and alive(pid) else None
+
+    async def start_controllers(self) -> None:
+        """The lab's controllers: the first until it leads, then the others until they serve as
+        followers (so which one leads after ``up`` is known: ``controller``)."""
+        first, *others = self.controller_names
+        await self.start_controller(name=first)
+        for name in others:
+            await self.start_controller(name=name)
+
     async def start_controller(self, wait: bool = True, name: str = "controller") -> None:
-        """A controller process; another ``name`` (``controller-2``) starts one more, which
-        follows until the leader goes (controller failover)."""
+        """Controller ``name`` (``controller``, ``controller-2``, …; any other name starts one
+        more). ``wait``: until it serves (leading or following) and some controller leads.
+
+        Every controller connects as the bus's one ``controller`` identity: the roster has one
+        controller key and the permission matrix one controller role (client.bus.permissions),
+        and a leader lease, not the bus, decides which one publishes and writes (fenced,
+        revision-checked writes). A key per controller would not narrow what a follower may do."""
         urls = ",".join(self.nats_urls) if self.cluster else f"nats://{self.bus_target}"
         argv = python_module(
             "controller.main", "--nats", urls, "--heartbeat", str(self.state.heartbeat),
             "--replicas", str(min(self.state.nats_servers, 3)),
-            "--instance", f"{self.prefix}-{name}",  # found by name if its pid file is lost
+            "--instance", self.controller_instance(name),  # found by name if its pid file is lost
             "--underlay-mtu", str(self.state.underlay_mtu), *self.bus_args("controller"),
             "--underlay-cidr", UNDERLAY_CIDRS,
         )  # fmt: skip
-        await spawn(argv, state_dir=self.state_dir, name=name)
+        log_file = self.state_dir / f"{name}.log"
+        logged = log_file.stat().st_size if log_file.exists() else 0  # the log is appended to
+        proc = await spawn(argv, state_dir=self.state_dir, name=name)
         if wait:
+            await self._wait_serving(name, proc, log_file, logged)
             await self.wait_api()
 
-    async def stop_controller(self, name: str = "controller") -> None:
-        await stop_pidfile(self.state_dir / f"{name}.pid")
+    async def _wait_serving(
+        self, name: str, proc, log_file: Path, offset: int, timeout: float = 30.0
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(log_file, "rb") as f:  # noqa: ASYNC230 - a local file, a few KB
+                f.seek(offset)
+                if _SERVING in f.read():
+                    return
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise LabError(f"{name} did not start serving within {timeout}s; see {log_file}")
+            await asyncio.sleep(0.05)
+
+    async def stop_controller(self, name: str | None = None) -> None:
+        """SIGTERM controller ``name``, or every controller of the lab (``None``)."""
+        for each in self.controller_names if name is None else [name]:
+            await stop_pidfile(self.state_dir / f"{each}.pid")
+
+    async def leader(self, timeout: float = 20.0) -> str:
+        """The name (``controller``, ``controller-2``, …) of the controller that leads."""
+        status = await self.wait_api(timeout)
+        for name in self.controller_names:
+            if self.controller_instance(name) == status.leader:
+                return name
+        return status.leader.removeprefix(f"{self.prefix}-")  # one started under another name
+
+    async def kill_controller(self, name: str | None = None) -> str:
+        """SIGKILL controller ``name``, or the leader (``None``): no clean shutdown, no lease
+        release, like a crash. Returns the name killed."""
+        name = name or await self.leader()
+        pid = self.controller_pid(name)
+        if pid is None:
+            raise LabError(f"{name} is not running")
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if not alive(pid):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise LabError(f"{name} (pid {pid}) survived SIGKILL")
+        (self.state_dir / f"{name}.pid").unlink(missing_ok=True)
+        return name
+
+    def processes(self) -> dict[str, int | None]:
+        """The lab's long-running processes (pid/log file name → pid, None when not running)."""
+        names = [*self._nats_processes(), *(["natsfault"] if self.state.fault_process else [])]
+        names += self.controller_names + [f"agent-{n}" for n in self.state.nodes]
+        pids = {name: read_pidfile(self.state_dir / f"{name}.pid") for name in names}
+        return {name: pid if pid is not None and alive(pid) else None for name, pid in pids.items()}
 
     async def wait_api(self, timeout: float = 20.0) -> api.Status:
         client = await self.connect()
@@ -495,8 +590,9 @@ class Lab:
             except ApiError:
                 pass
             if time.monotonic() > deadline:
+                logs = ", ".join(f"{n}.log" for n in self.controller_names)
                 raise LabError(
-                    f"no controller answered as leader within {timeout}s; see {self.state_dir}/controller.log"
+                    f"no controller answered as leader within {timeout}s; see {logs} in {self.state_dir}"
                 ) from None
             await asyncio.sleep(0.1)
 

@@ -1,6 +1,8 @@
 """``otherix-lab``: a whole Otherix cluster on this machine (root needed), and the demo.
 
 otherix-lab up --nodes 3        # nats-server + controller + 3 agents in namespaces
+otherix-lab up --controllers 2  # two controllers: one leads, the other takes over if it dies
+otherix-lab status              # the lab's processes, which controller leads, convergence
 otherix-lab vm add web --network lan --node n1
 otherix-lab vm rm web
 otherix-lab down                # removes everything, also after a crash
@@ -17,8 +19,10 @@ import os
 import sys
 import time
 
+import nats
+
 from client.api import ApiError
-from lab.cluster import Lab
+from lab.cluster import MAX_CONTROLLERS, Lab
 from lab.netns import LabError, check_prefix
 from lab.topology import OUTSIDE_IP, cleanup_prefix, default_state_dir
 from schemas.options import quiet_tls_close
@@ -43,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-mesh", action="store_true", help="agents without the WireGuard mesh")
     up.add_argument("--nats-servers", type=int, default=1, choices=(1, 3),
                     help="3: a NATS cluster, intent replicated on every server")  # fmt: skip
+    up.add_argument("--controllers", type=int, default=1, choices=range(1, MAX_CONTROLLERS + 1),
+                    metavar=f"{{1..{MAX_CONTROLLERS}}}",
+                    help="controller processes: one leads (a lease), the others follow")  # fmt: skip
     up.add_argument(
         "--chaos",
         action="store_true",
@@ -50,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--seed", type=int, default=0, help="the fault proxy's seed (with --chaos)")
     sub.add_parser("down", help="stop and remove everything the lab created")
+    sub.add_parser("status", help="the lab's processes, the leading controller, convergence")
     vm = sub.add_parser("vm", help="VMs (namespaces wired to their taps)").add_subparsers(
         dest="vm_cmd", required=True
     )
@@ -144,10 +152,15 @@ async def cmd_up(args: argparse.Namespace) -> int:
         fault_seed=args.seed,
         fault_process=args.chaos,
         nats_servers=args.nats_servers,
+        controllers=args.controllers,
     )
     started = time.monotonic()
     await lab.up(args.nodes)
     say(f"lab {args.prefix}: {args.nodes} node(s) converged in {time.monotonic() - started:.1f}s")
+    leader = await lab.leader()
+    followers = [n for n in lab.controller_names if n != leader]
+    say(f"  leading controller: {lab.controller_instance(leader)} ({leader}.log)"
+        + (f"; following: {', '.join(map(lab.controller_instance, followers))}" if followers else ""))  # fmt: skip
     for var, value in lab.bus_env("admin").items():
         say(f"  export {var}={value}")
     say(f"  logs and state: {lab.state_dir}")
@@ -156,6 +169,37 @@ async def cmd_up(args: argparse.Namespace) -> int:
     say(f"  outside host: {OUTSIDE_IP} (netns {lab.topology.outside})")
     await lab.close()
     return 0
+
+
+async def _status(lab: Lab):
+    return await (await lab.connect()).status()
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    """What runs, who leads and whether the nodes converged; 1 when something is down."""
+    lab = Lab.load(args.prefix)
+    try:
+        try:
+            status = await asyncio.wait_for(_status(lab), 5.0)
+        except (ApiError, TimeoutError, OSError, nats.errors.Error) as e:
+            status = None
+            say(f"lab {args.prefix}: no controller answers ({e or 'timeout'})")
+        leading = status.leader if status is not None else None
+        processes = lab.processes()
+        for name, pid in processes.items():
+            role = ""
+            if name in lab.controller_names and pid is not None:
+                role = "  leading" if lab.controller_instance(name) == leading else "  following"
+            state = "down" if pid is None else f"pid {pid}"
+            say(f"  {name:<16} {state}{role}")
+        if status is not None:
+            converged = "all converged" if status.converged else "not converged"
+            say(
+                f"  {len(status.nodes)} node(s), {converged}; leading controller: {status.leader or 'none'}"
+            )
+    finally:
+        await lab.close()
+    return 0 if status is not None and all(processes.values()) else 1
 
 
 async def cmd_vm(args: argparse.Namespace) -> int:
@@ -279,6 +323,8 @@ async def run(args: argparse.Namespace) -> int:
             Lab(args.prefix).forget()
             say(f"lab {args.prefix}: down")
             return 0
+        case "status":
+            return await cmd_status(args)
         case "vm":
             return await cmd_vm(args)
         case "chaos":
