@@ -28,10 +28,16 @@ T = TypeVar("T", Ack, Health)
 
 class Acks:
     def __init__(
-        self, intent: Intent, tracker: Tracker, publisher: Publisher, clock: Callable[[], float]
+        self,
+        intent: Intent,
+        tracker: Tracker,
+        publisher: Publisher,
+        clock: Callable[[], float],
+        refused: Counter[str] | None = None,
     ):
         self.intent, self.tracker, self.publisher, self.clock = intent, tracker, publisher, clock
-        self.refused: Counter[str] = Counter()  # reason → reports refused (shown by status)
+        # reason → reports refused (status shows it; controller.metrics exposes it)
+        self.refused: Counter[str] = Counter() if refused is None else refused
 
     async def subscribe(self, nc: Client) -> list[Any]:
         # bounded queues: a flood of (duplicated) reports drops the excess as slow-consumer

@@ -27,6 +27,7 @@ from nats.micro.service import Service
 
 from controller import ops, paging
 from controller.compute import ClusterConfig, network_bridge, network_mtu
+from controller.metrics import ControllerMetrics
 from controller.publisher import Publisher
 from controller.store import NotLeader, Store
 from controller.tracker import Tracker
@@ -63,11 +64,14 @@ class Api:
         lock: asyncio.Lock,
         clock: Callable[[], float],
         refused: Counter[str] | None = None,
+        metrics: ControllerMetrics | None = None,
     ):
         self.store, self.config, self.intent, self.tracker = store, config, intent, tracker
         self.publisher, self._lock, self.clock = publisher, lock, clock
-        # reports and requests refused, by reason (shared with controller.acks; status shows it)
-        self.refused = refused if refused is not None else Counter()
+        self.metrics = metrics or ControllerMetrics()
+        # reports and requests refused, by reason (shared with controller.acks; status shows it,
+        # the metrics expose it)
+        self.refused = refused if refused is not None else self.metrics.refused
         # set by controller.service as the role changes: who leads, where a node's desired
         # version comes from, and what a follower awaits before a read
         self.leader: Callable[[], str] = lambda: ""
@@ -119,6 +123,10 @@ class Api:
     def _endpoint(
         self, name: str, request_type: type, handler: Handler, scoped: bool = False
     ) -> Callable[[MicroRequest], Awaitable[None]]:
+        async def timed(req: MicroRequest) -> None:
+            with self.metrics.requests.labels(name).time():
+                await handle(req)
+
         async def handle(req: MicroRequest) -> None:
             if not self._answerable(name, req):
                 return
@@ -143,9 +151,11 @@ class Api:
                 log.exception("controller: %s failed", name)
                 await _respond_error(req, Internal(f"{name} failed: {e}"))
             else:
-                await req.respond(encode(reply))
+                data = encode(reply)
+                self.metrics.answered(name, reply, data)  # changes; section.get's bytes
+                await req.respond(data)
 
-        return handle
+        return timed
 
     def _answerable(self, name: str, req: MicroRequest) -> bool:
         """Answer only into an inbox. The reply subject is the caller's choice, and the

@@ -1,4 +1,5 @@
-"""``otherix-controller``: connect to NATS, open the intent bucket, serve the API, heartbeat."""
+"""``otherix-controller``: connect to NATS, open the intent bucket, serve the API, heartbeat;
+with ``--metrics-address``, serve Prometheus metrics, /healthz and /readyz from the start."""
 
 import argparse
 import asyncio
@@ -12,11 +13,13 @@ import nats
 import uvloop
 
 from controller.compute import ClusterConfig
+from controller.metrics import ControllerMetrics
 from controller.service import Controller
 from controller.store import BUCKET, Store
 from schemas import naming
 from schemas.bus import BusConfigError, Reconnect
-from schemas.options import add_common, connect_kwargs, option, setup_logging
+from schemas.options import add_common, add_metrics, connect_kwargs, option, setup_logging
+from schemas.probes import ProbeServer
 
 log = logging.getLogger("controller")
 
@@ -24,6 +27,7 @@ log = logging.getLogger("controller")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="otherix-controller", description=__doc__)
     add_common(p)
+    add_metrics(p)
     option(
         p,
         "--heartbeat",
@@ -101,10 +105,47 @@ async def open_store(nc, bucket: str, replicas: int = 1, attempts: int = 50) -> 
     raise AssertionError("unreachable")
 
 
+class Probes:
+    """The probe server's view of the process: before the controller exists, what it awaits."""
+
+    def __init__(self, metrics: ControllerMetrics):
+        self.controller: Controller | None = None
+        self.waiting = "not connected to NATS"
+        self.server = ProbeServer(metrics.registry, ready=self.ready, refresh=self.refresh)
+
+    def ready(self) -> str | None:
+        return self.controller.not_ready() if self.controller else self.waiting
+
+    def refresh(self) -> None:
+        if self.controller is not None:
+            self.controller.refresh_metrics()
+
+    async def start(self, host: str, port: int) -> None:
+        try:
+            await self.server.start(host, port)
+        except OSError as e:  # in use, or not an address of this host
+            raise SystemExit(
+                f"otherix-controller: cannot serve metrics on {host}:{port}"
+                f" (--metrics-address): {e.strerror or e}"
+            ) from None
+
+
 async def run(args: argparse.Namespace) -> None:
+    metrics = ControllerMetrics()
+    probes = Probes(metrics)
+    if args.metrics_address:  # first: /readyz says why not while we connect and load
+        await probes.start(*args.metrics_address)
+    try:
+        await serve(args, metrics, probes)
+    finally:
+        await probes.server.stop()
+
+
+async def serve(args: argparse.Namespace, metrics: ControllerMetrics, probes: Probes) -> None:
     bus = Reconnect("controller")
     nc = await nats.connect(args.nats, **connect_kwargs(args, args.instance), **bus.kwargs())
     bus.connected_to(nc)
+    probes.waiting = "connected to NATS; opening the intent bucket"
     store = await open_store(nc, args.bucket, args.replicas)
     config = ClusterConfig(
         underlay_mtu=args.underlay_mtu,
@@ -117,8 +158,10 @@ async def run(args: argparse.Namespace) -> None:
             "controller: no --underlay-cidr: VM networks are kept off the nodes' own addresses"
             " only, not off their whole network; agents cannot keep VMs from other underlay hosts"
         )
-    controller = Controller(nc, store, config, instance=args.instance)
+    controller = Controller(nc, store, config, instance=args.instance, metrics=metrics)
+    probes.waiting = "loading intent"
     await controller.start()
+    probes.controller = controller
     log.info(
         "controller: serving on %s (heartbeat %.2fs, underlay MTU %d)",
         ",".join(args.nats),

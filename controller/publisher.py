@@ -21,6 +21,7 @@ from nats.aio.client import Client
 
 from controller import versions
 from controller.compute import ClusterConfig
+from controller.metrics import ControllerMetrics
 from controller.sections import Attachments, Key, Model, VersionExhausted
 from controller.store import Store
 from schemas import naming
@@ -62,9 +63,12 @@ class Publisher:
         lock: asyncio.Lock,
         clock: Callable[[], float] = time.time,
         may_publish: Callable[[], bool] = lambda: True,
+        metrics: ControllerMetrics | None = None,
     ):
         self.nc, self.store, self.config, self.intent, self.clock = nc, store, config, intent, clock
         self.may_publish = may_publish  # False once the lease may have passed to another
+        self.metrics = metrics or ControllerMetrics()
+        self.heartbeat_at: float | None = None  # monotonic time of the last heartbeat sent
         self._lock = lock  # the controller's one lock: intent does not move while we commit
         self.model = Model(config, on_problem=self._problem, on_error=self._node_failed)
         self.versions = Versions(self.model)
@@ -188,6 +192,7 @@ class Publisher:
 
     async def publish_all(self) -> None:
         """The nodes a change affected, with their content; every node when a heartbeat is due."""
+        started = time.monotonic()
         async with self._lock:
             self.commit()
             if not await self._reserve():
@@ -213,9 +218,13 @@ class Publisher:
         for node, data in messages.items():
             try:
                 await self.nc.publish(naming.desired_subject(node), data)
+                self.metrics.published("head", data)
             except nats.errors.Error as e:  # one node's failure must not starve the rest
                 log.error("controller: HEAD of node %s not sent: %s", node, e)
         await self._save_versions()
+        if heartbeat:
+            self.heartbeat_at = time.monotonic()
+            self.metrics.heartbeat_took(self.heartbeat_at - started, self.config.heartbeat_interval)
 
     async def close(self) -> None:
         """On a clean stop: save the nodes' versions now, so a restart keeps them all."""

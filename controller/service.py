@@ -27,6 +27,7 @@ from controller.acks import Acks
 from controller.api import Api, stale_after
 from controller.compute import ClusterConfig
 from controller.lease import Lease, Timing
+from controller.metrics import ControllerMetrics, age, readiness
 from controller.publisher import Publisher
 from controller.store import Store
 from controller.tracker import Tracker
@@ -47,23 +48,26 @@ class Controller:
         config: ClusterConfig,
         clock: Callable[[], float] = time.time,
         instance: str = "otherix-controller",
+        metrics: ControllerMetrics | None = None,
     ):
         self.nc, self.store, self.config, self.clock = nc, store, config, clock
         self.instance = instance
+        self.metrics = metrics or ControllerMetrics()
         # One intent object shared by all parts and never rebound: loads go into it.
         self.intent = Intent()
         self.tracker = Tracker()
         self.lock = asyncio.Lock()
         self.lease = Lease(store, instance, Timing(config.heartbeat_interval))
         self.publisher = self._new_publisher()
-        self.acks = Acks(self.intent, self.tracker, self.publisher, clock)
+        self.acks = Acks(self.intent, self.tracker, self.publisher, clock, self.metrics.refused)
         self.api = Api(
             store, config, self.intent, self.tracker, self.publisher, self.lock, clock,
-            self.acks.refused,
+            self.acks.refused, self.metrics,
         )  # fmt: skip
         self.api.leader = lambda: self.lease.leader
         self._saved: dict[str, NodeVersion] = {}  # a follower's view of the nodes' versions
         self._caught_up = asyncio.Event()
+        self._follow_from: int | None = None  # the bucket's last sequence as following began
         self._tasks: list[asyncio.Task] = []
         self._role_tasks: list[asyncio.Task] = []  # the publisher's (leader) or the watch's
         self._services: list[Service] = []
@@ -85,7 +89,7 @@ class Controller:
     def _new_publisher(self) -> Publisher:
         return Publisher(
             self.nc, self.store, self.config, self.intent, self.lock, self.clock,
-            may_publish=lambda: self.lease.holds(time.monotonic()),
+            may_publish=lambda: self.lease.holds(time.monotonic()), metrics=self.metrics,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -125,6 +129,24 @@ class Controller:
 
     async def publish_all(self) -> None:
         await self.publisher.publish_all()
+
+    # --- probes (schemas.probes) ----------------------------------------------------------------
+
+    def not_ready(self) -> str | None:
+        """Why this controller is not ready to serve (None: it is)."""
+        following = any(not t.done() for t in self._role_tasks) and not self.leading
+        behind = None if self._follow_from is None else self._follow_from - self.store.followed
+        return readiness(
+            self.nc.is_connected, self.leading, age(self.publisher.heartbeat_at),
+            self.stale_after, following, behind,
+        )  # fmt: skip
+
+    def refresh_metrics(self) -> None:
+        """The gauges read at a scrape: nodes by state, the highest desired version."""
+        desired = self.versions if self.leading else self._saved
+        self.metrics.refresh(
+            self.intent.nodes.values(), self.tracker, desired, self.clock(), self.stale_after
+        )
 
     # --- roles ----------------------------------------------------------------------------------
 
@@ -190,6 +212,7 @@ class Controller:
         writes = tuple(e for e in api_schema.ENDPOINTS if e not in api_schema.READ_ENDPOINTS)
         self._write_service = await self.api.serve(self.nc, writes)
         self._role_tasks.append(asyncio.create_task(self.publisher.run(), name="heartbeat"))
+        self.metrics.leader.set(1)
         log.info(
             # "loaded …": bench scale reads this line to catch a short load of the store
             "controller %s: leading (versions above %d); loaded %d networks, %d NICs, %d nodes",
@@ -198,6 +221,7 @@ class Controller:
         )  # fmt: skip
 
     async def _stop_leading(self) -> None:
+        self.metrics.leader.set(0)
         self.publisher.stop()
         await self._stop_role()
         if self._write_service is not None:
@@ -206,11 +230,13 @@ class Controller:
 
     async def _follow(self) -> None:
         """Reload everything, then keep it current from the bucket's watch."""
+        self._follow_from = None
         async with self.lock:
             _, saved, _ = await self._load()
             self._saved = {n: NodeVersion(node=n, version=v, digest=d) for n, (v, d) in saved.nodes.items()}  # fmt: skip
             self.api.desired = self._saved.get
             self.api.catch_up = self._catch_up
+        self._follow_from = await self.store.last_sequence()  # ready once the copy is past it
         self._role_tasks.append(
             asyncio.create_task(self.store.follow(self.intent, self._followed), name="follow")
         )
