@@ -27,6 +27,8 @@ NODE_STATES = ("registered", "converged", "stale", "pending")
 WRITE_ENDPOINTS = tuple(
     e for e in api.ENDPOINTS if e not in api.READ_ENDPOINTS and e != "section.get"
 )
+# a heartbeat of a few nodes or an API read takes under a millisecond, thousands of nodes seconds
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class ControllerMetrics:
@@ -36,6 +38,7 @@ class ControllerMetrics:
         self.heartbeat = Histogram(
             "otherix_controller_heartbeat_duration_seconds",
             "One heartbeat's publish work: every node's HEAD, then the versions' save",
+            buckets=BUCKETS,
             registry=registry,
         )
         self.overruns = Counter(
@@ -60,6 +63,7 @@ class ControllerMetrics:
             "otherix_controller_api_request_duration_seconds",
             "API requests answered by this controller, from arrival to reply",
             ["endpoint"],
+            buckets=BUCKETS,
             registry=registry,
         )
         self.bus_bytes = Counter(
