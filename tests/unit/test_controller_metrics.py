@@ -20,15 +20,8 @@ def test_node_states():
     statuses = [status(3, 3, converged=True), status(4, 2), status(5, 5, stale=True), status(1, 0)]
     assert node_states(statuses) == {"registered": 4, "converged": 1, "stale": 1, "pending": 2}
     assert version_max([]) == 0
-    assert (
-        version_max(
-            [
-                NodeVersion(node="a", version=7, digest=""),
-                NodeVersion(node="b", version=3, digest=""),
-            ]
-        )
-        == 7
-    )
+    versions = [NodeVersion(node=n, version=v, digest="") for n, v in (("a", 7), ("b", 3))]
+    assert version_max(versions) == 7
 
 
 def test_readiness_says_what_is_missing():
