@@ -6,17 +6,21 @@ real with podman). The bus service's own command is run for real, and nats-serve
 configuration it writes.
 """
 
+import asyncio
 import json
 import os
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
+from schemas.probes import ProbeServer, listen_address
 from tests.conftest import nats_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +67,72 @@ def environment(service: dict) -> dict[str, str]:
     return {k: _DEFAULTED.sub(lambda m: m.group(2) or "", str(v)) for k, v in env.items()}
 
 
+def interpolated(value: str) -> str:
+    """compose's ``${VAR:-default}`` with the default written in the file."""
+    return _DEFAULTED.sub(lambda m: m.group(2) or "", value)
+
+
+def published(service: dict) -> dict[int, tuple[str, int]]:
+    """container port → (host address, host port) of ``HOST:PORT:CONTAINER_PORT`` entries."""
+    out = {}
+    for entry in service.get("ports", []):
+        host, port, inner = interpolated(entry).rsplit(":", 2)
+        out[int(inner)] = (host, int(port))
+    return out
+
+
+def healthz_url(service: dict) -> str:
+    """The URL the service's healthcheck asks: exec form (no shell in between), python's urllib."""
+    test = service["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python3", "-c"], test  # the image has no curl (Dockerfile)
+    urls = re.findall(r"http://[^'\"]+", interpolated(test[3]))
+    assert len(urls) == 1, test
+    return urls[0]
+
+
+def metrics_endpoints(compose: dict) -> dict[str, tuple[str, int]]:
+    """Service → where its /metrics is reached on the host, for each controller and agent,
+    after checking that metrics are on and the healthcheck asks /healthz of that very server:
+    a container binds every address and is published on loopback; a host-network agent binds
+    loopback itself."""
+    endpoints = {}
+    for name, service in compose["services"].items():
+        if argv(service)[0] not in ("otherix-controller", "otherix-agent"):
+            continue
+        host, port = listen_address(environment(service)["OTHERIX_METRICS_ADDRESS"])
+        if service.get("network_mode") == "host":
+            assert host == "127.0.0.1", f"{name}: metrics on {host}, beyond the host's loopback"
+            endpoints[name] = (host, port)
+        else:
+            assert host == "0.0.0.0", f"{name}: {host} is unreachable from outside its container"
+            endpoints[name] = published(service)[port]
+            assert endpoints[name][0] == "127.0.0.1", f"{name}: published beyond loopback"
+        assert healthz_url(service) == f"http://127.0.0.1:{port}/healthz", name
+        assert {"interval", "timeout", "retries", "start_period"} <= set(service["healthcheck"])
+    return endpoints
+
+
+def host_ports(compose: dict) -> list[tuple[str, int]]:
+    """Every (address, port) the project takes on the host: published ports and the metrics of
+    services on the host's network."""
+    taken = [p for s in compose["services"].values() for p in published(s).values()]
+    for service in compose["services"].values():
+        if service.get("network_mode") == "host" and "OTHERIX_METRICS_ADDRESS" in environment(
+            service
+        ):
+            taken.append(listen_address(environment(service)["OTHERIX_METRICS_ADDRESS"]))
+    return taken
+
+
+def run_healthcheck(service: dict, port: int) -> int:
+    """The service's healthcheck command, run here against ``port``: its exit status."""
+    code = healthz_url(service).rsplit(":", 1)[1].split("/")[0]
+    command = interpolated(service["healthcheck"]["test"][3]).replace(f":{code}/", f":{port}/")
+    return subprocess.run(
+        [sys.executable, "-c", command], capture_output=True, timeout=20
+    ).returncode
+
+
 def volume_targets(service: dict) -> set[str]:
     return {v.split(":")[1] if isinstance(v, str) else v["target"] for v in service["volumes"]}
 
@@ -97,7 +167,12 @@ def test_every_variable_is_read_by_the_command(compose, monkeypatch):
             from agent.main import parse_args
         else:
             from controller.main import parse_args
-        options = {str(v) for v in vars(parse_args([])).values()}
+        values = vars(parse_args([])).values()
+        options = {str(v) for v in values}
+        # --metrics-address parses HOST:PORT into (host, port)
+        options |= {
+            f"{h}:{p}" for v in values if isinstance(v, tuple) and len(v) == 2 for h, p in [v]
+        }
         for var, value in env.items():
             assert value in options, f"{name}: {var}={value} did not reach an option"
 
@@ -109,6 +184,38 @@ def test_nats_urls_point_at_the_nats_service(compose):
     ports = [_DEFAULTED.sub(lambda m: m.group(2) or "", p) for p in nats["ports"]]
     assert "127.0.0.1:4222:4222" in ports
     assert environment(compose["services"]["agent"])["OTHERIX_NATS_URL"] == "nats://127.0.0.1:4222"
+
+
+def test_controller_and_agent_serve_metrics_with_healthchecks_on_distinct_host_ports(compose):
+    endpoints = metrics_endpoints(compose)
+    assert set(endpoints) == {"controller", "agent"}
+    assert endpoints == {"controller": ("127.0.0.1", 9180), "agent": ("127.0.0.1", 9181)}
+    taken = host_ports(compose)
+    assert len(set(taken)) == len(taken), f"two services on one host port: {taken}"
+
+
+def test_the_healthcheck_command_passes_on_200_and_fails_on_503(compose):
+    """Run for real against schemas.probes' server: a wedged process is reported unhealthy."""
+
+    async def scenario() -> list[tuple[str, str, int]]:
+        why: list[str | None] = [None]
+        server = ProbeServer(CollectorRegistry(), live=lambda: why[0])
+        await server.start("127.0.0.1", 0)
+        results = []
+        try:
+            for name in ("controller", "agent"):
+                for why[0] in (None, "event loop stuck"):
+                    service = compose["services"][name]
+                    code = await asyncio.to_thread(run_healthcheck, service, server.port)
+                    results.append((name, why[0], code))
+        finally:
+            await server.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [(name, code == 0) for name, why, code in results] == [
+        ("controller", True), ("controller", False), ("agent", True), ("agent", False),
+    ]  # fmt: skip
 
 
 def test_agent_has_host_network_capabilities_tun_and_state_volume(compose, monkeypatch):

@@ -1,6 +1,7 @@
 """deploy/compose.cluster.yaml, the production profile of the bus: three nats-servers from the
 configurations its ``bus`` service renders (which the real nats-server accepts), each with its own
-store volume, and the controller (R3) and agent given every server's URL."""
+store volume, two controllers (R3, distinct instances) and the agent given every server's URL,
+each controller and the agent with metrics and a healthcheck on a host port of its own."""
 
 import shlex
 import subprocess
@@ -12,9 +13,11 @@ import yaml
 from client.bus import cli
 from client.bus import files as bus_files
 from tests.conftest import nats_server_binary
+from tests.unit.test_compose import host_ports, metrics_endpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("nats1", "nats2", "nats3")
+CONTROLLERS = ("controller-1", "controller-2")
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +72,12 @@ def test_clients_are_given_every_server_and_the_controller_makes_r3(compose, mon
     from agent.main import parse_args as agent_args
     from controller.main import parse_args as controller_args
 
-    env = compose["services"]["controller"]["environment"]
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    args = controller_args([])
-    assert args.replicas == 3
-    assert list(args.nats) == [f"nats://{s}:4222" for s in SERVERS]
+    for name in CONTROLLERS:
+        for key, value in compose["services"][name]["environment"].items():
+            monkeypatch.setenv(key, value)
+        args = controller_args([])
+        assert args.replicas == 3
+        assert list(args.nats) == [f"nats://{s}:4222" for s in SERVERS]
     published = {
         p.split(":")[1]: s for s in SERVERS for p in compose["services"][s]["ports"]
     }  # host port → server
@@ -83,3 +86,33 @@ def test_clients_are_given_every_server_and_the_controller_makes_r3(compose, mon
     monkeypatch.setenv("OTHERIX_NODE", "node1")
     ports = [u.rsplit(":", 1)[1] for u in agent_args([]).nats]
     assert sorted(published[p] for p in ports) == list(SERVERS)
+
+
+def test_two_controllers_with_distinct_instances_on_the_controller_identity(compose, monkeypatch):
+    from controller.main import parse_args
+
+    services = compose["services"]
+    controllers = [n for n, s in services.items() if argv(s)[0] == "otherix-controller"]
+    assert sorted(controllers) == list(CONTROLLERS)
+    instances = []
+    for name in CONTROLLERS:
+        for key, value in services[name]["environment"].items():
+            monkeypatch.setenv(key, value)
+        instances.append(parse_args([]).instance)
+        # the bus's one controller seed: the lease, not the bus, tells them apart
+        assert "./bus/controller.nk:/run/otherix/controller.nk:ro" in services[name]["volumes"]
+    assert len(set(instances)) == 2 and "otherix-controller" not in instances, instances
+    # the same configuration apart from the instance name and the published metrics port
+    same = [{k: v for k, v in services[n].items() if k not in ("environment", "ports")}
+            for n in CONTROLLERS]  # fmt: skip
+    assert same[0] == same[1]
+    envs = [dict(services[n]["environment"], OTHERIX_INSTANCE="") for n in CONTROLLERS]
+    assert envs[0] == envs[1]
+
+
+def test_metrics_and_healthchecks_on_distinct_host_ports(compose):
+    endpoints = metrics_endpoints(compose)
+    assert set(endpoints) == {*CONTROLLERS, "agent"}
+    assert endpoints["agent"] == ("127.0.0.1", 9181)  # as in compose.yaml
+    taken = host_ports(compose)
+    assert len(set(taken)) == len(taken), f"two services on one host port: {taken}"
