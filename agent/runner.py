@@ -231,6 +231,7 @@ class Agent:
                 await self.handle(raw)
             except Exception as e:  # never let one bad apply kill the loop
                 self.log.exception("apply crashed")
+                self.metrics.head_done("failed")
                 await self._ack(
                     Ack(
                         node=self.config.node,
