@@ -108,10 +108,14 @@ class Compose:
                   "--format", '{{.ID}} {{index .Labels "com.docker.compose.service"}}')  # fmt: skip
         return {service: cid for cid, service in (line.split() for line in out.splitlines())}
 
+    def container(self, service: str) -> str:
+        """The name podman-compose gives the service's (first) container."""
+        return f"{self.name}_{service}_1"
+
     def logs(self) -> str:
         out = []
         for service in ("nats", "controller", "agent"):
-            name = f"{self.name}_{service}_1"
+            name = self.container(service)
             logs = subprocess.run(["podman", "logs", "--tail", "30", name], env=podman_env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
             out.append(f"--- {name}\n{logs.stdout}")

@@ -1,6 +1,8 @@
 """compose.yaml for real: the image built with podman from Debian's packages onto a base image
 made here (no registry), the project started with podman-compose, and an agent container
-programming a bridge network in its host's namespace, kept across a restart of every container.
+programming a bridge network in its host's namespace, kept across a restart of every container;
+the controller's /readyz and /metrics answer on its published port and podman runs every
+container's healthcheck (/healthz) in the image.
 
 The agent's "host" is a network namespace this test makes: the only change to compose.yaml is the
 agent's ``network_mode`` (``ns:/run/netns/NAME`` instead of ``host``, an override file). As on a
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
@@ -68,7 +71,7 @@ def host_netns():
 
 @pytest.fixture
 def stack(image, host_netns, tmp_path):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     compose = Compose(
         host_netns,  # the project's name too: unique, and its containers name their host
         tmp_path,
@@ -77,6 +80,7 @@ def stack(image, host_netns, tmp_path):
             "OTHERIX_NATS_PORT": str(port),
             "OTHERIX_UNDERLAY_IP": UNDERLAY_IP,
             "OTHERIX_NODE": NODE,
+            "OTHERIX_CONTROLLER_METRICS_PORT": str(metrics_port),
         },
     )
     forwarding = HOST_FORWARDING.read_text()
@@ -97,7 +101,7 @@ def stack(image, host_netns, tmp_path):
             "OTHERIX_NATS_URL": f"nats://127.0.0.1:{port}",
             "OTHERIX_NATS_CREDS": str(tmp_path / "bus" / "admin.nk"),
             "OTHERIX_NATS_CA": str(tmp_path / "bus" / "ca.pem"),
-        })  # fmt: skip
+        }, f"http://127.0.0.1:{metrics_port}")  # fmt: skip
     finally:
         compose.remove_everything()
         relay.terminate()
@@ -108,6 +112,7 @@ def stack(image, host_netns, tmp_path):
 class Stack(NamedTuple):
     compose: Compose
     ctl_env: dict[str, str]  # otherixctl as admin, on the published port
+    controller_http: str  # the controller's /metrics, /healthz, /readyz on its published port
 
 
 def ctl(stack: Stack, *args: str) -> dict | list:
@@ -134,6 +139,25 @@ def wait_converged(
     raise AssertionError(f"not converged within {timeout}s: {last}\n{stack.compose.logs()}")
 
 
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def check_probes(stack: Stack) -> None:
+    """The controller's readiness and metrics through its published port, and every container's
+    compose healthcheck run by podman in the image (python's urllib on /healthz)."""
+    assert get(f"{stack.controller_http}/readyz")[0] == 200
+    code, metrics = get(f"{stack.controller_http}/metrics")
+    assert code == 200 and "otherix_controller_leader 1.0" in metrics, metrics[-2000:]
+    assert 'otherix_controller_nodes{state="converged"} 1.0' in metrics, metrics[-2000:]
+    for service in ("controller", "agent"):
+        run("podman", "healthcheck", "run", stack.compose.container(service))
+
+
 def devices(netns: str) -> dict[str, dict]:
     return {d["ifname"]: d for d in json.loads(run("ip", "-n", netns, "-j", "link", "show"))}
 
@@ -152,6 +176,7 @@ def test_compose_runs_an_agent_that_programs_its_host_and_keeps_it_across_restar
     )
     nic = ctl(stack, "nic", "attach", "--network", "net1", "--node", NODE, "--vm", "vm1")
     _, status = wait_converged(stack, networks=1, nics=1)
+    check_probes(stack)
     bridge, tap = network["bridge"], nic["tap"]
     before = devices(host_netns)
     assert before[tap].get("master") == bridge, before
