@@ -40,16 +40,20 @@ async def leader_named(lab: Lab, wanted: str, timeout: float) -> None:
     raise AssertionError(f"{wanted} did not lead within {timeout}s")
 
 
-def led_at(log_file: Path, offset: int) -> float:
+async def led_at(log_file: Path, offset: int, timeout: float = 10.0) -> float:
     """The wall time of the first "leading" line after ``offset`` (logging's asctime, local
-    time with milliseconds: "2026-11-28 14:50:01,123 INFO controller: controller …: leading")."""
-    with open(log_file, "rb") as f:
-        f.seek(offset)
-        for line in f.read().decode(errors="replace").splitlines():
-            if ": leading (" in line:
-                stamp, ms = " ".join(line.split()[:2]).split(",")
-                return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
-    raise AssertionError(f"no 'leading' line in {log_file}")
+    time with milliseconds: "2026-11-28 14:50:01,123 INFO controller: controller …: leading").
+    Waited for: status names the new leader once it holds the lease, before it logs this."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_file, "rb") as f:  # noqa: ASYNC230 - a local file, a few KB
+            f.seek(offset)
+            for line in f.read().decode(errors="replace").splitlines():
+                if ": leading (" in line:
+                    stamp, ms = " ".join(line.split()[:2]).split(",")
+                    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no 'leading' line in {log_file} within {timeout}s")
 
 
 async def until_written(call, timeout: float = 10.0):
@@ -82,7 +86,7 @@ async def test_the_follower_leads_after_the_leader_is_killed(lab: Lab):
     assert await lab.kill_controller() == "controller"  # None: the leader
     await leader_named(lab, lab.controller_instance("controller-2"), 10 * HEARTBEAT)
     # from the SIGKILL to the survivor's own "leading" line: this test's polling is not counted
-    took = led_at(survivor_log, logged) - killed_wall
+    took = await led_at(survivor_log, logged) - killed_wall
     assert took < 3 * HEARTBEAT, f"takeover took {took:.2f}s"
     assert lab.processes()["controller"] is None and lab.processes()["controller-2"]
 
@@ -96,6 +100,14 @@ async def test_the_follower_leads_after_the_leader_is_killed(lab: Lab):
     )  # fmt: skip
     assert status.returncode == 0, status.stderr
     assert f"leading controller: {lab.prefix}-controller-2" in status.stdout, status.stdout
+    lab_status = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "lab.main", "--prefix", lab.prefix, "status"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    lines = {line.split()[0]: line.split()[1:] for line in lab_status.stdout.splitlines()}
+    assert lines["controller"] == ["down"], lab_status.stdout
+    assert lines["controller-2"][0] == "pid" and lines["controller-2"][-1] == "leading"
+    assert lab_status.returncode == 1  # one controller is down
     print(
         f"\nleading controller SIGKILLed: the other leads after {took:.2f}s, takes writes after"
         f" {writes_after:.2f}s (heartbeat {HEARTBEAT}s)"
