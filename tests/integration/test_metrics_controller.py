@@ -180,7 +180,7 @@ def stop(proc: subprocess.Popen) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
-        return proc.wait(10)
+        return proc.wait(30)  # a clean stop saves and releases over the bus: slow when loaded
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait(5)
