@@ -90,19 +90,25 @@ async def bridge_batch(ns: str, snap: Snapshot) -> float:
     return elapsed
 
 
-async def main() -> None:
+async def measure(entries: int) -> tuple[float, float, int, float]:
+    """(agent cold apply s, no-op heartbeat s, writes, ``bridge -batch`` s) in fresh namespaces."""
     tag = secrets.token_hex(2)
+    snap = snapshot(entries)
+    ns_agent, ns_batch = f"otbf{tag}-a", f"otbf{tag}-b"
+    await netns_add(ns_agent)
+    await netns_add(ns_batch)
+    try:
+        cold, steady, writes = await agent_cold(ns_agent, snap)
+        batch = await bridge_batch(ns_batch, snap)
+    finally:
+        await netns_del(ns_agent)
+        await netns_del(ns_batch)
+    return cold, steady, writes, batch
+
+
+async def main() -> None:
     for entries in (1_000, 10_000):
-        snap = snapshot(entries)
-        ns_agent, ns_batch = f"otbf{tag}-a", f"otbf{tag}-b"
-        await netns_add(ns_agent)
-        await netns_add(ns_batch)
-        try:
-            cold, steady, writes = await agent_cold(ns_agent, snap)
-            batch = await bridge_batch(ns_batch, snap)
-        finally:
-            await netns_del(ns_agent)
-            await netns_del(ns_batch)
+        cold, steady, writes, batch = await measure(entries)
         print(f"{entries:>6} FDB entries: agent cold apply {cold * 1000:8.1f} ms ({writes} writes), "
               f"bridge -batch {batch * 1000:8.1f} ms, ratio {cold / batch:4.2f}x; "
               f"no-op heartbeat (observe+plan) {steady * 1000:6.1f} ms, 0 writes", flush=True)  # fmt: skip

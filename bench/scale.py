@@ -18,8 +18,11 @@ Phases, each on its own nats-server (an OPEN bus: plaintext, no identities, sinc
   that network got a message with a newer version, and the bus bytes of that window;
 - convergence with ``--hollow-agents`` HOLLOW AGENTS: the real ``agent.runner.Agent`` on an
   in-memory kernel, all in this process (like kubemark): API request → every affected node's ack;
-- convergence with ``--real-agents`` REAL agents in network namespaces (``lab.cluster.Lab``,
-  root only): nodes are added until the count or ``--real-budget`` seconds, whichever comes first;
+- convergence with ``--real-agents`` real agents in network namespaces (``lab.cluster.Lab``,
+  root only, brought up all at once; those registered within ``--real-budget`` seconds count):
+  their CPU per unchanged heartbeat, then NIC attach/detach → every hosting node's ack, on a
+  network every node hosts and on one that spans two nodes, one change every two heartbeats;
+- cold apply of 10,000 FDB entries next to ``bridge -batch`` of the same (``bench fdb_apply``);
 - agent CPU per unchanged heartbeat: ``bench agent_steady`` when it exists.
 
 Options: ``./dev bench scale --nodes 100,1000 --hollow-agents 200 --real-agents 0`` for a quick run.
@@ -74,8 +77,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--hollow-limit", type=float, default=180.0,
                    help="seconds for every hollow agent to ack its first snapshot")  # fmt: skip
     p.add_argument("--real-agents", type=int, default=100, help="0: skip")
-    p.add_argument("--real-budget", type=float, default=150.0,
-                   help="seconds for bringing real agents up")  # fmt: skip
+    p.add_argument("--real-budget", type=float, default=180.0,
+                   help="seconds for bringing real agents up (and registered)")  # fmt: skip
     p.add_argument("--runs", type=int, default=20, help="attaches per convergence measurement")
     p.add_argument("--conv-budget", type=float, default=120.0,
                    help="seconds per convergence measurement: fewer runs past it")  # fmt: skip
@@ -550,48 +553,220 @@ async def converge(
 
 
 def report_convergence(
-    table: Table, label: str, result: tuple[list[float], str], rtt: float
+    table: Table, label: str, result: tuple[list[float], str], rtt: float, extra: str = ""
 ) -> None:
     samples, note = result
     figure = "convergence: API change → all affected acks"
     if not samples:
-        table.add(figure, label, f"no attach converged{note}", f"API round trip {ms(rtt)}")
+        table.add(figure, label, f"no change converged{note}", f"API round trip {ms(rtt)}{extra}")
         return
     table.add(figure, label,
               f"p50 {ms(pct(samples, 0.5))}, p99 {ms(pct(samples, 0.99))} (n={len(samples)}{note})",
-              f"API round trip {ms(rtt)}")  # fmt: skip
+              f"API round trip {ms(rtt)}{extra}")  # fmt: skip
+
+
+class Processes:
+    """CPU seconds of a set of processes: their threads (``schedstat``, nanoseconds) plus the
+    children they waited for (``cutime`` + ``cstime``: the agents' ``nft`` and ``ip`` runs)."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pids: dict[str, list[int]]):
+        self.pids = pids  # kind → pids
+
+    @staticmethod
+    def cpu(pid: int) -> float:
+        total = 0.0
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    total += int((task / "schedstat").read_text().split()[0]) / 1e9
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[13]) + int(fields[14])) / Processes.TICK
+        return total
+
+    def sample(self) -> dict[str, float]:
+        return {kind: sum(self.cpu(p) for p in pids) for kind, pids in self.pids.items()}
+
+    @staticmethod
+    def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {kind: after[kind] - before[kind] for kind in before}
+
+
+async def lab_processes(lab) -> Processes:
+    """The agents and their wireguard-go daemons (everything in the node namespaces)."""
+    from lab.netns import netns_pids
+
+    kinds: dict[str, list[int]] = {"agent": [], "wireguard-go": []}
+    for node in lab.topology.nodes.values():
+        for pid in await netns_pids(node.netns):
+            with contextlib.suppress(OSError):
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                kinds["wireguard-go" if comm.startswith("wireguard") else "agent"].append(pid)
+    return Processes(kinds)
+
+
+async def bring_up(lab, count: int, budget: float) -> tuple[list[str], dict[str, float]]:
+    """``count`` nodes at once: namespaces (4 at a time), ONE relay process listening in every
+    namespace, every agent started before any is waited for, then registration and convergence
+    watched for all together. (Adding nodes one by one, as ``Lab.add_node`` does, waits for each
+    registration while every agent already up applies the mesh change the newcomer makes:
+    97 nodes in 150 s on a loaded 2-core machine, growing with the count.) Returns the nodes
+    registered within ``budget`` seconds and the seconds each step took."""
+    from lab.cluster import NODE_NATS_PORT
+    from lab.relay import start_relay
+
+    steps: dict[str, float] = {}
+    t = began = time.perf_counter()
+    await lab.up(0)
+    steps["nats-server + controller"] = time.perf_counter() - t
+    names = [f"n{i}" for i in range(1, count + 1)]
+    gate = asyncio.Semaphore(4)
+
+    async def plug(index: int, name: str) -> None:
+        async with gate:
+            await lab.topology.add_node(name, index, ip_forward=False)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(plug(i, n) for i, n in enumerate(names, 1)))
+    lab.state.nodes.update({n: i for i, n in enumerate(names, 1)})
+    lab.save()
+    steps["namespaces + underlay"] = time.perf_counter() - t
+    t = time.perf_counter()
+    netns = [lab.topology.nodes[n].netns for n in names]
+    await start_relay(netns, lab.bus_target, NODE_NATS_PORT, state_dir=lab.state_dir, name="relay")
+    steps["relay"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for name in names:
+        await lab.start_agent(name)
+    steps["agents started"] = time.perf_counter() - t
+    t = time.perf_counter()
+    api = await lab.connect()
+    registered: set[str] = set()
+    while time.perf_counter() - began < budget:
+        with contextlib.suppress(ApiError):
+            registered = {n.node.name for n in await api.node_list()}
+        if registered >= set(names):
+            break
+        await asyncio.sleep(0.5)
+    steps["registered"] = time.perf_counter() - t
+    t = time.perf_counter()
+    names = [n for n in names if n in registered]
+    await lab.wait_converged(timeout=max(30.0, budget - (time.perf_counter() - began)),
+                             nodes=set(names))  # fmt: skip
+    steps["converged"] = time.perf_counter() - t
+    return names, steps
+
+
+async def converge_spaced(
+    api: ApiClient, acks: Watch, network: str, hosts: list[str], nodes: list[str], opts, rest: float
+) -> tuple[list[float], str]:
+    """Like ``converge``, alternating a NIC attach and its detach on ``nodes``, each change
+    ``rest`` seconds after the last one converged (the agents' follow-up full read of the
+    kernel, one heartbeat after a write, is over by then)."""
+    samples: list[float] = []
+    began = time.perf_counter()
+    nic_id = None
+    for i in range(opts.runs):
+        if time.perf_counter() - began > opts.conv_budget:
+            return samples, f"; stopped at the {opts.conv_budget:.0f} s budget"
+        await asyncio.sleep(rest)
+        floor = {h: acks.version.get(h, -1) for h in hosts}
+        start = time.perf_counter()
+        if nic_id is None:
+            nic_id = (await api.nic_attach(network, nodes[i // 2 % len(nodes)], f"conv-{i}")).nic.id
+        else:
+            await api.nic_detach(nic_id)
+            nic_id = None
+        try:
+            samples.append(await acks.beyond(floor, opts.limit) - start)
+        except TimeoutError:
+            return samples, f"; change {i + 1} not converged within {opts.limit:.0f} s"
+    return samples, ""
 
 
 async def real_agents(opts, table: Table) -> None:
     from lab.cluster import Lab  # root only; imported here so the rest runs without it
+    from lab.netns import LabError
 
     want = opts.real_agents
-    lab = Lab("otsc" + secrets.token_hex(2), heartbeat=opts.heartbeat, mesh=True, secure=False)
+    # health every 5 s, the agent's default (the lab's 1 s would make each of 100 agents read
+    # its wireguard-go's 100 peers every second on top of the heartbeat)
+    lab = Lab("otsc" + secrets.token_hex(2), heartbeat=opts.heartbeat, mesh=True, secure=False,
+              health_interval=5.0)  # fmt: skip
     try:
         start = time.perf_counter()
-        await lab.up(0)
-        names = []
-        while len(names) < want and time.perf_counter() - start < opts.real_budget:
-            names.append(f"n{len(names) + 1}")
-            await lab.add_node(names[-1])
-        await lab.wait_converged(timeout=120)
+        try:
+            names, steps = await bring_up(lab, want, opts.real_budget)
+        except LabError as e:
+            table.add("lab bring-up", f"{want} real agents (namespaces)", f"failed: {e}"[:300])
+            return
         up = time.perf_counter() - start
-        label = f"{len(names)} REAL agents in namespaces"
-        note = "" if len(names) == want else f" (budget {opts.real_budget:.0f} s reached before {want})"  # fmt: skip
-        table.add("lab bring-up (Lab.up + add_node each)", label,
-                  f"{up:.1f} s, {up / max(len(names), 1):.2f} s per node{note}")  # fmt: skip
+        label = f"{len(names)} real agents (namespaces)"
+        note = "" if len(names) == want else f" ({want - len(names)} not registered within {opts.real_budget:.0f} s)"  # fmt: skip
+        table.add("lab bring-up (all nodes at once, one relay)", label, f"{up:.1f} s{note}",
+                  ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()))  # fmt: skip
         api = await lab.connect()
+        # every node hosts one NIC of "scale"; "pair" spans two nodes only
         await api.network_create("scale", "overlay", "10.77.0.0/16")
-        for name in names:
-            await api.nic_attach("scale", name, f"vm-{name}")
-        await lab.wait_converged(timeout=120)
+        await api.network_create("pair", "overlay", "10.78.0.0/16")
+        gate = asyncio.Semaphore(8)
+
+        async def attach(network: str, node: str) -> None:
+            async with gate:
+                await api.nic_attach(network, node, f"vm-{network}-{node}")
+
+        t = time.perf_counter()
+        pair = names[:2]
+        await asyncio.gather(
+            *(attach("scale", n) for n in names), *(attach("pair", n) for n in pair)
+        )
+        await lab.wait_converged(timeout=300, nodes=set(names))
+        print(f"   {len(names) + 2} NICs attached and converged in {time.perf_counter() - t:.1f} s", flush=True)  # fmt: skip
         acks = Watch(ACK, only_ok=True)
         await acks.subscribe(lab.nc)
         await acks.beyond({n: -1 for n in names}, 30)
+        procs = await lab_processes(lab)
+
+        # idle: what 100 agents cost the machine per heartbeat
+        await asyncio.sleep(2 * opts.heartbeat)
+        before, t = procs.sample(), time.perf_counter()
+        await asyncio.sleep(opts.heartbeats * opts.heartbeat)
+        idle = {
+            k: v / (time.perf_counter() - t)
+            for k, v in Processes.delta(before, procs.sample()).items()
+        }
+        per_beat = sum(idle.values()) * opts.heartbeat
+        table.add("agents' CPU per unchanged heartbeat (all agents + their wireguard-go)", label,
+                  f"{ms(per_beat)} ({ms(per_beat / len(names))} per node; {sum(idle.values()) * 100:.0f} % of a core)",
+                  f"agents {ms(idle['agent'] * opts.heartbeat / len(names))} + wireguard-go"
+                  f" {ms(idle['wireguard-go'] * opts.heartbeat / len(names))} per node")  # fmt: skip
+
         rtt = await api_rtt(api, "scale")
-        report_convergence(table, label, await converge(api, acks, "scale", names, opts), rtt)
+        rest = 2 * opts.heartbeat
+        for network, hosts, what in (("scale", names, f"all {len(names)} nodes host it"),
+                                     ("pair", pair, "2 of the nodes host it")):  # fmt: skip
+            before, t = procs.sample(), time.perf_counter()
+            result = await converge_spaced(api, acks, network, hosts, pair[:1], opts, rest)
+            spent = Processes.delta(before, procs.sample())
+            busy = sum(spent.values()) - sum(idle.values()) * (time.perf_counter() - t)
+            report_convergence(table, f"{label}, NIC attach/detach, {what}", result,
+                               rtt, f"; agents' CPU per change beyond idle {ms(busy / max(len(result[0]), 1))}")  # fmt: skip
     finally:
         await lab.down()
+
+
+async def fdb_cold_apply(table: Table, runs: int = 3) -> None:
+    """``bench fdb_apply`` at 10,000 entries, the best of ``runs`` for each side."""
+    from bench.fdb_apply import measure  # root only
+
+    results = [await measure(10_000) for _ in range(runs)]
+    cold = min(r[0] for r in results)
+    batch = min(r[3] for r in results)
+    writes = results[0][2]
+    table.add("cold apply of 10,000 FDB entries (links subsystem: observe, plan, apply)",
+              "one agent", f"{ms(cold)} ({writes:,} writes), {cold / batch:.2f}× bridge -batch",
+              f"`bridge -batch` of the same entries {ms(batch)} (best of {runs} each)")  # fmt: skip
 
 
 def agent_steady(table: Table) -> None:
@@ -635,6 +810,9 @@ async def main() -> None:
             else:
                 print(f"-- up to {opts.real_agents} real agents", flush=True)
                 await real_agents(opts, table)
+        if os.geteuid() == 0:
+            print("-- cold apply: bench.fdb_apply at 10,000 entries", flush=True)
+            await fdb_cold_apply(table)
         agent_steady(table)
     finally:
         shutil.rmtree(work, ignore_errors=True)
