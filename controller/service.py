@@ -9,8 +9,9 @@ intent current by watching the bucket and, before answering a read, catches up w
 last write (a client reads its own acknowledged writes whichever controller answers).
 
 Nothing else lives here: handlers are ``controller.api``, the heartbeat ``controller.publisher``,
-lease decisions ``controller.lease``, fencing ``controller.store``. It must never grow logic of
-its own beyond start, stop and the change of role.
+lease decisions ``controller.lease``, fencing ``controller.store``, metrics and readiness
+``controller.metrics`` (this module only hands them its parts). It must never grow logic of its
+own beyond start, stop and the change of role.
 """
 
 import asyncio
