@@ -218,9 +218,9 @@ class Publisher:
         for node, data in messages.items():
             try:
                 await self.nc.publish(naming.desired_subject(node), data)
-                self.metrics.published("head", data)
             except nats.errors.Error as e:  # one node's failure must not starve the rest
                 log.error("controller: HEAD of node %s not sent: %s", node, e)
+        self.metrics.published("head", messages.values())  # a send failure above is logged
         await self._save_versions()
         if heartbeat:
             self.heartbeat_at = time.monotonic()
