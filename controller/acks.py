@@ -38,6 +38,9 @@ class Acks:
         self.intent, self.tracker, self.publisher, self.clock = intent, tracker, publisher, clock
         # reason → reports refused (status shows it; controller.metrics exposes it)
         self.refused: Counter[str] = Counter() if refused is None else refused
+        # A follower has published nothing; it bounds acks by the leader's persisted mark of
+        # versions (the leader never sends above it), read from the bucket. None: we lead.
+        self.follower_bound: Callable[[], int] | None = None
 
     async def subscribe(self, nc: Client) -> list[Any]:
         # bounded queues: a flood of (duplicated) reports drops the excess as slow-consumer
@@ -72,13 +75,19 @@ class Acks:
     async def on_ack(self, msg) -> None:
         if (ack := self._from_node(msg, Ack)) is None:
             return
-        published = self.publisher.versions.get(ack.node)
-        if ack.version > (published.version if published else 0):
+        if self.follower_bound is not None:
+            bound = self.follower_bound()
+        else:
+            published = self.publisher.versions.get(ack.node)
+            bound = published.version if published else 0
+        if ack.version > bound:
             # nothing we sent carries this version: a forged or confused ack must not make a
             # node look converged (version 0 is an agent's "no snapshot" error ack)
             self._refuse("unpublished version", f"node {ack.node} acked version {ack.version}")
             return
         self.tracker.record_ack(ack, self.clock())
+        if self.follower_bound is not None:
+            return  # the leader hears the same ack and acts on it
         # The node may hold a version we never issued (the store was lost or restored from an
         # older backup): continue above it, or the agent would refuse everything as stale. Only
         # the node's own identity may publish here (bus permissions), and never past the bound.

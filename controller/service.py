@@ -15,6 +15,7 @@ own beyond start, stop and the change of role.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +35,7 @@ from controller.store import Store
 from controller.tracker import Tracker
 from schemas import api as api_schema
 from schemas.codec import decode
-from schemas.intent import Intent, NodeVersion, NodeVersions
+from schemas.intent import Generation, Intent, NodeVersion, NodeVersions
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Controller:
         )  # fmt: skip
         self.api.leader = lambda: self.lease.leader
         self._saved: dict[str, NodeVersion] = {}  # a follower's view of the nodes' versions
+        self._reserved = 0  # a follower's view of the leader's versions mark
         self._caught_up = asyncio.Event()
         self._follow_from: int | None = None  # the bucket's last sequence as following began
         self._tasks: list[asyncio.Task] = []
@@ -208,6 +210,7 @@ class Controller:
             keep = previous in ("", self.instance)
             self.publisher.start_from(reserved, versions, saved if keep else None)
             self.api.publisher = self.acks.publisher = self.publisher
+            self.acks.follower_bound = None
             self.api.desired = self.publisher.desired
             self.api.catch_up = None
         writes = tuple(e for e in api_schema.ENDPOINTS if e not in api_schema.READ_ENDPOINTS)
@@ -233,7 +236,8 @@ class Controller:
         """Reload everything, then keep it current from the bucket's watch."""
         self._follow_from = None
         async with self.lock:
-            _, saved, _ = await self._load()
+            self._reserved, saved, _ = await self._load()
+            self.acks.follower_bound = lambda: self._reserved
             self._saved = {n: NodeVersion(node=n, version=v, digest=d) for n, (v, d) in saved.nodes.items()}  # fmt: skip
             self.api.desired = self._saved.get
             self.api.catch_up = self._catch_up
@@ -249,6 +253,9 @@ class Controller:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _followed(self, key: str, value: bytes | None) -> None:
+        if key == "generation.reserved" and value is not None:
+            with contextlib.suppress(msgspec.DecodeError):
+                self._reserved = max(self._reserved, decode(value, Generation).reserved)
         if key == "generation.nodes" and value is not None:
             try:
                 saved = decode(value, NodeVersions)

@@ -248,3 +248,40 @@ def test_a_bad_or_busy_metrics_address_is_a_clear_exit(tmp_path):
     assert f"cannot serve metrics on 127.0.0.1:{port} (--metrics-address)" in taken.stderr
     assert "in use" in taken.stderr
     assert time.monotonic() - started < 20  # at once, not after trying NATS
+
+
+async def test_a_follower_takes_the_nodes_acks_and_shows_them_converged(nats_server, nc):
+    """Every controller hears the acks; a follower bounds them by the leader's mark of versions
+    (it has published nothing itself), so its status and gauges show the node converged, and
+    an ack above every version sent is still refused there."""
+    leader = await start_controller(nats_server, heartbeat=0.2, instance="a")
+    follower = await start_controller(nats_server, heartbeat=0.2, instance="b")
+    probes = await probes_for(follower)
+    try:
+        api = ApiClient(nc)
+        await api.node_register(name="n1")
+        await api.network_create("br", "bridge", "10.0.0.0/24")
+        await api.nic_attach("br", "n1", "vm1")
+        n1 = await nats_server.connect("n1")
+        await Listener(n1, "n1").start()
+        for _ in range(50):  # until the follower has the leader's saved versions
+            await genuine_ack(nats_server, api, "n1")
+            figures = await scrape(probes.port)
+            if fig(figures, "otherix_controller_nodes", state="converged") == 1:
+                break
+            await asyncio.sleep(0.2)
+        assert fig(figures, "otherix_controller_nodes", state="converged") == 1
+        assert follower.acks.refused["unpublished version"] == 0
+        forged = Ack(node="n1", version=10**6, applied_version=10**6, digest="x")
+        await n1.publish(naming.ack_subject("n1"), encode(forged))
+        await until(
+            probes.port,
+            lambda f: (
+                fig(f, "otherix_controller_refusals_total", reason="unpublished version") == 1
+            ),
+        )
+        assert not follower.leading and leader.leading
+    finally:
+        await probes.stop()
+        await follower.stop()
+        await leader.stop()
