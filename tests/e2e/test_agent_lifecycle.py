@@ -102,8 +102,12 @@ async def test_agent_started_while_nats_is_down_registers_once_it_is_up(lab: Lab
     await lab.stop_agent("n2")
     await lab.stop_nats()
     try:
+        log_file = lab.state_dir / "agent-n2.log"
+        tried = log_file.read_text().count("cannot reach the bus") if log_file.exists() else 0
         waiting = await start_agent_process(lab, "n2", monkeypatch)
-        await asyncio.sleep(1.5)
+        async with asyncio.timeout(30):  # its first try failed (a loaded machine starts slowly)
+            while log_file.read_text().count("cannot reach the bus") <= tried:
+                await asyncio.sleep(0.1)
         waiting.send_signal(signal.SIGTERM)  # stopped while still trying: a clean exit
         assert await asyncio.wait_for(waiting.wait(), 5) == 0
         await lab.start_agent("n2")
