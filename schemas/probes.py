@@ -101,7 +101,11 @@ class ProbeServer:
             f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
-        with contextlib.suppress(ConnectionError, TimeoutError):
+        try:
             writer.write(header if method == "HEAD" else header + body)
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+        except (ConnectionError, TimeoutError):
+            # close() would wait for a reader forever, holding the socket and the answer
+            writer.transport.abort()
+            return
         writer.close()

@@ -2,12 +2,16 @@
 
 import argparse
 import asyncio
+import contextlib
+import socket
+import time
 import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from schemas import probes
 from schemas.options import add_metrics
 from schemas.probes import ProbeServer, listen_address
 
@@ -76,3 +80,35 @@ def test_address_flag():
             listen_address(bad)
     with pytest.raises(SystemExit):
         p.parse_args(["--metrics-address", "localhost"])
+
+
+async def test_a_client_that_never_reads_its_answer_is_cut_off(monkeypatch):
+    """A scrape whose client stops reading holds a socket and its unsent answer only for the
+    request timeout: then the connection is aborted, not left to wait for a reader forever."""
+    monkeypatch.setattr(probes, "REQUEST_TIMEOUT", 0.5)
+    registry = CollectorRegistry()
+    big = Gauge("otherix_test_big", "many series", ["peer"], registry=registry)
+    for i in range(150000):  # ~7 MB: more than the socket buffers hold (up to 4 MB each)
+        big.labels(f"node-{i:06d}").set(i)
+    started = time.monotonic()
+    whole = len(generate_latest(registry))
+    took = time.monotonic() - started  # the server spends as long on the loop the test runs on
+    server = ProbeServer(registry)
+    await server.start("127.0.0.1", 0)
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(2 * took + 2.0)  # past the answer and its timeout, reading nothing
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await asyncio.wait_for(
+                asyncio.get_running_loop().sock_recv(sock, 1 << 20), 2.0
+            ):
+                received += len(chunk)
+        assert received < whole  # cut off, not delivered late
+    finally:
+        sock.close()
+        await server.stop()
