@@ -39,8 +39,10 @@ class Acks:
         # reason → reports refused (status shows it; controller.metrics exposes it)
         self.refused: Counter[str] = Counter() if refused is None else refused
         # A follower has published nothing; it bounds acks by the leader's persisted mark of
-        # versions (the leader never sends above it), read from the bucket. None: we lead.
-        self.follower_bound: Callable[[], int] | None = None
+        # versions (the leader never sends above it), read from the bucket. None: we lead. A
+        # bound of None: no role loaded yet (start, a deposed leader reloading); its acks are
+        # dropped, not refused as forged (the next heartbeat's acks carry the same truth).
+        self.follower_bound: Callable[[], int | None] | None = None
 
     async def subscribe(self, nc: Client) -> list[Any]:
         # bounded queues: a flood of (duplicated) reports drops the excess as slow-consumer
@@ -76,7 +78,8 @@ class Acks:
         if (ack := self._from_node(msg, Ack)) is None:
             return
         if self.follower_bound is not None:
-            bound = self.follower_bound()
+            if (bound := self.follower_bound()) is None:
+                return
         else:
             published = self.publisher.versions.get(ack.node)
             bound = published.version if published else 0

@@ -67,6 +67,7 @@ class Controller:
             self.acks.refused, self.metrics,
         )  # fmt: skip
         self.api.leader = lambda: self.lease.leader
+        self.acks.follower_bound = lambda: None  # acks wait for a role (controller.acks)
         self._saved: dict[str, NodeVersion] = {}  # a follower's view of the nodes' versions
         self._reserved = 0  # a follower's view of the leader's versions mark
         self._caught_up = asyncio.Event()
@@ -235,6 +236,7 @@ class Controller:
     async def _follow(self) -> None:
         """Reload everything, then keep it current from the bucket's watch."""
         self._follow_from = None
+        self.acks.follower_bound = lambda: None  # a deposed leader's versions no longer bound
         async with self.lock:
             self._reserved, saved, _ = await self._load()
             self.acks.follower_bound = lambda: self._reserved
