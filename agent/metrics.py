@@ -148,6 +148,9 @@ class AgentMetrics(NoMetrics):
         self.agent: Any = None  # set by ``watch``: what the gauges and readiness read
         self.applies = 0  # HEADs applied (or unchanged) since start: readiness
         self._started: float | None = None
+        # the HEAD begun last is counted: a later head_done (the worker's "failed" for a crash
+        # after the count) adds nothing. None: hooks called without head_started (tests).
+        self._counted: bool | None = None
         self._peers: tuple[Any, ...] = ()
 
     def watch(self, agent: Any) -> None:
@@ -158,9 +161,13 @@ class AgentMetrics(NoMetrics):
     # --- hooks (agent.runner) ----------------------------------------------------------------
 
     def head_started(self) -> None:
-        self._started = time.perf_counter()
+        self._started, self._counted = time.perf_counter(), False
 
     def head_done(self, outcome: str, changes: int = 0) -> None:
+        if self._counted:
+            return
+        if self._counted is not None:  # False: this is the HEAD's first outcome
+            self._counted = True
         self.heads.labels(outcome).inc()
         if changes:
             self.changes_applied.inc()
