@@ -661,30 +661,38 @@ async def bring_up(lab, count: int, budget: float) -> tuple[list[str], dict[str,
 
 
 async def converge_spaced(
-    api: ApiClient, acks: Watch, network: str, hosts: list[str], nodes: list[str], opts, rest: float
-) -> tuple[list[float], str]:
-    """Like ``converge``, alternating a NIC attach and its detach on ``nodes``, each change
-    ``rest`` seconds after the last one converged (the agents' follow-up full read of the
-    kernel, one heartbeat after a write, is over by then)."""
+    api: ApiClient, acks: Watch, network: str, hosts: list[str], node: str, opts, procs, idle
+) -> tuple[list[float], str, dict[str, float]]:
+    """Like ``converge``, alternating a NIC attach on ``node`` and its detach, each change two
+    heartbeats after the last one converged (so the agents start from their steady state).
+    Also the CPU each kind of process spent from the request to the last ack beyond its idle
+    rate ``idle``, per change (``/proc`` is read before the request and after the last ack)."""
     samples: list[float] = []
+    busy = dict.fromkeys(idle, 0.0)
+    per_change = lambda: {k: v / max(len(samples), 1) for k, v in busy.items()}  # noqa: E731
     began = time.perf_counter()
     nic_id = None
     for i in range(opts.runs):
         if time.perf_counter() - began > opts.conv_budget:
-            return samples, f"; stopped at the {opts.conv_budget:.0f} s budget"
-        await asyncio.sleep(rest)
+            return samples, f"; stopped at the {opts.conv_budget:.0f} s budget", per_change()
+        await asyncio.sleep(2 * opts.heartbeat)
         floor = {h: acks.version.get(h, -1) for h in hosts}
+        before = procs.sample()
         start = time.perf_counter()
         if nic_id is None:
-            nic_id = (await api.nic_attach(network, nodes[i // 2 % len(nodes)], f"conv-{i}")).nic.id
+            nic_id = (await api.nic_attach(network, node, f"conv-{i}")).nic.id
         else:
             await api.nic_detach(nic_id)
             nic_id = None
         try:
             samples.append(await acks.beyond(floor, opts.limit) - start)
         except TimeoutError:
-            return samples, f"; change {i + 1} not converged within {opts.limit:.0f} s"
-    return samples, ""
+            note = f"; change {i + 1} not converged within {opts.limit:.0f} s"
+            return samples, note, per_change()
+        spent, window = Processes.delta(before, procs.sample()), time.perf_counter() - start
+        for kind in busy:
+            busy[kind] += spent[kind] - idle[kind] * window
+    return samples, "", per_change()
 
 
 async def real_agents(opts, table: Table) -> None:
@@ -745,17 +753,12 @@ async def real_agents(opts, table: Table) -> None:
                   f" {ms(idle['wireguard-go'] * opts.heartbeat / len(names))} per node")  # fmt: skip
 
         rtt = await api_rtt(api, "scale")
-        rest = 2 * opts.heartbeat
         for network, hosts, what in (("scale", names, f"all {len(names)} nodes host it"),
                                      ("pair", pair, "2 of the nodes host it")):  # fmt: skip
-            before, t = procs.sample(), time.perf_counter()
-            result = await converge_spaced(api, acks, network, hosts, pair[:1], opts, rest)
-            took, spent = time.perf_counter() - t, Processes.delta(before, procs.sample())
-            changes = max(len(result[0]), 1)
-            busy = {k: (spent[k] - idle[k] * took) / changes for k in spent}
-            report_convergence(table, f"{label}, NIC attach/detach, {what}", result, rtt,
-                               f"; CPU per change beyond idle: agents {ms(busy['agent'])},"
-                               f" wireguard-go {ms(busy['wireguard-go'])}")  # fmt: skip
+            *result, busy = await converge_spaced(api, acks, network, hosts, pair[0], opts, procs, idle)  # fmt: skip
+            report_convergence(table, f"{label}, NIC attach/detach, {what}", tuple(result), rtt,
+                               f"; CPU from request to last ack beyond idle, per change: agents"
+                               f" {ms(busy['agent'])}, their wireguard-go {ms(busy['wireguard-go'])}")  # fmt: skip
     finally:
         await lab.down()
 
