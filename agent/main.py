@@ -18,7 +18,7 @@ from agent.announce import Announcer
 from agent.kernel_events import KernelEvents
 from agent.links.applier import LinkApplier
 from agent.links.netlink import NetlinkLinks
-from agent.metrics import AgentMetrics, CountingBus, CountingLinks
+from agent.metrics import PEER_SERIES, AgentMetrics, CountingBus, CountingLinks
 from agent.netlink_thread import NetlinkThread
 from agent.nft.applier import NftApplier
 from agent.runner import Agent, AgentConfig
@@ -87,6 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
     )
     add_metrics(p)  # off by default: compose turns it on
+    option(
+        p,
+        "--metrics-peer-series",
+        "OTHERIX_METRICS_PEER_SERIES",
+        str(PEER_SERIES),
+        "WireGuard handshake-age series at most, one per peer, the oldest handshakes first"
+        " (a fleet-wide series count grows as nodes squared otherwise)",
+        type=int,
+    )
     args = p.parse_args(argv)
     if not naming.valid_id(args.node):
         p.error(f"--node {args.node!r}: use 1-63 lowercase letters, digits and '-'")
@@ -99,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--wg-port {args.wg_port}: not a UDP port")
     if not 0.1 <= args.health_interval <= 3600:
         p.error(f"--health-interval {args.health_interval}: must be between 0.1 and 3600 seconds")
+    if not 0 <= args.metrics_peer_series <= 100_000:
+        p.error(f"--metrics-peer-series {args.metrics_peer_series}: must be between 0 and 100000")
     return args
 
 
@@ -117,7 +128,9 @@ async def run(args: argparse.Namespace) -> None:
     secure_state_dir(args.state_dir)  # it holds the node's private key
     netlink = NetlinkThread()  # the one rtnetlink socket: links, FDB and otwg0's link
     netlink.start()
-    metrics = AgentMetrics()  # counted always (it costs next to nothing), served on request
+    metrics = AgentMetrics(
+        args.metrics_peer_series
+    )  # counted always (it costs next to nothing), served on request
     try:
         probes = await serve_probes(args.metrics_address, metrics, netlink)
     except OSError as e:

@@ -11,6 +11,7 @@ whose hooks do nothing, so tests and the hollow-agent bench run unchanged.
 It only counts and reads: it never writes to the kernel or the bus, and never decides anything.
 """
 
+import heapq
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -72,6 +73,18 @@ def handshake_ages(peers: Iterable[Any], now: float) -> dict[str, float]:
     }
 
 
+PEER_SERIES = 256  # per-peer handshake series by default: a whole mesh up to this size
+
+
+def worst_ages(ages: dict[str, float], limit: int) -> dict[str, float]:
+    """The ``limit`` peers with the oldest handshakes (all of them when there are no more):
+    per-peer series would be nodes² across a large fleet, and the stale peers are the ones an
+    operator looks for."""
+    if len(ages) <= limit:
+        return ages
+    return dict(heapq.nlargest(limit, ages.items(), key=lambda kv: kv[1]))
+
+
 def netlink_requests(result: ApplyResult[Any]) -> int:
     """Write requests one executed plan sent: the writes made, plus those the kernel refused
     (an error with an errno; a foreign device or a bad value is refused before sending)."""
@@ -101,7 +114,8 @@ NO_METRICS = NoMetrics()
 
 
 class AgentMetrics(NoMetrics):
-    def __init__(self) -> None:
+    def __init__(self, peer_series: int = PEER_SERIES) -> None:
+        self.peer_series = peer_series  # at most this many handshake-age series (the oldest)
         self.registry = r = CollectorRegistry()
         self.apply_duration = Histogram(
             "otherix_agent_apply_duration_seconds", "one HEAD handled to its ack (applied or refused)",
@@ -129,6 +143,16 @@ class AgentMetrics(NoMetrics):
             "seconds since the latest handshake with a peer (node name); absent before the first",
             ["peer"], registry=r,
         )  # fmt: skip
+        self.handshake_age_max = Gauge(
+            "otherix_agent_wireguard_handshake_age_max_seconds",
+            "seconds since the oldest latest-handshake among the peers that have had one",
+            registry=r,
+        )
+        self.peers_without_handshake = Gauge(
+            "otherix_agent_wireguard_peers_without_handshake",
+            "peers on otwg0 never shaken hands with since wireguard started",
+            registry=r,
+        )
         self.applied_version = Gauge(
             "otherix_agent_applied_version",
             "desired-state version the data plane holds",
@@ -200,8 +224,11 @@ class AgentMetrics(NoMetrics):
         self.applied_version.set(agent.applied.version)
         self.nft_rules.set(getattr(agent.nft, "rule_count", 0))
         self.wireguard_peers.set(len(self._peers))
+        ages = handshake_ages(self._peers, time.time())
+        self.handshake_age_max.set(max(ages.values(), default=0.0))
+        self.peers_without_handshake.set(sum(p.latest_handshake <= 0 for p in self._peers))
         self.handshake_age.clear()  # a peer that went has no series any more
-        for peer, age in handshake_ages(self._peers, time.time()).items():
+        for peer, age in worst_ages(ages, self.peer_series).items():
             self.handshake_age.labels(peer).set(age)
 
     def ready(self) -> str | None:

@@ -3,6 +3,7 @@ netlink writes through the links kernel, bus bytes by kind, the scrape-time gaug
 The same figures over real HTTP from a real agent: tests/e2e/test_agent_metrics.py."""
 
 import errno
+import time
 
 import msgspec
 import pytest
@@ -177,3 +178,31 @@ def test_an_agent_without_metrics_counts_nothing(tmp_path):
     """The default: hooks that do nothing, shared, with no registry (tests, the hollow bench)."""
     agent = untouchable_agent(tmp_path)
     assert agent.metrics is NO_METRICS and not hasattr(agent.metrics, "registry")
+
+
+def test_a_large_mesh_exports_only_its_oldest_handshakes_and_the_aggregates():
+    """Per-peer series are capped (nodes² across a fleet otherwise): the oldest handshakes keep
+    theirs, and the maximum age and the peers never shaken hands with cover the rest."""
+    now = time.time()
+    peers = [
+        PeerHealth(public_key=f"k{i}", node=f"n{i}", latest_handshake=now - i) for i in range(1, 11)
+    ] + [PeerHealth(public_key="k0", node="n0")]
+    metrics = AgentMetrics(peer_series=3)
+    metrics.watch(untouchable_agent_with_nft())
+    metrics.peers_read(peers)
+    metrics.refresh()
+    labelled = {
+        s.labels["peer"]
+        for m in metrics.registry.collect()
+        if m.name == "otherix_agent_wireguard_handshake_age_seconds"
+        for s in m.samples
+    }
+    assert labelled == {"n10", "n9", "n8"}
+    assert value(metrics, "otherix_agent_wireguard_handshake_age_max_seconds") >= 10
+    assert value(metrics, "otherix_agent_wireguard_peers_without_handshake") == 1
+    assert value(metrics, "otherix_agent_wireguard_peers") == 11
+    everyone = AgentMetrics()  # the default: a whole small mesh, every peer
+    everyone.watch(untouchable_agent_with_nft())
+    everyone.peers_read(peers)
+    everyone.refresh()
+    assert value(everyone, "otherix_agent_wireguard_handshake_age_seconds", peer="n1") is not None

@@ -42,6 +42,8 @@ AGENT = {
     "otherix_agent_nft_rules",
     "otherix_agent_wireguard_peers",
     "otherix_agent_wireguard_handshake_age_seconds",
+    "otherix_agent_wireguard_handshake_age_max_seconds",
+    "otherix_agent_wireguard_peers_without_handshake",
     "otherix_agent_applied_version",
     "otherix_agent_bus_published_bytes",
     "otherix_agent_connected",
