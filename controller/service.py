@@ -148,6 +148,8 @@ class Controller:
     def refresh_metrics(self) -> None:
         """The gauges read at a scrape: nodes by state, the highest desired version."""
         desired = self.versions if self.leading else self._saved
+        # the lease, not the write service: a leader woken from a freeze reads 0 at once
+        self.metrics.leader.set(int(self.leading and self.lease.holds(time.monotonic())))
         self.metrics.refresh(
             self.intent.nodes.values(), self.tracker, desired, self.clock(), self.stale_after
         )

@@ -285,3 +285,18 @@ async def test_a_follower_takes_the_nodes_acks_and_shows_them_converged(nats_ser
         await probes.stop()
         await follower.stop()
         await leader.stop()
+
+
+async def test_the_leader_gauge_follows_the_lease_not_the_write_service(nats_server):
+    """A leader frozen past its lease (its write service still up until its next lease step)
+    must not read 1 next to the new leader's 1."""
+    ctl = await start_controller(nats_server, heartbeat=0.2, instance="a")
+    probes = await probes_for(ctl)
+    try:
+        assert fig(await scrape(probes.port), "otherix_controller_leader") == 1
+        ctl.lease.holds = lambda now: False  # as after a freeze longer than the lease
+        assert ctl.leading
+        assert fig(await scrape(probes.port), "otherix_controller_leader") == 0
+    finally:
+        await probes.stop()
+        await ctl.stop()

@@ -112,3 +112,35 @@ async def test_a_client_that_never_reads_its_answer_is_cut_off(monkeypatch):
     finally:
         sock.close()
         await server.stop()
+
+
+async def test_scrapes_in_a_loop_reuse_a_costly_exposition():
+    """A scrape that took 50 ms is answered again for the next ~0.5 s instead of being made
+    anew (the loop belongs to the heartbeat); a cheap one is made for every scrape."""
+    made = []
+
+    def costly() -> None:
+        made.append(time.monotonic())
+        time.sleep(0.05)
+
+    server = ProbeServer(CollectorRegistry(), refresh=costly)
+    await server.start("127.0.0.1", 0)
+    try:
+        for _ in range(5):
+            assert (await get(server.port, "/metrics"))[0] == 200
+        assert len(made) < 5
+        await asyncio.sleep(0.6)
+        await get(server.port, "/metrics")
+        assert len(made) >= 2  # made anew once the reuse window passed
+    finally:
+        await server.stop()
+    cheap = []
+    server = ProbeServer(CollectorRegistry(), refresh=lambda: cheap.append(1))
+    await server.start("127.0.0.1", 0)
+    try:
+        for _ in range(3):
+            await asyncio.sleep(0.05)
+            await get(server.port, "/metrics")
+        assert len(cheap) == 3
+    finally:
+        await server.stop()
