@@ -26,7 +26,7 @@ from agent.state import secure_state_dir
 from agent.wireguard.applier import WireGuardApplier
 from agent.wireguard.keys import InvalidKey, load_or_create_private_key
 from schemas import naming
-from schemas.bus import BusConfigError, Reconnect
+from schemas.bus import BusConfigError, Reconnect, connect_patiently
 from schemas.options import add_common, add_metrics, connect_kwargs, env, option, setup_logging
 from schemas.probes import ProbeServer
 
@@ -175,7 +175,7 @@ async def serve(args: argparse.Namespace, netlink: NetlinkThread, metrics: Agent
     # an agent started while nats-server is down keeps trying (back-off with jitter), and a
     # SIGTERM meanwhile ends it cleanly
     bus = Reconnect(f"agent {args.node}")
-    connecting = asyncio.ensure_future(nats.connect(args.nats, **kwargs, **bus.kwargs()))
+    connecting = asyncio.ensure_future(connect_patiently(args.nats, bus, **kwargs))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not connecting.done():

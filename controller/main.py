@@ -17,7 +17,7 @@ from controller.metrics import ControllerMetrics
 from controller.service import Controller
 from controller.store import BUCKET, Store
 from schemas import naming
-from schemas.bus import BusConfigError, Reconnect
+from schemas.bus import BusConfigError, Reconnect, connect_patiently
 from schemas.options import add_common, add_metrics, connect_kwargs, option, setup_logging
 from schemas.probes import ProbeServer
 
@@ -143,7 +143,7 @@ async def run(args: argparse.Namespace) -> None:
 
 async def serve(args: argparse.Namespace, metrics: ControllerMetrics, probes: Probes) -> None:
     bus = Reconnect("controller")
-    nc = await nats.connect(args.nats, **connect_kwargs(args, args.instance), **bus.kwargs())
+    nc = await connect_patiently(args.nats, bus, **connect_kwargs(args, args.instance))
     bus.connected_to(nc)
     probes.waiting = "connected to NATS; opening the intent bucket"
     store = await open_store(nc, args.bucket, args.replicas)

@@ -14,6 +14,7 @@ failed try, so both get their delay from the pure ``backoff`` here.
 """
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -185,3 +186,33 @@ class Reconnect:
     async def on_reconnected(self) -> None:
         log.info("%s: reconnected to the bus after %d failed tries", self.who, self.failures)
         self.failures, self.down = 0, False
+
+
+STALLED_CONNECT = 15.0  # seconds: above the longest normal gap between two first-connect tries
+
+
+async def connect_patiently(servers: list[str], bus: Reconnect, connect=None, **kwargs):
+    """``nats.connect`` with ``bus``'s keywords until it succeeds. nats-py 2.16 can hang for
+    ever after a failed first try over TLS (closing the half-made TLS transport waits on it
+    with no timeout), so a connect whose tries stopped (no new failure for
+    ``STALLED_CONNECT`` seconds) is cancelled and begun anew."""
+    if connect is None:
+        import nats
+
+        connect = nats.connect
+    while True:
+        task = asyncio.ensure_future(connect(servers, **kwargs, **bus.kwargs()))
+        try:
+            while True:
+                tried = bus.failures
+                done, _ = await asyncio.wait({task}, timeout=STALLED_CONNECT)
+                if done:
+                    return task.result()
+                if bus.failures == tried:
+                    log.warning("%s: connecting stalled; starting over", bus.who)
+                    break
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task

@@ -1,5 +1,6 @@
 """The bus back-off schedule and what the reconnect policy does with nats-py's callbacks."""
 
+import asyncio
 import logging
 from types import SimpleNamespace
 
@@ -71,3 +72,31 @@ async def test_slow_consumer_drops_are_counted_and_logged_once(caplog):
             await policy.on_error(nats_errors.SlowConsumerError("otherix.v1.ack.n1", "", 1, None))
     assert policy.slow_consumer["otherix.v1.ack.n1"] == 500
     assert len(caplog.records) == 1
+
+
+async def test_a_first_connect_that_hangs_after_a_failed_try_is_begun_anew(monkeypatch):
+    """nats-py can hang for ever closing a half-made TLS transport after a failed first try:
+    a connect whose tries stopped is cancelled and started again, and one that keeps trying
+    (the server still down) is left to go on."""
+    from schemas import bus as bus_module
+
+    monkeypatch.setattr(bus_module, "STALLED_CONNECT", 0.2)
+    calls, cancelled = [], []
+
+    async def connect(servers, error_cb, **kw):
+        calls.append(servers)
+        if len(calls) == 1:  # fails once, then hangs as nats-py did
+            await error_cb(OSError("connection reset"))
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+        for _ in range(3):  # still trying, slowly: not stalled
+            await asyncio.sleep(0.1)
+            await error_cb(OSError("refused"))
+        return "connected"
+
+    bus = Reconnect("agent n1", base=0.001, cap=0.001)
+    nc = await asyncio.wait_for(bus_module.connect_patiently(["nats://x"], bus, connect), 5)
+    assert nc == "connected" and len(calls) == 2 and cancelled == [True]
