@@ -6,6 +6,9 @@ so no link is read twice; ``plan(desired, observed)`` is pure; ``apply(plan)`` w
 returns an ``ApplyResult``. An equal state plans nothing and ``apply`` of an empty plan makes no
 write, so a no-op heartbeat makes zero netlink writes.
 
+A snapshot that only gains and loses FDB entries of the last one is not planned by a subsystem
+those entries do not concern (``fdb_reads``, ``concerned``): its desired state is unchanged.
+
 ``reconcile(..., quiet=True)`` plans against the observation of the subsystem's last reconcile,
 without reading the kernel, when that reconcile wrote nothing and failed nothing: the caller
 says the kernel has not changed since (``agent.steady``, from kernel notifications).
@@ -13,11 +16,13 @@ says the kernel has not changed since (``agent.steady``, from kernel notificatio
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar
 
 from agent.errors import ApplyResult
 from agent.links.model import Observed
+from agent.validate import FLOOD_MAC, FdbDelta
 from schemas.desired import Snapshot
 
 D, Obs, P, R = TypeVar("D"), TypeVar("Obs"), TypeVar("P"), TypeVar("R")
@@ -26,6 +31,18 @@ D, Obs, P, R = TypeVar("D"), TypeVar("Obs"), TypeVar("P"), TypeVar("R")
 class Subsystem(ABC, Generic[D, Obs, P, R]):
     name: str
     _quiet_observed: Any = None  # the last observation when its reconcile changed nothing
+    # what ``desired`` reads of the VXLANs' FDB: "entries" (every one), "destinations" (the set
+    # of each VXLAN's destinations, i.e. its flood entries: one per destination), or "nothing"
+    fdb_reads = "entries"
+
+    def concerned(self, changes: Iterable[FdbDelta]) -> bool:
+        """Whether a snapshot that differs from the last reconciled one only by these FDB
+        entries gained and lost may have another ``desired`` state (see ``fdb_reads``)."""
+        if self.fdb_reads == "nothing":
+            return False
+        if self.fdb_reads == "destinations":
+            return any(e.mac == FLOOD_MAC for c in changes for e in (*c.gained, *c.lost))
+        return True
 
     @abstractmethod
     def desired(self, snapshot: Snapshot) -> D | None: ...
