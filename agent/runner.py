@@ -443,6 +443,7 @@ class Agent:
         seen: Observed | None,
         check: bool = False,
         quiet: bool = False,
+        change: dict[str, FdbChange] | None = None,
     ) -> tuple[ApplyResult | None, list[ApplyError]]:
         try:
             desired = sub.desired(snap)
@@ -451,7 +452,7 @@ class Agent:
             if check:  # WireGuard's cheap read for a heartbeat without news
                 result = await sub.check(desired, seen)
             else:
-                result = await sub.reconcile(desired, seen, quiet=quiet)
+                result = await sub.reconcile(desired, seen, quiet=quiet, change=change)
         except ApplyError as e:
             return None, [e]
         except ValueError as e:  # the plan refused the snapshot: nothing was written
@@ -497,7 +498,9 @@ class Agent:
             check = quiet and sub is self.wireguard  # its link is in ``seen``, its peers are read
             if quiet and change is not None and not check and not sub.concerned(change.values()):
                 continue
-            result, failed = await self._reconcile_one(sub, snap, seen, check=check, quiet=quiet)
+            result, failed = await self._reconcile_one(
+                sub, snap, seen, check=check, quiet=quiet, change=change
+            )
             errors += failed
             if result is None:
                 continue

@@ -16,7 +16,7 @@ says the kernel has not changed since (``agent.steady``, from kernel notificatio
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar
 
@@ -65,17 +65,30 @@ class Subsystem(ABC, Generic[D, Obs, P, R]):
         notify about (WireGuard) is asked, and checks itself here; by default in full."""
         return await self.reconcile(desired, seen)
 
+    def plan_change(self, desired: D, observed: Obs, changes: Mapping[str, FdbDelta]) -> P | None:
+        """``plan`` of a snapshot that differs from the last one planned against ``observed``
+        (with nothing left to do) only by FDB entries gained and lost, in work proportional to
+        them; None: plan it whole (the default)."""
+        return None
+
     async def reconcile(
-        self, desired: D, seen: Observed | None = None, *, quiet: bool = False
+        self,
+        desired: D,
+        seen: Observed | None = None,
+        *,
+        quiet: bool = False,
+        change: Mapping[str, FdbDelta] | None = None,
     ) -> ApplyResult[R]:
         """observe → plan → apply; a ``ValueError`` from ``plan`` means nothing was written.
-        ``quiet``: the kernel has not changed since the last reconcile (see the docstring)."""
+        ``quiet``: the kernel has not changed since the last reconcile (see the docstring);
+        ``change`` (quiet only): the FDB entries that alone changed since (``plan_change``)."""
         async with self.exclusive():
             observed = self._quiet_observed if quiet else None
             self._quiet_observed = None  # until this reconcile is known to change nothing
             if observed is None:
                 observed = await self.observe(seen)
-            result = await self.apply(self.plan(desired, observed))
+            plan = self.plan_change(desired, observed, change) if quiet and change else None
+            result = await self.apply(plan if plan is not None else self.plan(desired, observed))
             if not result.writes and not result.errors:
                 self._quiet_observed = observed
             return result

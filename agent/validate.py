@@ -83,18 +83,19 @@ def check_snapshot(snap: Snapshot, known: Snapshot | None = None) -> "Checked":
 
 
 class FdbDelta(Protocol):
-    """One VXLAN's change (``agent.assemble.FdbChange``): entries gained and lost, and per
-    unicast MAC the destinations its whole FDB now has (``view.dsts``)."""
+    """One VXLAN's change (``agent.assemble.FdbChange``): entries gained and lost, and its
+    whole FDB now (``view``)."""
 
     gained: frozenset[FdbEntry]
     lost: frozenset[FdbEntry]
 
     @property
-    def view(self) -> "_HasDsts": ...
+    def view(self) -> "FdbIndex": ...
 
 
-class _HasDsts(Protocol):
-    dsts: dict[str, set[str]]
+class FdbIndex(Protocol):
+    counts: dict[FdbEntry, int]  # every entry (with how many items give it)
+    dsts: dict[str, set[str]]  # unicast MAC -> its destinations
 
 
 def check_fdb_change(
