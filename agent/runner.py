@@ -14,6 +14,12 @@ heartbeat with the content last reconciled is skipped (no decode, no validation,
 write; only WireGuard, which has no notifications, is read), and a new snapshot is planned
 against that read; FDB-only writes are then known from their echoes (``links.plan.advance``)
 instead of read back. Health counts heartbeats skipped (no full read) and full ones.
+
+A change costs what it changes: when a HEAD only gains and loses FDB entries of the snapshot
+last applied cleanly (``agent.assemble.Assembler.change``), only those entries are checked
+(``agent.validate.check_fdb_change``; anything it is not sure of goes through the whole check,
+so refusals read the same) and, in a quiet heartbeat, planned (``Subsystem.plan_change``; a
+subsystem they do not concern is not planned at all).
 """
 
 import asyncio
