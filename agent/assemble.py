@@ -9,10 +9,19 @@ announced, so a dropped, duplicated or reordered message is ignored, never half-
 at the HEAD's digest (never a mix of old and new), into the ``Snapshot`` the validation gate and
 the appliers have always taken.
 
+A change costs what it changes: each VNI section's FDB is kept as ``build`` makes it, entry by
+entry (``FdbView``: reference counts, sorted), and the parts built from the node and mesh
+sections are reused while their digests stay, so assembling after a one-entry delta touches one
+entry (plus a copy of that VXLAN's tuple) and shares every unchanged part, by identity, with the
+snapshot before. ``change`` tells the runner what changed since the snapshot it last ``mark``ed:
+the FDB entries gained and lost per VXLAN when nothing else did, else None (then everything is
+checked and planned whole).
+
 No I/O, no clock, no logging: ``complete`` fetches through the callable it is given
 (``agent.runner`` passes a ``section.get`` request).
 """
 
+from bisect import bisect_left, insort
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -40,6 +49,7 @@ from schemas.wire import (
     digest_of,
     item_hash,
     item_key,
+    section_vni,
     sub_hash,
     vni_section,
 )
@@ -94,11 +104,123 @@ def _whole(version: int, items: Iterable[tuple[Item, int]]) -> Held:
     return held
 
 
+class FdbView:
+    """One VNI section's FDB as ``build`` makes it for this node, kept item by item: every
+    entry with the number of items that give it (a destination's flood entry is shared), in
+    sorted order, each unicast MAC's destinations, and the entries gained and lost since
+    ``mark`` (a journal of net changes)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[FdbEntry, int] = {}
+        self.order: list[FdbEntry] = []
+        self.dsts: dict[str, set[str]] = {}  # unicast MAC -> destinations (one, when valid)
+        self.gained: set[FdbEntry] = set()
+        self.lost: set[FdbEntry] = set()
+        self._fdb: tuple[FdbEntry, ...] | None = ()
+
+    @property
+    def fdb(self) -> tuple[FdbEntry, ...]:
+        if self._fdb is None:
+            self._fdb = tuple(self.order)
+        return self._fdb
+
+    def add(self, entry: FdbEntry) -> None:
+        count = self.counts.get(entry, 0)
+        self.counts[entry] = count + 1
+        if count:
+            return
+        insort(self.order, entry)
+        self._fdb = None
+        if entry.mac != FLOOD_MAC:
+            self.dsts.setdefault(entry.mac, set()).add(entry.dst)
+        if entry in self.lost:
+            self.lost.discard(entry)
+        else:
+            self.gained.add(entry)
+
+    def remove(self, entry: FdbEntry) -> None:
+        count = self.counts[entry]
+        if count > 1:
+            self.counts[entry] = count - 1
+            return
+        del self.counts[entry]
+        del self.order[bisect_left(self.order, entry)]
+        self._fdb = None
+        if entry.mac != FLOOD_MAC:
+            dsts = self.dsts[entry.mac]
+            dsts.discard(entry.dst)
+            if not dsts:
+                del self.dsts[entry.mac]
+        if entry in self.gained:
+            self.gained.discard(entry)
+        else:
+            self.lost.add(entry)
+
+
+def fdb_entries(node: str, item: Item) -> tuple[FdbEntry, ...]:
+    """What one VNI section item adds to this node's FDB: a remote NIC's entry and the flood
+    entry of its destination; nothing for this node's own NICs."""
+    if isinstance(item, FdbItem) and item.node != node:
+        return (FdbEntry(mac=FLOOD_MAC, dst=item.dst), FdbEntry(mac=item.mac, dst=item.dst))
+    return ()
+
+
+@dataclass
+class FdbChange:
+    """One VXLAN's FDB entries gained and lost since the snapshot last marked, and its view."""
+
+    gained: frozenset[FdbEntry]
+    lost: frozenset[FdbEntry]
+    view: FdbView
+
+
 class Assembler:
     def __init__(self, node: str):
         self.node = node
         self.held: dict[str, Held] = {}
         self._pages: dict[str, _Pages] = {}
+        self.views: dict[str, FdbView] = {}  # per VNI section
+        # parts built from the node and mesh sections, by section digest, and the VXLANs built
+        self._parts: dict[str, tuple[str, object]] = {}
+        self._vxlans: dict[str, tuple[VxlanItem, tuple[FdbEntry, ...], Vxlan]] = {}
+        self._wireguard: WireGuard | None = None
+        # since ``mark``: only VNI sections changed, and only by deltas
+        self._settled = False
+
+    def mark(self) -> None:
+        """The state now held is the base of the next ``change`` (the runner marks the snapshot
+        it applied)."""
+        for view in self.views.values():
+            view.gained.clear()
+            view.lost.clear()
+        self._settled = True
+
+    def change(self) -> dict[str, FdbChange] | None:
+        """Since ``mark``: the FDB entries each VXLAN gained and lost, by VXLAN name, when
+        nothing but VNI sections' items changed (deltas, on the sections the HEAD names); None
+        when anything else may have (then the caller checks and plans the whole state)."""
+        if not self._settled:
+            return None
+        node = self.held.get(NODE_SECTION)
+        if node is None:
+            return None
+        out = {}
+        for item in node.items.values():
+            if isinstance(item, VxlanItem):
+                view = self.views.get(vni_section(item.vni))
+                if view is not None and (view.gained or view.lost):
+                    out[item.name] = FdbChange(frozenset(view.gained), frozenset(view.lost), view)
+        return out
+
+    def _replaced(self, name: str, held: Held) -> None:
+        """A section held anew (whole): its FDB view is rebuilt and the journal is void."""
+        self._settled = False
+        if section_vni(name) is None:
+            return
+        view = self.views[name] = FdbView()
+        for item in held.items.values():
+            for entry in fdb_entries(self.node, item):
+                view.add(entry)
 
     def offer(self, data: SectionData) -> bool:
         """Keep ``data`` if it yields the announced digest from what is held; True if kept.
@@ -114,6 +236,7 @@ class Assembler:
         if fresh.digest != data.digest:
             return False
         self.held[data.name] = fresh
+        self._replaced(data.name, fresh)
         return True
 
     def _apply_delta(self, held: Held | None, data: SectionData) -> bool:
@@ -128,11 +251,20 @@ class Assembler:
             total = add_hash(total, h)
         if digest_of(total) != data.digest:
             return False  # not what the controller has: fetch the whole section
-        for key in data.removals:
-            held.items.pop(key, None)
+        view = self.views.get(data.name)
+        if view is None:
+            self._settled = False  # the node's own part or the mesh: checked whole
+        for key in {*data.removals, *ups}:
+            old = held.items.pop(key, None)
             held.hashes.pop(key, None)
+            if view is not None and old is not None:
+                for entry in fdb_entries(self.node, old):
+                    view.remove(entry)
         for key, (item, h) in ups.items():
             held.items[key], held.hashes[key] = item, h
+            if view is not None:
+                for entry in fdb_entries(self.node, item):
+                    view.add(entry)
         held.total, held.version = total, data.version
         return True
 
@@ -154,6 +286,7 @@ class Assembler:
         if fresh.digest != data.digest:
             return False
         self.held[data.name] = fresh
+        self._replaced(data.name, fresh)
         return True
 
     def next_page(self, name: str) -> tuple[int, int] | None:
@@ -189,14 +322,44 @@ class Assembler:
         wanted = {r.name for r in head.refs}
         for name in [n for n in self.held if n not in wanted]:
             del self.held[name]
+            self.views.pop(name, None)
+            self._settled = False
         for name in [n for n in self._pages if n not in wanted]:
             del self._pages[name]
 
     def snapshot(self, head: Head) -> Snapshot | None:
-        """The whole state at the HEAD, or None while any section is missing."""
+        """The whole state at the HEAD, or None while any section is missing: ``build``'s
+        result, from the parts kept (equal to ``build`` of the held items, tested)."""
         if self.missing(head):
             return None
-        return build(self.node, head, {r.name: self.held[r.name].items.values() for r in head.refs})
+        names = {r.name for r in head.refs}
+        own = self._part(NODE_SECTION, names, lambda items: _own_part(list(items)))
+        peers = self._part(MESH_SECTION, names, lambda items: _peers(self.node, items))
+        settings, wg, bridges, taps, nat, vxlan_items = own
+        vxlans = []
+        for v in vxlan_items:
+            view = self.views.get(vni_section(v.vni))
+            fdb = view.fdb if view is not None and vni_section(v.vni) in names else ()
+            kept = self._vxlans.get(v.name)
+            if kept is None or kept[0] != v or kept[1] is not fdb:
+                kept = self._vxlans[v.name] = (v, fdb, _vxlan(v, fdb))
+            vxlans.append(kept[2])
+        for name in [n for n in self._vxlans if n not in {v.name for v in vxlan_items}]:
+            del self._vxlans[name]
+        snap = _snapshot(self.node, head, settings, wg, bridges, taps, nat, vxlans, peers)
+        if snap.wireguard is not None:  # the same object while it stays the same
+            if self._wireguard is not None and self._wireguard == snap.wireguard:
+                return msgspec.structs.replace(snap, wireguard=self._wireguard)
+            self._wireguard = snap.wireguard
+        return snap
+
+    def _part(self, name: str, names: set[str], make: Callable[[Iterable[Item]], object]):
+        held = self.held.get(name) if name in names else None
+        digest = held.digest if held is not None else ""
+        kept = self._parts.get(name)
+        if kept is None or kept[0] != digest:
+            kept = self._parts[name] = (digest, make(held.items.values() if held else ()))
+        return kept[1]
 
 
 Fetch = Callable[[SectionGet], Awaitable[SectionData]]
@@ -234,52 +397,55 @@ async def complete(assembler: Assembler, head: Head, fetch: Fetch) -> Snapshot |
 
 def build(node: str, head: Head, sections: dict[str, Iterable[Item]]) -> Snapshot:
     """Pure assembly: the node's own section, plus its VNIs' FDB and the mesh without itself."""
-    own = list(sections.get(NODE_SECTION, ()))
-    settings = next((i for i in own if isinstance(i, Settings)), Settings())
-    wg = next((i for i in own if isinstance(i, WgItem)), None)
+    settings, wg, bridges, taps, nat, vxlan_items = _own_part(list(sections.get(NODE_SECTION, ())))
     vxlans = []
-    for v in sorted((i for i in own if isinstance(i, VxlanItem)), key=lambda v: v.name):
-        fdb: set[FdbEntry] = set()
-        for entry in sections.get(vni_section(v.vni), ()):
-            if isinstance(entry, FdbItem) and entry.node != node:
-                fdb.add(FdbEntry(mac=FLOOD_MAC, dst=entry.dst))
-                fdb.add(FdbEntry(mac=entry.mac, dst=entry.dst))
-        vxlans.append(
-            Vxlan(
-                name=v.name,
-                vni=v.vni,
-                bridge=v.bridge,
-                local=v.local,
-                mtu=v.mtu,
-                port=v.port,
-                fdb=tuple(sorted(fdb)),
-            )
-        )
+    for v in vxlan_items:
+        fdb = {e for i in sections.get(vni_section(v.vni), ()) for e in fdb_entries(node, i)}
+        vxlans.append(_vxlan(v, tuple(sorted(fdb))))
+    peers = _peers(node, sections.get(MESH_SECTION, ()))
+    return _snapshot(node, head, settings, wg, bridges, taps, nat, vxlans, peers)
+
+
+def _own_part(own: list[Item]):
+    """The node section's part of a snapshot: settings, WireGuard, bridges, taps, NAT subnets
+    and VXLAN items, each sorted as the snapshot lists them."""
+    return (
+        next((i for i in own if isinstance(i, Settings)), Settings()),
+        next((i for i in own if isinstance(i, WgItem)), None),
+        tuple(
+            sorted((_as(Bridge, i) for i in own if isinstance(i, BridgeItem)), key=lambda b: b.name)
+        ),
+        tuple(sorted((_as(Tap, i) for i in own if isinstance(i, TapItem)), key=lambda t: t.name)),
+        tuple(sorted(i.subnet for i in own if isinstance(i, NatItem))),
+        sorted((i for i in own if isinstance(i, VxlanItem)), key=lambda v: v.name),
+    )
+
+
+def _peers(node: str, items: Iterable[Item]) -> tuple[WgPeer, ...]:
+    return tuple(
+        sorted(_as(WgPeer, p) for p in items if isinstance(p, PeerItem) and p.node != node)
+    )
+
+
+def _vxlan(v: VxlanItem, fdb: tuple[FdbEntry, ...]) -> Vxlan:
+    return Vxlan(
+        name=v.name, vni=v.vni, bridge=v.bridge, local=v.local, mtu=v.mtu, port=v.port, fdb=fdb
+    )
+
+
+def _snapshot(node, head, settings, wg, bridges, taps, nat, vxlans, peers) -> Snapshot:
     wireguard = None
     if wg is not None:
-        peers = sorted(
-            _as(WgPeer, p)
-            for p in sections.get(MESH_SECTION, ())
-            if isinstance(p, PeerItem) and p.node != node
-        )
         wireguard = WireGuard(
-            name=wg.name,
-            address=wg.address,
-            listen_port=wg.listen_port,
-            mtu=wg.mtu,
-            peers=tuple(peers),
+            name=wg.name, address=wg.address, listen_port=wg.listen_port, mtu=wg.mtu, peers=peers
         )
     return Snapshot(
         node=node,
         version=head.version,
         underlay_mtu=settings.underlay_mtu,
-        bridges=tuple(
-            sorted((_as(Bridge, i) for i in own if isinstance(i, BridgeItem)), key=lambda b: b.name)
-        ),
-        taps=tuple(
-            sorted((_as(Tap, i) for i in own if isinstance(i, TapItem)), key=lambda t: t.name)
-        ),
-        nat_subnets=tuple(sorted(i.subnet for i in own if isinstance(i, NatItem))),
+        bridges=bridges,
+        taps=taps,
+        nat_subnets=nat,
         vxlans=tuple(vxlans),
         wireguard=wireguard,
         infrastructure=settings.infrastructure,

@@ -14,6 +14,12 @@ heartbeat with the content last reconciled is skipped (no decode, no validation,
 write; only WireGuard, which has no notifications, is read), and a new snapshot is planned
 against that read; FDB-only writes are then known from their echoes (``links.plan.advance``)
 instead of read back. Health counts heartbeats skipped (no full read) and full ones.
+
+A change costs what it changes: when a HEAD only gains and loses FDB entries of the snapshot
+last applied cleanly (``agent.assemble.Assembler.change``), only those entries are checked
+(``agent.validate.check_fdb_change``; anything it is not sure of goes through the whole check,
+so refusals read the same) and, in a quiet heartbeat, planned (``Subsystem.plan_change``; a
+subsystem they do not concern is not planned at all).
 """
 
 import asyncio
@@ -26,7 +32,7 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from agent.announce import Announcer
-from agent.assemble import Assembler, BadSection, complete
+from agent.assemble import Assembler, BadSection, FdbChange, complete
 from agent.errors import ApplyError, ApplyResult
 from agent.kernel_events import KernelEvents, NoDrift
 from agent.links.applier import LinkApplier
@@ -38,7 +44,14 @@ from agent.nft.applier import NftApplier
 from agent.state import AppliedState, load_applied, save_applied
 from agent.steady import FULL, QUIET, SKIP, decide, same_snapshot
 from agent.subsystem import Subsystem
-from agent.validate import Rejected, accept_head, check_snapshot, same_content
+from agent.validate import (
+    Checked,
+    Rejected,
+    accept_head,
+    check_fdb_change,
+    check_snapshot,
+    same_content,
+)
 from client.api import ApiClient, ApiError
 from schemas import naming
 from schemas.codec import encode
@@ -111,6 +124,9 @@ class Agent:
         self._clean = False
         self._since_full = 0
         self._writes: dict[str, int] = {}  # per subsystem, in the last reconcile
+        # the snapshot being applied as assembled and checked, and the last one applied cleanly
+        self._assembled: tuple[Snapshot, Checked] | None = None
+        self._base: tuple[Snapshot, Checked] | None = None
 
     async def start(self) -> None:
         # a bounded queue: only the newest snapshot matters, and a flood of duplicates beyond
@@ -298,18 +314,40 @@ class Agent:
                 "agent %s: version %d moved on while fetching", self.config.node, head.version
             )
             return None
-        try:
-            check_snapshot(snap, known=last)
-        except Rejected as e:
-            return await self._refuse(e)
-        return await self.apply_snapshot(snap, raw)
+        change = self._fdb_change(snap)
+        checked = self._base[1] if change is not None and self._base else None
+        if checked is None:
+            try:
+                checked = check_snapshot(snap, known=last)
+            except Rejected as e:
+                return await self._refuse(e)
+        self._assembled = (snap, checked)
+        return await self.apply_snapshot(snap, raw, change=change)
+
+    def _fdb_change(self, snap: Snapshot) -> dict[str, FdbChange] | None:
+        """When ``snap`` only gains and loses FDB entries of the snapshot last applied cleanly
+        and the change passes ``agent.validate.check_fdb_change`` (work proportional to it):
+        the entries per VXLAN. None when that is not so or not sure: the whole snapshot is
+        then checked and planned."""
+        base = self._base
+        if base is None or self._last is None or self._last[1] is not base[0]:
+            return None
+        change = self.assembler.change()
+        if change is None or not check_fdb_change(snap, base[0], base[1], change):
+            return None
+        return change
 
     async def apply_snapshot(
-        self, snap: Snapshot, raw: bytes | None = None, same: bool | None = None
+        self,
+        snap: Snapshot,
+        raw: bytes | None = None,
+        same: bool | None = None,
+        change: dict[str, FdbChange] | None = None,
     ) -> Ack:
         """Reconcile an accepted snapshot as much as this heartbeat needs (``agent.steady``),
         then ack. ``same``: it carries the content last reconciled cleanly; None: compare the
-        assembled snapshot's version and digest with the last one's."""
+        assembled snapshot's version and digest with the last one's. ``change``: it only
+        gains and loses these FDB entries of the last one (``_fdb_change``)."""
         if same is None:
             last = self._last[1] if self._last else None
             same = self.events is not None and same_snapshot(snap, last)
@@ -323,13 +361,19 @@ class Agent:
         if mode == SKIP:
             changes, errors = await self.check_mesh(snap)
         else:
-            changes, errors = await self.reconcile(snap, quiet=mode == QUIET)
+            changes, errors = await self.reconcile(
+                snap, quiet=mode == QUIET, change=change if mode == QUIET else None
+            )
         self.counters["reconciled" if mode == FULL else "skipped"] += 1
         self._since_full = 0 if mode == FULL else self._since_full + 1
         # a heartbeat that wrote is followed by a full one, unless it wrote only FDB entries
         # and the notifications show nothing but their echoes
         self._clean = not errors and (not changes or (mode != SKIP and self._advance()))
         self._last = None if errors else (raw, snap)
+        if not errors and self._assembled is not None and self._assembled[0] is snap:
+            self.assembler.mark()  # the base of the next change (``_fdb_change``)
+            self._base = self._assembled
+        self._assembled = None
         elapsed = (time.perf_counter() - started) * 1000
         self.metrics.reconciled(snap, self.applied, changes, errors)
         self.failures.record(errors)  # the first failure of a kind, then "in sync again"
@@ -414,6 +458,7 @@ class Agent:
         seen: Observed | None,
         check: bool = False,
         quiet: bool = False,
+        change: dict[str, FdbChange] | None = None,
     ) -> tuple[ApplyResult | None, list[ApplyError]]:
         try:
             desired = sub.desired(snap)
@@ -422,7 +467,7 @@ class Agent:
             if check:  # WireGuard's cheap read for a heartbeat without news
                 result = await sub.check(desired, seen)
             else:
-                result = await sub.reconcile(desired, seen, quiet=quiet)
+                result = await sub.reconcile(desired, seen, quiet=quiet, change=change)
         except ApplyError as e:
             return None, [e]
         except ValueError as e:  # the plan refused the snapshot: nothing was written
@@ -432,10 +477,14 @@ class Agent:
             return None, [ApplyError(sub.name, "reconcile", f"{type(e).__name__}: {e}")]
         return result, list(result.errors)
 
-    async def reconcile(self, snap: Snapshot, quiet: bool = False) -> tuple[int, list[ApplyError]]:
+    async def reconcile(
+        self, snap: Snapshot, quiet: bool = False, change: dict[str, FdbChange] | None = None
+    ) -> tuple[int, list[ApplyError]]:
         """Bring every subsystem to the snapshot; report writes and typed errors. ``quiet``: the
         kernel still holds what the last full reconcile read (``agent.steady``): plan against
-        that, reading only WireGuard, which has no notifications."""
+        that, reading only WireGuard, which has no notifications. ``change`` (quiet only): the
+        snapshot is the last one but for these FDB entries; a subsystem they do not concern
+        (``Subsystem.concerned``) is as its last reconcile left it, and is not planned."""
         changes, errors = 0, list[ApplyError]()
         self.links.applied, self._writes = None, {}
         if quiet and self._seen is not None:
@@ -462,7 +511,11 @@ class Agent:
                 )  # fmt: skip
         for sub in self.subsystems:
             check = quiet and sub is self.wireguard  # its link is in ``seen``, its peers are read
-            result, failed = await self._reconcile_one(sub, snap, seen, check=check, quiet=quiet)
+            if quiet and change is not None and not check and not sub.concerned(change.values()):
+                continue
+            result, failed = await self._reconcile_one(
+                sub, snap, seen, check=check, quiet=quiet, change=change
+            )
             errors += failed
             if result is None:
                 continue

@@ -6,6 +6,9 @@ so no link is read twice; ``plan(desired, observed)`` is pure; ``apply(plan)`` w
 returns an ``ApplyResult``. An equal state plans nothing and ``apply`` of an empty plan makes no
 write, so a no-op heartbeat makes zero netlink writes.
 
+A snapshot that only gains and loses FDB entries of the last one is not planned by a subsystem
+those entries do not concern (``fdb_reads``, ``concerned``): its desired state is unchanged.
+
 ``reconcile(..., quiet=True)`` plans against the observation of the subsystem's last reconcile,
 without reading the kernel, when that reconcile wrote nothing and failed nothing: the caller
 says the kernel has not changed since (``agent.steady``, from kernel notifications).
@@ -13,11 +16,13 @@ says the kernel has not changed since (``agent.steady``, from kernel notificatio
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar
 
 from agent.errors import ApplyResult
 from agent.links.model import Observed
+from agent.validate import FLOOD_MAC, FdbDelta
 from schemas.desired import Snapshot
 
 D, Obs, P, R = TypeVar("D"), TypeVar("Obs"), TypeVar("P"), TypeVar("R")
@@ -26,6 +31,18 @@ D, Obs, P, R = TypeVar("D"), TypeVar("Obs"), TypeVar("P"), TypeVar("R")
 class Subsystem(ABC, Generic[D, Obs, P, R]):
     name: str
     _quiet_observed: Any = None  # the last observation when its reconcile changed nothing
+    # what ``desired`` reads of the VXLANs' FDB: "entries" (every one), "destinations" (the set
+    # of each VXLAN's destinations, i.e. its flood entries: one per destination), or "nothing"
+    fdb_reads = "entries"
+
+    def concerned(self, changes: Iterable[FdbDelta]) -> bool:
+        """Whether a snapshot that differs from the last reconciled one only by these FDB
+        entries gained and lost may have another ``desired`` state (see ``fdb_reads``)."""
+        if self.fdb_reads == "nothing":
+            return False
+        if self.fdb_reads == "destinations":
+            return any(e.mac == FLOOD_MAC for c in changes for e in (*c.gained, *c.lost))
+        return True
 
     @abstractmethod
     def desired(self, snapshot: Snapshot) -> D | None: ...
@@ -48,17 +65,30 @@ class Subsystem(ABC, Generic[D, Obs, P, R]):
         notify about (WireGuard) is asked, and checks itself here; by default in full."""
         return await self.reconcile(desired, seen)
 
+    def plan_change(self, desired: D, observed: Obs, changes: Mapping[str, FdbDelta]) -> P | None:
+        """``plan`` of a snapshot that differs from the last one planned against ``observed``
+        (with nothing left to do) only by FDB entries gained and lost, in work proportional to
+        them; None: plan it whole (the default)."""
+        return None
+
     async def reconcile(
-        self, desired: D, seen: Observed | None = None, *, quiet: bool = False
+        self,
+        desired: D,
+        seen: Observed | None = None,
+        *,
+        quiet: bool = False,
+        change: Mapping[str, FdbDelta] | None = None,
     ) -> ApplyResult[R]:
         """observe → plan → apply; a ``ValueError`` from ``plan`` means nothing was written.
-        ``quiet``: the kernel has not changed since the last reconcile (see the docstring)."""
+        ``quiet``: the kernel has not changed since the last reconcile (see the docstring);
+        ``change`` (quiet only): the FDB entries that alone changed since (``plan_change``)."""
         async with self.exclusive():
             observed = self._quiet_observed if quiet else None
             self._quiet_observed = None  # until this reconcile is known to change nothing
             if observed is None:
                 observed = await self.observe(seen)
-            result = await self.apply(self.plan(desired, observed))
+            plan = self.plan_change(desired, observed, change) if quiet and change else None
+            result = await self.apply(plan if plan is not None else self.plan(desired, observed))
             if not result.writes and not result.errors:
                 self._quiet_observed = observed
             return result

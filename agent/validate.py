@@ -13,6 +13,13 @@ On the wire a node receives a HEAD (``accept_head``: size, schema, decode, node,
 assembles the Snapshot from sections (``agent.assemble``); the content checks then run on the
 assembled whole (``check_snapshot``), exactly as on a snapshot received whole (``accept``).
 
+A change that only gains and loses FDB entries of a snapshot that passed (``agent.assemble``
+says so) is checked by ``check_fdb_change``, in work proportional to the change: the entries
+gained pass the same per-entry checks, the counts stay within their caps, and each unicast MAC
+keeps one destination (an index the assembler keeps). It only ever says "passes" or "not sure";
+on "not sure" the runner runs ``check_snapshot``, so a refusal and its text are always the whole
+check's (a property test holds the two to the same answers).
+
 It never logs, counts or does I/O: the runner calls it before any subsystem runs and counts and
 acks a ``Rejected``, so a refused snapshot changes nothing in the kernel.
 """
@@ -21,15 +28,15 @@ import base64
 import binascii
 import ipaddress
 import re
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple, Protocol
 
 import msgspec
 
 from agent.errors import AgentError
 from schemas import limits, naming
 from schemas.codec import decode
-from schemas.desired import SNAPSHOT_SCHEMA, Bridge, Snapshot, Tap, Vxlan, WireGuard
+from schemas.desired import SNAPSHOT_SCHEMA, Bridge, FdbEntry, Snapshot, Tap, Vxlan, WireGuard
 from schemas.wire import Head
 
 FLOOD_MAC = "00:00:00:00:00:00"
@@ -64,15 +71,92 @@ def accept_head(raw: bytes, node: str, applied_version: int) -> Head:
     return _gate(raw, Head, node, applied_version)
 
 
-def check_snapshot(snap: Snapshot, known: Snapshot | None = None) -> None:
+def check_snapshot(snap: Snapshot, known: Snapshot | None = None) -> "Checked":
     """The caps on every list, then the whole content; raises ``Rejected``. ``known``: a snapshot
     accepted before; the FDB of a VXLAN equal to one of it is not checked entry by entry again
-    (same mesh, same taps)."""
+    (same mesh, same taps). Returns what ``check_fdb_change`` needs to check a change of it."""
     try:
         check_limits(snap)
-        check_content(snap, known)
+        return check_content(snap, known)
     except ValueError as e:
         raise Rejected(f"invalid snapshot version {snap.version}: {e}", snap.version) from None
+
+
+class FdbDelta(Protocol):
+    """One VXLAN's change (``agent.assemble.FdbChange``): entries gained and lost, and its
+    whole FDB now (``view``)."""
+
+    gained: frozenset[FdbEntry]
+    lost: frozenset[FdbEntry]
+
+    @property
+    def view(self) -> "FdbIndex": ...
+
+
+class FdbIndex(Protocol):
+    counts: dict[FdbEntry, int]  # every entry (with how many items give it)
+    dsts: dict[str, set[str]]  # unicast MAC -> its destinations
+
+
+def check_fdb_change(
+    snap: Snapshot, base: Snapshot, checked: "Checked", changes: Mapping[str, FdbDelta]
+) -> bool:
+    """True when ``snap`` surely passes ``check_snapshot``, given that ``base`` passed it (with
+    ``checked``, its result) and ``snap`` is ``base`` with only the FDB entries in ``changes``
+    (by VXLAN name) gained and lost: everything else is the same (by identity, or equal), the
+    gained entries pass the per-entry checks, the FDB caps hold, and every unicast MAC gained
+    has one destination. False means "not sure": run ``check_snapshot``. Cost: the change."""
+    same = (
+        snap.node == base.node
+        and snap.underlay_mtu == base.underlay_mtu
+        and _same(snap.bridges, base.bridges)
+        and _same(snap.taps, base.taps)
+        and _same(snap.nat_subnets, base.nat_subnets)
+        and _same(snap.infrastructure, base.infrastructure)
+        and _same(snap.wireguard, base.wireguard)
+        and len(snap.vxlans) == len(base.vxlans)
+    )
+    if not same or snap.version < base.version:
+        return False
+    total = sum(len(v.fdb) for v in snap.vxlans)
+    if total > limits.MAX_FDB_TOTAL:
+        return False
+    peer_dsts: set[str] = set()
+    for v, was in zip(snap.vxlans, base.vxlans, strict=True):
+        change = changes.get(v.name)
+        if v is was:
+            continue
+        if (v.name, v.vni, v.bridge, v.local, v.mtu, v.port) != (
+            was.name, was.vni, was.bridge, was.local, was.mtu, was.port,
+        ):  # fmt: skip
+            return False
+        if change is None:
+            if v.fdb != was.fdb:
+                return False
+            continue
+        if len(v.fdb) > limits.MAX_FDB_PER_VXLAN or (v.fdb and checked.mesh is None):
+            return False
+        dsts = change.view.dsts
+        try:
+            for entry in change.gained:
+                _check_fdb_entry(f"vxlan {v.name}", v, entry, checked.mesh, checked.tap_macs,
+                                 peer_dsts)  # fmt: skip
+                if entry.mac != FLOOD_MAC and len(dsts.get(entry.mac, ())) != 1:
+                    return False
+        except ValueError:
+            return False
+    return True
+
+
+def _same(a: object, b: object) -> bool:
+    return a is b or a == b
+
+
+class Checked(NamedTuple):
+    """What a passed ``check_content`` learned that checking a change of it needs."""
+
+    mesh: "_Mesh | None"
+    tap_macs: dict[tuple[str, str], str]  # (bridge, MAC) -> tap
 
 
 def _gate(raw: bytes, type_: type, node: str, applied_version: int):
@@ -197,7 +281,7 @@ def _range(net: ipaddress.IPv4Network, words: str) -> _Range:
     return _Range(int(net.network_address), int(net.broadcast_address), words)
 
 
-def check_content(snap: Snapshot, known: Snapshot | None = None) -> None:
+def check_content(snap: Snapshot, known: Snapshot | None = None) -> Checked:
     """The whole snapshot is one the agent may program: see the module docstring. ``known``:
     a snapshot that passed; its VXLAN FDBs are not checked again where nothing they depend on
     (the mesh, the taps, the VXLAN itself) changed."""
@@ -211,7 +295,7 @@ def check_content(snap: Snapshot, known: Snapshot | None = None) -> None:
     checked: set[Vxlan] = set()
     if known is not None and known.wireguard == snap.wireguard and known.taps == snap.taps:
         checked = set(known.vxlans)
-    _check_vxlans(snap, mesh, checked)
+    return Checked(mesh, _check_vxlans(snap, mesh, checked))
 
 
 # --- names and MTUs ----------------------------------------------------------------------------
@@ -459,7 +543,10 @@ def _check_nat(
 # --- the overlay -------------------------------------------------------------------------------
 
 
-def _check_vxlans(snap: Snapshot, mesh: _Mesh | None, checked: set[Vxlan]) -> None:
+def _check_vxlans(
+    snap: Snapshot, mesh: _Mesh | None, checked: set[Vxlan]
+) -> dict[tuple[str, str], str]:
+    """Returns the local taps' MACs by (bridge, MAC), as the FDB checks used them."""
     bridges = {b.name for b in snap.bridges}
     tap_macs = {(t.bridge, t.mac): t.name for t in snap.taps if t.mac}
     peer_dsts: set[str] = set()  # FDB destinations already found to be current peers
@@ -496,28 +583,7 @@ def _check_vxlans(snap: Snapshot, mesh: _Mesh | None, checked: set[Vxlan]) -> No
             continue  # its entries passed with this mesh and these taps
         destination: dict[str, str] = {}
         for entry in v.fdb:
-            _check_mac(where, "fdb mac", entry.mac, flood_ok=True)
-            if (v.bridge, entry.mac) in tap_macs:
-                raise _bad(
-                    where,
-                    "fdb mac",
-                    entry.mac,
-                    f"is the MAC of local tap {tap_macs[v.bridge, entry.mac]}",
-                )
-            assert mesh is not None  # no FDB without the mesh (above)
-            if entry.dst in peer_dsts:  # thousands of entries share a few hundred peers
-                pass
-            elif (dst := _address(where, "fdb dst", entry.dst)) not in mesh.prefix:
-                raise _bad(where, "fdb dst", entry.dst, f"is outside the mesh prefix {mesh.prefix}")
-            elif dst not in mesh.peers:
-                raise _bad(
-                    where,
-                    "fdb dst",
-                    entry.dst,
-                    "is not a current peer's tunnel address (a /32 of its allowed_ips)",
-                )
-            else:
-                peer_dsts.add(entry.dst)
+            _check_fdb_entry(where, v, entry, mesh, tap_macs, peer_dsts)
             if entry.mac != FLOOD_MAC:
                 if destination.setdefault(entry.mac, entry.dst) != entry.dst:
                     raise _bad(
@@ -526,6 +592,40 @@ def _check_vxlans(snap: Snapshot, mesh: _Mesh | None, checked: set[Vxlan]) -> No
                         entry.mac,
                         f"is sent to {destination[entry.mac]} and {entry.dst}",
                     )
+    return tap_macs
+
+
+def _check_fdb_entry(
+    where: str,
+    v: Vxlan,
+    entry: FdbEntry,
+    mesh: _Mesh | None,
+    tap_macs: dict[tuple[str, str], str],
+    peer_dsts: set[str],
+) -> None:
+    """One FDB entry on its own: a unicast (or the flood) MAC that is no local tap's, sent to a
+    current peer's tunnel address. ``peer_dsts``: destinations already found to be peers."""
+    _check_mac(where, "fdb mac", entry.mac, flood_ok=True)
+    if (v.bridge, entry.mac) in tap_macs:
+        raise _bad(
+            where,
+            "fdb mac",
+            entry.mac,
+            f"is the MAC of local tap {tap_macs[v.bridge, entry.mac]}",
+        )
+    assert mesh is not None  # no FDB without the mesh (checked before)
+    if entry.dst in peer_dsts:  # thousands of entries share a few hundred peers
+        return
+    if (dst := _address(where, "fdb dst", entry.dst)) not in mesh.prefix:
+        raise _bad(where, "fdb dst", entry.dst, f"is outside the mesh prefix {mesh.prefix}")
+    if dst not in mesh.peers:
+        raise _bad(
+            where,
+            "fdb dst",
+            entry.dst,
+            "is not a current peer's tunnel address (a /32 of its allowed_ips)",
+        )
+    peer_dsts.add(entry.dst)
 
 
 # --- values ------------------------------------------------------------------------------------

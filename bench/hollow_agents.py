@@ -10,6 +10,8 @@ touches the kernel, and nothing on the path a user runs uses it.
 import inspect
 from pathlib import Path
 
+import msgspec
+
 from agent.errors import ApplyResult
 from agent.links.applier import LinkApplier
 from agent.links.model import Observed
@@ -29,6 +31,23 @@ from schemas.desired import Snapshot, WireGuard
 from schemas.intent import Node
 from schemas.naming import WIREGUARD_IFNAME, WIREGUARD_PORT
 from tests.unit.fake_kernel import FakeKernel
+
+
+class IndexedKernel(FakeKernel):
+    """The fake kernel with an ifindex on every link, as a real dump has: an FDB-only write is
+    then known from its echoes (``agent.links.plan.advance``) and the next heartbeat is not a
+    full reconcile, as on a real agent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._indexes = 0
+
+    def observe_now(self) -> Observed:
+        for name, link in self.links.items():
+            if not link.index:
+                self._indexes += 1
+                self.links[name] = msgspec.structs.replace(link, index=self._indexes)
+        return super().observe_now()
 
 
 class MemoryNft(NftApplier):
@@ -130,7 +149,7 @@ def hollow_agent(nc, node: Node, state_dir: Path) -> Agent:
     return Agent(
         nc,
         config,
-        LinkApplier(FakeKernel()),
+        LinkApplier(IndexedKernel()),
         MemoryNft(node.name),
         MemoryWireGuard(node.wg_public_key),
         **_no_drift(),

@@ -1,18 +1,22 @@
 """The links subsystem: bridges, taps, VXLAN devices, their addresses and VXLAN FDB entries.
 
 ``observe`` reads every managed link (one dump per heartbeat, shared with the other
-subsystems), ``plan`` is ``agent.links.plan`` plus the observed ifindexes, ``apply`` executes
+subsystems), ``plan`` is ``agent.links.plan`` plus the observed ifindexes (``plan_change``: only
+the FDB entries a change gained and lost, ``agent.links.plan.plan_fdb_change``), ``apply`` executes
 the plan on the kernel (``agent.links.netlink.NetlinkLinks``, or a fake in the unit tests) and
 reports the managed devices that exist afterwards. ``otwg0`` is left to the WireGuard subsystem,
 which uses ``observe_link`` and ``apply`` for its own link work.
 """
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from agent.errors import ApplyResult
 from agent.links.model import Link, LinkPlan, Observed
 from agent.links.plan import plan as plan_actions
+from agent.links.plan import plan_fdb_change
 from agent.subsystem import Subsystem
+from agent.validate import FdbDelta
 from schemas.desired import Snapshot
 
 
@@ -38,6 +42,17 @@ class LinkApplier(Subsystem[Snapshot, Observed, LinkPlan, frozenset[str]]):
     def plan(self, desired: Snapshot, observed: Observed) -> LinkPlan:
         return LinkPlan(
             actions=tuple(plan_actions(desired, observed)),
+            indexes={name: link.index for name, link in observed.links.items()},
+        )
+
+    def plan_change(
+        self, desired: Snapshot, observed: Observed, changes: Mapping[str, FdbDelta]
+    ) -> LinkPlan | None:
+        actions = plan_fdb_change(desired, observed, changes)
+        if actions is None:
+            return None
+        return LinkPlan(
+            actions=tuple(actions),
             indexes={name: link.index for name, link in observed.links.items()},
         )
 

@@ -16,7 +16,7 @@ never touched. A port that is (re-)enslaved or recreated in this plan starts wit
 """
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from agent.links.model import (
     Action,
@@ -38,6 +38,7 @@ from agent.links.model import (
     SetUp,
     VxlanInfo,
 )
+from agent.validate import FdbDelta
 from schemas import naming
 from schemas.desired import FdbEntry, Snapshot, Vxlan
 
@@ -238,6 +239,64 @@ def _port_fdb(
     return adds, dels
 
 
+def plan_fdb_change(
+    desired: Snapshot, observed: Observed, changes: Mapping[str, FdbDelta]
+) -> list[Action] | None:
+    """Pure: the FDB actions of a change, in work proportional to it. ``desired`` is the
+    snapshot last planned against ``observed`` (which that plan left with nothing to do) but
+    for the entries gained and lost in ``changes`` (by VXLAN name; ``agent.assemble``); the
+    result is what ``plan(desired, observed)`` gives then: the same actions, adds before
+    deletes (tested). None when the change alone cannot tell (a device missing or off its
+    bridge, learned entries on the way): the caller plans the whole state."""
+    adds: list[Action] = []
+    port_adds: list[Action] = []
+    dels: list[Action] = []
+    port_dels: list[Action] = []
+    for vx in desired.vxlans:
+        change = changes.get(vx.name)
+        if change is None:
+            continue
+        link = observed.links.get(vx.name)
+        ports = [vx.name, *(t.name for t in desired.taps if t.bridge == vx.bridge)]
+        if (
+            link is None
+            or link.master != vx.bridge
+            or observed.learned.get(vx.name)
+            or any(observed.port_learned.get(p) for p in ports)
+        ):
+            return None
+        kernel = observed.fdb.get(vx.name, frozenset())
+        touched = change.gained | change.lost
+        wanted = change.view.counts  # every entry of the new FDB
+        for e in sorted(e for e in touched if e.mac == FLOOD_MAC):  # each pair on its own
+            if e in wanted and e not in kernel:
+                adds.append(AddFdb(device=vx.name, mac=e.mac, dst=e.dst))
+            elif e not in wanted and e in kernel:
+                dels.append(DelFdb(device=vx.name, mac=e.mac, dst=e.dst))
+        for mac in sorted({e.mac for e in touched if e.mac != FLOOD_MAC}):
+            if not is_unicast(mac) or mac != mac.lower():
+                return None  # never in a checked snapshot: let the whole plan decide
+            dsts = change.view.dsts.get(mac)
+            want = min(dsts) if dsts else None
+            # the kernel's entries for this MAC: among the destinations it had or has
+            have = sorted(
+                d for d in {e.dst for e in touched if e.mac == mac} | (dsts or set())
+                if FdbEntry(mac=mac, dst=d) in kernel
+            )  # fmt: skip
+            if want is not None and want not in have:
+                adds.append(AddFdb(device=vx.name, mac=mac, dst=want))
+            if want is None:
+                dels += [DelFdb(device=vx.name, mac=mac, dst=d) for d in have]
+            on = next((p for p in ports if mac in observed.port_fdb.get(p, ())), None)
+            if any(t.mac and t.mac.lower() == mac for t in desired.taps if t.bridge == vx.bridge):
+                return None  # a local NIC's MAC: the whole plan knows which port wins
+            if want is not None and on != vx.name:
+                port_adds.append(AddPortFdb(port=vx.name, mac=mac))
+            elif want is None and on is not None:
+                port_dels.append(DelPortFdb(port=on, mac=mac))
+    return adds + port_adds + dels + port_dels
+
+
 def advance(observed: Observed, actions: Iterable[Action]) -> Observed | None:
     """Pure: the kernel state after FDB ``actions`` all succeeded on ``observed`` (as the kernel
     does them: a unicast VXLAN MAC's one dst replaced, a flood dst appended, a bridge MAC moved
@@ -247,18 +306,36 @@ def advance(observed: Observed, actions: Iterable[Action]) -> Observed | None:
     learned = dict(observed.learned)
     port_fdb = dict(observed.port_fdb)
     port_learned = dict(observed.port_learned)
+    # per VXLAN written: its entries and their destinations by MAC, changed in place (the cost
+    # is the actions, plus one copy of each device's set)
+    vxlans: dict[str, tuple[set[FdbEntry], dict[str, frozenset[str]]]] = {}
+
+    def vxlan(device: str) -> tuple[set[FdbEntry], dict[str, frozenset[str]]]:
+        if device not in vxlans:
+            entries = fdb.get(device, frozenset())
+            vxlans[device] = (set(entries), dict(_dsts_by_mac(entries)))
+        return vxlans[device]
+
     for a in actions:
         match a:
             case AddFdb(device=device, mac=mac, dst=dst):
-                entries = fdb.get(device, frozenset())
+                entries, dsts = vxlan(device)
                 if is_unicast(mac):
-                    entries = frozenset(e for e in entries if e.mac != mac)
+                    entries.difference_update(FdbEntry(mac=mac, dst=d) for d in dsts.get(mac, ()))
+                    dsts[mac] = frozenset((dst,))
                     learned[device] = learned.get(device, frozenset()) - {mac}
-                fdb[device] = entries | {FdbEntry(mac=mac, dst=dst)}
+                else:
+                    dsts[mac] = dsts.get(mac, frozenset()) | {dst}
+                entries.add(FdbEntry(mac=mac, dst=dst))
             case DelFdb(device=device, mac=mac, dst=None):
                 learned[device] = learned.get(device, frozenset()) - {mac}
             case DelFdb(device=device, mac=mac, dst=dst):
-                fdb[device] = fdb.get(device, frozenset()) - {FdbEntry(mac=mac, dst=dst)}
+                entries, dsts = vxlan(device)
+                entries.discard(FdbEntry(mac=mac, dst=dst))
+                if dst in dsts.get(mac, ()):
+                    dsts[mac] = dsts[mac] - {dst}
+                    if not dsts[mac]:
+                        del dsts[mac]
             case AddPortFdb(port=port, mac=mac):
                 bridge = observed.links[port].master if port in observed.links else None
                 if bridge is None:
@@ -275,7 +352,34 @@ def advance(observed: Observed, actions: Iterable[Action]) -> Observed | None:
                 port_learned[port] = port_learned.get(port, frozenset()) - {mac}
             case _:
                 return None
+    for device, (entries, dsts) in vxlans.items():
+        fdb[device] = frozenset(entries)
+        _remember(fdb[device], dsts)
     return Observed(
         links=observed.links, fdb=fdb, learned=learned, port_fdb=port_fdb,
         port_learned=port_learned,
     )  # fmt: skip
+
+
+# the destinations by MAC of a few recent VXLAN FDB sets (by identity): each advanced set's
+# index is carried on from the one before, so a write costs its actions, not a scan
+_INDEXES: dict[int, tuple[frozenset[FdbEntry], dict[str, frozenset[str]]]] = {}
+_INDEXES_KEPT = 16
+
+
+def _dsts_by_mac(entries: frozenset[FdbEntry]) -> dict[str, frozenset[str]]:
+    kept = _INDEXES.get(id(entries))
+    if kept is not None and kept[0] is entries:
+        return kept[1]
+    index: dict[str, set[str]] = {}
+    for e in entries:
+        index.setdefault(e.mac, set()).add(e.dst)
+    out = {mac: frozenset(d) for mac, d in index.items()}
+    _remember(entries, out)
+    return out
+
+
+def _remember(entries: frozenset[FdbEntry], index: dict[str, frozenset[str]]) -> None:
+    while len(_INDEXES) >= _INDEXES_KEPT:
+        del _INDEXES[next(iter(_INDEXES))]
+    _INDEXES[id(entries)] = (entries, index)

@@ -44,6 +44,7 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
     """Runs ``nft`` (optionally under a command prefix such as ``ip netns exec NS``)."""
 
     name = "nftables"
+    fdb_reads = "destinations"  # the VXLAN guard's peers (agent.subsystem)
 
     def __init__(self, nft: str = "nft", prefix: Sequence[str] = (), node: str | None = None):
         self._nft = nft

@@ -127,6 +127,9 @@ def spec(snapshot: Snapshot, mesh: str = WIREGUARD_IFNAME) -> NftSpec:
             for p in (wg.peers if wg else ())
             for ip in p.allowed_ips
         }
+        # a peer is one /32 (set lookup); only wider ones are scanned: O(dsts), not dsts × peers
+        hosts = {n.network_address for n in peers if n.prefixlen == 32}
+        wider = [n for n in peers if n.prefixlen != 32]
         guard = VxlanGuard(
             ports=tuple(ports),
             local=str(ipaddress.IPv4Interface(wg.address).ip) if wg else None,
@@ -138,7 +141,7 @@ def spec(snapshot: Snapshot, mesh: str = WIREGUARD_IFNAME) -> NftSpec:
                             dst
                             for dst in {e.dst for e in v.fdb}
                             for addr in (ipaddress.IPv4Address(dst),)
-                            if any(addr in n for n in peers)
+                            if addr in hosts or any(addr in n for n in wider)
                         )
                     ),
                 )
