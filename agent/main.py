@@ -128,9 +128,8 @@ async def run(args: argparse.Namespace) -> None:
     secure_state_dir(args.state_dir)  # it holds the node's private key
     netlink = NetlinkThread()  # the one rtnetlink socket: links, FDB and otwg0's link
     netlink.start()
-    metrics = AgentMetrics(
-        args.metrics_peer_series
-    )  # counted always (it costs next to nothing), served on request
+    # counted always (it costs next to nothing), served on request
+    metrics = AgentMetrics(args.metrics_peer_series)
     try:
         probes = await serve_probes(args.metrics_address, metrics, netlink)
     except OSError as e:
