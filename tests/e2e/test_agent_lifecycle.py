@@ -71,8 +71,8 @@ async def test_sigterm_acks_the_applied_version_and_leaves_the_data_plane(lab: L
     n1 = next(n for n in status.nodes if n.node.name == "n1")
     before = await links(lab, "n1")
     async with ack_stream(lab, "n1") as acks, health_stream(lab, "n1") as health:
+        killed_at = time.time()  # before the signal: the agent may answer before we look
         proc.send_signal(signal.SIGTERM)
-        killed_at = time.time()
         assert await asyncio.wait_for(proc.wait(), 15) == 0
         await asyncio.sleep(0.3)  # what it flushed is on its way to us
         last_ack = acks.first
