@@ -60,6 +60,16 @@ WIREGUARD_RUN = Path("/run/wireguard")
 MAX_CONTROLLERS = 3  # one leader and two followers: more only adds lease polling on the bus
 
 
+async def sigkill(pid: int, what: str) -> None:
+    """SIGKILL ``pid`` and wait (5 s at most) until it is gone: a crash, no clean shutdown."""
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if not alive(pid):
+            return
+        await asyncio.sleep(0.05)
+    raise LabError(f"{what} (pid {pid}) survived SIGKILL")
+
+
 class LabState(msgspec.Struct, kw_only=True):
     prefix: str
     nats_port: int
@@ -374,13 +384,7 @@ class Lab:
         pid = read_pidfile(pidfile)
         if pid is None or not alive(pid):
             raise LabError(f"nats server {index} is not running")
-        os.kill(pid, signal.SIGKILL)
-        for _ in range(100):
-            if not alive(pid):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise LabError(f"nats server {index} (pid {pid}) survived SIGKILL")
+        await sigkill(pid, f"nats server {index}")
         pidfile.unlink(missing_ok=True)
 
     def nats_server_index(self, name: str) -> int:
@@ -562,13 +566,7 @@ class Lab:
         pid = self.controller_pid(name)
         if pid is None:
             raise LabError(f"{name} is not running")
-        os.kill(pid, signal.SIGKILL)
-        for _ in range(100):
-            if not alive(pid):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise LabError(f"{name} (pid {pid}) survived SIGKILL")
+        await sigkill(pid, name)
         (self.state_dir / f"{name}.pid").unlink(missing_ok=True)
         return name
 
