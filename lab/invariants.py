@@ -39,7 +39,7 @@ import msgspec
 from schemas import naming
 from schemas.codec import decode
 from schemas.messages import Ack
-from schemas.wire import NODE_SECTION
+from schemas.wire import NODE_SECTION, section_vni
 
 _DESIRED = naming.desired_subject("")  # "otherix.v1.desired." + node
 _ACK = naming.ack_subject("")
@@ -58,9 +58,10 @@ class _SectionHead(msgspec.Struct, kw_only=True):
     upserts: tuple[_ItemHead, ...] = ()
 
     def tap_macs(self) -> list[str]:
-        if self.name != NODE_SECTION:
-            return []
-        return [item.mac for item in self.upserts if item.type == "tap" and item.mac]
+        """The MACs a node is told about here: its own taps, and the NICs of its VNIs (FDB
+        entries), so a node's first version that can reach a NIC is known for either end."""
+        kind = "tap" if self.name == NODE_SECTION else "fdb" if section_vni(self.name) else None
+        return [item.mac for item in self.upserts if item.type == kind and item.mac]
 
 
 class _Head(msgspec.Struct, kw_only=True):

@@ -195,13 +195,24 @@ class Chaos:
         return heartbeats
 
     async def reachable_from_all(self, vm: str) -> None:
-        """ONE echo request from every other VM of the overlay, each answered within one
-        heartbeat (no retries: ``lab.vm.probe_once``)."""
-        ip = self.lab.vms[vm].ip
+        """ONE echo request from every other VM of the overlay, sent once both ends' nodes
+        have acked the new NIC, each answered within one heartbeat (no retries:
+        ``lab.vm.probe_once``)."""
+        ip, mac = self.lab.vms[vm].ip, self.lab.vms[vm].mac
         others = sorted(v for v in self.overlay_vms if v != vm and v in self.lab.vms)
-        results = await asyncio.gather(
-            *(probe_once(self.lab.vms[v].netns, ip, wait=HEARTBEAT) for v in others)
-        )
+        node_of = {self.lab.node_netns(n): n for n in NODES}
+
+        async def probe(v: str) -> bool:
+            # the sender's node must know the new MAC as well (its HEAD may have been dropped):
+            # the probe goes the moment that node acks it too
+            # (a partitioned node cannot ack: after 4 heartbeats it is probed as it stands,
+            # flooding its unknown unicast to the VNI)
+            node = node_of[self.lab.vms[v].node_ns]
+            with contextlib.suppress(AssertionError):
+                await self.history.wait_acked_mac(node, mac, timeout=4 * HEARTBEAT)
+            return await probe_once(self.lab.vms[v].netns, ip, wait=HEARTBEAT)
+
+        results = await asyncio.gather(*(probe(v) for v in others))
         self.reached.append(f"{vm} {sum(results)}/{len(others)}")
         if not all(results):  # say whether it is late or unreachable, and what the VMs believe
             failed = [v for v, ok in zip(others, results, strict=True) if not ok]
