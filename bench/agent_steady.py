@@ -147,6 +147,29 @@ async def heartbeats(agent, raw: bytes, count: int = HEARTBEATS) -> tuple[float,
     return cpu_ms(samples), writes, failed
 
 
+async def timed_changes(agent, entries: int, last, version: int, after_each):
+    """``CHANGES`` one-entry changes, each a HEAD with its delta from ``last``: CPU per
+    ``handle`` (samples), total writes, and the last HEAD and version; ``after_each(version,
+    heartbeat)`` runs after each change, untimed."""
+    import msgspec
+
+    from agent.assemble import head_for
+    from schemas.codec import encode
+
+    samples, writes = [], 0
+    for _ in range(CHANGES):
+        version += 1
+        new_head = head_for(snapshot(entries, version=version, extra=version - 1))
+        change = encode(change_head(last, new_head))
+        start = time.process_time()
+        ack = await agent.handle(change)
+        samples.append(time.process_time() - start)
+        writes += ack.changes
+        await after_each(version, encode(msgspec.structs.replace(new_head, sections=())))
+        last = new_head
+    return samples, writes, last, version
+
+
 async def inner(entries: int) -> dict:
     """In the node's namespaces: build the agent, converge, then measure."""
     import msgspec
@@ -221,40 +244,31 @@ async def inner(entries: int) -> dict:
                 return found
 
             after._fdb_change = watched  # type: ignore[method-assign]
-            last, version, samples, writes = head, 1, [], 0
-            for _ in range(CHANGES):
-                version += 1
-                new_head = head_for(snapshot(entries, version=version, extra=version - 1))
-                change = encode(change_head(last, new_head))
-                start = time.process_time()
-                ack = await after.handle(change)
-                samples.append(time.process_time() - start)
-                writes += ack.changes
-                beat = encode(msgspec.structs.replace(new_head, sections=()))
+
+            async def first_beats(version: int, beat: bytes) -> None:
                 if version == 2:
                     start = time.process_time()
                     ack = await after.handle(beat)
                     out["verify_ms"] = (time.process_time() - start) * 1000
                     out["verify_writes"] = ack.changes
                 out["back_to_skip_ms"] = (await heartbeats(after, beat, 3))[0]
-                last = new_head
+
+            samples, writes, last, version = await timed_changes(
+                after, entries, head, 1, first_beats
+            )
             out["change_ms"], out["change_writes"] = cpu_ms(samples), writes / CHANGES
             out["change_full"] = after.counters["reconciled"] - full
             out["change_path"] = used.count(True)
             # the same-run baseline: like changes the whole way (assembled, checked and planned
             # whole, as before the change path), on the same agent and kernel
             after._fdb_change = lambda snap: None  # type: ignore[method-assign]
-            samples, writes = [], 0
-            for _ in range(CHANGES):
-                version += 1
-                new_head = head_for(snapshot(entries, version=version, extra=version - 1))
-                change = encode(change_head(last, new_head))
-                start = time.process_time()
-                ack = await after.handle(change)
-                samples.append(time.process_time() - start)
-                writes += ack.changes
-                await heartbeats(after, encode(msgspec.structs.replace(new_head, sections=())), 3)
-                last = new_head
+
+            async def settle(version: int, beat: bytes) -> None:
+                await heartbeats(after, beat, 3)
+
+            samples, writes, last, version = await timed_changes(
+                after, entries, last, version, settle
+            )
             out["whole_ms"], out["whole_writes"] = cpu_ms(samples), writes / CHANGES
             after._fdb_change = change_path  # type: ignore[method-assign]
             after.events.close()

@@ -31,11 +31,11 @@ from collections import Counter
 import pytest
 import pytest_asyncio
 
-from lab.cluster import Lab
+from lab.cluster import Lab, sigkill
 from lab.conformance import wait_conformant
 from lab.invariants import DeliveryOrder, History, IntentLedger, PingProbe, PingResult
 from lab.natsfault import FATES
-from lab.netns import alive, exec_in
+from lab.netns import exec_in
 from lab.vm import probe_once
 from schemas.errors import ApiError
 from tests.chaos import report
@@ -320,15 +320,6 @@ async def test_node_partitioned_then_healed(chaos: Chaos):
     )
 
 
-async def _kill(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    for _ in range(100):
-        if not alive(pid):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"pid {pid} survived SIGKILL")
-
-
 def _pid(lab: Lab, name: str) -> int:
     return int((lab.state_dir / f"{name}.pid").read_text().split()[0])
 
@@ -345,7 +336,7 @@ async def test_killed_mid_churn(chaos: Chaos, victims: tuple[str, ...]):
         if "nats-server" in victims:
             await lab.close()  # the lab's own client would reconnect on its own; start clean
         for victim in victims:
-            await _kill(_pid(lab, victim))
+            await sigkill(_pid(lab, victim), victim)
         await asyncio.sleep(HEARTBEAT * 4)  # down for four heartbeats
         if "nats-server" in victims:
             await lab.start_nats()
