@@ -54,6 +54,7 @@ from agent.validate import (
 )
 from client.api import ApiClient, ApiError
 from schemas import naming
+from schemas.bus import cancel_and_wait
 from schemas.codec import encode
 from schemas.desired import Snapshot
 from schemas.messages import Ack, Health, clip
@@ -145,9 +146,7 @@ class Agent:
         log.info("agent %s: started, applied version %d", self.config.node, self.applied.version)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self.announcer is not None:
             await self.announcer.close()
         if self._sub is not None:

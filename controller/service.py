@@ -34,6 +34,7 @@ from controller.publisher import Publisher
 from controller.store import Store
 from controller.tracker import Tracker
 from schemas import api as api_schema
+from schemas.bus import cancel_and_wait
 from schemas.codec import decode
 from schemas.intent import Generation, Intent, NodeVersion, NodeVersions
 
@@ -106,9 +107,7 @@ class Controller:
         self._tasks.append(asyncio.create_task(self._campaign(), name="lease"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self.leading:
             await self._stop_leading()
             try:
@@ -204,14 +203,10 @@ class Controller:
         return reserved, saved, versions
 
     async def _lead(self) -> None:
-        previous = self.lease.seen.holder if self.lease.seen else ""
         async with self.lock:
             reserved, saved, versions = await self._load()
             self.publisher = self._new_publisher()
-            # Another instance's saved versions may be older than what it sent last: continue
-            # above its mark for every node. Our own (a restart) or a clean release: keep them.
-            keep = previous in ("", self.instance)
-            self.publisher.start_from(reserved, versions, saved if keep else None)
+            self.publisher.start_from(reserved, versions, saved)
             self.api.publisher = self.acks.publisher = self.publisher
             self.acks.follower_bound = None
             self.api.desired = self.publisher.desired
@@ -252,9 +247,7 @@ class Controller:
 
     async def _stop_role(self) -> None:
         tasks, self._role_tasks = self._role_tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
 
     def _followed(self, key: str, value: bytes | None) -> None:
         if key == "generation.reserved" and value is not None:

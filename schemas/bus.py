@@ -216,3 +216,17 @@ async def connect_patiently(servers: list[str], bus: Reconnect, connect=None, **
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task]) -> None:
+    """Cancel ``tasks`` and wait for them to end. On Python 3.11 ``asyncio.wait_for`` (inside
+    every nats-py request) swallows a cancel that lands as its inner future completes
+    (cpython gh-86296), and a loop around such a request then runs on for ever: cancel again
+    until each task has ended."""
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.1)
+    for task in tasks:  # retrieved, so that nothing is logged as never retrieved
+        if not task.cancelled():
+            task.exception()

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats import errors as nats_errors
 
-from schemas.bus import Reconnect, backoff
+from schemas.bus import Reconnect, backoff, cancel_and_wait
 
 
 def test_backoff_doubles_up_to_the_cap_with_jitter_in_the_upper_half():
@@ -100,3 +100,28 @@ async def test_a_first_connect_that_hangs_after_a_failed_try_is_begun_anew(monke
     bus = Reconnect("agent n1", base=0.001, cap=0.001)
     nc = await asyncio.wait_for(bus_module.connect_patiently(["nats://x"], bus, connect), 5)
     assert nc == "connected" and len(calls) == 2 and cancelled == [True]
+
+
+async def test_cancel_and_wait_ends_a_loop_whose_first_cancel_was_swallowed():
+    """Python 3.11's wait_for returns its inner result when a cancel lands as that result
+    arrives (gh-86296); a renew loop around a nats-py request then ran on after stop()."""
+    rounds = 0
+
+    async def loop_that_swallows_one_cancel():
+        nonlocal rounds
+        swallowed = False
+        while True:
+            rounds += 1
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed = True  # as wait_for does when its inner future just finished
+
+    tasks = [asyncio.create_task(loop_that_swallows_one_cancel()) for _ in range(3)]
+    tasks.append(asyncio.create_task(asyncio.sleep(0)))  # one that ends on its own
+    await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):
+        await cancel_and_wait(tasks)
+    assert all(task.done() for task in tasks) and rounds >= 3
