@@ -81,6 +81,7 @@ class Publisher:
         self._changed = asyncio.Event()
         self._next_heartbeat = 0.0
         self._saved: dict[str, tuple[int, str]] = {}  # node versions as last saved
+        self._final_on_record = False  # the store holds a clean stop's final versions
         self._save_after = 0.0  # monotonic time before which versions are not saved again
         self._stopping = False
 
@@ -91,14 +92,15 @@ class Publisher:
         saved: NodeVersions | None = None,
     ) -> None:
         """Continue above the persisted mark and the per-node versions of older releases; a node
-        whose content is what it was when ``saved`` keeps that version."""
+        whose content is what it was in a final ``saved`` (a clean stop's) keeps that version."""
         self._reserved = reserved
         self.model.generation = versions.start_generation(reserved, loaded.values())
-        if saved is not None:
+        if saved is not None and saved.final:
             self.model.earlier = {
                 n: (v, d) for n, (v, d) in saved.nodes.items() if v <= self.model.generation
             }
             self._saved = saved.nodes
+            self._final_on_record = True
 
     def wake(self, *keys: Key) -> None:
         """These records changed (all of them when none are named): publish at once."""
@@ -195,7 +197,7 @@ class Publisher:
         started = time.monotonic()
         async with self._lock:
             self.commit()
-            if not await self._reserve():
+            if not await self._reserve() or not await self._unfinal():
                 fresh = {}  # nothing above the persisted mark may leave: old HEADs only
             else:
                 fresh, self._fresh = self._fresh, {}
@@ -227,22 +229,19 @@ class Publisher:
             self.metrics.heartbeat_took(self.heartbeat_at - started, self.config.heartbeat_interval)
 
     async def close(self) -> None:
-        """On a clean stop: save the nodes' versions now, so a restart keeps them all."""
-        self._save_after = 0.0
+        """On a clean stop, after the last HEAD: save the nodes' versions as final, so the next
+        leader keeps the versions of unchanged nodes."""
         async with self._lock:
-            await self._save_versions()
+            await self._save_versions(final=True)
 
-    async def _save_versions(self) -> None:
-        """Every node's version in one entry, at most every ``SAVE_EVERY`` seconds: a restarted
-        controller keeps the versions of unchanged nodes (a crash right after a change costs
-        those nodes one refused HEAD, then continues above what they applied)."""
-        if time.monotonic() < self._save_after:
-            return
+    async def _save_versions(self, final: bool = False) -> None:
+        """Every node's version in one entry, at most every ``SAVE_EVERY`` seconds. Only the final
+        save is reused by the next leader; the others are for followers' ``status``."""
         now = {n: (h.version, h.digest) for n, h in self.model.heads.items()}
-        if now == self._saved:
+        if not final and (time.monotonic() < self._save_after or now == self._saved):
             return
         self._save_after = time.monotonic() + SAVE_EVERY
-        data = NodeVersions(nodes=now)
+        data = NodeVersions(nodes=now, final=final)
         if len(encode(data)) > self.budget:
             log.warning("controller: %d nodes' versions exceed one entry; not saved", len(now))
             return
@@ -252,6 +251,19 @@ class Publisher:
             log.warning("controller: node versions not saved (%s); retrying later", e)
             return
         self._saved = now
+
+    async def _unfinal(self) -> bool:
+        """Before our first HEAD: the final record on file stops being exact once we send, so a
+        crash of ours must not leave it final (the next leader would go back to its versions)."""
+        if not self._final_on_record:
+            return True
+        try:
+            await self.store.put(NodeVersions(nodes=self._saved))
+        except Exception as e:
+            log.error("controller: saved versions not marked in use (%s); HEADs wait", e)
+            return False
+        self._final_on_record = False
+        return True
 
     async def _reserve(self) -> bool:
         """Persist the high-water mark before any version above it is sent; False if we cannot."""

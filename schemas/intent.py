@@ -80,10 +80,13 @@ class Generation(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class NodeVersions(msgspec.Struct, frozen=True, kw_only=True):
-    """Each node's (version, digest), saved now and then in one entry (never per change): a
-    restarted controller keeps a node's version while its content is the same."""
+    """Each node's (version, digest), saved now and then in one entry (never per change). Only a
+    ``final`` record, saved by a clean stop after its last HEAD, is exactly what the nodes were
+    sent: the next leader keeps a node's version while its content is the same. Any other may
+    be a second behind (a node changed and changed back since), so it is not reused."""
 
     nodes: dict[str, tuple[Version, str]] = {}
+    final: bool = False
     schema: int = SCHEMA_VERSION
 
 

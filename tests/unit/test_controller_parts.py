@@ -137,14 +137,42 @@ async def test_a_restarted_publisher_keeps_the_versions_of_unchanged_nodes():
     pub.wake()
     await pub.publish_all()
     before = {n: pub.versions[n].version for n in ("n1", "n2")}
-    assert store.saved[-1].nodes == {n: (v.version, v.digest) for n, v in pub.versions.items()}
+    await pub.close()  # a clean stop: the versions are saved as final
+    assert store.saved[-1] == NodeVersions(
+        nodes={n: (v.version, v.digest) for n, v in pub.versions.items()}, final=True
+    )
     # a restart: same intent except n2 gained a NIC while the controller was down
     it.nics["b"] = nic(2, "lan", "n2")
-    again, _ = publisher(it)
+    again, again_store = publisher(it)
     again.start_from(store.writes[-1].reserved, {}, store.saved[-1])
     await again.publish_all()
     assert again.versions["n1"].version == before["n1"]  # same content, same version
     assert again.versions["n2"].version > store.writes[-1].reserved  # changed: above the mark
+    # before its first HEAD the record stopped being final: a crash of the restarted publisher
+    # from here on must not hand the next one these versions as exact
+    assert again_store.saved[0] == NodeVersions(nodes=store.saved[-1].nodes, final=False)
+
+
+async def test_a_publisher_restarted_after_a_crash_never_goes_back():
+    """A crash saves nothing: the record on file may be a second old, and the node's content may
+    have changed and changed back since. Its versions are not reused."""
+    it = cluster()
+    pub, store = publisher(it)
+    pub.wake()
+    await pub.publish_all()  # saved (not final): n1 at its first version
+    saved, first = store.saved[-1], pub.nc.take()["n1"].version
+    it.nics["a"] = nic(1, "lan", "n1")
+    pub.wake()
+    await pub.publish_all()  # within SAVE_EVERY: not saved
+    del it.nics["a"]
+    pub.wake()
+    await pub.publish_all()  # the content is back to what was saved
+    sent = pub.nc.take()["n1"].version
+    assert store.saved[-1] == saved and not saved.final and sent > first
+    again, _ = publisher(it)  # SIGKILL, restart: no close(), so no final save
+    again.start_from(store.writes[-1].reserved, {}, saved)
+    await again.publish_all()
+    assert again.nc.take()["n1"].version > sent
 
 
 def msg(subject: str, value) -> SimpleNamespace:
