@@ -6,11 +6,13 @@ bus says so by using ``open_nats_server``.
 """
 
 import asyncio
+import gc
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -233,6 +235,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "netns" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Ten seconds before pytest-timeout ends a hung test, print every asyncio task's stack:
+    its own dump shows only threads, where a hung coroutine is just a loop waiting in select."""
+    marker = item.get_closest_marker("timeout")
+    timeout = marker.args[0] if marker and marker.args else item.config.getini("timeout")
+    timer = threading.Timer(max(float(timeout) - 10, 1.0), _print_tasks, (item.nodeid,))
+    timer.daemon = True
+    timer.start()
+    try:
+        return (yield)
+    finally:
+        timer.cancel()
+
+
+def _print_tasks(test: str) -> None:
+    # from another thread while the loop runs: good enough for a post-mortem, never for logic
+    loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]
+    out = [f"+++ asyncio tasks of {test}, 10 s before its timeout +++"]
+    for loop in (lp for lp in loops if lp.is_running()):
+        for task in list(asyncio.all_tasks(loop)):
+            where, coro = [], task.get_coro()
+            while coro is not None and len(where) < 20:  # down the chain of awaits
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+                if frame is not None:
+                    code = frame.f_code
+                    where.append(f"{_short(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+            out.append(f"{task.get_name()}:\n    " + "\n    ".join(where))
+    print("\n".join(out), file=sys.stderr, flush=True)
+
+
+def _short(path: str) -> str:
+    return "/".join(Path(path).parts[-2:])
 
 
 def pytest_terminal_summary(terminalreporter):
