@@ -51,7 +51,7 @@ from lab.relay import start_relay
 from lab.topology import OUTSIDE_IP, UNDERLAY_CIDRS, Topology, cleanup_prefix, default_state_dir
 from lab.vm import VmHandle, ping, vm_add, vm_rm
 from schemas import api
-from schemas.bus import CA_ENV, CREDS_ENV
+from schemas.bus import CA_ENV, CREDS_ENV, Reconnect, connect_patiently
 
 NODE_NATS_PORT = 4222  # what agents dial inside their namespace; the relay carries it home
 _RELOADED = "Reloaded server configuration"  # nats-server's log line once a reload is in force
@@ -207,6 +207,11 @@ class Lab:
     async def nats_client(self, identity: str = "admin", **kw) -> Client:
         secure = self.state.secure
         kwargs = bus_files.identity_kwargs(self.bus_dir, identity) if secure else {}
+        if kw.get("allow_reconnect", True):  # nats-py's first connect may hang after a failed try
+            bus = Reconnect(f"lab client {identity}")
+            nc = await connect_patiently(self.nats_urls, bus, **kwargs, **kw)
+            bus.connected_to(nc)
+            return nc
         return await nats.connect(self.nats_urls, **kwargs, **kw)
 
     async def grant_node(self, name: str) -> None:
