@@ -40,7 +40,7 @@ from lab.vm import probe_once
 from schemas.errors import ApiError
 from tests.chaos import report
 from tests.chaos.hollow import hollow_nics, hollow_node, write_intent
-from tests.e2e.helpers import ensure_network, ensure_vms, lab_fixture, warm_up
+from tests.e2e.helpers import diagnose, ensure_network, ensure_vms, lab_fixture, warm_up
 
 pytestmark = [
     pytest.mark.netns,
@@ -220,9 +220,11 @@ class Chaos:
             neigh = [
                 await exec_in(self.lab.vms[v].netns, "ip", "neigh", "show", ip) for v in failed
             ]
+            violations = [f"[{v.invariant}] {v.message}" for v in self.history.violations[:5]]
             raise AssertionError(
                 f"{vm} ({ip}, {self.lab.vms[vm].mac}) not reached at once from {failed};"
-                f" within 5 s: {dict(zip(failed, later, strict=True))}; neighbours: {neigh}"
+                f" within 5 s: {dict(zip(failed, later, strict=True))}; neighbours: {neigh};"
+                f" invariant violations so far: {violations or 'none'}\n{await diagnose(self.lab)}"
             )
 
     def probe(self) -> PingProbe:

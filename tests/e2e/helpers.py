@@ -12,6 +12,7 @@ from lab.cluster import Lab
 from schemas import naming
 from schemas.codec import decode
 from schemas.messages import Ack, Health
+from tests.chaos import report
 
 
 def lab_fixture(nodes: int = 2, **kwargs):
@@ -99,9 +100,35 @@ async def ensure_vms(lab: Lab, network: str, placement: dict[str, str]) -> None:
     await lab.wait_converged()
 
 
-async def warm_up(lab: Lab, vms: list[str]) -> None:
-    """Ping between every pair of VMs once, without asserting. The first packet across a fresh
-    mesh sometimes waits for WireGuard's handshake retry (5 s); tests assert reachability, and
-    latency is bench overlay_ping's, so fixtures pay that wait here, whichever test runs first."""
-    pairs = itertools.combinations(vms, 2)
-    await asyncio.gather(*(lab.ping(a, lab.vms[b].ip, timeout=10) for a, b in pairs))
+async def warm_up(lab: Lab, vms: list[str], patience: float = 30.0) -> None:
+    """Until every pair of VMs has pinged once. The first packet across a fresh mesh may wait for
+    WireGuard's handshake retry (5 s, twice on a loaded machine); tests assert reachability, and
+    latency is bench overlay_ping's, so fixtures pay that wait here, whichever test runs first.
+    A pair slower than 10 s is reported; one still silent after ``patience`` fails the fixture
+    with what the nodes' WireGuard and agents said."""
+
+    async def reach(a: str, b: str) -> float | None:
+        started = time.monotonic()
+        while not await lab.ping(a, lab.vms[b].ip, timeout=5):
+            if time.monotonic() - started > patience:
+                return None
+        return time.monotonic() - started
+
+    pairs = list(itertools.combinations(vms, 2))
+    took = dict(zip(pairs, await asyncio.gather(*(reach(a, b) for a, b in pairs)), strict=True))
+    if slow := {f"{a}→{b}": f"{t:.1f}s" for (a, b), t in took.items() if t and t > 10}:
+        report.add(f"warm-up: first pings slower than 10 s: {slow}")
+    if silent := [pair for pair, t in took.items() if t is None]:
+        raise AssertionError(f"no ping within {patience}s for {silent}:\n{await diagnose(lab)}")
+
+
+async def diagnose(lab: Lab) -> str:
+    """What each node's WireGuard device and agent say: for a failure that will not repeat."""
+    parts = []
+    for node in lab.state.nodes:
+        with contextlib.suppress(Exception):
+            parts.append(f"--- {node}: wg show\n" + await lab.exec_node(node, "wg", "show"))
+        log = lab.state_dir / f"agent-{node}.log"
+        if log.exists():
+            parts.append(f"--- {node}: agent log\n" + "\n".join(log.read_text().splitlines()[-15:]))
+    return "\n".join(parts)

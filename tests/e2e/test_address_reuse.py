@@ -75,6 +75,9 @@ async def test_new_nic_at_a_reused_address_is_reachable_within_one_heartbeat_of_
 async def test_a_vm_cannot_announce_another_vms_address(lab: Lab):
     """The host's announcement passes port security (above); the same frame from a VM, claiming
     another VM's address with its own MAC, is dropped at its tap and changes no ARP cache."""
+    await ensure_network(lab, "ov", "overlay", "10.91.0.0/24")
+    await ensure_vms(lab, "ov", {"x1": "n1", "x2": "n2", "x4": "n2"})  # runs alone too
+    await warm_up(lab, ["x2", "x4"])
     x1, x4 = lab.vms["x1"], lab.vms["x4"]
     assert x4.mac in await neighbour(lab, "x2", x4.ip)
     before = (await drops(lab, "n1"))["port_security_arp"]
