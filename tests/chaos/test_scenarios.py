@@ -225,6 +225,7 @@ class Chaos:
                 f"{vm} ({ip}, {self.lab.vms[vm].mac}) not reached at once from {failed};"
                 f" within 5 s: {dict(zip(failed, later, strict=True))}; neighbours: {neigh};"
                 f" invariant violations so far: {violations or 'none'}\n{await diagnose(self.lab)}"
+                f"\n--- {vm}'s wire log\n{_tail(self.lab.state_dir / f'vm-{vm}.log')}"
             )
 
     def probe(self) -> PingProbe:
@@ -320,6 +321,10 @@ async def test_node_partitioned_then_healed(chaos: Chaos):
     report.add(
         f"  (n1, n2 converged during the partition in {others}; n3 after heal in {heartbeats})"
     )
+
+
+def _tail(path, lines: int = 10) -> str:
+    return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else "(none)"
 
 
 def _pid(lab: Lab, name: str) -> int:
