@@ -126,8 +126,9 @@ async def diagnose(lab: Lab) -> str:
     """What each node's WireGuard device and agent say: for a failure that will not repeat."""
     parts = []
     for node in lab.state.nodes:
-        with contextlib.suppress(Exception):
-            parts.append(f"--- {node}: wg show\n" + await lab.exec_node(node, "wg", "show"))
+        for argv in (("wg", "show"), ("ip", "route", "show", "cache")):  # cache: PMTU exceptions
+            with contextlib.suppress(Exception):
+                parts.append(f"--- {node}: {' '.join(argv)}\n" + await lab.exec_node(node, *argv))
         log = lab.state_dir / f"agent-{node}.log"
         if log.exists():
             parts.append(f"--- {node}: agent log\n" + "\n".join(log.read_text().splitlines()[-15:]))
