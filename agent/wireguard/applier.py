@@ -16,14 +16,15 @@ under systemd that needs ``KillMode=process`` (or a separate unit) for the same 
 WireGuard has no change notifications, so the agent's skipped heartbeats call ``check``: with
 wireguard-go it reads the UAPI answer as bytes and, when it equals (counters and handshake times
 aside) the answer of the last reconcile that planned nothing, for the same desired state, it is
-done without parsing or planning; anything else is a full ``reconcile``.
+done without parsing or planning; anything else is a full ``reconcile``. A mesh change
+(``apply_change``) on a device known to hold the state before it sets only the touched peers.
 """
 
 import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Literal
@@ -42,8 +43,17 @@ from agent.wireguard.backends import (
     UserspaceBackend,
     link_actions,
 )
-from agent.wireguard.plan import WgObserved, WgPlan, parse_get, plan, plan_device, plan_link
-from schemas.desired import Snapshot, WireGuard
+from agent.wireguard.plan import (
+    DevicePlan,
+    WgObserved,
+    WgPlan,
+    parse_get,
+    plan,
+    plan_device,
+    plan_link,
+    plan_peer_change,
+)
+from schemas.desired import Snapshot, WgPeer, WireGuard
 from schemas.messages import PeerHealth
 from schemas.naming import WIREGUARD_IFNAME, is_managed
 
@@ -154,6 +164,39 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
             if answer is not None and _steady_part(answer) == clean[1]:
                 return ApplyResult(writes=0, reached=frozenset({self.ifname}))
         return await self.reconcile(desired, seen)
+
+    async def apply_change(
+        self, desired: WireGuard, base: WireGuard, gained: Iterable[WgPeer], lost: Iterable[WgPeer]
+    ) -> ApplyResult[frozenset[str]] | None:
+        """A mesh change (``desired`` is ``base`` with these peers gained and lost, the device
+        the same): when the device is known to hold exactly ``base`` (the last no-op reconcile
+        was of ``base`` and one UAPI read still answers the same bytes, as ``check`` does), one
+        UAPI set naming just the touched peers (``plan_peer_change``). None: not known (kernel
+        backend, a write or drift since), reconcile whole. The next ``check`` reconciles whole
+        once (the write is verified, as after any write)."""
+        async with self._lock:
+            clean = self._clean
+            if (
+                clean is None
+                or not isinstance(self._backend, UserspaceBackend)
+                or desired.name != self.ifname
+                or not (clean[0] is base or clean[0] == base)
+            ):
+                return None
+            answer = await _uapi_get(self._backend.uapi.path)
+            if answer is None or _steady_part(answer) != clean[1]:
+                return None
+            peers = plan_peer_change(gained, lost, self._public_key)
+            device = DevicePlan(peers=peers)
+            self._clean, self._last = None, desired
+            if not peers.writes:
+                return ApplyResult(writes=0, reached=frozenset({self.ifname}))
+            done, errors = await self._backend.configure(device)
+            self.log.info(
+                "%s: wrote %d by the change path (peers +%d ~%d -%d)", self.ifname, done,
+                len(peers.add), len(peers.update), len(peers.remove),
+            )  # fmt: skip
+            return ApplyResult(writes=done, reached=frozenset({self.ifname}), errors=tuple(errors))
 
     def plan(self, desired: WireGuard, observed: WgObserved) -> WgPlan:
         if desired.name != self.ifname:
