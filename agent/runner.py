@@ -625,7 +625,10 @@ class Agent:
 
 
 def _concerns(change: Change, sub: Subsystem) -> bool:
-    return sub.concerned(change.fdb.values()) or (change.mesh is not None and sub.mesh_reads)
+    """Whether ``sub``'s desired state may differ from its last: the FDB entries concern it,
+    or the peers changed and it reads them (no entries changed: nothing of the FDB did)."""
+    fdb = bool(change.fdb) and sub.concerned(change.fdb.values())
+    return fdb or (change.mesh is not None and sub.mesh_reads)
 
 
 def _path(change: Change | None, quiet: bool) -> str:

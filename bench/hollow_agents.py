@@ -130,7 +130,10 @@ class MemoryWireGuard(
                 for p in desired.peers
                 if p.public_key != self.public_key
             )
-        return ApplyResult(writes=peers.writes, reached=frozenset({WIREGUARD_IFNAME}))
+        result = ApplyResult(writes=peers.writes, reached=frozenset({WIREGUARD_IFNAME}))
+        # as the real one: a plan with nothing to do says the device holds ``desired``
+        self._checked = None if peers.writes else (desired, result)
+        return result
 
     async def apply_change(self, desired: WireGuard, base, gained, lost) -> ApplyResult | None:
         """The touched peers only (``plan_peer_change``), when memory holds ``base``."""
