@@ -45,6 +45,7 @@ from agent.wireguard.backends import (
 )
 from agent.wireguard.plan import (
     DevicePlan,
+    PeerPlan,
     WgObserved,
     WgPlan,
     parse_get,
@@ -169,11 +170,13 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         self, desired: WireGuard, base: WireGuard, gained: Iterable[WgPeer], lost: Iterable[WgPeer]
     ) -> ApplyResult[frozenset[str]] | None:
         """A mesh change (``desired`` is ``base`` with these peers gained and lost, the device
-        the same): when the device is known to hold exactly ``base`` (the last no-op reconcile
-        was of ``base`` and one UAPI read still answers the same bytes, as ``check`` does), one
-        UAPI set naming just the touched peers (``plan_peer_change``). None: not known (kernel
-        backend, a write or drift since), reconcile whole. The next ``check`` reconciles whole
-        once (the write is verified, as after any write)."""
+        the same), when the last no-op reconcile (or ``check``) found the device holding
+        ``base`` (wireguard-go only): one UAPI set naming just the touched peers
+        (``plan_peer_change``), then one UAPI read, verified without parsing the peers that
+        stay: every other peer's lines as the no-op read had them, the touched ones as planned
+        (``verified``). Then the next ``check`` is one read compared as bytes again; anything
+        else (drift since, a peer gone by hand) leaves ``check`` to reconcile whole. None: the
+        device is not known to hold ``base``, reconcile whole."""
         async with self._lock:
             clean = self._clean
             if (
@@ -183,19 +186,20 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
                 or not (clean[0] is base or clean[0] == base)
             ):
                 return None
-            answer = await _uapi_get(self._backend.uapi.path)
-            if answer is None or _steady_part(answer) != clean[1]:
-                return None
             peers = plan_peer_change(gained, lost, self._public_key)
-            device = DevicePlan(peers=peers)
             self._clean, self._last = None, desired
-            if not peers.writes:
-                return ApplyResult(writes=0, reached=frozenset({self.ifname}))
-            done, errors = await self._backend.configure(device)
-            self.log.info(
-                "%s: wrote %d by the change path (peers +%d ~%d -%d)", self.ifname, done,
-                len(peers.add), len(peers.update), len(peers.remove),
-            )  # fmt: skip
+            done, errors = 0, list[ApplyError]()
+            if peers.writes:
+                done, errors = await self._backend.configure(DevicePlan(peers=peers))
+                self.log.info(
+                    "%s: wrote %d by the change path (peers +%d ~%d -%d)", self.ifname, done,
+                    len(peers.add), len(peers.update), len(peers.remove),
+                )  # fmt: skip
+            answer = await _uapi_get(self._backend.uapi.path)
+            if not errors and answer is not None:
+                steady = _steady_part(answer)
+                if verified(clean[1], steady, peers):
+                    self._clean = (desired, steady)
             return ApplyResult(writes=done, reached=frozenset({self.ifname}), errors=tuple(errors))
 
     def plan(self, desired: WireGuard, observed: WgObserved) -> WgPlan:
@@ -377,6 +381,32 @@ def _steady_part(answer: bytes) -> bytes:
     device, *peers = answer.removesuffix(b"errno=0\n\n").rstrip().split(b"\npublic_key=")
     blocks = [b"\n".join(x for x in p.split(b"\n") if not x.startswith(_VOLATILE)) for p in peers]
     return b"\npublic_key=".join([device, *sorted(blocks)])
+
+
+def verified(before: bytes, after: bytes, change: PeerPlan) -> bool:
+    """Pure: ``after`` (a steady UAPI answer, ``_steady_part``) is ``before`` with exactly
+    ``change`` made: the device lines and every untouched peer's lines the same bytes, each
+    peer set holding the endpoint and allowed IPs planned, each removed peer gone. Only the
+    touched peers are parsed."""
+    device, *was = before.split(b"\npublic_key=")
+    device_now, *now = after.split(b"\npublic_key=")
+    if device != device_now:
+        return False
+    touched = {wgkeys.b64_to_hex(k).encode() for k in change.remove}
+    want = {wgkeys.b64_to_hex(c.public_key).encode(): c for c in (*change.add, *change.update)}
+    touched |= want.keys()
+    old = {b[:64]: b for b in was if b[:64] not in touched}
+    new = {b[:64]: b for b in now if b[:64] not in touched}
+    if old != new or {b[:64] for b in now if b[:64] in touched} != want.keys():
+        return False
+    for block in now:
+        c = want.get(block[:64])
+        if c is None:
+            continue
+        peer = parse_get("public_key=" + block.decode()).peers[0]
+        if peer.endpoint != c.endpoint or peer.allowed_ips != frozenset(c.allowed_ips or ()):
+            return False
+    return True
 
 
 async def _uapi_get(path: Path) -> bytes | None:
