@@ -26,6 +26,8 @@ from agent.kernel_events import NoDrift
 from agent.links.applier import LinkApplier
 from agent.runner import Agent, AgentConfig
 from agent.validate import check_change, check_snapshot
+from agent.wireguard import keys as wgkeys
+from agent.wireguard.applier import _steady_part, verified
 from agent.wireguard.plan import ObservedPeer, normalize_allowed, plan_peer_change, plan_peers
 from bench.hollow_agents import IndexedKernel, MemoryWireGuard
 from schemas import limits
@@ -85,7 +87,7 @@ FAIR = st.builds(
         public_key=key(n + 20 * rotated),
         endpoint=endpoint,
         allowed_ips=(f"100.64.0.{n}/32",),
-    ),  # fmt: skip
+    ),
     st.sampled_from([3, 4, 5, 6, 7, 8]),
     st.booleans(),
     st.sampled_from(ENDPOINTS[:5]),
@@ -422,3 +424,37 @@ def test_wireguard_sets_only_the_touched_peers_when_it_knows_its_device(tmp_path
         assert {p.public_key for p in wg.peers_now} == want  # type: ignore[union-attr]
 
     asyncio.run(run())
+
+
+def uapi_answer(peers: dict[str, tuple[str, str]]) -> bytes:
+    """A wireguard-go ``get=1`` answer (volatile lines included) for peers key -> (endpoint,
+    allowed IP), in the order given (wireguard-go lists them in map order)."""
+    lines = ["private_key=" + "11" * 32, "listen_port=51820"]
+    for k, (endpoint, allowed) in peers.items():
+        lines += [f"public_key={wgkeys.b64_to_hex(k)}", f"endpoint={endpoint}",
+                  "last_handshake_time_sec=17", "rx_bytes=5", f"allowed_ip={allowed}",
+                  "protocol_version=1"]  # fmt: skip
+    return ("\n".join(lines) + "\nerrno=0\n\n").encode()
+
+
+def test_wireguards_write_is_verified_from_the_touched_peers_alone():
+    """After the change path's UAPI set, the answer read back is accepted as the device's new
+    clean state only when the untouched peers' lines are byte for byte as before and the
+    touched ones are as planned; a peer removed or changed by hand meanwhile is not."""
+    before = {key(2): ("198.18.0.2:51820", "100.64.0.2/32"),
+              key(3): ("198.18.0.3:51820", "100.64.0.3/32")}  # fmt: skip
+    joined = WgPeer(public_key=key(6), endpoint="198.18.0.6:51820", allowed_ips=("100.64.0.6/32",))
+    plan = plan_peer_change({joined}, set())
+    clean = _steady_part(uapi_answer(before))
+    after = {key(6): ("198.18.0.6:51820", "100.64.0.6/32"), **before}  # another order
+    assert verified(clean, _steady_part(uapi_answer(after)), plan)
+    assert not verified(clean, _steady_part(uapi_answer(before)), plan)  # the set did not take
+    drifted = {k: v for k, v in after.items() if k != key(3)}  # a peer removed by hand
+    assert not verified(clean, _steady_part(uapi_answer(drifted)), plan)
+    moved = {**after, key(2): ("198.18.0.9:51820", "100.64.0.2/32")}
+    assert not verified(clean, _steady_part(uapi_answer(moved)), plan)
+    wrong = {**after, key(6): ("198.18.0.6:51820", "100.64.0.7/32")}
+    assert not verified(clean, _steady_part(uapi_answer(wrong)), plan)
+    left = plan_peer_change(set(), {joined})
+    assert verified(_steady_part(uapi_answer(after)), clean, left)
+    assert not verified(_steady_part(uapi_answer(after)), _steady_part(uapi_answer(after)), left)
