@@ -10,8 +10,8 @@ at the HEAD's digest (never a mix of old and new), into the ``Snapshot`` the val
 the appliers have always taken.
 
 A change costs what it changes: each VNI section's FDB is kept as ``build`` makes it, entry by
-entry (``FdbView``: reference counts, sorted), and the parts built from the node and mesh
-sections are reused while their digests stay, so assembling after a one-entry delta touches one
+entry (``FdbView``: reference counts, sorted), the mesh peer by peer (``MeshView``), and the
+parts built from the node section are reused while its digest stays, so assembling after a one-entry delta touches one
 entry (plus a copy of that VXLAN's tuple) and shares every unchanged part, by identity, with the
 snapshot before. ``change`` tells the runner what changed since the snapshot it last ``mark``ed:
 the FDB entries gained and lost per VXLAN when nothing else did (``mesh_change``: and the peers

@@ -18,7 +18,10 @@ says so) is checked by ``check_fdb_change``, in work proportional to the change:
 gained pass the same per-entry checks, the counts stay within their caps, and each unicast MAC
 keeps one destination (an index the assembler keeps). It only ever says "passes" or "not sure";
 on "not sure" the runner runs ``check_snapshot``, so a refusal and its text are always the whole
-check's (a property test holds the two to the same answers).
+check's (a property test holds the two to the same answers). ``check_change`` does the same for
+a change that may also gain and lose peers (a node joined, left or moved): the peers gained pass
+the per-peer checks and hold no key or allowed IP another peer holds (counts the assembler
+keeps), and no FDB entry sends to an address no peer holds any more.
 
 It never logs, counts or does I/O: the runner calls it before any subsystem runs and counts and
 acks a ``Rejected``, so a refused snapshot changes nothing in the kernel.
