@@ -362,13 +362,14 @@ def test_a_node_joining_and_leaving_is_applied_by_the_change_path(tmp_path):
         whole_plan = a.wireguard.plan  # type: ignore[union-attr]
         a.wireguard.plan = lambda *args: wg_plans.append(1) or whole_plan(*args)  # type: ignore[union-attr,method-assign]
         links_plans: list = []
-        a.links.plan = lambda *args: links_plans.append(1)  # type: ignore[method-assign]
+        links_plan = a.links.plan
+        a.links.plan = lambda *args: links_plans.append(1) or links_plan(*args)  # type: ignore[method-assign]
         joined = PeerItem(node="n6", public_key=key(6), endpoint="198.18.0.6:51820",
                           allowed_ips=("100.64.0.6/32",))  # fmt: skip
         ack = await a.handle(encode(controller.step([joined], [], [], [])))
         assert ack.ok and ack.changes == 1  # one peer set
-        assert a.counters["mesh_changes"] == 1
         assert (wg_plans, links_plans, a.nft.planned) == ([], [], planned)  # type: ignore[attr-defined]
+        assert a.counters["mesh_changes"] == 1
         assert key(6) in {p.public_key for p in a.wireguard.peers_now}  # type: ignore[union-attr]
         # the heartbeat after verifies WireGuard whole (as after any write), and nothing else
         after = await a.handle(encode(replace(controller.head, sections=())))
