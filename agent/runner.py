@@ -494,8 +494,9 @@ class Agent:
             if desired is None:
                 return None, []  # silence never tears down
             result = None
-            if check and change is not None and change.mesh is not None:
-                result = await sub.apply_change(  # type: ignore[attr-defined]
+            apply_change = getattr(sub, "apply_change", None)
+            if check and change is not None and change.mesh is not None and apply_change:
+                result = await apply_change(
                     desired, change.base.wireguard, change.mesh.gained, change.mesh.lost
                 )  # only the touched peers, when WireGuard knows its device holds the base
                 self._peer_writes = result is not None
