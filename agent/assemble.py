@@ -11,12 +11,12 @@ the appliers have always taken.
 
 A change costs what it changes: each VNI section's FDB is kept as ``build`` makes it, entry by
 entry (``FdbView``: reference counts, sorted), the mesh peer by peer (``MeshView``), and the
-parts built from the node section are reused while its digest stays, so assembling after a one-entry delta touches one
-entry (plus a copy of that VXLAN's tuple) and shares every unchanged part, by identity, with the
-snapshot before. ``change`` tells the runner what changed since the snapshot it last ``mark``ed:
-the FDB entries gained and lost per VXLAN when nothing else did (``mesh_change``: and the peers
-gained and lost, when the mesh changed by deltas; ``MeshView`` keeps the peers as ``FdbView``
-keeps an FDB), else None (then everything is checked and planned whole).
+parts built from the node section are reused while its digest stays, so assembling after a
+one-entry delta touches one entry (plus a copy of that VXLAN's or the peers' tuple) and shares
+every unchanged part, by identity, with the snapshot before. ``change`` tells the runner what
+changed since the snapshot it last ``mark``ed: the FDB entries gained and lost per VXLAN when
+nothing else did (``mesh_change``: and the peers gained and lost, when the mesh changed by
+deltas), else None (then everything is checked and planned whole).
 
 No I/O, no clock, no logging: ``complete`` fetches through the callable it is given
 (``agent.runner`` passes a ``section.get`` request).

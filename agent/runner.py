@@ -441,7 +441,8 @@ class Agent:
         """After a reconcile whose only writes were FDB entries (and WireGuard peers, which no
         link dump shows): know the kernel state they reached without a dump
         (``agent.links.plan.advance``), when the notifications since are the echoes of those
-        writes and nothing else. WireGuard's next ``check`` verifies its peers whole."""
+        writes and nothing else. WireGuard verified its peers itself (``apply_change``; when
+        it could not, its next ``check`` reconciles it whole)."""
         plan = self.links.applied
         if self.events is None or self._seen is None:
             return False

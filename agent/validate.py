@@ -167,9 +167,10 @@ def check_change(
         return None
     if moved:
         assert mesh is not None
-        checked = _mesh_change(snap.wireguard, base.wireguard, checked, mesh)  # type: ignore[assignment]
-        if checked is None:
+        now = _mesh_change(snap.wireguard, base.wireguard, checked, mesh)
+        if now is None:
             return None
+        checked = now
     return checked if _fdb_change(snap, base, checked, changes) else None
 
 

@@ -2,9 +2,10 @@
 
 Owns the data (``WgObserved``/``ObservedDevice``/``ObservedPeer`` as read back, ``WgPlan``/
 ``DevicePlan``/``PeerPlan`` as the writes to make), the diff (``plan``, ``plan_peers``,
-``plan_device``, ``plan_link``; ``plan_peer_change``: only the peers a mesh change touched), snapshot ``validate``, and the two wire formats: wireguard-go's
-UAPI text (``render_set``, ``parse_get``) and pyroute2's genl dump (``parse_genl``). Keys are
-base64 here and hex on the UAPI wire.
+``plan_device``, ``plan_link``; ``plan_peer_change``: only the peers a mesh change touched),
+snapshot ``validate``, and the two wire formats: wireguard-go's UAPI text (``render_set``,
+``parse_get``) and pyroute2's genl dump (``parse_genl``). Keys are base64 here and hex on the
+UAPI wire.
 
 Everything is a pure function of its arguments: this module does no I/O (no sockets, netlink,
 files or processes) and never logs. ``agent.wireguard.applier`` observes, calls these and applies.
