@@ -18,6 +18,11 @@ the HEAD carrying the changed items as deltas, as the controller attaches them; 
 baseline is a like change on the same agent with the change path off (assembled, checked and
 planned whole, as before issue 10 item 5). A separate
 notification socket (a netlink monitor) checks that the skipped heartbeats wrote nothing.
+
+A second table (``mesh_main``; alone: ``python -m bench.agent_steady --mesh``): one peer joining
+and leaving a 1,000-peer mesh (wireguard-go with 1,000 peers), timed on the change path and,
+on the same agent and kernel, the whole way, with the UAPI sets counted (and the peers each
+names) and the heartbeat after each change.
 """
 
 import asyncio
