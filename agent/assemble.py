@@ -10,12 +10,13 @@ at the HEAD's digest (never a mix of old and new), into the ``Snapshot`` the val
 the appliers have always taken.
 
 A change costs what it changes: each VNI section's FDB is kept as ``build`` makes it, entry by
-entry (``FdbView``: reference counts, sorted), and the parts built from the node and mesh
-sections are reused while their digests stay, so assembling after a one-entry delta touches one
-entry (plus a copy of that VXLAN's tuple) and shares every unchanged part, by identity, with the
-snapshot before. ``change`` tells the runner what changed since the snapshot it last ``mark``ed:
-the FDB entries gained and lost per VXLAN when nothing else did, else None (then everything is
-checked and planned whole).
+entry (``FdbView``: reference counts, sorted), the mesh peer by peer (``MeshView``), and the
+parts built from the node section are reused while its digest stays, so assembling after a
+one-entry delta touches one entry (plus a copy of that VXLAN's or the peers' tuple) and shares
+every unchanged part, by identity, with the snapshot before. ``change`` tells the runner what
+changed since the snapshot it last ``mark``ed: the FDB entries gained and lost per VXLAN when
+nothing else did (``mesh_change``: and the peers gained and lost, when the mesh changed by
+deltas), else None (then everything is checked and planned whole).
 
 No I/O, no clock, no logging: ``complete`` fetches through the callable it is given
 (``agent.runner`` passes a ``section.get`` request).
@@ -165,6 +166,79 @@ def fdb_entries(node: str, item: Item) -> tuple[FdbEntry, ...]:
     return ()
 
 
+class MeshView:
+    """The mesh section as this node's peers (``build``'s ``WgPeer``s, itself left out), kept
+    item by item: the peers in sorted order, how many peers hold each public key and each allowed
+    IP (what the change check needs to find a duplicate in work proportional to the change), and
+    the peers gained and lost since ``mark`` (a peer that changed is its old value lost and its
+    new one gained)."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.by_key: dict[str, WgPeer] = {}  # item key -> the peer it gives
+        self.order: list[WgPeer] = []
+        self.keys: dict[str, int] = {}  # public key -> peers that hold it
+        self.ips: dict[str, int] = {}  # allowed IP (as written) -> times it is held
+        self.gained: set[WgPeer] = set()
+        self.lost: set[WgPeer] = set()
+        self._peers: tuple[WgPeer, ...] | None = ()
+
+    @property
+    def peers(self) -> tuple[WgPeer, ...]:
+        if self._peers is None:
+            self._peers = tuple(self.order)
+        return self._peers
+
+    def put(self, key: str, item: Item) -> None:
+        """The item under ``key`` is now ``item`` (a peer of this node, or none)."""
+        self.drop(key)
+        if not isinstance(item, PeerItem) or item.node == self.node:
+            return
+        peer = self.by_key[key] = _as(WgPeer, item)
+        insort(self.order, peer)
+        self._peers = None
+        self.keys[peer.public_key] = self.keys.get(peer.public_key, 0) + 1
+        for ip in peer.allowed_ips:
+            self.ips[ip] = self.ips.get(ip, 0) + 1
+        if peer in self.lost:
+            self.lost.discard(peer)
+        else:
+            self.gained.add(peer)
+
+    def drop(self, key: str) -> None:
+        peer = self.by_key.pop(key, None)
+        if peer is None:
+            return
+        del self.order[bisect_left(self.order, peer)]
+        self._peers = None
+        _uncount(self.keys, peer.public_key)
+        for ip in peer.allowed_ips:
+            _uncount(self.ips, ip)
+        if peer in self.gained:
+            self.gained.discard(peer)
+        else:
+            self.lost.add(peer)
+
+
+def _uncount(counts: dict[str, int], key: str) -> None:
+    if counts[key] > 1:
+        counts[key] -= 1
+    else:
+        del counts[key]
+
+
+@dataclass
+class MeshChange:
+    """The peers gained and lost since the snapshot last marked (a changed peer is in both, as
+    its old and its new value), the mesh index (``MeshView``), and ``uses``: whether any VXLAN
+    of this node's FDB sends to a destination (the assembler's FDB views answer it)."""
+
+    gained: frozenset[WgPeer]
+    lost: frozenset[WgPeer]
+    view: MeshView
+    uses: Callable[[str], bool]
+
+
 @dataclass
 class FdbChange:
     """One VXLAN's FDB entries gained and lost since the snapshot last marked, and its view."""
@@ -180,6 +254,7 @@ class Assembler:
         self.held: dict[str, Held] = {}
         self._pages: dict[str, _Pages] = {}
         self.views: dict[str, FdbView] = {}  # per VNI section
+        self.mesh = MeshView(node)
         # parts built from the node and mesh sections, by section digest, and the VXLANs built
         self._parts: dict[str, tuple[str, object]] = {}
         self._vxlans: dict[str, tuple[VxlanItem, tuple[FdbEntry, ...], Vxlan]] = {}
@@ -190,7 +265,7 @@ class Assembler:
     def mark(self) -> None:
         """The state now held is the base of the next ``change`` (the runner marks the snapshot
         it applied)."""
-        for view in self.views.values():
+        for view in (*self.views.values(), self.mesh):
             view.gained.clear()
             view.lost.clear()
         self._settled = True
@@ -212,9 +287,32 @@ class Assembler:
                     out[item.name] = FdbChange(frozenset(view.gained), frozenset(view.lost), view)
         return out
 
+    def mesh_change(self) -> MeshChange:
+        """Since ``mark``: the peers gained and lost (empty when the mesh did not change). Only
+        meaningful when ``change`` is not None."""
+        return MeshChange(frozenset(self.mesh.gained), frozenset(self.mesh.lost), self.mesh,
+                          self._uses)  # fmt: skip
+
+    def _uses(self, dst: str) -> bool:
+        """Any FDB entry of a VXLAN this node has sends to ``dst``: every item gives its
+        destination's flood entry, counted in the view."""
+        flood = FdbEntry(mac=FLOOD_MAC, dst=dst)
+        node = self.held.get(NODE_SECTION)
+        vxlans = node.items.values() if node is not None else ()
+        return any(
+            flood in view.counts
+            for v in vxlans
+            if isinstance(v, VxlanItem) and (view := self.views.get(vni_section(v.vni)))
+        )
+
     def _replaced(self, name: str, held: Held) -> None:
-        """A section held anew (whole): its FDB view is rebuilt and the journal is void."""
+        """A section held anew (whole): its view is rebuilt and the journal is void."""
         self._settled = False
+        if name == MESH_SECTION:
+            self.mesh = MeshView(self.node)
+            for key, item in held.items.items():
+                self.mesh.put(key, item)
+            return
         if section_vni(name) is None:
             return
         view = self.views[name] = FdbView()
@@ -252,16 +350,21 @@ class Assembler:
         if digest_of(total) != data.digest:
             return False  # not what the controller has: fetch the whole section
         view = self.views.get(data.name)
-        if view is None:
-            self._settled = False  # the node's own part or the mesh: checked whole
+        mesh = self.mesh if data.name == MESH_SECTION else None
+        if view is None and mesh is None:
+            self._settled = False  # the node's own part: checked whole
         for key in {*data.removals, *ups}:
             old = held.items.pop(key, None)
             held.hashes.pop(key, None)
+            if mesh is not None:
+                mesh.drop(key)
             if view is not None and old is not None:
                 for entry in fdb_entries(self.node, old):
                     view.remove(entry)
         for key, (item, h) in ups.items():
             held.items[key], held.hashes[key] = item, h
+            if mesh is not None:
+                mesh.put(key, item)
             if view is not None:
                 for entry in fdb_entries(self.node, item):
                     view.add(entry)
@@ -323,6 +426,8 @@ class Assembler:
         for name in [n for n in self.held if n not in wanted]:
             del self.held[name]
             self.views.pop(name, None)
+            if name == MESH_SECTION:
+                self.mesh = MeshView(self.node)
             self._settled = False
         for name in [n for n in self._pages if n not in wanted]:
             del self._pages[name]
@@ -334,7 +439,7 @@ class Assembler:
             return None
         names = {r.name for r in head.refs}
         own = self._part(NODE_SECTION, names, lambda items: _own_part(list(items)))
-        peers = self._part(MESH_SECTION, names, lambda items: _peers(self.node, items))
+        peers = self.mesh.peers if MESH_SECTION in names else ()
         settings, wg, bridges, taps, nat, vxlan_items = own
         vxlans = []
         for v in vxlan_items:

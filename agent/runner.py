@@ -19,7 +19,10 @@ A change costs what it changes: when a HEAD only gains and loses FDB entries of 
 last applied cleanly (``agent.assemble.Assembler.change``), only those entries are checked
 (``agent.validate.check_fdb_change``; anything it is not sure of goes through the whole check,
 so refusals read the same) and, in a quiet heartbeat, planned (``Subsystem.plan_change``; a
-subsystem they do not concern is not planned at all).
+subsystem they do not concern is not planned at all). The same for a HEAD whose mesh gained,
+lost or changed peers (a node joined, left or moved): only those peers are checked
+(``agent.validate.check_change``), and WireGuard sets only them (``apply_change``: one UAPI
+set), while links and nftables, which do not read the mesh's peers, are not planned.
 """
 
 import asyncio
@@ -32,7 +35,7 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from agent.announce import Announcer
-from agent.assemble import Assembler, BadSection, FdbChange, complete
+from agent.assemble import Assembler, BadSection, FdbChange, MeshChange, complete
 from agent.errors import ApplyError, ApplyResult
 from agent.kernel_events import KernelEvents, NoDrift
 from agent.links.applier import LinkApplier
@@ -48,7 +51,7 @@ from agent.validate import (
     Checked,
     Rejected,
     accept_head,
-    check_fdb_change,
+    check_change,
     check_snapshot,
     same_content,
 )
@@ -63,6 +66,18 @@ from schemas.wire import SectionData, SectionGet
 log = logging.getLogger(__name__)
 
 DROPS_MAX_AGE = 10.0  # seconds: health refreshes the drop counters when no reconcile read them
+
+
+@dataclass
+class Change:
+    """A HEAD that differs from the snapshot last applied cleanly (``base``) only by these FDB
+    entries (per VXLAN) and these peers (``mesh``: None when the mesh is the same), checked by
+    ``agent.validate.check_change`` (``checked``: as ``check_snapshot`` would return)."""
+
+    fdb: dict[str, FdbChange]
+    mesh: MeshChange | None
+    base: Snapshot
+    checked: Checked
 
 
 @dataclass
@@ -104,7 +119,8 @@ class Agent:
         self.api = ApiClient(nc, timeout=2.0)
         self.started_at = time.time()
         self.counters = {"received": 0, "applied": 0, "rejected": 0, "apply_errors": 0,
-                         "fetches": 0, "skipped": 0, "reconciled": 0}  # fmt: skip
+                         "fetches": 0, "skipped": 0, "reconciled": 0,
+                         "fdb_changes": 0, "mesh_changes": 0}  # fmt: skip
         self.last_error: str | None = None
         self.last_snapshot_at = 0.0
         self.devices = 0
@@ -125,6 +141,7 @@ class Agent:
         self._clean = False
         self._since_full = 0
         self._writes: dict[str, int] = {}  # per subsystem, in the last reconcile
+        self._peer_writes = False  # WireGuard's writes then were peers only (``apply_change``)
         # the snapshot being applied as assembled and checked, and the last one applied cleanly
         self._assembled: tuple[Snapshot, Checked] | None = None
         self._base: tuple[Snapshot, Checked] | None = None
@@ -314,7 +331,7 @@ class Agent:
             )
             return None
         change = self._fdb_change(snap)
-        checked = self._base[1] if change is not None and self._base else None
+        checked = change.checked if change is not None else None
         if checked is None:
             try:
                 checked = check_snapshot(snap, known=last)
@@ -323,30 +340,36 @@ class Agent:
         self._assembled = (snap, checked)
         return await self.apply_snapshot(snap, raw, change=change)
 
-    def _fdb_change(self, snap: Snapshot) -> dict[str, FdbChange] | None:
-        """When ``snap`` only gains and loses FDB entries of the snapshot last applied cleanly
-        and the change passes ``agent.validate.check_fdb_change`` (work proportional to it):
-        the entries per VXLAN. None when that is not so or not sure: the whole snapshot is
-        then checked and planned."""
+    def _fdb_change(self, snap: Snapshot) -> Change | None:
+        """When ``snap`` only gains and loses FDB entries and peers of the snapshot last applied
+        cleanly and the change passes ``agent.validate.check_change`` (work proportional to it):
+        the entries per VXLAN and the peers. None when that is not so or not sure: the whole
+        snapshot is then checked and planned."""
         base = self._base
         if base is None or self._last is None or self._last[1] is not base[0]:
             return None
-        change = self.assembler.change()
-        if change is None or not check_fdb_change(snap, base[0], base[1], change):
+        fdb = self.assembler.change()
+        if fdb is None:
             return None
-        return change
+        mesh: MeshChange | None = self.assembler.mesh_change()
+        if not (mesh.gained or mesh.lost):
+            mesh = None
+        checked = check_change(snap, base[0], base[1], fdb, mesh)
+        if checked is None:
+            return None
+        return Change(fdb, mesh, base[0], checked)
 
     async def apply_snapshot(
         self,
         snap: Snapshot,
         raw: bytes | None = None,
         same: bool | None = None,
-        change: dict[str, FdbChange] | None = None,
+        change: Change | None = None,
     ) -> Ack:
         """Reconcile an accepted snapshot as much as this heartbeat needs (``agent.steady``),
         then ack. ``same``: it carries the content last reconciled cleanly; None: compare the
         assembled snapshot's version and digest with the last one's. ``change``: it only
-        gains and loses these FDB entries of the last one (``_fdb_change``)."""
+        gains and loses these FDB entries and peers of the last one (``_fdb_change``)."""
         if same is None:
             last = self._last[1] if self._last else None
             same = self.events is not None and same_snapshot(snap, last)
@@ -369,6 +392,8 @@ class Agent:
         # and the notifications show nothing but their echoes
         self._clean = not errors and (not changes or (mode != SKIP and self._advance()))
         self._last = None if errors else (raw, snap)
+        if change is not None and not errors:
+            self.counters["mesh_changes" if change.mesh else "fdb_changes"] += 1
         if not errors and self._assembled is not None and self._assembled[0] is snap:
             self.assembler.mark()  # the base of the next change (``_fdb_change``)
             self._base = self._assembled
@@ -390,12 +415,13 @@ class Agent:
                 self.announcer.update(snap.taps, self._snapshot_gap)
             if changes:
                 log.info(
-                    "agent %s: version %d applied (%s), %d change(s) in %.1f ms",
+                    "agent %s: version %d applied (%s), %d change(s) in %.1f ms%s",
                     self.config.node,
                     snap.version,
                     reason,
                     changes,
                     elapsed,
+                    _path(change, quiet=mode == QUIET),
                 )
         ack = Ack(
             node=self.config.node,
@@ -412,14 +438,19 @@ class Agent:
         return ack
 
     def _advance(self) -> bool:
-        """After a reconcile whose only writes were FDB entries: know the kernel state they
-        reached without a dump (``agent.links.plan.advance``), when the notifications since
-        are the echoes of those writes and nothing else."""
+        """After a reconcile whose only writes were FDB entries (and WireGuard peers, which no
+        link dump shows): know the kernel state they reached without a dump
+        (``agent.links.plan.advance``), when the notifications since are the echoes of those
+        writes and nothing else. WireGuard verified its peers itself (``apply_change``; when
+        it could not, its next ``check`` reconciles it whole)."""
         plan = self.links.applied
-        if self.events is None or self._seen is None or plan is None or not plan.actions:
+        if self.events is None or self._seen is None:
             return False
-        if any(writes for name, writes in self._writes.items() if name != self.links.name):
+        alone = {self.links.name} | ({self.wireguard.name} if self._peer_writes else set())
+        if any(writes for name, writes in self._writes.items() if name not in alone):
             return False
+        if plan is None or not plan.actions:
+            return self._peer_writes  # peers set, nothing of the links written
         echoes = _echoes(plan)
         after = advance(self._seen, plan.actions)
         if echoes is None or after is None:
@@ -457,16 +488,24 @@ class Agent:
         seen: Observed | None,
         check: bool = False,
         quiet: bool = False,
-        change: dict[str, FdbChange] | None = None,
+        change: Change | None = None,
     ) -> tuple[ApplyResult | None, list[ApplyError]]:
         try:
             desired = sub.desired(snap)
             if desired is None:
                 return None, []  # silence never tears down
-            if check:  # WireGuard's cheap read for a heartbeat without news
+            result = None
+            apply_change = getattr(sub, "apply_change", None)
+            if check and change is not None and change.mesh is not None and apply_change:
+                result = await apply_change(
+                    desired, change.base.wireguard, change.mesh.gained, change.mesh.lost
+                )  # only the touched peers, when WireGuard knows its device holds the base
+                self._peer_writes = result is not None
+            if result is None and check:  # WireGuard's cheap read for a heartbeat without news
                 result = await sub.check(desired, seen)
-            else:
-                result = await sub.reconcile(desired, seen, quiet=quiet, change=change)
+            elif result is None:
+                fdb = change.fdb if change is not None else None
+                result = await sub.reconcile(desired, seen, quiet=quiet, change=fdb)
         except ApplyError as e:
             return None, [e]
         except ValueError as e:  # the plan refused the snapshot: nothing was written
@@ -477,15 +516,16 @@ class Agent:
         return result, list(result.errors)
 
     async def reconcile(
-        self, snap: Snapshot, quiet: bool = False, change: dict[str, FdbChange] | None = None
+        self, snap: Snapshot, quiet: bool = False, change: Change | None = None
     ) -> tuple[int, list[ApplyError]]:
         """Bring every subsystem to the snapshot; report writes and typed errors. ``quiet``: the
         kernel still holds what the last full reconcile read (``agent.steady``): plan against
         that, reading only WireGuard, which has no notifications. ``change`` (quiet only): the
-        snapshot is the last one but for these FDB entries; a subsystem they do not concern
-        (``Subsystem.concerned``) is as its last reconcile left it, and is not planned."""
+        snapshot is the last one but for these FDB entries and peers; a subsystem they do not
+        concern (``Subsystem.concerned``, ``mesh_reads``) is as its last reconcile left it, and
+        is not planned; WireGuard sets only the peers (``apply_change``)."""
         changes, errors = 0, list[ApplyError]()
-        self.links.applied, self._writes = None, {}
+        self.links.applied, self._writes, self._peer_writes = None, {}, False
         if quiet and self._seen is not None:
             seen = self._seen
         else:  # one link dump per heartbeat serves every subsystem
@@ -510,7 +550,7 @@ class Agent:
                 )  # fmt: skip
         for sub in self.subsystems:
             check = quiet and sub is self.wireguard  # its link is in ``seen``, its peers are read
-            if quiet and change is not None and not check and not sub.concerned(change.values()):
+            if quiet and change is not None and not check and not _concerns(change, sub):
                 continue
             result, failed = await self._reconcile_one(
                 sub, snap, seen, check=check, quiet=quiet, change=change
@@ -584,6 +624,24 @@ class Agent:
                 async with asyncio.timeout(self.config.health_interval):
                     await self._report_now.wait()
             self._report_now.clear()
+
+
+def _concerns(change: Change, sub: Subsystem) -> bool:
+    """Whether ``sub``'s desired state may differ from its last: the FDB entries concern it,
+    or the peers changed and it reads them (no entries changed: nothing of the FDB did)."""
+    fdb = bool(change.fdb) and sub.concerned(change.fdb.values())
+    return fdb or (change.mesh is not None and sub.mesh_reads)
+
+
+def _path(change: Change | None, quiet: bool) -> str:
+    """For the log: how a change was checked and planned (tests look for it)."""
+    if change is None:
+        return ""
+    what = "checked" if not quiet else "checked and planned"
+    if change.mesh is None:
+        return f"; {what} by the change path (FDB)"
+    m = change.mesh
+    return f"; {what} by the change path (mesh: peers +{len(m.gained)} -{len(m.lost)})"
 
 
 def _echoes(plan: LinkPlan) -> frozenset[tuple[int, bytes]] | None:

@@ -7,7 +7,8 @@ returns an ``ApplyResult``. An equal state plans nothing and ``apply`` of an emp
 write, so a no-op heartbeat makes zero netlink writes.
 
 A snapshot that only gains and loses FDB entries of the last one is not planned by a subsystem
-those entries do not concern (``fdb_reads``, ``concerned``): its desired state is unchanged.
+those entries do not concern (``fdb_reads``, ``concerned``): its desired state is unchanged;
+the same for the mesh's peers (``mesh_reads``).
 
 ``reconcile(..., quiet=True)`` plans against the observation of the subsystem's last reconcile,
 without reading the kernel, when that reconcile wrote nothing and failed nothing: the caller
@@ -34,6 +35,9 @@ class Subsystem(ABC, Generic[D, Obs, P, R]):
     # what ``desired`` reads of the VXLANs' FDB: "entries" (every one), "destinations" (the set
     # of each VXLAN's destinations, i.e. its flood entries: one per destination), or "nothing"
     fdb_reads = "entries"
+    # whether ``desired`` reads the mesh's peers: a snapshot whose peers alone changed (a node
+    # joined, left or moved) is not planned by a subsystem that does not
+    mesh_reads = True
 
     def concerned(self, changes: Iterable[FdbDelta]) -> bool:
         """Whether a snapshot that differs from the last reconciled one only by these FDB

@@ -18,7 +18,10 @@ says so) is checked by ``check_fdb_change``, in work proportional to the change:
 gained pass the same per-entry checks, the counts stay within their caps, and each unicast MAC
 keeps one destination (an index the assembler keeps). It only ever says "passes" or "not sure";
 on "not sure" the runner runs ``check_snapshot``, so a refusal and its text are always the whole
-check's (a property test holds the two to the same answers).
+check's (a property test holds the two to the same answers). ``check_change`` does the same for
+a change that may also gain and lose peers (a node joined, left or moved): the peers gained pass
+the per-peer checks and hold no key or allowed IP another peer holds (counts the assembler
+keeps), and no FDB entry sends to an address no peer holds any more.
 
 It never logs, counts or does I/O: the runner calls it before any subsystem runs and counts and
 acks a ``Rejected``, so a refused snapshot changes nothing in the kernel.
@@ -36,7 +39,16 @@ import msgspec
 from agent.errors import AgentError
 from schemas import limits, naming
 from schemas.codec import decode
-from schemas.desired import SNAPSHOT_SCHEMA, Bridge, FdbEntry, Snapshot, Tap, Vxlan, WireGuard
+from schemas.desired import (
+    SNAPSHOT_SCHEMA,
+    Bridge,
+    FdbEntry,
+    Snapshot,
+    Tap,
+    Vxlan,
+    WgPeer,
+    WireGuard,
+)
 from schemas.wire import Head
 
 FLOOD_MAC = "00:00:00:00:00:00"
@@ -98,6 +110,24 @@ class FdbIndex(Protocol):
     dsts: dict[str, set[str]]  # unicast MAC -> its destinations
 
 
+class MeshDelta(Protocol):
+    """The mesh's change (``agent.assemble.MeshChange``): peers gained and lost (a changed peer
+    is in both), the index of the peers now (``view``) and whether the FDB sends to an address."""
+
+    gained: frozenset[WgPeer]
+    lost: frozenset[WgPeer]
+
+    @property
+    def view(self) -> "MeshIndex": ...
+
+    def uses(self, dst: str) -> bool: ...
+
+
+class MeshIndex(Protocol):
+    keys: dict[str, int]  # public key -> peers holding it
+    ips: dict[str, int]  # allowed IP as written -> times held, over every peer
+
+
 def check_fdb_change(
     snap: Snapshot, base: Snapshot, checked: "Checked", changes: Mapping[str, FdbDelta]
 ) -> bool:
@@ -106,6 +136,23 @@ def check_fdb_change(
     (by VXLAN name) gained and lost: everything else is the same (by identity, or equal), the
     gained entries pass the per-entry checks, the FDB caps hold, and every unicast MAC gained
     has one destination. False means "not sure": run ``check_snapshot``. Cost: the change."""
+    return check_change(snap, base, checked, changes) is not None
+
+
+def check_change(
+    snap: Snapshot,
+    base: Snapshot,
+    checked: "Checked",
+    changes: Mapping[str, FdbDelta],
+    mesh: MeshDelta | None = None,
+) -> "Checked | None":
+    """``check_fdb_change``, where the mesh may also have changed by ``mesh``: the peers gained
+    pass the per-peer checks, hold a public key and allowed IPs no other peer holds, the peer
+    cap holds, the WireGuard device is otherwise the same, and no FDB entry sends to an address
+    no peer holds any more. Returns what ``check_snapshot`` would (the mesh's peer addresses
+    updated), or None: "not sure", run ``check_snapshot``. Cost: the change (and one C-level
+    copy of the set of peer addresses when the mesh changed)."""
+    moved = mesh is not None and bool(mesh.gained or mesh.lost)
     same = (
         snap.node == base.node
         and snap.underlay_mtu == base.underlay_mtu
@@ -113,11 +160,58 @@ def check_fdb_change(
         and _same(snap.taps, base.taps)
         and _same(snap.nat_subnets, base.nat_subnets)
         and _same(snap.infrastructure, base.infrastructure)
-        and _same(snap.wireguard, base.wireguard)
+        and (moved or _same(snap.wireguard, base.wireguard))
         and len(snap.vxlans) == len(base.vxlans)
     )
     if not same or snap.version < base.version:
-        return False
+        return None
+    if moved:
+        assert mesh is not None
+        now = _mesh_change(snap.wireguard, base.wireguard, checked, mesh)
+        if now is None:
+            return None
+        checked = now
+    return checked if _fdb_change(snap, base, checked, changes) else None
+
+
+def _mesh_change(
+    wg: WireGuard | None, was: WireGuard | None, checked: "Checked", mesh: MeshDelta
+) -> "Checked | None":
+    if wg is None or was is None or checked.mesh is None:
+        return None
+    if (wg.name, wg.address, wg.listen_port, wg.mtu) != (
+        was.name, was.address, was.listen_port, was.mtu,
+    ):  # fmt: skip
+        return None
+    if len(wg.peers) > limits.MAX_PEERS:
+        return None
+    keys, ips = mesh.view.keys, mesh.view.ips
+    iface = ipaddress.IPv4Interface(wg.address)  # passed as written in ``base``
+    added: set[ipaddress.IPv4Address] = set()
+    try:
+        for peer in mesh.gained:
+            if len(peer.allowed_ips) > limits.MAX_ALLOWED_IPS_PER_PEER:
+                return None
+            nets = _check_peer("peer", peer, iface)
+            if keys.get(peer.public_key) != 1 or any(ips.get(a) != 1 for a in peer.allowed_ips):
+                return None  # a duplicate key, or an address another peer (or itself) holds
+            added.update(net.network_address for net in nets)
+    except ValueError:
+        return None
+    gone = set()
+    for peer in mesh.lost:
+        for allowed in peer.allowed_ips:
+            if allowed not in ips:  # no peer holds it any more
+                if mesh.uses(allowed.removesuffix("/32")):
+                    return None  # an FDB entry sends there: the whole check refuses it
+                gone.add(ipaddress.IPv4Network(allowed).network_address)
+    peers = (checked.mesh.peers - gone) | added
+    return checked._replace(mesh=checked.mesh._replace(peers=peers))
+
+
+def _fdb_change(
+    snap: Snapshot, base: Snapshot, checked: "Checked", changes: Mapping[str, FdbDelta]
+) -> bool:
     total = sum(len(v.fdb) for v in snap.vxlans)
     if total > limits.MAX_FDB_TOTAL:
         return False
@@ -380,30 +474,42 @@ def _check_wireguard(wg: WireGuard | None) -> _Mesh | None:
     routed: list[tuple[ipaddress.IPv4Network, str]] = []
     for i, peer in enumerate(wg.peers):
         at = f"{where} peers[{i}]"
-        if peer.node and not naming.valid_id(peer.node):
-            raise _bad(at, "node", peer.node, "is not a node name")
-        if not _is_wg_key(peer.public_key):
-            raise _bad(at, "public_key", peer.public_key, "is not a base64 WireGuard key")
+        nets = _check_peer(at, peer, iface)
         if peer.public_key in keys:
             raise _bad(at, "public_key", peer.public_key, "belongs to another peer too")
         keys.add(peer.public_key)
-        _check_endpoint(at, peer.endpoint, prefix)
-        for allowed in peer.allowed_ips:
-            net = _network(at, "allowed_ips", allowed)
-            if not net.subnet_of(prefix):
-                raise _bad(at, "allowed_ips", allowed, f"is outside the mesh prefix {prefix}")
-            if iface.ip in net:
-                raise _bad(
-                    at, "allowed_ips", allowed, f"holds this node's own tunnel address {iface.ip}"
-                )
-            if net.prefixlen != 32:  # a peer is one tunnel address; a wider one widens the guard
-                raise _bad(at, "allowed_ips", allowed, "is not a single tunnel address (/32)")
-            routed.append((net, at))
+        routed += ((net, at) for net in nets)
     if pair := _first_overlap(routed):
         (net, _), (other, at) = pair
         raise _bad(at, "allowed_ips", str(other), f"overlaps {net} of another peer")
     peers = frozenset(net.network_address for net, _ in routed if net.prefixlen == 32)
     return _Mesh(prefix, iface.ip, peers)
+
+
+def _check_peer(
+    at: str, peer: WgPeer, iface: ipaddress.IPv4Interface
+) -> list[ipaddress.IPv4Network]:
+    """One peer on its own (the others aside: duplicates and overlaps are the caller's); its
+    allowed IPs as networks, each a /32 inside the mesh prefix that is not this node's."""
+    prefix = iface.network
+    if peer.node and not naming.valid_id(peer.node):
+        raise _bad(at, "node", peer.node, "is not a node name")
+    if not _is_wg_key(peer.public_key):
+        raise _bad(at, "public_key", peer.public_key, "is not a base64 WireGuard key")
+    _check_endpoint(at, peer.endpoint, prefix)
+    nets = []
+    for allowed in peer.allowed_ips:
+        net = _network(at, "allowed_ips", allowed)
+        if not net.subnet_of(prefix):
+            raise _bad(at, "allowed_ips", allowed, f"is outside the mesh prefix {prefix}")
+        if iface.ip in net:
+            raise _bad(
+                at, "allowed_ips", allowed, f"holds this node's own tunnel address {iface.ip}"
+            )
+        if net.prefixlen != 32:  # a peer is one tunnel address; a wider one widens the guard
+            raise _bad(at, "allowed_ips", allowed, "is not a single tunnel address (/32)")
+        nets.append(net)
+    return nets
 
 
 def _check_endpoint(where: str, endpoint: str, mesh: ipaddress.IPv4Network) -> None:

@@ -18,6 +18,11 @@ the HEAD carrying the changed items as deltas, as the controller attaches them; 
 baseline is a like change on the same agent with the change path off (assembled, checked and
 planned whole, as before issue 10 item 5). A separate
 notification socket (a netlink monitor) checks that the skipped heartbeats wrote nothing.
+
+A second table (``mesh_main``; alone: ``python -m bench.agent_steady --mesh``): one peer joining
+and leaving a 1,000-peer mesh (wireguard-go with 1,000 peers), timed on the change path and,
+on the same agent and kernel, the whole way, with the UAPI sets counted (and the peers each
+names) and the heartbeat after each change.
 """
 
 import asyncio
@@ -313,10 +318,199 @@ async def main() -> None:
             f"then {r['back_to_skip_ms']:5.2f} ms; cold apply {r['cold_ms']:7.1f} ms",
             flush=True,
         )
+    await mesh_main()
+
+
+# --- one peer joins / leaves (issue 10 item 5, mesh changes) --------------------------------------
+
+MESH_SIZES = ((1_000, 1_000), (1_000, 10_000))  # (peers, FDB entries)
+
+
+def mesh_snapshot(peers: int, entries: int, version: int = 1, joined: bool = False):
+    """``peers`` mesh peers (plus one more when ``joined``: the node that joins and leaves) and
+    ``entries`` FDB entries over the first 50 of them, one overlay per 5,000 entries."""
+    from hashlib import sha256
+
+    import msgspec
+
+    from agent.wireguard import keys as wgkeys
+    from controller.compute import snapshot_digest
+    from schemas.desired import WgPeer
+
+    base = snapshot(entries, version=version)
+    mesh = tuple(
+        WgPeer(
+            public_key=wgkeys.public_key(wgkeys.hex_to_b64(sha256(b"%d" % i).hexdigest())),
+            endpoint=f"198.18.{(i + 2) >> 8}.{(i + 2) & 255}:51820",
+            allowed_ips=(f"100.64.{(i + 2) >> 8}.{(i + 2) & 255}/32",),
+            node=f"peer{i}",
+        )
+        for i in range(peers + joined)
+    )
+    wg = msgspec.structs.replace(base.wireguard, peers=mesh)
+    snap = msgspec.structs.replace(base, wireguard=wg, infrastructure=("100.64.0.0/16",
+                                   "198.18.0.0/16"))  # fmt: skip
+    return msgspec.structs.replace(snap, digest=snapshot_digest(snap))
+
+
+def restamp(head, version: int):
+    """``head`` (whole sections) as published at ``version``: every section and ref at it (an
+    agent adopts a section it holds at the same digest under the new version)."""
+    import msgspec
+
+    from schemas.wire import Ref
+
+    sections = tuple(msgspec.structs.replace(d, version=version) for d in head.sections)
+    refs = tuple(Ref(r.name, version, r.digest) for r in head.refs)
+    return msgspec.structs.replace(head, version=version, sections=sections, refs=refs)
+
+
+async def mesh_inner(peers: int, entries: int) -> dict:
+    """In the node's namespaces: converge on ``peers`` peers, then one peer joins and leaves
+    ``CHANGES`` times each through the change path, then as many times the whole way (the
+    change path off: checked and planned whole, as before), on the same agent and kernel."""
+    import msgspec
+
+    from agent.assemble import head_for
+    from agent.kernel_events import KernelEvents
+    from agent.links.applier import LinkApplier
+    from agent.links.netlink import NetlinkLinks
+    from agent.netlink_thread import NetlinkThread
+    from agent.nft.applier import NftApplier
+    from agent.runner import Agent, AgentConfig
+    from agent.wireguard import keys as wgkeys
+    from agent.wireguard.applier import WireGuardApplier
+    from schemas.codec import encode
+
+    await run("ip", "link", "set", "lo", "up")
+    heads = {joined: head_for(mesh_snapshot(peers, entries, joined=joined)) for joined in (0, 1)}
+    head = heads[0]
+    nl = NetlinkThread()
+    nl.start()
+    links = LinkApplier(NetlinkLinks(nl, node="bench"))
+    wg = WireGuardApplier(
+        links, private_key=wgkeys.generate_private_key(), backend="userspace", node="bench"
+    )
+    monitor = KernelEvents.open()
+    out: dict = {"peers": peers, "entries": entries}
+    try:
+        with tempfile.TemporaryDirectory() as state:
+            config = AgentConfig(node="bench", state_dir=Path(state))
+            agent = Agent(Bus(), config, links, NftApplier(), wg, events=KernelEvents.open())
+            for section in head.sections:
+                assert agent.assembler.offer(section)
+            beat = encode(msgspec.structs.replace(head, sections=()))
+            start = time.perf_counter()
+            assert (await agent.handle(beat)).ok
+            out["cold_ms"] = (time.perf_counter() - start) * 1000
+            await agent.handle(beat)
+            await asyncio.sleep(1.0)  # the kernel's link announcements after start-up settle
+            await agent.handle(beat)
+            await agent.handle(beat)
+            sets: list[int] = []  # peers named by each UAPI set
+            uapi = wg._backend.uapi  # type: ignore[union-attr]
+            uapi_set = uapi.set
+
+            async def counted(text: str) -> None:
+                sets.append(text.count("public_key="))
+                await uapi_set(text)
+
+            uapi.set = counted
+            change_path = agent._fdb_change
+            version, last = 1, head
+            for label in ("change", "whole"):
+                if label == "whole":
+                    agent._fdb_change = lambda snap: None  # type: ignore[method-assign]
+                cpu, wall, writes, verify, skip = [], [], 0, [], []
+                full, by_path = agent.counters["reconciled"], agent.counters["mesh_changes"]
+                sets.clear()
+                monitor.drain()
+                for i in range(2 * CHANGES):  # join, leave, join, ...
+                    version += 1
+                    new = restamp(heads[(i + 1) % 2], version)
+                    raw = encode(change_head(last, new))
+                    start, t0 = time.process_time(), time.perf_counter()
+                    ack = await agent.handle(raw)
+                    cpu.append(time.process_time() - start)
+                    wall.append(time.perf_counter() - t0)
+                    assert ack.ok, ack.error
+                    writes += ack.changes
+                    beat = encode(msgspec.structs.replace(new, sections=()))
+                    start = time.process_time()
+                    assert (await agent.handle(beat)).ok  # verifies WireGuard's write
+                    verify.append(time.process_time() - start)
+                    skip.append((await heartbeats(agent, beat, 3))[0] / 1000)
+                    last = new
+                out[label] = {
+                    "join_ms": cpu_ms(cpu[0::2]),
+                    "leave_ms": cpu_ms(cpu[1::2]),
+                    "wall_ms": cpu_ms(wall),
+                    "writes": writes / (2 * CHANGES),
+                    "uapi_sets": len(sets) / (2 * CHANGES),
+                    "uapi_peers": sum(sets) / (2 * CHANGES),
+                    "full": agent.counters["reconciled"] - full,
+                    "by_path": agent.counters["mesh_changes"] - by_path,
+                    "verify_ms": cpu_ms(verify),
+                    "skip_ms": cpu_ms(skip),
+                    "kernel_events": bool(monitor.drain()),
+                }
+            agent._fdb_change = change_path  # type: ignore[method-assign]
+            agent.events.close()
+    finally:
+        monitor.close()
+        await wg.remove()
+        nl.stop()
+    return out
+
+
+async def _in_node(*args: str) -> dict:
+    """``python -m bench.agent_steady ARGS`` in a fresh network namespace and a private mount
+    namespace (wireguard-go's socket), as a lab agent runs; its last line of output, as JSON."""
+    ns = f"otam{secrets.token_hex(2)}"
+    await netns_add(ns)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", ns, "unshare", "-m", "sh", "-c",
+            "mkdir -p /run/wireguard && mount -t tmpfs none /run/wireguard && exec \"$0\" \"$@\"",
+            sys.executable, "-m", "bench.agent_steady", *args,
+            stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 900)
+    finally:
+        await netns_del(ns)
+    if proc.returncode != 0:
+        raise RuntimeError(f"agent_steady {' '.join(args)} failed (exit {proc.returncode})")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def mesh_main() -> None:
+    """The table of one peer joining / leaving: the change path vs the whole path."""
+    print(f"one peer joins / leaves ({CHANGES} joins and {CHANGES} leaves, medians; agent "
+          "process time, the netlink thread included, wireguard-go not; real netlink, nft and "
+          "wireguard-go in a namespace)", flush=True)  # fmt: skip
+    print("| peers | FDB entries | path | CPU join / leave | wall | writes | UAPI sets (peers "
+          "named) | full reads | next heartbeat | then |", flush=True)  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for peers, entries in MESH_SIZES:
+        r = await _in_node("--mesh-inner", str(peers), str(entries))
+        for label, name in (("change", "change path"), ("whole", "whole path")):
+            m = r[label]
+            print(
+                f"| {peers:,} | {entries:,} | {name} ({m['by_path']} by it) | "
+                f"{m['join_ms']:.2f} / {m['leave_ms']:.2f} ms | {m['wall_ms']:.2f} ms | {m['writes']:.0f} | "
+                f"{m['uapi_sets']:.0f} ({m['uapi_peers']:.0f}) | {m['full']} | "
+                f"{m['verify_ms']:.2f} ms | {m['skip_ms']:.2f} ms |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--inner"]:
         print(json.dumps(asyncio.run(inner(int(sys.argv[2])))), flush=True)
+    elif sys.argv[1:2] == ["--mesh-inner"]:
+        print(json.dumps(asyncio.run(mesh_inner(int(sys.argv[2]), int(sys.argv[3])))), flush=True)
+    elif sys.argv[1:2] == ["--mesh"]:
+        asyncio.run(mesh_main())
     else:
         asyncio.run(main())

@@ -24,6 +24,7 @@ from agent.wireguard.plan import (
     PeerPlan,
     normalize_allowed,
     normalize_endpoint,
+    plan_peer_change,
     plan_peers,
     validate,
 )
@@ -129,6 +130,27 @@ class MemoryWireGuard(
                 for p in desired.peers
                 if p.public_key != self.public_key
             )
+        result = ApplyResult(writes=peers.writes, reached=frozenset({WIREGUARD_IFNAME}))
+        # as the real one: a plan with nothing to do says the device holds ``desired``
+        self._checked = None if peers.writes else (desired, result)
+        return result
+
+    async def apply_change(self, desired: WireGuard, base, gained, lost) -> ApplyResult | None:
+        """The touched peers only (``plan_peer_change``), when memory holds ``base``."""
+        if self._checked is None or not (base is self._checked[0] or base == self._checked[0]):
+            return None
+        peers = plan_peer_change(gained, lost, self.public_key)
+        now = {p.public_key: p for p in self.peers_now}
+        for key in peers.remove:
+            del now[key]
+        for p in (*peers.add, *peers.update):
+            now[p.public_key] = ObservedPeer(
+                public_key=p.public_key,
+                endpoint=p.endpoint,
+                allowed_ips=frozenset(p.allowed_ips or ()),
+            )
+        self.peers_now = tuple(now.values())
+        self._checked = None  # the next check plans whole, as the real one verifies its write
         return ApplyResult(writes=peers.writes, reached=frozenset({WIREGUARD_IFNAME}))
 
     async def peers(self) -> list:

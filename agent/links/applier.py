@@ -28,6 +28,7 @@ class LinkKernel(Protocol):
 
 class LinkApplier(Subsystem[Snapshot, Observed, LinkPlan, frozenset[str]]):
     name = "links"
+    mesh_reads = False  # otwg0 is the WireGuard subsystem's; no route or FDB reads the peers
 
     def __init__(self, kernel: LinkKernel):
         self.kernel = kernel

@@ -45,6 +45,9 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
 
     name = "nftables"
     fdb_reads = "destinations"  # the VXLAN guard's peers (agent.subsystem)
+    # the guard keeps the FDB destinations that are peers' addresses; in a snapshot that passed
+    # validation every destination is one, so the peers alone never change the rule set
+    mesh_reads = False
 
     def __init__(self, nft: str = "nft", prefix: Sequence[str] = (), node: str | None = None):
         self._nft = nft

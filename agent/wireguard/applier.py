@@ -16,14 +16,15 @@ under systemd that needs ``KillMode=process`` (or a separate unit) for the same 
 WireGuard has no change notifications, so the agent's skipped heartbeats call ``check``: with
 wireguard-go it reads the UAPI answer as bytes and, when it equals (counters and handshake times
 aside) the answer of the last reconcile that planned nothing, for the same desired state, it is
-done without parsing or planning; anything else is a full ``reconcile``.
+done without parsing or planning; anything else is a full ``reconcile``. A mesh change
+(``apply_change``) on a device known to hold the state before it sets only the touched peers.
 """
 
 import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Literal
@@ -42,8 +43,18 @@ from agent.wireguard.backends import (
     UserspaceBackend,
     link_actions,
 )
-from agent.wireguard.plan import WgObserved, WgPlan, parse_get, plan, plan_device, plan_link
-from schemas.desired import Snapshot, WireGuard
+from agent.wireguard.plan import (
+    DevicePlan,
+    PeerPlan,
+    WgObserved,
+    WgPlan,
+    parse_get,
+    plan,
+    plan_device,
+    plan_link,
+    plan_peer_change,
+)
+from schemas.desired import Snapshot, WgPeer, WireGuard
 from schemas.messages import PeerHealth
 from schemas.naming import WIREGUARD_IFNAME, is_managed
 
@@ -154,6 +165,42 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
             if answer is not None and _steady_part(answer) == clean[1]:
                 return ApplyResult(writes=0, reached=frozenset({self.ifname}))
         return await self.reconcile(desired, seen)
+
+    async def apply_change(
+        self, desired: WireGuard, base: WireGuard, gained: Iterable[WgPeer], lost: Iterable[WgPeer]
+    ) -> ApplyResult[frozenset[str]] | None:
+        """A mesh change (``desired`` is ``base`` with these peers gained and lost, the device
+        the same), when the last no-op reconcile (or ``check``) found the device holding
+        ``base`` (wireguard-go only): one UAPI set naming just the touched peers
+        (``plan_peer_change``), then one UAPI read, verified without parsing the peers that
+        stay: every other peer's lines as the no-op read had them, the touched ones as planned
+        (``verified``). Then the next ``check`` is one read compared as bytes again; anything
+        else (drift since, a peer gone by hand) leaves ``check`` to reconcile whole. None: the
+        device is not known to hold ``base``, reconcile whole."""
+        async with self._lock:
+            clean = self._clean
+            if (
+                clean is None
+                or not isinstance(self._backend, UserspaceBackend)
+                or desired.name != self.ifname
+                or not (clean[0] is base or clean[0] == base)
+            ):
+                return None
+            peers = plan_peer_change(gained, lost, self._public_key)
+            self._clean, self._last = None, desired
+            done, errors = 0, list[ApplyError]()
+            if peers.writes:
+                done, errors = await self._backend.configure(DevicePlan(peers=peers))
+                self.log.info(
+                    "%s: wrote %d by the change path (peers +%d ~%d -%d)", self.ifname, done,
+                    len(peers.add), len(peers.update), len(peers.remove),
+                )  # fmt: skip
+            answer = await _uapi_get(self._backend.uapi.path)
+            if not errors and answer is not None:
+                steady = _steady_part(answer)
+                if verified(clean[1], steady, peers):
+                    self._clean = (desired, steady)
+            return ApplyResult(writes=done, reached=frozenset({self.ifname}), errors=tuple(errors))
 
     def plan(self, desired: WireGuard, observed: WgObserved) -> WgPlan:
         if desired.name != self.ifname:
@@ -334,6 +381,32 @@ def _steady_part(answer: bytes) -> bytes:
     device, *peers = answer.removesuffix(b"errno=0\n\n").rstrip().split(b"\npublic_key=")
     blocks = [b"\n".join(x for x in p.split(b"\n") if not x.startswith(_VOLATILE)) for p in peers]
     return b"\npublic_key=".join([device, *sorted(blocks)])
+
+
+def verified(before: bytes, after: bytes, change: PeerPlan) -> bool:
+    """Pure: ``after`` (a steady UAPI answer, ``_steady_part``) is ``before`` with exactly
+    ``change`` made: the device lines and every untouched peer's lines the same bytes, each
+    peer set holding the endpoint and allowed IPs planned, each removed peer gone. Only the
+    touched peers are parsed."""
+    device, *was = before.split(b"\npublic_key=")
+    device_now, *now = after.split(b"\npublic_key=")
+    if device != device_now:
+        return False
+    touched = {wgkeys.b64_to_hex(k).encode() for k in change.remove}
+    want = {wgkeys.b64_to_hex(c.public_key).encode(): c for c in (*change.add, *change.update)}
+    touched |= want.keys()
+    old = {b[:64]: b for b in was if b[:64] not in touched}
+    new = {b[:64]: b for b in now if b[:64] not in touched}
+    if old != new or {b[:64] for b in now if b[:64] in touched} != want.keys():
+        return False
+    for block in now:
+        c = want.get(block[:64])
+        if c is None:
+            continue
+        peer = parse_get("public_key=" + block.decode()).peers[0]
+        if peer.endpoint != c.endpoint or peer.allowed_ips != frozenset(c.allowed_ips or ()):
+            return False
+    return True
 
 
 async def _uapi_get(path: Path) -> bytes | None:

@@ -2,9 +2,10 @@
 
 Owns the data (``WgObserved``/``ObservedDevice``/``ObservedPeer`` as read back, ``WgPlan``/
 ``DevicePlan``/``PeerPlan`` as the writes to make), the diff (``plan``, ``plan_peers``,
-``plan_device``, ``plan_link``), snapshot ``validate``, and the two wire formats: wireguard-go's
-UAPI text (``render_set``, ``parse_get``) and pyroute2's genl dump (``parse_genl``). Keys are
-base64 here and hex on the UAPI wire.
+``plan_device``, ``plan_link``; ``plan_peer_change``: only the peers a mesh change touched),
+snapshot ``validate``, and the two wire formats: wireguard-go's UAPI text (``render_set``,
+``parse_get``) and pyroute2's genl dump (``parse_genl``). Keys are base64 here and hex on the
+UAPI wire.
 
 Everything is a pure function of its arguments: this module does no I/O (no sockets, netlink,
 files or processes) and never logs. ``agent.wireguard.applier`` observes, calls these and applies.
@@ -140,6 +141,29 @@ def plan_peers(
             )
     remove = tuple(sorted(have.keys() - want.keys()))
     return PeerPlan(add=tuple(add), update=tuple(update), remove=remove)
+
+
+def plan_peer_change(
+    gained: Iterable[WgPeer], lost: Iterable[WgPeer], self_public: str | None = None
+) -> PeerPlan:
+    """The writes of a mesh change, given the device holds exactly the peers before it: each
+    peer gained set (an update when its key was lost, i.e. the peer changed), each key lost and
+    not gained again removed; never our own key (as ``plan_peers``). Cost: the change, never
+    the peers that stay. Raises ``ValueError`` on malformed input, before any write."""
+    kept = {p.public_key for p in gained}
+    old = {p.public_key for p in lost} - {self_public}
+    add, update = [], []
+    for p in sorted(gained):
+        wgkeys.decode_key(p.public_key)
+        if p.public_key == self_public:
+            continue
+        change = PeerChange(
+            public_key=p.public_key,
+            endpoint=normalize_endpoint(p.endpoint),
+            allowed_ips=normalize_allowed(p.allowed_ips),
+        )
+        (update if p.public_key in old else add).append(change)
+    return PeerPlan(add=tuple(add), update=tuple(update), remove=tuple(sorted(old - kept)))
 
 
 def plan_device(

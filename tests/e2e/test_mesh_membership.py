@@ -1,11 +1,13 @@
 """The mesh follows cluster membership: nodes join, rotate keys and leave, all from the controller."""
 
 import asyncio
+import contextlib
 import time
 
 import pytest
 import pytest_asyncio
 
+from client.api import ApiError
 from lab.cluster import Lab
 from tests.e2e.helpers import (
     ack_stream,
@@ -97,6 +99,68 @@ async def test_adding_a_node_leaves_unaffected_peers_alone(lab: Lab):
     assert n4_key in after and after[n4_key] != "0"  # the new peer did handshake
     assert after[n2_key] == before  # the unaffected peer was not re-handshaked
     assert await lab.ping("m1", lab.vms["m2"].ip)
+
+
+def log_since(lab: Lab, node: str, offset: int = 0) -> str:
+    path = lab.state_dir / f"agent-{node}.log"
+    return path.read_bytes()[offset:].decode(errors="replace") if path.exists() else ""
+
+
+@pytest.mark.usefixtures("ov")
+async def test_a_node_joining_and_leaving_is_applied_by_the_change_path(lab: Lab):
+    """The agents already running take a node's arrival and departure as one peer gained and
+    one lost (issue 10 item 5): checked and planned by the change path (their logs say so, with
+    the peers touched), WireGuard setting just that peer; the data path works both ways across
+    the new peer, and without it afterwards."""
+    stay = ("n1", "n2")
+    offsets = {n: len(log_since(lab, n)) for n in stay}
+
+    async def logged(what: str, event: str) -> None:
+        async def seen():
+            return all(what in log_since(lab, n, offsets[n]) for n in stay)
+
+        try:
+            await eventually(seen, what=f"{event} applied by the change path on n1 and n2")
+        except AssertionError as e:
+            logs = "\n".join(f"--- {n}\n" + log_since(lab, n, offsets[n])[-4000:] for n in stay)
+            raise AssertionError(f"{e}\n{logs}") from None
+
+    await lab.add_node("n5")
+    try:
+        key = (await node_info(lab, "n5")).node.wg_public_key
+        for node in stay:
+            await eventually(
+                lambda node=node: _has_peer(lab, node, key), what=f"{node} has n5 as a peer"
+            )
+        await logged("checked and planned by the change path (mesh: peers +1 -0)", "the join")
+        await lab.vm_add("m5", "ov", "n5")
+        await lab.wait_converged()
+        await warm_up(lab, ["m5", "m1"])
+        for a, b in (("m5", "m1"), ("m1", "m5"), ("m2", "m5")):
+            assert await lab.ping(a, lab.vms[b].ip, timeout=5), (a, b)
+        await lab.vm_rm("m5")
+        # a heartbeat that wrote (m5's FDB entries deleted) is followed by a full one; the
+        # change path plans against the kernel as the last full one read it: let that pass
+        await lab.wait_converged()
+        await asyncio.sleep(3 * 0.5)
+        await lab.revoke_node("n5")  # or its running agent would register again
+        offsets = {n: len(log_since(lab, n)) for n in stay}
+        await (await lab.connect()).node_remove("n5", force=True)
+        await logged("checked and planned by the change path (mesh: peers +0 -1)", "the leave")
+        for node in stay:
+            assert key not in await wg_show(lab, node, "endpoints")
+        assert await lab.ping("m1", lab.vms["m2"].ip, timeout=5)
+        assert await lab.ping("m2", lab.vms["m1"].ip, timeout=5)
+    finally:
+        if "m5" in lab.vms:
+            await lab.vm_rm("m5")
+        await lab.remove_node("n5")
+        with contextlib.suppress(ApiError):
+            await (await lab.connect()).node_remove("n5", force=True)
+
+
+async def _has_peer(lab: Lab, node: str, key: str | None) -> bool:
+    return key is not None and key in await wg_show(lab, node, "endpoints")
 
 
 @pytest.mark.usefixtures("ov")
