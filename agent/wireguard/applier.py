@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -88,6 +89,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         self._supervisor: asyncio.Task[None] | None = None
         self._answer: bytes | None = None  # the last observe's UAPI answer, volatile lines out
         self._clean: tuple[WireGuard, bytes] | None = None  # desired and answer of a no-op plan
+        self._answered_at = float("-inf")  # time.monotonic() of the daemon's last UAPI answer
 
     @property
     def private_key(self) -> str:
@@ -134,6 +136,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         if isinstance(backend, UserspaceBackend):  # the same answer, kept for ``check``
             answer = await _uapi_get(backend.uapi.path)
             if answer is not None:
+                self._answered_at = time.monotonic()
                 self._answer = _steady_part(answer)
                 return WgObserved(link=link, device=parse_get(answer.decode()))
         try:
@@ -151,6 +154,8 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
             and isinstance(self._backend, UserspaceBackend)
         ):
             answer = await _uapi_get(self._backend.uapi.path)
+            if answer is not None:
+                self._answered_at = time.monotonic()
             if answer is not None and _steady_part(answer) == clean[1]:
                 return ApplyResult(writes=0, reached=frozenset({self.ifname}))
         return await self.reconcile(desired, seen)
@@ -221,10 +226,20 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
     async def peers(self) -> list[PeerHealth]:
         """Peer health as the device reports it ([] when there is no device)."""
         async with self._lock:
-            try:
-                dev = await (await self._resolve(None)).observe()
-            except DeviceMissing:
-                return []
+            backend = await self._resolve(None)
+            # wireguard-go: its answer read as bytes in one go and parsed once (its line-by-line
+            # read costs more than the parse); without an answer, the backend says why
+            answer = None
+            if isinstance(backend, UserspaceBackend):
+                answer = await _uapi_get(backend.uapi.path)
+            if answer is not None:
+                self._answered_at = time.monotonic()
+                dev = parse_get(answer.decode())
+            else:
+                try:
+                    dev = await backend.observe()
+                except DeviceMissing:
+                    return []
         nodes = {p.public_key: p.node for p in self._last.peers} if self._last else {}
         return [
             PeerHealth(
@@ -271,7 +286,9 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
             await asyncio.sleep(self._check_interval)
             try:
                 async with self._lock:
-                    if self._last is None or await self._backend.alive():  # type: ignore[union-attr]
+                    if self._last is None or self._answered_recently():
+                        continue
+                    if await self._backend.alive():  # type: ignore[union-attr]
                         continue
                     self.log.warning("%s: wireguard-go is gone; restarting it", self.ifname)
                     # the daemon is new: observe afresh, without the heartbeat's dump
@@ -286,6 +303,12 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
                 failures += 1
                 if failures == 1:  # the first failure in full, then quietly keep trying
                     self.log.exception("%s: restarting wireguard-go failed", self.ifname)
+
+    def _answered_recently(self) -> bool:
+        """wireguard-go answered a read (a heartbeat's check, health) within the last check
+        interval: it is alive, no need to knock on its socket as well (each connection costs it
+        CPU). Should it die now, the next heartbeat's read fails and restarts it."""
+        return time.monotonic() - self._answered_at < self._check_interval
 
     async def _resolve(self, link: Any, known: bool = False) -> KernelBackend | UserspaceBackend:
         """``known``: ``link`` is otwg0 as just observed (None: absent), no need to read it."""

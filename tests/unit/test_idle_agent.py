@@ -1,0 +1,121 @@
+"""What an idle agent does between heartbeats, and what it no longer pays for: the health loop
+refreshes stale drop counters with the counters-only read (``NftApplier.read_drops``, not both
+``nft -j list table``), the netlink counter dump's answer is parsed like ``nft``'s listings, and
+wireguard-go's supervisor does not knock on the UAPI socket when a read just got an answer."""
+
+import asyncio
+import struct
+import time
+
+import pytest
+
+from agent import runner
+from agent.nft import counters
+from agent.nft.rules import Counter
+from agent.wireguard import keys as wgkeys
+from agent.wireguard.applier import WireGuardApplier
+from schemas.codec import decode
+from schemas.desired import WireGuard
+from schemas.messages import Health
+from tests.unit.test_steady import RAW, agent_on_fakes, converge
+
+pytestmark = pytest.mark.timeout(20)
+
+
+async def test_stale_drop_counters_are_refreshed_by_the_counters_read_before_a_report(
+    tmp_path, monkeypatch
+):
+    agent, _, nft, _ = agent_on_fakes(tmp_path)
+    await converge(agent)
+    await agent.handle(RAW)  # skipped: no counters read
+    reads: list[str] = []
+
+    async def read_drops():
+        reads.append("counters")
+        nft.drops, nft.drops_at = {"vxlan_guard": 7}, time.monotonic()
+        return nft.drops
+
+    monkeypatch.setattr(nft, "read_drops", read_drops)
+    runs = len(nft.runs)
+    nft.drops_at = time.monotonic() - runner.DROPS_MAX_AGE - 0.1  # older than allowed
+    reported, publish = asyncio.Event(), agent.nc.publish
+
+    async def publish_noted(subject: str, data: bytes) -> None:
+        await publish(subject, data)
+        if "health" in subject:
+            reported.set()
+
+    monkeypatch.setattr(agent.nc, "publish", publish_noted)
+    loop = asyncio.create_task(agent._health_loop())
+    try:
+        await asyncio.wait_for(reported.wait(), 5)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    health = decode(agent.nc.published[-1][1], Health)
+    assert reads == ["counters"] and health.drops == {"vxlan_guard": 7}
+    assert len(nft.runs) == runs  # no nft process for a report
+
+
+def _nlmsg(kind: int, body: bytes, flags: int = 0) -> bytes:
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, 1, 0) + body
+
+
+def _counter_obj(family: int, table: str, name: str, packets: int, octets: int, kind=1) -> bytes:
+    data = counters._attr(counters.NFTA_COUNTER_BYTES, struct.pack(">Q", octets))
+    data += counters._attr(counters.NFTA_COUNTER_PACKETS, struct.pack(">Q", packets))
+    body = struct.pack("=BBH", family, 0, 0)
+    body += counters._attr(counters.NFTA_OBJ_TABLE, table.encode() + b"\0")
+    body += counters._attr(counters.NFTA_OBJ_NAME, name.encode() + b"\0")
+    body += counters._attr(counters.NFTA_OBJ_TYPE, struct.pack(">I", kind))
+    body += counters._attr(counters.NFTA_OBJ_DATA | 0x8000, data)  # NLA_F_NESTED
+    return _nlmsg(counters.NFNL_SUBSYS_NFTABLES << 8 | counters.NFT_MSG_NEWOBJ, body)
+
+
+def test_the_counter_dump_is_read_like_the_nft_listings():
+    inet, bridge = 1, 7
+    first = _counter_obj(bridge, "otherix", "port_security_mac", 4, 400)
+    first += _counter_obj(inet, "otherix", "vxlan_guard", 3, 150)
+    second = _counter_obj(inet, "other", "vxlan_guard", 99, 1)  # a foreign table: not ours
+    second += _counter_obj(inet, "otherix", "quota", 1, 1, kind=2)  # not a counter
+    found, done = counters.parse([first, second])
+    assert not done
+    found, done = counters.parse([first, second, _nlmsg(counters.NLMSG_DONE, b"\0" * 4)])
+    assert done and found == {
+        "port_security_mac": Counter(4, 400),
+        "vxlan_guard": Counter(3, 150),
+    }
+    # the same name in both tables: the bridge one wins, as in ``parse_observed`` (inet first)
+    both = _counter_obj(bridge, "otherix", "x", 2, 2) + _counter_obj(inet, "otherix", "x", 1, 1)
+    assert counters.parse([both, _nlmsg(3, b"\0" * 4)])[0] == {"x": Counter(2, 2)}
+    with pytest.raises(OSError):
+        counters.parse([_nlmsg(counters.NLMSG_ERROR, struct.pack("=i", -1) + b"\0" * 16)])
+
+
+class Daemon:
+    def __init__(self):
+        self.knocks = 0
+
+    async def alive(self) -> bool:
+        self.knocks += 1
+        return True
+
+
+async def test_the_supervisor_does_not_knock_when_a_read_just_got_an_answer():
+    wg = WireGuardApplier(
+        None, private_key=wgkeys.generate_private_key(), backend="userspace", check_interval=0.05
+    )  # type: ignore[arg-type]
+    daemon = Daemon()
+    wg._backend = daemon  # type: ignore[assignment]
+    wg._last = WireGuard(name="otwg0", address="100.64.0.1/16", listen_port=51820, mtu=1440)
+    supervisor = asyncio.create_task(wg._supervise())
+    try:
+        for _ in range(8):  # heartbeats' reads answered all along
+            wg._answered_at = time.monotonic()
+            await asyncio.sleep(0.03)
+        assert daemon.knocks == 0
+        await asyncio.sleep(0.3)  # no reads: the supervisor checks on its own
+        assert daemon.knocks >= 2
+    finally:
+        supervisor.cancel()
+        await asyncio.gather(supervisor, return_exceptions=True)
