@@ -13,10 +13,11 @@ from agent import runner
 from agent.nft import counters
 from agent.nft.rules import Counter
 from agent.wireguard import keys as wgkeys
-from agent.wireguard.applier import WireGuardApplier
+from agent.wireguard.applier import WireGuardApplier, peer_health
+from agent.wireguard.plan import parse_get
 from schemas.codec import decode
 from schemas.desired import WireGuard
-from schemas.messages import Health
+from schemas.messages import Health, PeerHealth
 from tests.unit.test_steady import RAW, agent_on_fakes, converge
 
 pytestmark = pytest.mark.timeout(20)
@@ -119,3 +120,34 @@ async def test_the_supervisor_does_not_knock_when_a_read_just_got_an_answer():
     finally:
         supervisor.cancel()
         await asyncio.gather(supervisor, return_exceptions=True)
+
+
+def test_health_reads_the_peers_of_a_uapi_answer_as_parse_get_does():
+    keys = [f"{i + 1:064x}" for i in range(3)]
+    answer = (
+        f"private_key={'a' * 64}\nlisten_port=51820\n"
+        f"public_key={keys[0]}\nendpoint=198.18.0.2:51820\nlast_handshake_time_sec=1700000000\n"
+        "last_handshake_time_nsec=500000000\ntx_bytes=12\nrx_bytes=34\n"
+        "persistent_keepalive_interval=0\nprotocol_version=1\nallowed_ip=100.64.0.2/32\n"
+        f"public_key={keys[1]}\nendpoint=[fd00::0:1]:51820\nlast_handshake_time_sec=0\n"
+        "last_handshake_time_nsec=0\ntx_bytes=0\nrx_bytes=0\nallowed_ip=100.64.0.3/32\n"
+        f"public_key={keys[2]}\nallowed_ip=100.64.0.4/32\nallowed_ip=10.0.0.0/8\n"
+        "errno=0\n\n"
+    ).encode()
+    nodes = {wgkeys.hex_to_b64(keys[0]): "n2"}
+    expected = [
+        PeerHealth(
+            public_key=p.public_key,
+            node=nodes.get(p.public_key, ""),
+            endpoint=p.endpoint,
+            latest_handshake=p.latest_handshake,
+            rx_bytes=p.rx_bytes,
+            tx_bytes=p.tx_bytes,
+        )
+        for p in parse_get(answer.decode()).peers
+    ]
+    assert peer_health(answer, nodes) == expected
+    assert (
+        expected[0].latest_handshake == 1700000000.5 and expected[1].endpoint == "[fd00::1]:51820"
+    )
+    assert peer_health(b"private_key=" + b"a" * 64 + b"\nerrno=0\n\n", {}) == []
