@@ -14,7 +14,7 @@ wireguard-go a supervisor task restarts a dead daemon and re-applies the last sn
 under systemd that needs ``KillMode=process`` (or a separate unit) for the same effect.
 
 WireGuard has no change notifications, so the agent's skipped heartbeats call ``check``: with
-wireguard-go it reads the UAPI answer as bytes and, when it equals (counters and handshake times
+wireguard-go it reads the UAPI answer as bytes (over one kept connection, ``UapiReads``) and, when it equals (counters and handshake times
 aside) the answer of the last reconcile that planned nothing, for the same desired state, it is
 done without parsing or planning; anything else is a full ``reconcile``.
 """
@@ -99,6 +99,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         self._answer: bytes | None = None  # the last observe's UAPI answer, volatile lines out
         self._clean: tuple[WireGuard, bytes] | None = None  # desired and answer of a no-op plan
         self._answered_at = float("-inf")  # time.monotonic() of the daemon's last UAPI answer
+        self._reads = UapiReads()
 
     @property
     def private_key(self) -> str:
@@ -143,7 +144,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         if not await backend.ready(link):
             return WgObserved(link=link)
         if isinstance(backend, UserspaceBackend):  # the same answer, kept for ``check``
-            answer = await _uapi_get(backend.uapi.path)
+            answer = await self._reads.get(backend.uapi.path)
             if answer is not None:
                 self._answered_at = time.monotonic()
                 self._answer = _steady_part(answer)
@@ -162,7 +163,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
             and clean[0] == desired
             and isinstance(self._backend, UserspaceBackend)
         ):
-            answer = await _uapi_get(self._backend.uapi.path)
+            answer = await self._reads.get(self._backend.uapi.path)
             if answer is not None:
                 self._answered_at = time.monotonic()
             if answer is not None and _steady_part(answer) == clean[1]:
@@ -240,7 +241,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
             # from it (``peer_health``); without an answer, the backend says why
             answer = None
             if isinstance(backend, UserspaceBackend):
-                answer = await _uapi_get(backend.uapi.path)
+                answer = await self._reads.get(backend.uapi.path)
             if answer is None:
                 try:
                     dev = await backend.observe()
@@ -271,6 +272,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         """Explicit teardown: delete the device (and stop wireguard-go)."""
         await self._stop_supervisor()
         async with self._lock:
+            self._reads.close()
             await (await self._resolve(None)).remove()
             self._last = None
         self.log.info("%s: removed", self.ifname)
@@ -278,6 +280,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
     async def close(self, *, stop_daemon: bool = False) -> None:
         """Stop supervising. wireguard-go keeps running unless ``stop_daemon`` (data plane first)."""
         await self._stop_supervisor()
+        self._reads.close()
         if stop_daemon and self._backend is not None:
             async with self._lock:
                 await self._backend.stop()
@@ -408,25 +411,55 @@ def _steady_part(answer: bytes) -> bytes:
     return b"\npublic_key=".join([device, *sorted(blocks)])
 
 
-async def _uapi_get(path: Path) -> bytes | None:
-    """wireguard-go's ``get=1`` answer as bytes (None: no answer; the caller falls back)."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    answer = bytearray()
-    try:
-        async with asyncio.timeout(UAPI_TIMEOUT):
-            await loop.sock_connect(sock, str(path))
-            await loop.sock_sendall(sock, b"get=1\n\n")
-            while not answer.endswith(b"\n\n"):
-                data = await loop.sock_recv(sock, 65536)
-                if not data:
-                    return None
-                answer += data
-    except (OSError, TimeoutError):
-        return None
-    finally:
-        sock.close()
-    if not answer.endswith(b"errno=0\n\n"):
-        return None
-    return bytes(answer)
+class UapiReads:
+    """wireguard-go's ``get=1`` answers as bytes over one kept connection: it serves any number
+    of requests on one, and each new connection costs it an accept and a goroutine (and us a
+    connect) on every heartbeat. None: no answer (the caller falls back). A kept connection
+    that fails (the daemon restarted) is replaced once; one cut mid-answer is never reused."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._path: Path | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self, path: Path) -> bytes | None:
+        async with self._lock:
+            if path != self._path:
+                self.close()
+            kept = self._sock is not None
+            answer = await self._get(path)
+            if answer is None and kept:  # the daemon may have restarted: once more, afresh
+                answer = await self._get(path)
+            return answer
+
+    async def _get(self, path: Path) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        answer = bytearray()
+        try:
+            async with asyncio.timeout(UAPI_TIMEOUT):
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self._sock.setblocking(False)
+                    self._path = path
+                    await loop.sock_connect(self._sock, str(path))
+                await loop.sock_sendall(self._sock, b"get=1\n\n")
+                while not answer.endswith(b"\n\n"):
+                    data = await loop.sock_recv(self._sock, 65536)
+                    if not data:
+                        raise ConnectionResetError("UAPI closed")
+                    answer += data
+        except (OSError, TimeoutError):
+            self.close()
+            return None
+        except BaseException:  # cancelled mid-answer: the rest would be read as the next one
+            self.close()
+            raise
+        if not answer.endswith(b"errno=0\n\n"):
+            self.close()
+            return None
+        return bytes(answer)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._path = None

@@ -13,7 +13,7 @@ from agent import runner
 from agent.nft import counters
 from agent.nft.rules import Counter
 from agent.wireguard import keys as wgkeys
-from agent.wireguard.applier import WireGuardApplier, peer_health
+from agent.wireguard.applier import UapiReads, WireGuardApplier, peer_health
 from agent.wireguard.plan import parse_get
 from schemas.codec import decode
 from schemas.desired import WireGuard
@@ -151,3 +151,63 @@ def test_health_reads_the_peers_of_a_uapi_answer_as_parse_get_does():
         expected[0].latest_handshake == 1700000000.5 and expected[1].endpoint == "[fd00::1]:51820"
     )
     assert peer_health(b"private_key=" + b"a" * 64 + b"\nerrno=0\n\n", {}) == []
+
+
+class FakeUapi:
+    """wireguard-go's UAPI socket as far as reads go: any number of ``get=1`` per connection."""
+
+    def __init__(self, path, answer: bytes = b"private_key=00\nlisten_port=1\nerrno=0\n\n"):
+        self.path, self.answer, self.connections, self.server = path, answer, 0, None
+        self.stall = False
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self):
+        self.server = await asyncio.start_unix_server(self._serve, str(self.path))
+
+    async def stop(self):  # as the daemon exits: its connections go with it
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _serve(self, reader, writer):
+        self.connections += 1
+        self.tasks.append(asyncio.current_task())
+        try:
+            while (await reader.readuntil(b"\n\n")) == b"get=1\n\n":
+                if self.stall:
+                    writer.write(self.answer[:5])  # half an answer, then nothing
+                    await writer.drain()
+                    await asyncio.sleep(3600)
+                writer.write(self.answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_uapi_reads_keep_one_connection_and_replace_a_broken_one(tmp_path):
+    path = tmp_path / "otwg0.sock"
+    uapi, reads = FakeUapi(path), UapiReads()
+    await uapi.start()
+    try:
+        for _ in range(5):
+            assert await reads.get(path) == uapi.answer
+        assert uapi.connections == 1
+        await uapi.stop()  # the daemon restarts: a new socket at the same path
+        path.unlink()
+        uapi = FakeUapi(path)
+        await uapi.start()
+        assert await reads.get(path) == uapi.answer and uapi.connections == 1
+        uapi.stall = True  # cut off mid-answer: that connection is never read again
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await reads.get(path)
+        uapi.stall = False
+        assert await reads.get(path) == uapi.answer and uapi.connections == 2  # afresh
+    finally:
+        reads.close()
+        await uapi.stop()
+    assert await reads.get(path) is None  # no daemon: no answer, no error
