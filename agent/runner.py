@@ -65,7 +65,9 @@ from schemas.wire import SectionData, SectionGet
 
 log = logging.getLogger(__name__)
 
-DROPS_MAX_AGE = 10.0  # seconds: health refreshes the drop counters when no reconcile read them
+# seconds: health refreshes the drop counters unless a reconcile read them this recently (a
+# counters-only netlink dump, ``NftApplier.read_drops``: cheap enough for every report)
+DROPS_MAX_AGE = 1.0
 
 
 @dataclass
@@ -611,7 +613,7 @@ class Agent:
         while True:
             if self._last is not None and time.monotonic() - self.nft.drops_at > DROPS_MAX_AGE:
                 try:  # skipped heartbeats read no counters: refresh them for the report
-                    await self.nft.observe()
+                    await self.nft.read_drops()
                 except Exception as e:
                     log.debug("agent %s: drop counters not read: %s", self.config.node, e)
             try:

@@ -23,15 +23,32 @@ A second table (``mesh_main``; alone: ``python -m bench.agent_steady --mesh``): 
 and leaving a 1,000-peer mesh (wireguard-go with 1,000 peers), timed on the change path and,
 on the same agent and kernel, the whole way, with the UAPI sets counted (and the peers each
 names) and the heartbeat after each change.
+
+"idle": the agent as it idles in a cluster, over ``--idle`` seconds (default 60) at a 1 s
+heartbeat: the same HEAD fed on a 1 s timer, the health loop running at the agent's default
+health interval (reports to the stub bus), wireguard-go's supervisor running, on uvloop like
+``otherix-agent``. Agent CPU is the process's (every thread) plus its reaped child processes'
+(``nft``), per heartbeat; wireguard-go's is read from ``/proc`` (its threads' run time). The
+breakdown times each part by the same CPU clock (a nested part is taken out of its parent);
+"rest" is what no part covers (event loop, timers, registration). No periodic full reconcile
+falls in a window shorter than ``RESYNC_EVERY`` heartbeats: it is timed apart (median of 3) and
+added amortised; any other full reconcile in the window is listed with its reason. The window
+starts ``SETTLE_SECONDS`` after the devices came up, and the namespace sends nothing into the
+mesh (see ``inner``). wireguard-go on its own (nothing reading it, the supervisor stopped) is
+measured over ``QUIET_SECONDS`` before. NATS itself (the client's receive and publish) is not in
+these figures.
 """
 
 import asyncio
+import contextvars
 import json
 import os
+import resource
 import secrets
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from lab.netns import netns_add, netns_del, run
@@ -43,6 +60,9 @@ PEERS = 50
 PER_VXLAN = 5_000
 LAN = "otn0a0b0c0d"
 ROOT = Path(__file__).resolve().parents[1]
+IDLE_SECONDS = 60.0
+SETTLE_SECONDS = 20.0  # from the devices' creation to the idle window
+QUIET_SECONDS = 10.0  # wireguard-go with nothing reading it
 
 
 def snapshot(entries: int, version: int = 1, extra: int = 0):
@@ -175,7 +195,168 @@ async def timed_changes(agent, entries: int, last, version: int, after_each):
     return samples, writes, last, version
 
 
-async def inner(entries: int) -> dict:
+def agent_cpu() -> float:
+    """This process's CPU (every thread) plus that of its reaped children (``nft``), seconds."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def daemon_cpu(pid: int) -> float:
+    """A process's CPU so far (the run time of each of its threads), seconds."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError):
+            pass  # a thread that just ended
+    return total / 1e9
+
+
+_part: contextvars.ContextVar[list | None] = contextvars.ContextVar("part", default=None)
+
+
+class Parts:
+    """CPU (``agent_cpu``) per named part of the agent's work: wraps coroutine methods of
+    objects; a part called inside another is taken out of its parent (per task)."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, obj, attr: str, name) -> None:
+        """``name``: the part's name, or a function of the call's result giving it."""
+        original = getattr(obj, attr)
+
+        def enter():
+            parent, frame = _part.get(), [0.0]
+            return parent, frame, _part.set(frame), agent_cpu()
+
+        def leave(parent, frame, token, start, result) -> None:
+            _part.reset(token)
+            spent = agent_cpu() - start
+            if parent is not None:
+                parent[0] += spent
+            part = name(result) if callable(name) else name
+            self.cpu[part] += spent - frame[0]
+            self.calls[part] += 1
+
+        async def timed(*args, **kwargs):
+            entered, result = enter(), None
+            try:
+                result = await original(*args, **kwargs)
+                return result
+            finally:
+                leave(*entered, result)
+
+        def timed_sync(*args, **kwargs):
+            entered, result = enter(), None
+            try:
+                result = original(*args, **kwargs)
+                return result
+            finally:
+                leave(*entered, result)
+
+        setattr(obj, attr, timed if asyncio.iscoroutinefunction(original) else timed_sync)
+
+
+async def idle(agent, raw: bytes, seconds: float, devices_up: float) -> dict:
+    """The agent idling over ``seconds`` at a 1 s heartbeat (see the module docstring)."""
+    from agent.steady import RESYNC_EVERY
+
+    pid = await agent.wireguard.daemon_pid()
+    # wireguard-go on its own: nothing reads it, not even the supervisor (its own timers)
+    wg = agent.wireguard
+    await wg._stop_supervisor()
+    await asyncio.sleep(0.5)
+    wg0 = daemon_cpu(pid)
+    await asyncio.sleep(QUIET_SECONDS)
+    wg_alone = (daemon_cpu(pid) - wg0) / QUIET_SECONDS
+    wg._supervisor = asyncio.create_task(wg._supervise())
+    # the periodic full reconcile, timed apart
+    samples, full = [], Parts()
+    full.wrap(agent.links, "observe", "links observe (link and FDB dump)")
+    full.wrap(agent.nft, "observe", "nft observe")
+    full.wrap(agent.wireguard, "observe", "WireGuard observe")
+    full.wrap(agent.links, "plan", "links plan")
+    for _ in range(3):
+        agent._since_full = RESYNC_EVERY - 1
+        start = agent_cpu()
+        await agent.handle(raw)
+        samples.append(agent_cpu() - start)
+    periodic_ms = cpu_ms(samples)
+    # the kernel announces each bridge port once more about 15 s after it came up (the bridge's
+    # forward delay), which the agent answers with a full reconcile: a node idles long after
+    await asyncio.sleep(max(0.0, devices_up + SETTLE_SECONDS - time.monotonic()))
+    for obj, attr in ((agent.links, "observe"), (agent.nft, "observe"),
+                      (agent.wireguard, "observe"), (agent.links, "plan")):  # fmt: skip
+        delattr(obj, attr)
+    await asyncio.sleep(1.0)
+    await agent.handle(raw)
+
+    parts = Parts()
+    reconciled = agent.counters["reconciled"]
+    parts.wrap(agent, "handle", "HEAD handling")
+    parts.wrap(agent, "check_mesh", "WireGuard check (UAPI get, per HEAD)")
+    if hasattr(agent.nft, "read_drops"):  # before it, the health loop ran ``observe``
+        parts.wrap(agent.nft, "read_drops", "nft drop counters (health)")
+    parts.wrap(agent.nft, "observe", "nft observe (both tables; before read_drops, health's too)")
+    parts.wrap(agent.links, "observe", "links observe (full reconcile)")
+    parts.wrap(agent.wireguard, "peers", "WireGuard peer read (health)")
+    parts.wrap(agent, "health", "health report (build)")
+    backend = agent.wireguard._backend
+    parts.wrap(backend, "alive", "wireguard-go supervisor (alive)")
+    published = len(agent.nc.published)
+    import agent.runner as runner
+
+    decide, why = runner.decide, []
+
+    def decide_noted(**kwargs):
+        mode, reason = decide(**kwargs)
+        if mode != "skip":
+            why.append(reason)
+        return mode, reason
+
+    runner.decide = decide_noted
+    agent._since_full = 0  # no periodic reconcile in the window: it is added amortised
+
+    async def feed(beats: int, t0: float) -> None:
+        for k in range(beats):
+            await asyncio.sleep(max(0.0, t0 + k - time.monotonic()))
+            await agent.handle(raw)
+
+    beats = int(seconds)
+    t0 = time.monotonic() + 0.05
+    cpu0, wg0 = agent_cpu(), daemon_cpu(pid)
+    health = None
+    try:
+        await asyncio.sleep(0.5)  # the health loop half a heartbeat after the HEADs
+        health = asyncio.create_task(agent._health_loop())
+        await feed(beats, t0)
+        await asyncio.sleep(max(0.0, t0 + beats - time.monotonic()))
+    finally:
+        if health is not None:
+            health.cancel()
+            await asyncio.gather(health, return_exceptions=True)
+    total, wg_cpu = agent_cpu() - cpu0, daemon_cpu(pid) - wg0
+    runner.decide = decide
+    for attr in ("handle", "check_mesh", "health"):
+        delattr(agent, attr)  # the instance wrappers off, the class methods back
+    return {
+        "beats": beats,
+        "full_in_window": agent.counters["reconciled"] - reconciled,
+        "why": why,
+        "health_reports": len(agent.nc.published) - published - beats,  # the rest are acks
+        "agent_ms": total / beats * 1000,
+        "periodic_ms": periodic_ms,
+        "periodic_parts": {k: v / 3 * 1000 for k, v in full.cpu.items()},
+        "resync_every": RESYNC_EVERY,
+        "wg_ms": wg_cpu / beats * 1000,
+        "wg_alone_ms": wg_alone * 1000,
+        "parts": {k: (v / beats * 1000, parts.calls[k]) for k, v in parts.cpu.items()},
+    }
+
+
+async def inner(entries: int, idle_seconds: float = IDLE_SECONDS) -> dict:
     """In the node's namespaces: build the agent, converge, then measure."""
     import msgspec
 
@@ -192,6 +373,11 @@ async def inner(entries: int) -> dict:
     from schemas.desired import Snapshot
 
     await run("ip", "link", "set", "lo", "up")
+    # nothing into the mesh: the new bridges' IGMP reports flood over VXLAN to the 50 peers, and
+    # wireguard-go would then retry handshakes with them (none exists here) for about 100 s at
+    # about 3 ms of CPU per second, hiding what the agent costs it (a table of the bench's own)
+    await run("nft", "add table inet bench; add chain inet bench out { type filter hook output "
+              "priority 0; oifname otwg0 drop; }")  # fmt: skip
     snap = snapshot(entries)
     head = head_for(snap)
     raw = encode(msgspec.structs.replace(head, sections=()))  # an unchanged heartbeat
@@ -216,6 +402,7 @@ async def inner(entries: int) -> dict:
             start = time.perf_counter()
             first = await after.handle(raw)  # cold apply
             out["cold_ms"] = (time.perf_counter() - start) * 1000
+            devices_up = time.monotonic()
             assert first.ok, first.error
             await after.handle(raw)  # the heartbeat after a write re-observes
             # the kernel announces link state (a bridge's carrier) for a moment after devices
@@ -276,6 +463,9 @@ async def inner(entries: int) -> dict:
             )
             out["whole_ms"], out["whole_writes"] = cpu_ms(samples), writes / CHANGES
             after._fdb_change = change_path  # type: ignore[method-assign]
+            beat = encode(msgspec.structs.replace(last, sections=()))  # the version held now
+            await heartbeats(after, beat, 3)
+            out["idle"] = await idle(after, beat, idle_seconds, devices_up)
             after.events.close()
     finally:
         monitor.close()
@@ -284,11 +474,45 @@ async def inner(entries: int) -> dict:
     return out
 
 
+def print_idle(entries: int, r: dict) -> None:
+    # a window as long as the resync interval has its own periodic reconcile
+    amortised = r["periodic_ms"] / r["resync_every"] if r["beats"] < r["resync_every"] else 0.0
+    print(
+        f"{entries:>6} FDB entries, idle agent over {r['beats']} s at a 1 s heartbeat (HEADs on "
+        f"a 1 s timer, health loop at the default interval, {r['health_reports']} reports): "
+        f"agent {r['agent_ms'] + amortised:5.2f} ms CPU per heartbeat with its nft children "
+        f"({r['agent_ms']:.2f} in the window + the periodic full reconcile "
+        f"{r['periodic_ms']:.1f} ms / {r['resync_every']}), wireguard-go {r['wg_ms']:5.2f} ms "
+        f"(on its own, nothing reading it: {r['wg_alone_ms']:.2f} ms per second)",
+        flush=True,
+    )
+    if r["why"]:
+        print(
+            f"         {r['full_in_window']} full reconcile(s) in the window: {', '.join(r['why'])}"
+        )
+    parts = sorted(r["parts"].items(), key=lambda kv: -kv[1][0])
+    rest = r["agent_ms"] - sum(ms for ms, _ in r["parts"].values())
+    for name, (ms, calls) in [*parts, ("rest (event loop, timers, registration)", (rest, 0))]:
+        print(f"         {ms:6.3f} ms  {name}" + (f" ({calls} calls)" if calls else ""))
+    print(
+        f"         {amortised:6.3f} ms  periodic full reconcile, amortised (each: "
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in r["periodic_parts"].items())
+        + ")",
+        flush=True,
+    )
+
+
 async def main() -> None:
+    argv = sys.argv
+    idle_seconds = float(argv[argv.index("--idle") + 1]) if "--idle" in argv else IDLE_SECONDS
+    sizes = SIZES
+    if "--sizes" in argv:  # e.g. --sizes 10000
+        sizes = tuple(int(x) for x in argv[argv.index("--sizes") + 1].split(","))
     tag = secrets.token_hex(2)
     print(f"agent CPU per heartbeat (process time, median of {HEARTBEATS}; real netlink, nft "
           f"and wireguard-go in a namespace; {PEERS} mesh peers)", flush=True)  # fmt: skip
-    for entries in SIZES:
+    results = []
+    for entries in sizes:
         ns = f"otas{tag}"
         await netns_add(ns)
         try:
@@ -296,10 +520,11 @@ async def main() -> None:
                 "ip", "netns", "exec", ns, "unshare", "-m", "sh", "-c",
                 "mkdir -p /run/wireguard && mount -t tmpfs none /run/wireguard && exec \"$0\" \"$@\"",
                 sys.executable, "-m", "bench.agent_steady", "--inner", str(entries),
+                str(idle_seconds),
                 stdout=asyncio.subprocess.PIPE, cwd=ROOT,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
             )  # fmt: skip
-            out, _ = await asyncio.wait_for(proc.communicate(), 600)
+            out, _ = await asyncio.wait_for(proc.communicate(), 600 + idle_seconds)
         finally:
             await netns_del(ns)
         if proc.returncode != 0:
@@ -318,6 +543,9 @@ async def main() -> None:
             f"then {r['back_to_skip_ms']:5.2f} ms; cold apply {r['cold_ms']:7.1f} ms",
             flush=True,
         )
+        results.append(r)
+    for r in results:
+        print_idle(r["entries"], r["idle"])
     await mesh_main()
 
 
@@ -507,7 +735,9 @@ async def mesh_main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--inner"]:
-        print(json.dumps(asyncio.run(inner(int(sys.argv[2])))), flush=True)
+        import uvloop  # as otherix-agent runs
+
+        print(json.dumps(uvloop.run(inner(int(sys.argv[2]), float(sys.argv[3])))), flush=True)
     elif sys.argv[1:2] == ["--mesh-inner"]:
         print(json.dumps(asyncio.run(mesh_inner(int(sys.argv[2]), int(sys.argv[3])))), flush=True)
     elif sys.argv[1:2] == ["--mesh"]:

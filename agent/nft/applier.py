@@ -3,7 +3,8 @@ IPv4 forwarding.
 
 ``observe`` reads both tables (two read-only ``nft -j list table``, run side by side: nft 1.0.6
 cannot list two tables in one call) and the forwarding sysctl, and keeps the drop counters for
-health; the pure ``agent.nft.rules.plan`` decides; ``apply`` replaces both tables in a single
+health; the pure ``agent.nft.rules.plan`` decides; ``read_drops`` refreshes only the drop
+counters (one netlink dump, ``agent.nft.counters``: no process) for a health report; ``apply`` replaces both tables in a single
 atomic ``nft -j -f -`` transaction built as JSON (or drops them) and turns forwarding on when NAT
 needs it. It never touches any other table or sysctl.
 """
@@ -21,6 +22,7 @@ import msgspec
 from agent.errors import ApplyError, ApplyResult, NftError
 from agent.links.model import Observed
 from agent.logs import NodeLog
+from agent.nft import counters
 from agent.nft.rules import (
     FAMILIES,
     TABLE,
@@ -70,6 +72,20 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
         self.drops = tables.drops
         self.drops_at = time.monotonic()
         return msgspec.structs.replace(tables, forwarding=await self._forwarding())
+
+    async def read_drops(self) -> dict[str, int]:
+        """The drop counters now, for health: one netlink dump of our counters in this
+        namespace; under a command prefix (another namespace) the whole ``observe``."""
+        if self._prefix:
+            await self.observe()
+            return self.drops
+        try:
+            found = counters.read()
+        except OSError as e:
+            raise NftError(f"reading the drop counters failed: {e}", op="observe") from None
+        self.drops = {name: c.packets for name, c in sorted(found.items())}
+        self.drops_at = time.monotonic()
+        return self.drops
 
     async def _list(self, family: str) -> dict | None:
         """One of our tables as ``nft -j`` prints it; None when it does not exist."""

@@ -14,7 +14,7 @@ wireguard-go a supervisor task restarts a dead daemon and re-applies the last sn
 under systemd that needs ``KillMode=process`` (or a separate unit) for the same effect.
 
 WireGuard has no change notifications, so the agent's skipped heartbeats call ``check``: with
-wireguard-go it reads the UAPI answer as bytes and, when it equals (counters and handshake times
+wireguard-go it reads the UAPI answer as bytes (over one kept connection, ``UapiReads``) and, when it equals (counters and handshake times
 aside) the answer of the last reconcile that planned nothing, for the same desired state, it is
 done without parsing or planning; anything else is a full ``reconcile``. A mesh change
 (``apply_change``) on a device known to hold the state before it sets only the touched peers.
@@ -22,8 +22,10 @@ done without parsing or planning; anything else is a full ``reconcile``. A mesh 
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -48,6 +50,7 @@ from agent.wireguard.plan import (
     PeerPlan,
     WgObserved,
     WgPlan,
+    normalize_endpoint,
     parse_get,
     plan,
     plan_device,
@@ -99,6 +102,8 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         self._supervisor: asyncio.Task[None] | None = None
         self._answer: bytes | None = None  # the last observe's UAPI answer, volatile lines out
         self._clean: tuple[WireGuard, bytes] | None = None  # desired and answer of a no-op plan
+        self._answered_at = float("-inf")  # time.monotonic() of the daemon's last UAPI answer
+        self._reads = UapiReads()
 
     @property
     def private_key(self) -> str:
@@ -143,8 +148,9 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         if not await backend.ready(link):
             return WgObserved(link=link)
         if isinstance(backend, UserspaceBackend):  # the same answer, kept for ``check``
-            answer = await _uapi_get(backend.uapi.path)
+            answer = await self._reads.get(backend.uapi.path)
             if answer is not None:
+                self._answered_at = time.monotonic()
                 self._answer = _steady_part(answer)
                 return WgObserved(link=link, device=parse_get(answer.decode()))
         try:
@@ -161,7 +167,9 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
             and clean[0] == desired
             and isinstance(self._backend, UserspaceBackend)
         ):
-            answer = await _uapi_get(self._backend.uapi.path)
+            answer = await self._reads.get(self._backend.uapi.path)
+            if answer is not None:
+                self._answered_at = time.monotonic()
             if answer is not None and _steady_part(answer) == clean[1]:
                 return ApplyResult(writes=0, reached=frozenset({self.ifname}))
         return await self.reconcile(desired, seen)
@@ -195,7 +203,9 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
                     "%s: wrote %d by the change path (peers +%d ~%d -%d)", self.ifname, done,
                     len(peers.add), len(peers.update), len(peers.remove),
                 )  # fmt: skip
-            answer = await _uapi_get(self._backend.uapi.path)
+            answer = await self._reads.get(self._backend.uapi.path)
+            if answer is not None:
+                self._answered_at = time.monotonic()
             if not errors and answer is not None:
                 steady = _steady_part(answer)
                 if verified(clean[1], steady, peers):
@@ -268,11 +278,21 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
     async def peers(self) -> list[PeerHealth]:
         """Peer health as the device reports it ([] when there is no device)."""
         async with self._lock:
-            try:
-                dev = await (await self._resolve(None)).observe()
-            except DeviceMissing:
-                return []
+            backend = await self._resolve(None)
+            # wireguard-go: its answer read as bytes in one go and only the peers' health read
+            # from it (``peer_health``); without an answer, the backend says why
+            answer = None
+            if isinstance(backend, UserspaceBackend):
+                answer = await self._reads.get(backend.uapi.path)
+            if answer is None:
+                try:
+                    dev = await backend.observe()
+                except DeviceMissing:
+                    return []
         nodes = {p.public_key: p.node for p in self._last.peers} if self._last else {}
+        if answer is not None:
+            self._answered_at = time.monotonic()
+            return peer_health(answer, nodes)
         return [
             PeerHealth(
                 public_key=p.public_key,
@@ -294,6 +314,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         """Explicit teardown: delete the device (and stop wireguard-go)."""
         await self._stop_supervisor()
         async with self._lock:
+            self._reads.close()
             await (await self._resolve(None)).remove()
             self._last = None
         self.log.info("%s: removed", self.ifname)
@@ -301,6 +322,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
     async def close(self, *, stop_daemon: bool = False) -> None:
         """Stop supervising. wireguard-go keeps running unless ``stop_daemon`` (data plane first)."""
         await self._stop_supervisor()
+        self._reads.close()
         if stop_daemon and self._backend is not None:
             async with self._lock:
                 await self._backend.stop()
@@ -318,7 +340,9 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
             await asyncio.sleep(self._check_interval)
             try:
                 async with self._lock:
-                    if self._last is None or await self._backend.alive():  # type: ignore[union-attr]
+                    if self._last is None or self._answered_recently():
+                        continue
+                    if await self._backend.alive():  # type: ignore[union-attr]
                         continue
                     self.log.warning("%s: wireguard-go is gone; restarting it", self.ifname)
                     # the daemon is new: observe afresh, without the heartbeat's dump
@@ -333,6 +357,12 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
                 failures += 1
                 if failures == 1:  # the first failure in full, then quietly keep trying
                     self.log.exception("%s: restarting wireguard-go failed", self.ifname)
+
+    def _answered_recently(self) -> bool:
+        """wireguard-go answered a read (a heartbeat's check, health) within the last check
+        interval: it is alive, no need to knock on its socket as well (each connection costs it
+        CPU). Should it die now, the next heartbeat's read fails and restarts it."""
+        return time.monotonic() - self._answered_at < self._check_interval
 
     async def _resolve(self, link: Any, known: bool = False) -> KernelBackend | UserspaceBackend:
         """``known``: ``link`` is otwg0 as just observed (None: absent), no need to read it."""
@@ -375,6 +405,46 @@ def _pyroute2_wireguard() -> Any:
     return Pyroute2WireGuard()
 
 
+def peer_health(answer: bytes, nodes: dict[str, str]) -> list[PeerHealth]:
+    """Pure: the peers of a wireguard-go ``get=1`` answer as health reports them, read as
+    ``parse_get`` reads them, but for their allowed IPs, which health does not report and which
+    cost most of that parse (a health report every few seconds). ``nodes``: key → node name."""
+    out: list[PeerHealth] = []
+    peer: dict | None = None
+    for line in answer.decode().splitlines():
+        key, _, value = line.partition("=")
+        if key == "public_key":
+            if peer is not None:
+                out.append(_health(peer, nodes))
+            peer = {"public_key": wgkeys.hex_to_b64(value)}
+        elif peer is None:
+            continue
+        elif key == "endpoint":
+            peer["endpoint"] = _endpoint(value)
+        elif key in ("last_handshake_time_sec", "last_handshake_time_nsec", "rx_bytes", "tx_bytes"):
+            peer[key] = int(value)
+    if peer is not None:
+        out.append(_health(peer, nodes))
+    return out
+
+
+def _health(peer: dict, nodes: dict[str, str]) -> PeerHealth:
+    sec, nsec = peer.get("last_handshake_time_sec", 0), peer.get("last_handshake_time_nsec", 0)
+    return PeerHealth(
+        public_key=peer["public_key"],
+        node=nodes.get(peer["public_key"], ""),
+        endpoint=peer.get("endpoint"),
+        latest_handshake=sec + nsec / 1e9 if sec else 0.0,
+        rx_bytes=peer.get("rx_bytes", 0),
+        tx_bytes=peer.get("tx_bytes", 0),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _endpoint(value: str) -> str | None:
+    return normalize_endpoint(value)  # the same peers' endpoints, report after report
+
+
 def _steady_part(answer: bytes) -> bytes:
     """The answer without volatile lines, its peers sorted (wireguard-go lists them in Go map
     order, which changes from one read to the next)."""
@@ -409,25 +479,55 @@ def verified(before: bytes, after: bytes, change: PeerPlan) -> bool:
     return True
 
 
-async def _uapi_get(path: Path) -> bytes | None:
-    """wireguard-go's ``get=1`` answer as bytes (None: no answer; the caller falls back)."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    answer = bytearray()
-    try:
-        async with asyncio.timeout(UAPI_TIMEOUT):
-            await loop.sock_connect(sock, str(path))
-            await loop.sock_sendall(sock, b"get=1\n\n")
-            while not answer.endswith(b"\n\n"):
-                data = await loop.sock_recv(sock, 65536)
-                if not data:
-                    return None
-                answer += data
-    except (OSError, TimeoutError):
-        return None
-    finally:
-        sock.close()
-    if not answer.endswith(b"errno=0\n\n"):
-        return None
-    return bytes(answer)
+class UapiReads:
+    """wireguard-go's ``get=1`` answers as bytes over one kept connection: it serves any number
+    of requests on one, and each new connection costs it an accept and a goroutine (and us a
+    connect) on every heartbeat. None: no answer (the caller falls back). A kept connection
+    that fails (the daemon restarted) is replaced once; one cut mid-answer is never reused."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._path: Path | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self, path: Path) -> bytes | None:
+        async with self._lock:
+            if path != self._path:
+                self.close()
+            kept = self._sock is not None
+            answer = await self._get(path)
+            if answer is None and kept:  # the daemon may have restarted: once more, afresh
+                answer = await self._get(path)
+            return answer
+
+    async def _get(self, path: Path) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        answer = bytearray()
+        try:
+            async with asyncio.timeout(UAPI_TIMEOUT):
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self._sock.setblocking(False)
+                    self._path = path
+                    await loop.sock_connect(self._sock, str(path))
+                await loop.sock_sendall(self._sock, b"get=1\n\n")
+                while not answer.endswith(b"\n\n"):
+                    data = await loop.sock_recv(self._sock, 65536)
+                    if not data:
+                        raise ConnectionResetError("UAPI closed")
+                    answer += data
+        except (OSError, TimeoutError):
+            self.close()
+            return None
+        except BaseException:  # cancelled mid-answer: the rest would be read as the next one
+            self.close()
+            raise
+        if not answer.endswith(b"errno=0\n\n"):
+            self.close()
+            return None
+        return bytes(answer)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._path = None
