@@ -126,6 +126,7 @@ class Agent:
         self.last_error: str | None = None
         self.last_snapshot_at = 0.0
         self.devices = 0
+        self._reached: dict[str, frozenset[str]] = {}  # managed devices each subsystem last reached
         self.taps: dict[str, bool] = {}  # this node's taps → carrier, as last observed
         self.tunnel_address: str | None = None
         self.registered = False
@@ -394,7 +395,7 @@ class Agent:
         # and the notifications show nothing but their echoes
         self._clean = not errors and (not changes or (mode != SKIP and self._advance()))
         self._last = None if errors else (raw, snap)
-        if change is not None and not errors:
+        if change is not None and not errors and mode == QUIET:  # not when reconciled whole
             self.counters["mesh_changes" if change.mesh else "fdb_changes"] += 1
         if not errors and self._assembled is not None and self._assembled[0] is snap:
             self.assembler.mark()  # the base of the next change (``_fdb_change``)
@@ -539,7 +540,6 @@ class Agent:
         if taps != self.taps:
             self.taps = taps
             self._report_now.set()
-        devices: set[str] = set()
         if snap.wireguard is not None:
             self.tunnel_address = snap.wireguard.address.split("/")[0]
             if self.wireguard is None:
@@ -563,8 +563,9 @@ class Agent:
             changes += result.writes
             self._writes[sub.name] = result.writes
             if sub is self.links or sub is self.wireguard:  # managed devices that exist now
-                devices |= result.reached
-        self.devices = len(devices)
+                self._reached[sub.name] = frozenset(result.reached)
+        # a subsystem a change did not concern (skipped above) still holds what it last reached
+        self.devices = len(frozenset().union(*self._reached.values()))
         return changes, errors
 
     async def _ack(self, ack: Ack) -> None:

@@ -80,7 +80,7 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
             await self.observe()
             return self.drops
         try:
-            found = counters.read()
+            found = await asyncio.to_thread(counters.read)  # a blocking recv: off the loop
         except OSError as e:
             raise NftError(f"reading the drop counters failed: {e}", op="observe") from None
         self.drops = {name: c.packets for name, c in sorted(found.items())}

@@ -8,6 +8,7 @@ listings: name → (packets, bytes), the ``bridge`` table's counter winning over
 of the same name (listings are read inet first). It only reads; ``parse`` is pure.
 """
 
+import errno
 import os
 import socket
 import struct
@@ -18,7 +19,7 @@ from agent.nft.rules import FAMILIES, TABLE, Counter
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFT_OBJECT_COUNTER = 1
@@ -58,42 +59,63 @@ def request(seq: int = 1) -> bytes:
 
 
 def parse(datagrams: list[bytes]) -> tuple[dict[str, Counter], bool]:
-    """Pure: the dump's answer → (name → Counter, whether the dump ended). An error answer
-    raises OSError."""
+    """Pure: the dump's answer → (name → Counter, whether the dump ended). An error answer or
+    a malformed one raises OSError."""
     per_family: dict[int, dict[str, Counter]] = {}
+    done = False
     for data in datagrams:
-        offset = 0
-        while offset + _NLMSG.size <= len(data):
-            length, kind, _, _, _ = _NLMSG.unpack_from(data, offset)
-            if length < _NLMSG.size:
-                break
-            body, end = offset + _NLMSG.size, min(offset + length, len(data))
-            offset += (length + 3) & ~3
+        done = _parse_into(per_family, data) or done
+        if done:
+            break
+    return _merge(per_family), done
+
+
+def _parse_into(per_family: dict[int, dict[str, Counter]], data: bytes) -> bool:
+    """One datagram's counters into ``per_family``; True at the end of the dump."""
+    try:
+        return _parse_datagram(per_family, data)
+    except (struct.error, IndexError, UnicodeDecodeError) as e:
+        raise OSError(f"nftables counter dump malformed: {e}") from None
+
+
+def _parse_datagram(per_family: dict[int, dict[str, Counter]], data: bytes) -> bool:
+    offset = 0
+    while offset + _NLMSG.size <= len(data):
+        length, kind, flags, _, _ = _NLMSG.unpack_from(data, offset)
+        if length < _NLMSG.size:
+            break
+        body, end = offset + _NLMSG.size, min(offset + length, len(data))
+        offset += (length + 3) & ~3
+        if flags & NLM_F_DUMP_INTR:  # the tables changed during the dump: its figures are mixed
+            raise OSError(errno.EINTR, "nftables counter dump interrupted; read again")
+        if kind in (NLMSG_DONE, NLMSG_ERROR):
+            # a dump that failed part-way ends with NLMSG_DONE carrying the error
+            if kind == NLMSG_ERROR and end - body < _ERR.size:
+                raise OSError("nftables counter dump malformed: a short error message")
+            code = -_ERR.unpack_from(data, body)[0] if end - body >= _ERR.size else 0
+            if code:
+                raise OSError(code, f"nftables counter dump: {os.strerror(code)}")
             if kind == NLMSG_DONE:
-                return _merge(per_family), True
-            if kind == NLMSG_ERROR:
-                code = -_ERR.unpack_from(data, body)[0]
-                if code:
-                    raise OSError(code, f"nftables counter dump: {os.strerror(code)}")
-                continue
-            if kind != NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWOBJ:
-                continue
-            family = data[body]
-            attrs = dict(_attrs(data, body + _NFGEN.size, end))
-            if attrs.get(NFTA_OBJ_TABLE, b"").rstrip(b"\0") != TABLE.encode():
-                continue
-            if _U32BE.unpack(attrs.get(NFTA_OBJ_TYPE, b"\0\0\0\0"))[0] != NFT_OBJECT_COUNTER:
-                continue
-            name = attrs.get(NFTA_OBJ_NAME, b"").rstrip(b"\0").decode()
-            nested = attrs.get(NFTA_OBJ_DATA, b"")
-            values = dict(_attrs(nested, 0, len(nested)))
-            packets = values.get(NFTA_COUNTER_PACKETS)
-            octets = values.get(NFTA_COUNTER_BYTES)
-            per_family.setdefault(family, {})[name] = Counter(
-                _U64BE.unpack(packets)[0] if packets and len(packets) == 8 else 0,
-                _U64BE.unpack(octets)[0] if octets and len(octets) == 8 else 0,
-            )
-    return _merge(per_family), False
+                return True
+            continue
+        if kind != NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWOBJ:
+            continue
+        family = data[body]
+        attrs = dict(_attrs(data, body + _NFGEN.size, end))
+        if attrs.get(NFTA_OBJ_TABLE, b"").rstrip(b"\0") != TABLE.encode():
+            continue
+        if _U32BE.unpack(attrs.get(NFTA_OBJ_TYPE, b"\0\0\0\0"))[0] != NFT_OBJECT_COUNTER:
+            continue
+        name = attrs.get(NFTA_OBJ_NAME, b"").rstrip(b"\0").decode()
+        nested = attrs.get(NFTA_OBJ_DATA, b"")
+        values = dict(_attrs(nested, 0, len(nested)))
+        packets = values.get(NFTA_COUNTER_PACKETS)
+        octets = values.get(NFTA_COUNTER_BYTES)
+        per_family.setdefault(family, {})[name] = Counter(
+            _U64BE.unpack(packets)[0] if packets and len(packets) == 8 else 0,
+            _U64BE.unpack(octets)[0] if octets and len(octets) == 8 else 0,
+        )
+    return False
 
 
 def _merge(per_family: dict[int, dict[str, Counter]]) -> dict[str, Counter]:
@@ -114,6 +136,9 @@ def read(netns: str | None = None) -> dict[str, Counter]:
     def inside() -> None:
         from pyroute2.netns import popns, pushns
 
+        if not os.path.exists(f"/run/netns/{netns}"):  # pushns would create it
+            out.append(FileNotFoundError(errno.ENOENT, f"no network namespace {netns}"))
+            return
         pushns(netns)
         try:
             out.append(_read())
@@ -136,9 +161,7 @@ def _read() -> dict[str, Counter]:
         sock.settimeout(TIMEOUT)
         sock.bind((0, 0))
         sock.send(request())
-        datagrams: list[bytes] = []
-        while True:
-            datagrams.append(sock.recv(65536))
-            counters, done = parse(datagrams)
-            if done:
-                return counters
+        per_family: dict[int, dict[str, Counter]] = {}
+        while not _parse_into(per_family, sock.recv(65536)):
+            pass
+        return _merge(per_family)

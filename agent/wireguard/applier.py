@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -183,8 +184,8 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         (``plan_peer_change``), then one UAPI read, verified without parsing the peers that
         stay: every other peer's lines as the no-op read had them, the touched ones as planned
         (``verified``). Then the next ``check`` is one read compared as bytes again; anything
-        else (drift since, a peer gone by hand) leaves ``check`` to reconcile whole. None: the
-        device is not known to hold ``base``, reconcile whole."""
+        else (drift since, a peer gone by hand) is reconciled whole at once. None: the device
+        is not known to hold ``base``, reconcile whole."""
         async with self._lock:
             clean = self._clean
             if (
@@ -210,7 +211,12 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
                 steady = _steady_part(answer)
                 if verified(clean[1], steady, peers):
                     self._clean = (desired, steady)
+        if errors or self._clean is not None:
             return ApplyResult(writes=done, reached=frozenset({self.ifname}), errors=tuple(errors))
+        # not what was planned (drift since the last read, a peer set by hand): this very HEAD
+        # reconciles whole, so its ack never says ok over a device known to be wrong
+        whole = await self.reconcile(desired, None)
+        return ApplyResult(writes=done + whole.writes, reached=whole.reached, errors=whole.errors)
 
     def plan(self, desired: WireGuard, observed: WgObserved) -> WgPlan:
         if desired.name != self.ifname:
@@ -482,30 +488,36 @@ def verified(before: bytes, after: bytes, change: PeerPlan) -> bool:
 class UapiReads:
     """wireguard-go's ``get=1`` answers as bytes over one kept connection: it serves any number
     of requests on one, and each new connection costs it an accept and a goroutine (and us a
-    connect) on every heartbeat. None: no answer (the caller falls back). A kept connection
-    that fails (the daemon restarted) is replaced once; one cut mid-answer is never reused."""
+    connect) on every heartbeat. None: no answer (the caller falls back). A kept connection is
+    used only while the socket file is still the one it was opened from (else writes, which
+    connect anew, would fail while reads went on answering and kept the supervisor away); one
+    that fails with a connection error (the daemon restarted) is replaced once, not one that
+    timed out (a stuck daemon would cost two timeouts); one cut mid-answer is never reused."""
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
         self._path: Path | None = None
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file
         self._lock = asyncio.Lock()
 
     async def get(self, path: Path) -> bytes | None:
         async with self._lock:
-            if path != self._path:
+            if path != self._path or self._file != _identity(path):
                 self.close()
             kept = self._sock is not None
-            answer = await self._get(path)
-            if answer is None and kept:  # the daemon may have restarted: once more, afresh
-                answer = await self._get(path)
+            answer, retry = await self._get(path)
+            if answer is None and kept and retry:  # the daemon may have restarted: afresh
+                answer, _ = await self._get(path)
             return answer
 
-    async def _get(self, path: Path) -> bytes | None:
+    async def _get(self, path: Path) -> tuple[bytes | None, bool]:
+        """The answer, or None and whether a fresh connection may do better."""
         loop = asyncio.get_running_loop()
         answer = bytearray()
         try:
             async with asyncio.timeout(UAPI_TIMEOUT):
                 if self._sock is None:
+                    self._file = _identity(path)
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     self._sock.setblocking(False)
                     self._path = path
@@ -516,18 +528,29 @@ class UapiReads:
                     if not data:
                         raise ConnectionResetError("UAPI closed")
                     answer += data
-        except (OSError, TimeoutError):
+        except TimeoutError:
             self.close()
-            return None
+            return None, False
+        except OSError:
+            self.close()
+            return None, True
         except BaseException:  # cancelled mid-answer: the rest would be read as the next one
             self.close()
             raise
         if not answer.endswith(b"errno=0\n\n"):
             self.close()
-            return None
-        return bytes(answer)
+            return None, False
+        return bytes(answer), False
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
-        self._sock = self._path = None
+        self._sock = self._path = self._file = None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

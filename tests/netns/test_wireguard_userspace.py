@@ -211,6 +211,33 @@ async def test_tunnel_noop_peer_add_and_remove(mesh):
     assert await a.ping(TUNNEL["b"])
 
 
+async def test_a_mesh_change_over_drift_is_repaired_by_the_same_apply(mesh):
+    """The change path sets only the joining peer; when its verifying read shows more changed
+    (a peer removed by hand since the last read), the same apply reconciles whole, so the ack
+    of this HEAD never says ok over a device known to be wrong."""
+    a, b = mesh
+    await connect(a, b)
+    ghost = (wgkeys.public_key(wgkeys.generate_private_key()), "198.18.99.3", "100.64.0.3")
+    joined = (wgkeys.public_key(wgkeys.generate_private_key()), "198.18.99.4", "100.64.0.4")
+    assert await a.apply(b, ghost) == 1
+    assert await a.apply(b, ghost) == 0  # a no-op read: the device is known
+    base, after = spec(a, b, ghost), spec(a, b, ghost, joined)
+    out = await a.call("change", spec=after, base=base, gained=[wg_peer(joined)], lost=[])
+    assert out == {"writes": 1, "errors": []}  # the joining peer alone
+    assert set(await a.peers()) == {b.public_key, ghost[0], joined[0]}
+
+    await a.call("forget", key=ghost[0])  # drift behind the agent's back
+    leave = spec(a, b, joined)
+    out = await a.call("change", spec=leave, base=after, gained=[], lost=[wg_peer(ghost)])
+    assert out["errors"] == [] and set(await a.peers()) == {b.public_key, joined[0]}
+    await a.call("forget", key=b.public_key)
+    back = spec(a, b, joined, ghost)
+    out = await a.call("change", spec=back, base=leave, gained=[wg_peer(ghost)], lost=[])
+    assert out["errors"] == [] and out["writes"] == 2  # the ghost set, then b restored whole
+    assert set(await a.peers()) == {b.public_key, joined[0], ghost[0]}
+    assert await a.ping(TUNNEL["b"])
+
+
 async def test_key_rotation_keeps_the_tunnel(mesh):
     a, b = mesh
     await connect(a, b)

@@ -2,8 +2,10 @@
 
 Run inside a node's namespaces by ``test_wireguard_userspace.py``. Each request is one line
 ``{"op": ..., ...}``; each answer is one line of JSON (``{"error": ...}`` on failure).
-ops: apply {spec, private_key?} -> {writes, backend, public_key}; peers -> {peers};
-pid -> {pid}; remove; exit.
+ops: apply {spec, private_key?} -> {writes, backend, public_key}; change {spec, base, gained,
+lost} -> {writes (None: not taken), errors} (the mesh change path, ``apply_change``); forget {key}
+(a peer removed behind the applier's back, over UAPI); peers -> {peers}; pid -> {pid}; remove;
+exit.
 """
 
 import asyncio
@@ -18,8 +20,9 @@ import uvloop
 from agent.links.applier import LinkApplier
 from agent.links.netlink import NetlinkLinks
 from agent.netlink_thread import NetlinkThread
+from agent.wireguard import keys as wgkeys
 from agent.wireguard.applier import WireGuardApplier
-from schemas.desired import WireGuard
+from schemas.desired import WgPeer, WireGuard
 
 
 async def main() -> None:
@@ -55,6 +58,22 @@ async def serve(netlink: NetlinkThread) -> None:
                         "backend": applier.backend_name,
                         "public_key": applier.public_key,
                     }
+                case "change":
+                    result = await applier.apply_change(
+                        msgspec.convert(req["spec"], WireGuard),
+                        msgspec.convert(req["base"], WireGuard),
+                        msgspec.convert(req["gained"], list[WgPeer]),
+                        msgspec.convert(req["lost"], list[WgPeer]),
+                    )
+                    out = {
+                        "writes": None if result is None else result.writes,
+                        "errors": [] if result is None else [str(e) for e in result.errors],
+                    }
+                case "forget":
+                    await uapi_set(
+                        applier, f"public_key={wgkeys.b64_to_hex(req['key'])}\nremove=true"
+                    )
+                    out = {}
                 case "peers":
                     out = {"peers": msgspec.to_builtins(await applier.peers())}
                 case "pid":
@@ -69,6 +88,18 @@ async def serve(netlink: NetlinkThread) -> None:
             out = {"error": repr(exc)}
         print(json.dumps(out), flush=True)
     await applier.close()
+
+
+async def uapi_set(applier: WireGuardApplier, lines: str) -> None:
+    """A raw UAPI ``set`` on the applier's daemon, as an operator's ``wg set`` would do."""
+    reader, writer = await asyncio.open_unix_connection(str(applier._backend.uapi.path))
+    try:
+        writer.write(f"set=1\n{lines}\n\n".encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+        assert answer == b"errno=0\n\n", answer
+    finally:
+        writer.close()
 
 
 if __name__ == "__main__":
