@@ -16,7 +16,8 @@ one-entry delta touches one entry (plus a copy of that VXLAN's or the peers' tup
 every unchanged part, by identity, with the snapshot before. ``change`` tells the runner what
 changed since the snapshot it last ``mark``ed: the FDB entries gained and lost per VXLAN when
 nothing else did (``mesh_change``: and the peers gained and lost, when the mesh changed by
-deltas), else None (then everything is checked and planned whole).
+deltas; ``tap_change``: and the taps gained and lost, when the node section changed only in
+its taps, by deltas), else None (then everything is checked and planned whole).
 
 No I/O, no clock, no logging: ``complete`` fetches through the callable it is given
 (``agent.runner`` passes a ``section.get`` request).
@@ -248,6 +249,17 @@ class FdbChange:
     view: FdbView
 
 
+@dataclass
+class TapChange:
+    """The taps gained and lost since the snapshot last marked (a changed tap is in both, as
+    its old and its new value), and ``fdb_has(bridge, mac)``: whether a VXLAN on that bridge
+    has an FDB entry for that MAC (the assembler's FDB views answer it)."""
+
+    gained: frozenset[Tap]
+    lost: frozenset[Tap]
+    fdb_has: Callable[[str, str], bool]
+
+
 class Assembler:
     def __init__(self, node: str):
         self.node = node
@@ -261,6 +273,8 @@ class Assembler:
         self._wireguard: WireGuard | None = None
         # since ``mark``: only VNI sections changed, and only by deltas
         self._settled = False
+        # since ``mark``: each tap touched by a node-section delta, as it was then (None: absent)
+        self._taps_then: dict[str, Tap | None] = {}
 
     def mark(self) -> None:
         """The state now held is the base of the next ``change`` (the runner marks the snapshot
@@ -268,11 +282,13 @@ class Assembler:
         for view in (*self.views.values(), self.mesh):
             view.gained.clear()
             view.lost.clear()
+        self._taps_then.clear()
         self._settled = True
 
     def change(self) -> dict[str, FdbChange] | None:
         """Since ``mark``: the FDB entries each VXLAN gained and lost, by VXLAN name, when
-        nothing but VNI sections' items changed (deltas, on the sections the HEAD names); None
+        nothing but VNI sections' items, the mesh's peers and the node section's taps changed
+        (deltas, on the sections the HEAD names); None
         when anything else may have (then the caller checks and plans the whole state)."""
         if not self._settled:
             return None
@@ -292,6 +308,33 @@ class Assembler:
         meaningful when ``change`` is not None."""
         return MeshChange(frozenset(self.mesh.gained), frozenset(self.mesh.lost), self.mesh,
                           self._uses)  # fmt: skip
+
+    def tap_change(self) -> TapChange:
+        """Since ``mark``: the taps gained and lost (empty when no tap changed). Only
+        meaningful when ``change`` is not None."""
+        node = self.held.get(NODE_SECTION)
+        items = node.items if node is not None else {}
+        gained, lost = set(), set()
+        for key, then in self._taps_then.items():
+            item = items.get(key)
+            now = _as(Tap, item) if isinstance(item, TapItem) else None
+            if now != then:
+                if now is not None:
+                    gained.add(now)
+                if then is not None:
+                    lost.add(then)
+        return TapChange(frozenset(gained), frozenset(lost), self._fdb_has)
+
+    def _fdb_has(self, bridge: str, mac: str) -> bool:
+        node = self.held.get(NODE_SECTION)
+        vxlans = node.items.values() if node is not None else ()
+        return any(
+            mac in view.dsts
+            for v in vxlans
+            if isinstance(v, VxlanItem)
+            and v.bridge == bridge
+            and (view := self.views.get(vni_section(v.vni)))
+        )
 
     def _uses(self, dst: str) -> bool:
         """Any FDB entry of a VXLAN this node has sends to ``dst``: every item gives its
@@ -352,7 +395,13 @@ class Assembler:
         view = self.views.get(data.name)
         mesh = self.mesh if data.name == MESH_SECTION else None
         if view is None and mesh is None:
-            self._settled = False  # the node's own part: checked whole
+            # the node's own part: only taps are followed item by item, the rest is checked whole
+            for key in {*data.removals, *ups}:
+                old, new = held.items.get(key), ups.get(key, (None,))[0]
+                if isinstance(old, TapItem) or isinstance(new, TapItem):
+                    self._taps_then.setdefault(key, _as(Tap, old) if old is not None else None)
+                elif old != new:
+                    self._settled = False
         for key in {*data.removals, *ups}:
             old = held.items.pop(key, None)
             held.hashes.pop(key, None)

@@ -22,7 +22,12 @@ so refusals read the same) and, in a quiet heartbeat, planned (``Subsystem.plan_
 subsystem they do not concern is not planned at all). The same for a HEAD whose mesh gained,
 lost or changed peers (a node joined, left or moved): only those peers are checked
 (``agent.validate.check_change``), and WireGuard sets only them (``apply_change``: one UAPI
-set), while links and nftables, which do not read the mesh's peers, are not planned.
+set), while links and nftables, which do not read the mesh's peers, are not planned. And for
+a HEAD that also gains and loses taps of this node (a VM's NIC attached or detached): only those
+taps are checked, links plan only them (``agent.links.plan.plan_tap_change``: no FDB is
+compared), and nftables, whose port security reads the taps, is planned whole from the snapshot
+against the tables it last read (no ``nft list``). The writes are verified by the next
+heartbeat's full read, as after any write other than FDB entries.
 """
 
 import asyncio
@@ -35,7 +40,7 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from agent.announce import Announcer
-from agent.assemble import Assembler, BadSection, FdbChange, MeshChange, complete
+from agent.assemble import Assembler, BadSection, FdbChange, MeshChange, TapChange, complete
 from agent.errors import ApplyError, ApplyResult
 from agent.kernel_events import KernelEvents, NoDrift
 from agent.links.applier import LinkApplier
@@ -73,13 +78,15 @@ DROPS_MAX_AGE = 1.0
 @dataclass
 class Change:
     """A HEAD that differs from the snapshot last applied cleanly (``base``) only by these FDB
-    entries (per VXLAN) and these peers (``mesh``: None when the mesh is the same), checked by
-    ``agent.validate.check_change`` (``checked``: as ``check_snapshot`` would return)."""
+    entries (per VXLAN), these peers (``mesh``: None when the mesh is the same) and these taps
+    (``taps``: None when they are the same), checked by ``agent.validate.check_change``
+    (``checked``: as ``check_snapshot`` would return)."""
 
     fdb: dict[str, FdbChange]
     mesh: MeshChange | None
     base: Snapshot
     checked: Checked
+    taps: TapChange | None = None
 
 
 @dataclass
@@ -122,7 +129,7 @@ class Agent:
         self.started_at = time.time()
         self.counters = {"received": 0, "applied": 0, "rejected": 0, "apply_errors": 0,
                          "fetches": 0, "skipped": 0, "reconciled": 0,
-                         "fdb_changes": 0, "mesh_changes": 0}  # fmt: skip
+                         "fdb_changes": 0, "mesh_changes": 0, "tap_changes": 0}  # fmt: skip
         self.last_error: str | None = None
         self.last_snapshot_at = 0.0
         self.devices = 0
@@ -357,10 +364,13 @@ class Agent:
         mesh: MeshChange | None = self.assembler.mesh_change()
         if not (mesh.gained or mesh.lost):
             mesh = None
-        checked = check_change(snap, base[0], base[1], fdb, mesh)
+        taps: TapChange | None = self.assembler.tap_change()
+        if not (taps.gained or taps.lost):
+            taps = None
+        checked = check_change(snap, base[0], base[1], fdb, mesh, taps)
         if checked is None:
             return None
-        return Change(fdb, mesh, base[0], checked)
+        return Change(fdb, mesh, base[0], checked, taps)
 
     async def apply_snapshot(
         self,
@@ -396,7 +406,8 @@ class Agent:
         self._clean = not errors and (not changes or (mode != SKIP and self._advance()))
         self._last = None if errors else (raw, snap)
         if change is not None and not errors and mode == QUIET:  # not when reconciled whole
-            self.counters["mesh_changes" if change.mesh else "fdb_changes"] += 1
+            kind = "tap" if change.taps else "mesh" if change.mesh else "fdb"
+            self.counters[f"{kind}_changes"] += 1
         if not errors and self._assembled is not None and self._assembled[0] is snap:
             self.assembler.mark()  # the base of the next change (``_fdb_change``)
             self._base = self._assembled
@@ -508,7 +519,8 @@ class Agent:
                 result = await sub.check(desired, seen)
             elif result is None:
                 fdb = change.fdb if change is not None else None
-                result = await sub.reconcile(desired, seen, quiet=quiet, change=fdb)
+                taps = change.taps if change is not None else None
+                result = await sub.reconcile(desired, seen, quiet=quiet, change=fdb, taps=taps)
         except ApplyError as e:
             return None, [e]
         except ValueError as e:  # the plan refused the snapshot: nothing was written
@@ -631,9 +643,10 @@ class Agent:
 
 def _concerns(change: Change, sub: Subsystem) -> bool:
     """Whether ``sub``'s desired state may differ from its last: the FDB entries concern it,
-    or the peers changed and it reads them (no entries changed: nothing of the FDB did)."""
+    or the peers (taps) changed and it reads them (no entries changed: nothing of the FDB did)."""
     fdb = bool(change.fdb) and sub.concerned(change.fdb.values())
-    return fdb or (change.mesh is not None and sub.mesh_reads)
+    taps = change.taps is not None and sub.tap_reads
+    return fdb or taps or (change.mesh is not None and sub.mesh_reads)
 
 
 def _path(change: Change | None, quiet: bool) -> str:
@@ -641,6 +654,9 @@ def _path(change: Change | None, quiet: bool) -> str:
     if change is None:
         return ""
     what = "checked" if not quiet else "checked and planned"
+    if change.taps is not None:
+        t = change.taps
+        return f"; {what} by the change path (taps: +{len(t.gained)} -{len(t.lost)})"
     if change.mesh is None:
         return f"; {what} by the change path (FDB)"
     m = change.mesh

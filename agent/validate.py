@@ -21,7 +21,11 @@ on "not sure" the runner runs ``check_snapshot``, so a refusal and its text are 
 check's (a property test holds the two to the same answers). ``check_change`` does the same for
 a change that may also gain and lose peers (a node joined, left or moved): the peers gained pass
 the per-peer checks and hold no key or allowed IP another peer holds (counts the assembler
-keeps), and no FDB entry sends to an address no peer holds any more.
+keeps), and no FDB entry sends to an address no peer holds any more. And for a change that
+also gains and loses taps of this node (a VM's NIC attached or detached): the taps gained pass
+every rule ``_check_taps`` and ``_check_names`` apply, each within the tap cap, with a name,
+MAC and (bridge, address) no other tap holds, and a MAC no FDB entry of a VXLAN on its bridge
+has; taps lost only relax those rules.
 
 It never logs, counts or does I/O: the runner calls it before any subsystem runs and counts and
 acks a ``Rejected``, so a refused snapshot changes nothing in the kernel.
@@ -123,6 +127,16 @@ class MeshDelta(Protocol):
     def uses(self, dst: str) -> bool: ...
 
 
+class TapDelta(Protocol):
+    """The taps' change (``agent.assemble.TapChange``): taps gained and lost (a changed tap is
+    in both) and whether a VXLAN on a bridge has an FDB entry for a MAC."""
+
+    gained: frozenset[Tap]
+    lost: frozenset[Tap]
+
+    def fdb_has(self, bridge: str, mac: str) -> bool: ...
+
+
 class MeshIndex(Protocol):
     keys: dict[str, int]  # public key -> peers holding it
     ips: dict[str, int]  # allowed IP as written -> times held, over every peer
@@ -145,19 +159,22 @@ def check_change(
     checked: "Checked",
     changes: Mapping[str, FdbDelta],
     mesh: MeshDelta | None = None,
+    taps: TapDelta | None = None,
 ) -> "Checked | None":
     """``check_fdb_change``, where the mesh may also have changed by ``mesh``: the peers gained
     pass the per-peer checks, hold a public key and allowed IPs no other peer holds, the peer
     cap holds, the WireGuard device is otherwise the same, and no FDB entry sends to an address
     no peer holds any more. Returns what ``check_snapshot`` would (the mesh's peer addresses
     updated), or None: "not sure", run ``check_snapshot``. Cost: the change (and one C-level
-    copy of the set of peer addresses when the mesh changed)."""
+    copy of the set of peer addresses when the mesh changed). ``taps``: the taps gained and
+    lost too (``_tap_change``; cost: the change and one pass over this node's taps)."""
     moved = mesh is not None and bool(mesh.gained or mesh.lost)
+    tapped = taps is not None and bool(taps.gained or taps.lost)
     same = (
         snap.node == base.node
         and snap.underlay_mtu == base.underlay_mtu
         and _same(snap.bridges, base.bridges)
-        and _same(snap.taps, base.taps)
+        and (tapped or _same(snap.taps, base.taps))
         and _same(snap.nat_subnets, base.nat_subnets)
         and _same(snap.infrastructure, base.infrastructure)
         and (moved or _same(snap.wireguard, base.wireguard))
@@ -171,7 +188,57 @@ def check_change(
         if now is None:
             return None
         checked = now
+    if tapped:
+        assert taps is not None
+        tap_macs = _tap_change(snap, checked, taps)
+        if tap_macs is None:
+            return None
+        checked = checked._replace(tap_macs=tap_macs)
     return checked if _fdb_change(snap, base, checked, changes) else None
+
+
+def _tap_change(
+    snap: Snapshot, checked: "Checked", taps: TapDelta
+) -> dict[tuple[str, str], str] | None:
+    """The taps gained pass what ``check_content`` asks of a tap (every other tap, bridge and
+    the rest of ``snap`` being as in a snapshot that passed); returns the local taps' MACs as
+    ``_check_vxlans`` would, or None: "not sure"."""
+    if len(snap.taps) > limits.MAX_TAPS:
+        return None
+    names: dict[str, int] = {}
+    macs: dict[str, int] = {}
+    ips: dict[tuple[str, str], int] = {}
+    for t in snap.taps:  # this node's taps (at most MAX_TAPS), never the FDB
+        names[t.name] = names.get(t.name, 0) + 1
+        if t.mac:
+            macs[t.mac] = macs.get(t.mac, 0) + 1
+        if t.ip:
+            ips[t.bridge, t.ip] = ips.get((t.bridge, t.ip), 0) + 1
+    bridges = {b.name: b for b in snap.bridges}
+    others = {*bridges, *(v.name for v in snap.vxlans)}
+    if snap.wireguard is not None:
+        others.add(snap.wireguard.name)
+    try:
+        blocked = _blocked_ranges(snap.infrastructure, checked.mesh)
+        gateways = _check_bridges(snap.bridges, blocked)
+        for t in taps.gained:
+            if not t.name.isascii() or not _TAP.fullmatch(t.name):
+                return None
+            if names.get(t.name) != 1 or t.name in others:
+                return None  # the name of another tap or device too
+            if t.mac and (macs.get(t.mac) != 1 or taps.fdb_has(t.bridge, t.mac)):
+                return None  # another tap's MAC, or one the FDB on its bridge sends away
+            if t.ip and ips.get((t.bridge, t.ip)) != 1:
+                return None
+            _check_taps((t,), bridges, gateways, blocked)  # the per-tap rules, the same code
+    except ValueError:
+        return None
+    tap_macs = dict(checked.tap_macs)
+    for t in taps.lost:
+        if t.mac and tap_macs.get((t.bridge, t.mac)) == t.name:
+            del tap_macs[t.bridge, t.mac]
+    tap_macs.update({(t.bridge, t.mac): t.name for t in taps.gained if t.mac})
+    return tap_macs
 
 
 def _mesh_change(

@@ -24,6 +24,10 @@ and leaving a 1,000-peer mesh (wireguard-go with 1,000 peers), timed on the chan
 on the same agent and kernel, the whole way, with the UAPI sets counted (and the peers each
 names) and the heartbeat after each change.
 
+A third (``tap_main``; alone: ``python -m bench.agent_steady --tap``): one NIC attached to and
+detached from this node's NAT network at 1,000 and 10,000 FDB entries, timed the same way, with
+nftables' replan from the snapshot (desired + plan, in process) timed alone.
+
 "idle": the agent as it idles in a cluster, over ``--idle`` seconds (default 60) at a 1 s
 heartbeat: the same HEAD fed on a 1 s timer, the health loop running at the agent's default
 health interval (reports to the stub bus), wireguard-go's supervisor running, on uvloop like
@@ -547,6 +551,7 @@ async def main() -> None:
     for r in results:
         print_idle(r["entries"], r["idle"])
     await mesh_main()
+    await tap_main()
 
 
 # --- one peer joins / leaves (issue 10 item 5, mesh changes) --------------------------------------
@@ -733,6 +738,138 @@ async def mesh_main() -> None:
             )
 
 
+# --- one NIC attached / detached on this node (issue 10 item 5, tap changes) -------------------
+
+TAP_SIZES = (1_000, 10_000)  # FDB entries
+
+
+def tap_snapshot(entries: int, attached: bool):
+    """``snapshot(entries)``, with one more NIC on the NAT network when ``attached``."""
+    import msgspec
+
+    from controller.compute import snapshot_digest
+    from schemas.desired import Tap
+
+    snap = snapshot(entries)
+    if attached:
+        nic = Tap(name="ot0123456789ac", bridge=LAN, mtu=1500, mac="02:aa:00:00:00:02",
+                  ip="10.77.0.3")  # fmt: skip
+        snap = msgspec.structs.replace(snap, taps=(*snap.taps, nic))
+    return msgspec.structs.replace(snap, digest=snapshot_digest(snap))
+
+
+async def tap_inner(entries: int) -> dict:
+    """In the node's namespaces: converge on ``entries`` FDB entries, then one NIC is attached
+    and detached ``CHANGES`` times each through the change path, then as many times the whole
+    way (the change path off), on the same agent and kernel; and nftables' replan alone."""
+    import msgspec
+
+    from agent.assemble import head_for
+    from agent.kernel_events import KernelEvents
+    from agent.links.applier import LinkApplier
+    from agent.links.netlink import NetlinkLinks
+    from agent.netlink_thread import NetlinkThread
+    from agent.nft.applier import NftApplier
+    from agent.runner import Agent, AgentConfig
+    from agent.wireguard import keys as wgkeys
+    from agent.wireguard.applier import WireGuardApplier
+    from schemas.codec import encode
+
+    await run("ip", "link", "set", "lo", "up")
+    # nothing into the mesh (see ``inner``)
+    await run("nft", "add table inet bench; add chain inet bench out { type filter hook output "
+              "priority 0; oifname otwg0 drop; }")  # fmt: skip
+    snaps = {k: tap_snapshot(entries, attached=bool(k)) for k in (0, 1)}
+    heads = {k: head_for(snap) for k, snap in snaps.items()}
+    head = heads[0]
+    nl = NetlinkThread()
+    nl.start()
+    links = LinkApplier(NetlinkLinks(nl, node="bench"))
+    wg = WireGuardApplier(
+        links, private_key=wgkeys.generate_private_key(), backend="userspace", node="bench"
+    )
+    out: dict = {"entries": entries}
+    try:
+        with tempfile.TemporaryDirectory() as state:
+            config = AgentConfig(node="bench", state_dir=Path(state))
+            agent = Agent(Bus(), config, links, NftApplier(), wg, events=KernelEvents.open())
+            for section in head.sections:
+                assert agent.assembler.offer(section)
+            beat = encode(msgspec.structs.replace(head, sections=()))
+            for _ in range(2):
+                assert (await agent.handle(beat)).ok
+            await asyncio.sleep(1.0)  # the kernel's link announcements after start-up settle
+            await agent.handle(beat)
+            await agent.handle(beat)
+            nft_parts = []  # nftables' replan from the snapshot, in process (no ``nft`` run)
+            tables = agent.nft._quiet_observed or await agent.nft.observe()
+            for _ in range(CHANGES):
+                start = time.process_time()
+                agent.nft.plan(agent.nft.desired(snaps[1]), tables)
+                nft_parts.append(time.process_time() - start)
+            out["nft_replan_ms"] = cpu_ms(nft_parts)
+            change_path = agent._fdb_change
+            version, last = 1, head
+            for label in ("change", "whole"):
+                if label == "whole":
+                    agent._fdb_change = lambda snap: None  # type: ignore[method-assign]
+                cpu, wall, writes, verify, skip = [], [], 0, [], []
+                full, by_path = agent.counters["reconciled"], agent.counters["tap_changes"]
+                for i in range(2 * CHANGES):  # attach, detach, attach, ...
+                    version += 1
+                    new = restamp(heads[(i + 1) % 2], version)
+                    raw = encode(change_head(last, new))
+                    start, t0 = agent_cpu(), time.perf_counter()
+                    ack = await agent.handle(raw)
+                    cpu.append(agent_cpu() - start)
+                    wall.append(time.perf_counter() - t0)
+                    assert ack.ok, ack.error
+                    writes += ack.changes
+                    beat = encode(msgspec.structs.replace(new, sections=()))
+                    start = agent_cpu()
+                    assert (await agent.handle(beat)).ok  # the full read after a write
+                    verify.append(agent_cpu() - start)
+                    skip.append((await heartbeats(agent, beat, 3))[0] / 1000)
+                    last = new
+                out[label] = {
+                    "attach_ms": cpu_ms(cpu[0::2]),
+                    "detach_ms": cpu_ms(cpu[1::2]),
+                    "wall_ms": cpu_ms(wall),
+                    "writes": writes / (2 * CHANGES),
+                    "full": agent.counters["reconciled"] - full,
+                    "by_path": agent.counters["tap_changes"] - by_path,
+                    "verify_ms": cpu_ms(verify),
+                    "skip_ms": cpu_ms(skip),
+                }
+            agent._fdb_change = change_path  # type: ignore[method-assign]
+            agent.events.close()
+    finally:
+        await wg.remove()
+        nl.stop()
+    return out
+
+
+async def tap_main() -> None:
+    """The table of one NIC attached / detached on this node: the change path vs the whole."""
+    print(f"one NIC attached / detached on this node ({CHANGES} of each, medians; agent process "
+          "time with its nft runs, the netlink thread included, wireguard-go not; real netlink, "
+          f"nft and wireguard-go in a namespace; {PEERS} mesh peers)", flush=True)  # fmt: skip
+    print("| FDB entries | path | CPU attach / detach | wall | writes | full reads | next "
+          "heartbeat (full read) | then | nft replan alone |", flush=True)  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    for entries in TAP_SIZES:
+        r = await _in_node("--tap-inner", str(entries))
+        for label, name in (("change", "change path"), ("whole", "whole path")):
+            m = r[label]
+            print(
+                f"| {entries:,} | {name} ({m['by_path']} by it) | "
+                f"{m['attach_ms']:.2f} / {m['detach_ms']:.2f} ms | {m['wall_ms']:.2f} ms | "
+                f"{m['writes']:.0f} | {m['full']} | {m['verify_ms']:.2f} ms | "
+                f"{m['skip_ms']:.2f} ms | {r['nft_replan_ms']:.2f} ms |",
+                flush=True,
+            )
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--inner"]:
         import uvloop  # as otherix-agent runs
@@ -742,5 +879,9 @@ if __name__ == "__main__":
         print(json.dumps(asyncio.run(mesh_inner(int(sys.argv[2]), int(sys.argv[3])))), flush=True)
     elif sys.argv[1:2] == ["--mesh"]:
         asyncio.run(mesh_main())
+    elif sys.argv[1:2] == ["--tap-inner"]:
+        print(json.dumps(asyncio.run(tap_inner(int(sys.argv[2])))), flush=True)
+    elif sys.argv[1:2] == ["--tap"]:
+        asyncio.run(tap_main())
     else:
         asyncio.run(main())

@@ -2,7 +2,8 @@
 
 ``observe`` reads every managed link (one dump per heartbeat, shared with the other
 subsystems), ``plan`` is ``agent.links.plan`` plus the observed ifindexes (``plan_change``: only
-the FDB entries a change gained and lost, ``agent.links.plan.plan_fdb_change``), ``apply`` executes
+the FDB entries a change gained and lost, ``agent.links.plan.plan_fdb_change``, and the taps,
+``plan_tap_change``), ``apply`` executes
 the plan on the kernel (``agent.links.netlink.NetlinkLinks``, or a fake in the unit tests) and
 reports the managed devices that exist afterwards. ``otwg0`` is left to the WireGuard subsystem,
 which uses ``observe_link`` and ``apply`` for its own link work.
@@ -14,9 +15,9 @@ from typing import Protocol
 from agent.errors import ApplyResult
 from agent.links.model import Link, LinkPlan, Observed
 from agent.links.plan import plan as plan_actions
-from agent.links.plan import plan_fdb_change
+from agent.links.plan import plan_fdb_change, plan_tap_change
 from agent.subsystem import Subsystem
-from agent.validate import FdbDelta
+from agent.validate import FdbDelta, TapDelta
 from schemas.desired import Snapshot
 
 
@@ -47,9 +48,16 @@ class LinkApplier(Subsystem[Snapshot, Observed, LinkPlan, frozenset[str]]):
         )
 
     def plan_change(
-        self, desired: Snapshot, observed: Observed, changes: Mapping[str, FdbDelta]
+        self,
+        desired: Snapshot,
+        observed: Observed,
+        changes: Mapping[str, FdbDelta],
+        taps: TapDelta | None = None,
     ) -> LinkPlan | None:
-        actions = plan_fdb_change(desired, observed, changes)
+        if taps is not None:
+            actions = plan_tap_change(desired, observed, changes, taps)
+        else:
+            actions = plan_fdb_change(desired, observed, changes)
         if actions is None:
             return None
         return LinkPlan(

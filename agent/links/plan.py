@@ -38,7 +38,7 @@ from agent.links.model import (
     SetUp,
     VxlanInfo,
 )
-from agent.validate import FdbDelta
+from agent.validate import FdbDelta, TapDelta
 from schemas import naming
 from schemas.desired import FdbEntry, Snapshot, Vxlan
 
@@ -295,6 +295,80 @@ def plan_fdb_change(
             elif want is None and on is not None:
                 port_dels.append(DelPortFdb(port=on, mac=mac))
     return adds + port_adds + dels + port_dels
+
+
+def plan_tap_change(
+    desired: Snapshot,
+    observed: Observed,
+    changes: Mapping[str, FdbDelta],
+    taps: TapDelta,
+) -> list[Action] | None:
+    """Pure: ``plan_fdb_change`` where this node's taps also changed (a VM's NIC attached or
+    detached): each tap gained is created (or kept), enslaved, its learning turned off, brought
+    up and given its static bridge entry, each tap lost is deleted, in the whole plan's order;
+    the result is what ``plan(desired, observed)`` gives (tested), without looking at any FDB
+    entry the change did not touch. None when the change alone cannot tell (its bridge missing,
+    learned entries on a tap, an FDB change touching a tap's MAC): the caller plans whole."""
+    fdb = plan_fdb_change(desired, observed, changes) if changes else []
+    if fdb is None:
+        return None
+    gained = {t.name: t for t in taps.gained}
+    if len(gained) != len(taps.gained):
+        return None  # two values for one tap: never in a checked snapshot
+    tap_macs = {t.mac.lower() for t in (*taps.gained, *taps.lost) if t.mac}
+    if any(e.mac in tap_macs for c in changes.values() for e in (*c.gained, *c.lost)):
+        return None  # a NIC moving between here and a remote node: the whole plan decides
+    wanted = {(t.bridge, t.mac.lower()) for t in taps.gained if t.mac}
+    links = observed.links
+    recreate: list[Action] = []
+    creates: list[Action] = []
+    port_mtu: list[Action] = []
+    masters: list[Action] = []
+    learning: list[Action] = []
+    ups: list[Action] = []
+    port_add: list[Action] = []
+    port_del: list[Action] = []
+    deletes: list[Action] = []
+    for name in sorted({*gained, *(t.name for t in taps.lost)}):
+        tap, link = gained.get(name), links.get(name)
+        if tap is None:
+            if link is not None:
+                deletes.append(DeleteLink(name=name))
+            continue
+        if (bridge := links.get(tap.bridge)) is None or bridge.kind != _BRIDGE:
+            return None
+        if link is not None and link.kind != _TAP:
+            recreate.append(DeleteLink(name=name))
+            link = None
+        if link is None:
+            creates.append(CreateTap(name=name, mtu=tap.mtu))
+        enslaved = len(masters)
+        _port(name, tap.mtu, tap.bridge, link, recreate, port_mtu, masters, learning, ups)
+        fresh = link is None or len(masters) > enslaved
+        if not fresh and observed.port_learned.get(name):
+            return None
+        have = frozenset() if fresh else observed.port_fdb.get(name, frozenset())
+        mac = tap.mac.lower() if tap.mac else None
+        if mac is not None and mac not in have:
+            port_add.append(AddPortFdb(port=name, mac=mac))
+        # an old MAC another tap gained on this bridge is moved by that tap's add: no delete
+        port_del += [
+            DelPortFdb(port=name, mac=m)
+            for m in sorted(have - {mac})
+            if (tap.bridge, m) not in wanted
+        ]
+    fdb_add = [a for a in fdb if isinstance(a, AddFdb)]
+    fdb_del = [a for a in fdb if isinstance(a, DelFdb)]
+    port_add = sorted(
+        [*(a for a in fdb if isinstance(a, AddPortFdb)), *port_add], key=lambda a: (a.mac, a.port)
+    )
+    port_del = sorted(
+        [*(a for a in fdb if isinstance(a, DelPortFdb)), *port_del], key=lambda a: (a.mac, a.port)
+    )
+    return (
+        recreate + creates + port_mtu + masters + learning + ups
+        + fdb_add + port_add + fdb_del + port_del + deletes
+    )  # fmt: skip
 
 
 def advance(observed: Observed, actions: Iterable[Action]) -> Observed | None:

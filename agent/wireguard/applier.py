@@ -70,6 +70,7 @@ _VOLATILE = (b"last_handshake_time_sec=", b"last_handshake_time_nsec=", b"rx_byt
 
 class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]]):
     name = "wireguard"
+    tap_reads = False  # the mesh reads no tap
 
     def __init__(
         self,
