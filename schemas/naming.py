@@ -13,6 +13,7 @@ IFNAMSIZ = 15  # usable characters (the kernel's IFNAMSIZ of 16 includes the NUL
 PREFIX = "ot"
 WIREGUARD_IFNAME = "otwg0"
 BRIDGE_NETWORK_PREFIX = "otn"
+VXLAN_PREFIX = "otvx"
 VXLAN_PORT = 4789
 WIREGUARD_PORT = 51820
 WIREGUARD_OVERHEAD = 60  # 20 IPv4 + 8 UDP + 32 WireGuard
@@ -55,7 +56,7 @@ def overlay_bridge(vni: int) -> str:
 
 
 def vxlan_device(vni: int) -> str:
-    return _checked(f"otvx{vni}")
+    return _checked(f"{VXLAN_PREFIX}{vni}")
 
 
 def bridge_network_bridge(network: str) -> str:

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping
 import msgspec
 
 from schemas.desired import Snapshot
-from schemas.naming import WIREGUARD_IFNAME
+from schemas.naming import PREFIX, VXLAN_PREFIX, WIREGUARD_IFNAME
 
 TABLE = "otherix"
 FAMILIES = ("inet", "bridge")
@@ -48,11 +48,12 @@ PS_MAC = "port_security_mac"  # source MAC is not the NIC's
 PS_ETHERTYPE = "port_security_ethertype"  # neither IPv4 nor ARP (IPv6, VLAN tags, ...)
 PS_IP = "port_security_ip"  # IPv4 source is not the NIC's address
 PS_ARP = "port_security_arp"  # ARP not Ethernet/IPv4, or sender MAC/IP not the NIC's
+PS_UNKNOWN = "port_security_unknown_tap"  # a port of ours nftables does not know (yet)
 HOST = "host_isolation"  # a VM addressing the node itself
 FORWARD = "forward_isolation"  # a VM routing into the mesh, the infrastructure, or spoofing
 NETWORK = "network_isolation"  # into a NAT network from outside it, unsolicited
 VXLAN = "vxlan_guard"  # VXLAN not from a current peer through the mesh to us
-REASONS = (PS_MAC, PS_ETHERTYPE, PS_IP, PS_ARP, HOST, FORWARD, NETWORK, VXLAN)
+REASONS = (PS_MAC, PS_ETHERTYPE, PS_IP, PS_ARP, PS_UNKNOWN, HOST, FORWARD, NETWORK, VXLAN)
 
 _IFNAME = re.compile(r"^ot[a-z0-9]{1,13}$")  # every device Otherix manages, ASCII only
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -258,6 +259,16 @@ def _canonical(value) -> str:
 
 def _bridge_table(spec: NftSpec) -> _Table:
     t = _Table("bridge")
+    if not spec.taps:
+        return t
+    pre = t.chain("prerouting", ("filter", "prerouting", -200))  # before any bridging decision
+    iif = _meta("iifname")
+    # Links bridge a new tap before these rules are loaded, and a failed load would leave it so:
+    # a frame from a port of ours that is neither a tap known here nor a VXLAN port is dropped
+    # (fail closed), so no VM sends a frame past port security before its rules are in force.
+    known = t.set("taps", "ifname", list(spec.taps))
+    t.rule(pre, _match(iif, f"{PREFIX}*"), _match(iif, f"{VXLAN_PREFIX}*", "!="),
+           _match(iif, known, "!="), _count(PS_UNKNOWN), _DROP)  # fmt: skip
     if not spec.secured_taps:
         return t
     taps = spec.secured_taps
@@ -266,9 +277,7 @@ def _bridge_table(spec: NftSpec) -> _Table:
         "nic_mac", ["ifname", "ether_addr"], [_concat(x.name, x.mac) for x in taps if x.mac]
     )
     ips = t.set("nic_ip", ["ifname", "ipv4_addr"], [_concat(x.name, x.ip) for x in taps if x.ip])
-    pre = t.chain("prerouting", ("filter", "prerouting", -200))  # before any bridging decision
     ps = t.chain("port_security")
-    iif = _meta("iifname")
     t.rule(pre, _match(iif, secured), {"jump": {"target": ps}})
     t.rule(ps, _match(_concat(iif, _field("ether", "saddr")), macs, "!="), _count(PS_MAC), _DROP)
     ether_type = _field("ether", "type")

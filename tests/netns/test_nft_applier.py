@@ -13,6 +13,7 @@ import pytest
 from agent.errors import NftError
 from agent.nft.applier import NftApplier
 from agent.nft.rules import NftSpec, desired, spec
+from schemas.desired import Tap
 from tests.unit.test_nft_rules import SNAP, TAP_A
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(30)]
@@ -72,7 +73,7 @@ async def test_apply_observe_noop_replace_remove(ns, nft):
     assert await apply(nft, want) == 2  # forwarding + both tables, one transaction
     assert sh(ns, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
     observed = await nft.observe()
-    assert observed.exists and observed.rule_count == want.rule_count == 28
+    assert observed.exists and observed.rule_count == want.rule_count == 29
     assert observed.digest == want.digest and observed.sets == want.sets
     text = ruleset(ns)
     assert "ip saddr 10.10.0.0/24 ip daddr != 10.10.0.0/24 masquerade" in text
@@ -87,7 +88,7 @@ async def test_apply_observe_noop_replace_remove(ns, nft):
     listing = json.loads(sh(ns, "nft", "-j", "-a", "list", "table", "bridge", "otherix").stdout)
     handle = next(i["rule"]["handle"] for i in listing["nftables"] if "rule" in i)
     sh(ns, "nft", "delete", "rule", "bridge", "otherix", "prerouting", "handle", str(handle))
-    assert await apply(nft, want) == 1 and (await nft.observe()).rule_count == 28
+    assert await apply(nft, want) == 1 and (await nft.observe()).rule_count == 29
     sh(ns, "nft", "add", "element", "bridge", "otherix", "nic_mac",
        f'{{ "{TAP_A}" . 02:00:00:00:00:ee }}')  # fmt: skip
     assert await apply(nft, want) == 1
@@ -180,3 +181,37 @@ async def test_port_security_drops_vlan_tags_ipv6_and_foreign_macs_from_a_port(n
     after = (await nft.observe()).drops
     counted = {k: after[k] - before[k] for k in after if after[k] != before[k]}
     assert counted == {"port_security_ethertype": 2, "port_security_mac": 1}
+
+
+async def test_a_bridged_tap_nftables_does_not_know_is_closed(ns, vm, nft):
+    """Links bridge a new tap before nftables loads its rules (and a failed load would leave it
+    so): until the tap is in the rules, every frame from it is dropped, counted as an unknown
+    tap; once loaded, its own frame passes and a forged one is dropped as before."""
+    new_tap = "ot0000000000ee"
+    sh(ns, "ip", "link", "add", "otb1", "type", "bridge")
+    sh(ns, "ip", "link", "add", new_tap, "type", "veth", "peer", "name", "eth0", "netns", vm)
+    sh(ns, "ip", "link", "set", new_tap, "master", "otb1", "up")
+    sh(ns, "ip", "link", "set", "otb1", "up")
+    sh(vm, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1")
+    sh(vm, "ip", "link", "set", "eth0", "address", "02:00:00:00:00:ee", "up")
+    code = (
+        "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(('eth0', 0))\n"
+        "ip = b'\\x45' + bytes(11) + socket.inet_aton('10.10.0.9') + socket.inet_aton('10.10.0.1')\n"
+        "for src in ('0200000000ee', '0200000000dd'):\n"  # its own MAC, then a forged one
+        "    s.send(b'\\xff' * 6 + bytes.fromhex(src) + b'\\x08\\x00' + ip + bytes(26))\n"
+    )
+    await apply(nft, desired(spec(SNAP)))  # the rules of the taps it knows: not this one
+    before = (await nft.observe()).drops
+    sh(vm, "python3", "-c", code)
+    after = (await nft.observe()).drops
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
+        "port_security_unknown_tap": 2
+    }
+    tap = Tap(name=new_tap, bridge="otb1", mtu=1500, mac="02:00:00:00:00:ee", ip="10.10.0.9")
+    await apply(nft, desired(spec(msgspec.structs.replace(SNAP, taps=(*SNAP.taps, tap)))))
+    before = (await nft.observe()).drops
+    sh(vm, "python3", "-c", code)
+    after = (await nft.observe()).drops
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
+        "port_security_mac": 1
+    }

@@ -144,7 +144,7 @@ def test_the_batch_replaces_both_tables_in_one_transaction_and_counts_every_drop
         c["add"][k].get("table", "otherix") == "otherix" for c in batch[5:] for k in c["add"]
     )
     rules = rules_of(render(want))
-    assert len(rules) == want.rule_count == 28
+    assert len(rules) == want.rule_count == 29
     assert {r["comment"] for r in rules} == {want.digest}
     drops = [r for r in rules if {"drop": None} in r["expr"]]
     assert all(any("counter" in e for e in r["expr"]) for r in drops)  # every drop is counted

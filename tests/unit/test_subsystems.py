@@ -123,7 +123,7 @@ async def test_nft_second_reconcile_plans_nothing():
     result = await nft.reconcile(want)
     assert result.errors == () and result.writes == 2  # forwarding + table
     assert result.reached.digest == want.digest and nft.forwarding == "1"
-    assert len(nft.rules) == want.rule_count == 26
+    assert len(nft.rules) == want.rule_count == 27
     assert nft.plan(want, await nft.observe()).writes == 0
     assert (await nft.reconcile(want)).writes == 0
     assert (await nft.reconcile(nft_desired(NftSpec()))).writes == 1 and nft.rules is None
