@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 import urllib.request
@@ -40,6 +39,7 @@ from lab.natsfault import FaultProxy, control
 from lab.netns import (
     LabError,
     alive,
+    free_port,
     python_module,
     read_pidfile,
     run,
@@ -90,12 +90,6 @@ class LabState(msgspec.Struct, kw_only=True):
     route_ports: list[int] = []
     monitor_ports: list[int] = []  # each server's HTTP monitoring, on loopback (/connz)
     controllers: int = 1  # controller processes (failover: one leads, the others follow)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def nats_server_binary() -> str:

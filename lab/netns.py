@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import random
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -76,6 +78,25 @@ async def exec_in(ns: str, *argv: str, check: bool = True, input=None, timeout=3
 
 
 # --- namespaces -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free loopback TCP port for a server to listen on, below the ephemeral range: a port
+    from that range (a bind to port 0) may be taken by any outgoing connection before the
+    server binds it (a lab's nats-server route port was, once in CI)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(10_000, max(low, 10_001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise LabError(f"no free port found between 10000 and {low}")
 
 
 def netns_exists(name: str) -> bool:

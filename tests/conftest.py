@@ -26,6 +26,7 @@ from client.bus import files as bus_files
 from controller.compute import ClusterConfig
 from controller.service import Controller
 from controller.store import BUCKET, LEASE_KEY, Store
+from lab.netns import free_port
 from schemas.errors import Timeout, Unavailable
 
 # Node identities the bus of every test has (tests act as these agents); roles always exist.
@@ -35,12 +36,6 @@ TEST_NODES = ("n1", "n2", "n3", "n4", "late", "watched", "small", "big", "hv1", 
 def nats_server_binary() -> str:
     found = shutil.which("nats-server")
     return found or str(Path(sys.executable).parent / "nats-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(proc: subprocess.Popen, port: int, log: Path, timeout: float) -> None:

@@ -15,7 +15,6 @@ and this namespace carries traffic; the image build alone uses the network (Debi
 import json
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import NamedTuple
 
 import pytest
 
+from lab.netns import free_port
 from tests.containers import podman
 from tests.containers.podman import BIN, ROOT, Compose, run
 from tests.containers.report import add
@@ -36,12 +36,6 @@ NODE = "node1"
 # netavark turns the host's IPv4 forwarding on for the compose network, and a new namespace
 # copies the host's setting on this kernel: later tests' nodes would start forwarding
 HOST_FORWARDING = Path("/proc/sys/net/ipv4/ip_forward")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
