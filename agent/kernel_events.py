@@ -21,8 +21,9 @@ import errno
 import logging
 import socket
 import struct
-import threading
 from collections.abc import Iterable
+
+from agent.netlink_thread import made_in
 
 log = logging.getLogger(__name__)
 
@@ -115,27 +116,7 @@ class KernelEvents:
     def open(cls, netns: str | None = None) -> "KernelEvents":
         """Subscribe in ``netns`` (a socket keeps the namespace it was made in; a short-lived
         thread enters it, so no other thread ever changes namespace)."""
-        if netns is None:
-            return cls(_subscribe())
-        out: list = []
-
-        def inside() -> None:
-            from pyroute2.netns import popns, pushns
-
-            pushns(netns)
-            try:
-                out.append(_subscribe())
-            except BaseException as e:
-                out.append(e)
-            finally:
-                popns()
-
-        thread = threading.Thread(target=inside, name="kernel-events-open")
-        thread.start()
-        thread.join()
-        if isinstance(out[0], BaseException):
-            raise out[0]
-        return cls(out[0])
+        return cls(made_in(netns, _subscribe, "kernel-events-open"))
 
     @classmethod
     def try_open(cls, netns: str | None = None) -> "KernelEvents | None":

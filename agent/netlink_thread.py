@@ -11,6 +11,7 @@ or write.
 import asyncio
 import errno
 import logging
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -124,6 +125,37 @@ class NetlinkThread:
             self._sockets.ipr.close()
             self._sockets.fdb.close()
             self._sockets = None
+
+
+T = TypeVar("T")
+
+
+def made_in(netns: str | None, make: Callable[[], T], name: str) -> T:
+    """``make()`` run inside ``netns`` (None: here) by a short-lived thread, so that no other
+    thread ever changes namespace; for sockets, which keep the namespace they were made in. A
+    namespace that does not exist is an error, never created."""
+    if netns is None:
+        return make()
+    out: list = []
+
+    def inside() -> None:
+        if not os.path.exists(f"/run/netns/{netns}"):  # pushns would create it
+            out.append(FileNotFoundError(errno.ENOENT, f"no network namespace {netns}"))
+            return
+        pushns(netns)
+        try:
+            out.append(make())
+        except BaseException as e:
+            out.append(e)
+        finally:
+            popns()
+
+    thread = threading.Thread(target=inside, name=name)
+    thread.start()
+    thread.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
 
 
 def _open_fdb_socket(netns: str | None) -> FdbSocket:

@@ -12,8 +12,8 @@ import errno
 import os
 import socket
 import struct
-import threading
 
+from agent.netlink_thread import made_in
 from agent.nft.rules import FAMILIES, TABLE, Counter
 
 NETLINK_NETFILTER = 12
@@ -128,31 +128,8 @@ def _merge(per_family: dict[int, dict[str, Counter]]) -> dict[str, Counter]:
 
 def read(netns: str | None = None) -> dict[str, Counter]:
     """Our named counters now (empty when neither table exists). ``netns``: read in that
-    namespace (a short-lived thread enters it, as ``agent.kernel_events`` does)."""
-    if netns is None:
-        return _read()
-    out: list = []
-
-    def inside() -> None:
-        from pyroute2.netns import popns, pushns
-
-        if not os.path.exists(f"/run/netns/{netns}"):  # pushns would create it
-            out.append(FileNotFoundError(errno.ENOENT, f"no network namespace {netns}"))
-            return
-        pushns(netns)
-        try:
-            out.append(_read())
-        except BaseException as e:
-            out.append(e)
-        finally:
-            popns()
-
-    thread = threading.Thread(target=inside, name="nft-counters")
-    thread.start()
-    thread.join()
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
+    namespace (``agent.netlink_thread.made_in``)."""
+    return made_in(netns, _read, "nft-counters")
 
 
 def _read() -> dict[str, Counter]:

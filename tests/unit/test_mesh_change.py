@@ -47,7 +47,16 @@ from schemas.wire import (
     item_hash,
     item_key,
 )
-from tests.unit.test_fdb_change import BASE, NICS, VNI, Counted, key, passes
+from tests.unit.test_fdb_change import (
+    BASE,
+    NICS,
+    VNI,
+    Counted,
+    FullOnly,
+    key,
+    passes,
+    side_by_side,
+)
 from tests.unit.test_hostile_snapshots import Acks
 
 replace = msgspec.structs.replace
@@ -287,13 +296,6 @@ def test_the_peer_change_plan_reaches_what_the_whole_plan_reaches(before, after)
     assert named <= touched - {OWN_KEY}
 
 
-class FullOnly(Agent):
-    """The agent as it was: every change assembled, checked and planned whole."""
-
-    def _fdb_change(self, snap):
-        return None
-
-
 def agent(kind: type[Agent], state: Path) -> Agent:
     state.mkdir()
     config = AgentConfig(node=BASE.node, state_dir=state)
@@ -325,20 +327,7 @@ def test_an_agent_answers_and_applies_every_mesh_change_as_the_whole_path(tmp_pa
         controller = Controller()
         heads = [controller.head]
         heads += [controller.step(*step) for step in steps]
-        for i, h in enumerate(heads):
-            for a in (fast, full):
-                if i == 0:
-                    for section in h.sections:
-                        a.assembler.offer(section)
-                before = seen(a)[1:]
-                ack = await a.handle(encode(replace(h, sections=()) if i == 0 else h))
-                assert ack is not None and (ack.ok or i)
-                if not ack.ok:
-                    assert seen(a)[1:] == before  # refused: nothing moved
-                after = await a.handle(encode(replace(h, sections=())))  # the heartbeat after
-                assert after.changes == 0 or not after.ok
-            assert seen(fast) == seen(full), f"after HEAD {i}"
-            event(f"HEAD {i}: {'ok' if seen(fast)[0].get('ok') else 'refused'}")
+        await side_by_side(fast, full, heads, seen)
         event(f"mesh changes by the change path: {min(fast.counters['mesh_changes'], 3)}+")
 
     asyncio.run(run())

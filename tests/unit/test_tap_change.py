@@ -14,7 +14,6 @@ an agent with the change path and one without, side by side.
 """
 
 import asyncio
-from pathlib import Path
 
 import msgspec
 from hypothesis import HealthCheck, event, given, settings
@@ -22,20 +21,16 @@ from hypothesis import strategies as st
 
 from agent import runner
 from agent.assemble import Assembler, build
-from agent.kernel_events import NoDrift
-from agent.links.applier import LinkApplier
 from agent.links.model import AddPortFdb, DelPortFdb, Observed
 from agent.links.plan import plan, plan_tap_change
-from agent.runner import Agent, AgentConfig
+from agent.runner import Agent
 from agent.validate import check_change, check_snapshot
-from bench.hollow_agents import IndexedKernel, MemoryWireGuard
 from schemas import limits
 from schemas.codec import decode, encode
 from schemas.wire import NODE_SECTION, TapItem, head_digest
 from tests.unit.fake_kernel import FakeKernel
-from tests.unit.test_fdb_change import BASE, NICS, VNI, Counted, passes
-from tests.unit.test_hostile_snapshots import Acks
-from tests.unit.test_mesh_change import FDB, FDB_ITEM, OWN_KEY, Controller
+from tests.unit.test_fdb_change import BASE, NICS, VNI, FullOnly, passes, side_by_side
+from tests.unit.test_mesh_change import FDB, FDB_ITEM, Controller, agent
 
 replace = msgspec.structs.replace
 OVERLAY, LAN = "otb1000", "otn094a367b"  # BASE's bridges: MTU 1390, and 1500 with 10.0.0.1/24
@@ -206,20 +201,6 @@ def test_the_change_check_holds_the_tap_cap(monkeypatch):
     assert not passes(snap)
 
 
-class FullOnly(Agent):
-    """The agent as it was: every change assembled, checked and planned whole."""
-
-    def _fdb_change(self, snap):
-        return None
-
-
-def agent(kind: type[Agent], state: Path) -> Agent:
-    state.mkdir()
-    config = AgentConfig(node=BASE.node, state_dir=state)
-    return kind(Acks(), config, LinkApplier(IndexedKernel()), Counted(BASE.node),
-                MemoryWireGuard(OWN_KEY), events=NoDrift())  # fmt: skip
-
-
 def seen(a: Agent) -> tuple:
     published = a.nc.published  # type: ignore[attr-defined]
     ack = decode(published[-1][1], dict) if published else {}
@@ -244,20 +225,7 @@ def test_an_agent_answers_and_applies_every_tap_change_as_the_whole_path(tmp_pat
         controller = Taps()
         heads = [controller.head]
         heads += [controller.step(*step) for step in steps]
-        for i, h in enumerate(heads):
-            for a in (fast, full):
-                if i == 0:
-                    for section in h.sections:
-                        a.assembler.offer(section)
-                before = seen(a)[1:]
-                ack = await a.handle(encode(replace(h, sections=()) if i == 0 else h))
-                assert ack is not None and (ack.ok or i)
-                if not ack.ok:
-                    assert seen(a)[1:] == before  # refused: nothing moved
-                after = await a.handle(encode(replace(h, sections=())))  # the heartbeat after
-                assert after.changes == 0 or not after.ok
-            assert seen(fast) == seen(full), f"after HEAD {i}"
-            event(f"HEAD {i}: {'ok' if seen(fast)[0].get('ok') else 'refused'}")
+        await side_by_side(fast, full, heads, seen)
         event(f"tap changes by the change path: {min(fast.counters['tap_changes'], 3)}+")
 
     asyncio.run(run())
