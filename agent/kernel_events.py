@@ -55,7 +55,7 @@ _RTA = struct.Struct("=HH")
 _S32 = struct.Struct("=i")
 
 
-def _attrs(data: bytes, offset: int, end: int):
+def attributes(data: bytes, offset: int, end: int):
     """(type, value) of each netlink attribute in data[offset:end]."""
     while offset + 4 <= end:
         length, kind = _RTA.unpack_from(data, offset)
@@ -78,10 +78,12 @@ def touches_ours(data: bytes, managed: set[int], echoes: Echoes = frozenset()) -
         body, end = offset + _NLMSG.size, min(offset + length, len(data))
         offset += (length + 3) & ~3
         if kind >> 8 == NFNL_SUBSYS_NFTABLES:  # nfgenmsg (4 bytes), then the attributes
-            ours |= any(t == TABLE_ATTR and v == OUR_TABLE for t, v in _attrs(data, body + 4, end))
+            ours |= any(
+                t == TABLE_ATTR and v == OUR_TABLE for t, v in attributes(data, body + 4, end)
+            )
         elif kind in (RTM_NEWLINK, RTM_DELLINK) and end - body >= _IFINFO.size:
             index = _IFINFO.unpack_from(data, body)[2]
-            attrs = _attrs(data, body + _IFINFO.size, end)
+            attrs = attributes(data, body + _IFINFO.size, end)
             name = next((v for t, v in attrs if t == IFLA_IFNAME), b"")
             if name.startswith(PREFIX):
                 managed.add(index)
@@ -93,11 +95,11 @@ def touches_ours(data: bytes, managed: set[int], echoes: Echoes = frozenset()) -
         elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and end - body >= _NDMSG.size:
             family, index = _NDMSG.unpack_from(data, body)
             if family == AF_BRIDGE and index in managed:  # ARP entries are not ours
-                attrs = _attrs(data, body + _NDMSG_SIZE, end)
+                attrs = attributes(data, body + _NDMSG_SIZE, end)
                 mac = next((v for t, v in attrs if t == NDA_LLADDR), b"")
                 ours |= (index, mac) not in echoes
         elif kind in (RTM_NEWNETCONF, RTM_DELNETCONF):  # netconfmsg: family, 3 bytes pad
-            for t, v in _attrs(data, body + 4, end):
+            for t, v in attributes(data, body + 4, end):
                 if t == NETCONFA_IFINDEX and len(v) == 4:
                     index = _S32.unpack(v)[0]  # "all" is where IPv4 forwarding is switched
                     ours |= index == NETCONFA_IFINDEX_ALL or index in managed

@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 
+from agent.kernel_events import attributes
 from agent.netlink_thread import made_in
 from agent.nft.rules import FAMILIES, TABLE, Counter
 
@@ -38,15 +39,6 @@ _ERR = struct.Struct("=i")
 def _attr(kind: int, value: bytes) -> bytes:
     data = _RTA.pack(_RTA.size + len(value), kind) + value
     return data + b"\0" * (-len(data) % 4)
-
-
-def _attrs(data: bytes, offset: int, end: int):
-    while offset + 4 <= end:
-        length, kind = _RTA.unpack_from(data, offset)
-        if length < 4:
-            return
-        yield kind & 0x3FFF, data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
 
 
 def request(seq: int = 1) -> bytes:
@@ -101,14 +93,14 @@ def _parse_datagram(per_family: dict[int, dict[str, Counter]], data: bytes) -> b
         if kind != NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWOBJ:
             continue
         family = data[body]
-        attrs = dict(_attrs(data, body + _NFGEN.size, end))
+        attrs = dict(attributes(data, body + _NFGEN.size, end))
         if attrs.get(NFTA_OBJ_TABLE, b"").rstrip(b"\0") != TABLE.encode():
             continue
         if _U32BE.unpack(attrs.get(NFTA_OBJ_TYPE, b"\0\0\0\0"))[0] != NFT_OBJECT_COUNTER:
             continue
         name = attrs.get(NFTA_OBJ_NAME, b"").rstrip(b"\0").decode()
         nested = attrs.get(NFTA_OBJ_DATA, b"")
-        values = dict(_attrs(nested, 0, len(nested)))
+        values = dict(attributes(nested, 0, len(nested)))
         packets = values.get(NFTA_COUNTER_PACKETS)
         octets = values.get(NFTA_COUNTER_BYTES)
         per_family.setdefault(family, {})[name] = Counter(
