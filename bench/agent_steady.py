@@ -44,6 +44,7 @@ these figures.
 """
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import os
@@ -598,13 +599,13 @@ def restamp(head, version: int):
     return msgspec.structs.replace(head, version=version, sections=sections, refs=refs)
 
 
-async def mesh_inner(peers: int, entries: int) -> dict:
-    """In the node's namespaces: converge on ``peers`` peers, then one peer joins and leaves
-    ``CHANGES`` times each through the change path, then as many times the whole way (the
-    change path off: checked and planned whole, as before), on the same agent and kernel."""
+@contextlib.asynccontextmanager
+async def real_agent(head):
+    """The shipped agent in this namespace (real netlink, nft and wireguard-go, kernel events
+    on) holding the sections of ``head``; yields it and the HEAD alone as a heartbeat's bytes.
+    wireguard-go is removed and the netlink thread stopped after."""
     import msgspec
 
-    from agent.assemble import head_for
     from agent.kernel_events import KernelEvents
     from agent.links.applier import LinkApplier
     from agent.links.netlink import NetlinkLinks
@@ -615,24 +616,42 @@ async def mesh_inner(peers: int, entries: int) -> dict:
     from agent.wireguard.applier import WireGuardApplier
     from schemas.codec import encode
 
-    await run("ip", "link", "set", "lo", "up")
-    heads = {joined: head_for(mesh_snapshot(peers, entries, joined=joined)) for joined in (0, 1)}
-    head = heads[0]
     nl = NetlinkThread()
     nl.start()
     links = LinkApplier(NetlinkLinks(nl, node="bench"))
     wg = WireGuardApplier(
         links, private_key=wgkeys.generate_private_key(), backend="userspace", node="bench"
     )
-    monitor = KernelEvents.open()
-    out: dict = {"peers": peers, "entries": entries}
     try:
         with tempfile.TemporaryDirectory() as state:
             config = AgentConfig(node="bench", state_dir=Path(state))
             agent = Agent(Bus(), config, links, NftApplier(), wg, events=KernelEvents.open())
             for section in head.sections:
                 assert agent.assembler.offer(section)
-            beat = encode(msgspec.structs.replace(head, sections=()))
+            yield agent, encode(msgspec.structs.replace(head, sections=()))
+            agent.events.close()
+    finally:
+        await wg.remove()
+        nl.stop()
+
+
+async def mesh_inner(peers: int, entries: int) -> dict:
+    """In the node's namespaces: converge on ``peers`` peers, then one peer joins and leaves
+    ``CHANGES`` times each through the change path, then as many times the whole way (the
+    change path off: checked and planned whole, as before), on the same agent and kernel."""
+    import msgspec
+
+    from agent.assemble import head_for
+    from agent.kernel_events import KernelEvents
+    from schemas.codec import encode
+
+    await run("ip", "link", "set", "lo", "up")
+    heads = {joined: head_for(mesh_snapshot(peers, entries, joined=joined)) for joined in (0, 1)}
+    head = heads[0]
+    monitor = KernelEvents.open()
+    out: dict = {"peers": peers, "entries": entries}
+    try:
+        async with real_agent(head) as (agent, beat):
             start = time.perf_counter()
             assert (await agent.handle(beat)).ok
             out["cold_ms"] = (time.perf_counter() - start) * 1000
@@ -641,7 +660,7 @@ async def mesh_inner(peers: int, entries: int) -> dict:
             await agent.handle(beat)
             await agent.handle(beat)
             sets: list[int] = []  # peers named by each UAPI set
-            uapi = wg._backend.uapi  # type: ignore[union-attr]
+            uapi = agent.wireguard._backend.uapi  # type: ignore[union-attr]
             uapi_set = uapi.set
 
             async def counted(text: str) -> None:
@@ -688,11 +707,8 @@ async def mesh_inner(peers: int, entries: int) -> dict:
                     "kernel_events": bool(monitor.drain()),
                 }
             agent._fdb_change = change_path  # type: ignore[method-assign]
-            agent.events.close()
     finally:
         monitor.close()
-        await wg.remove()
-        nl.stop()
     return out
 
 
@@ -765,14 +781,6 @@ async def tap_inner(entries: int) -> dict:
     import msgspec
 
     from agent.assemble import head_for
-    from agent.kernel_events import KernelEvents
-    from agent.links.applier import LinkApplier
-    from agent.links.netlink import NetlinkLinks
-    from agent.netlink_thread import NetlinkThread
-    from agent.nft.applier import NftApplier
-    from agent.runner import Agent, AgentConfig
-    from agent.wireguard import keys as wgkeys
-    from agent.wireguard.applier import WireGuardApplier
     from schemas.codec import encode
 
     await run("ip", "link", "set", "lo", "up")
@@ -782,70 +790,54 @@ async def tap_inner(entries: int) -> dict:
     snaps = {k: tap_snapshot(entries, attached=bool(k)) for k in (0, 1)}
     heads = {k: head_for(snap) for k, snap in snaps.items()}
     head = heads[0]
-    nl = NetlinkThread()
-    nl.start()
-    links = LinkApplier(NetlinkLinks(nl, node="bench"))
-    wg = WireGuardApplier(
-        links, private_key=wgkeys.generate_private_key(), backend="userspace", node="bench"
-    )
     out: dict = {"entries": entries}
-    try:
-        with tempfile.TemporaryDirectory() as state:
-            config = AgentConfig(node="bench", state_dir=Path(state))
-            agent = Agent(Bus(), config, links, NftApplier(), wg, events=KernelEvents.open())
-            for section in head.sections:
-                assert agent.assembler.offer(section)
-            beat = encode(msgspec.structs.replace(head, sections=()))
-            for _ in range(2):
-                assert (await agent.handle(beat)).ok
-            await asyncio.sleep(1.0)  # the kernel's link announcements after start-up settle
-            await agent.handle(beat)
-            await agent.handle(beat)
-            nft_parts = []  # nftables' replan from the snapshot, in process (no ``nft`` run)
-            tables = agent.nft._quiet_observed or await agent.nft.observe()
-            for _ in range(CHANGES):
-                start = time.process_time()
-                agent.nft.plan(agent.nft.desired(snaps[1]), tables)
-                nft_parts.append(time.process_time() - start)
-            out["nft_replan_ms"] = cpu_ms(nft_parts)
-            change_path = agent._fdb_change
-            version, last = 1, head
-            for label in ("change", "whole"):
-                if label == "whole":
-                    agent._fdb_change = lambda snap: None  # type: ignore[method-assign]
-                cpu, wall, writes, verify, skip = [], [], 0, [], []
-                full, by_path = agent.counters["reconciled"], agent.counters["tap_changes"]
-                for i in range(2 * CHANGES):  # attach, detach, attach, ...
-                    version += 1
-                    new = restamp(heads[(i + 1) % 2], version)
-                    raw = encode(change_head(last, new))
-                    start, t0 = agent_cpu(), time.perf_counter()
-                    ack = await agent.handle(raw)
-                    cpu.append(agent_cpu() - start)
-                    wall.append(time.perf_counter() - t0)
-                    assert ack.ok, ack.error
-                    writes += ack.changes
-                    beat = encode(msgspec.structs.replace(new, sections=()))
-                    start = agent_cpu()
-                    assert (await agent.handle(beat)).ok  # the full read after a write
-                    verify.append(agent_cpu() - start)
-                    skip.append((await heartbeats(agent, beat, 3))[0] / 1000)
-                    last = new
-                out[label] = {
-                    "attach_ms": cpu_ms(cpu[0::2]),
-                    "detach_ms": cpu_ms(cpu[1::2]),
-                    "wall_ms": cpu_ms(wall),
-                    "writes": writes / (2 * CHANGES),
-                    "full": agent.counters["reconciled"] - full,
-                    "by_path": agent.counters["tap_changes"] - by_path,
-                    "verify_ms": cpu_ms(verify),
-                    "skip_ms": cpu_ms(skip),
-                }
-            agent._fdb_change = change_path  # type: ignore[method-assign]
-            agent.events.close()
-    finally:
-        await wg.remove()
-        nl.stop()
+    async with real_agent(head) as (agent, beat):
+        for _ in range(2):
+            assert (await agent.handle(beat)).ok
+        await asyncio.sleep(1.0)  # the kernel's link announcements after start-up settle
+        await agent.handle(beat)
+        await agent.handle(beat)
+        nft_parts = []  # nftables' replan from the snapshot, in process (no ``nft`` run)
+        tables = agent.nft._quiet_observed or await agent.nft.observe()
+        for _ in range(CHANGES):
+            start = time.process_time()
+            agent.nft.plan(agent.nft.desired(snaps[1]), tables)
+            nft_parts.append(time.process_time() - start)
+        out["nft_replan_ms"] = cpu_ms(nft_parts)
+        change_path = agent._fdb_change
+        version, last = 1, head
+        for label in ("change", "whole"):
+            if label == "whole":
+                agent._fdb_change = lambda snap: None  # type: ignore[method-assign]
+            cpu, wall, writes, verify, skip = [], [], 0, [], []
+            full, by_path = agent.counters["reconciled"], agent.counters["tap_changes"]
+            for i in range(2 * CHANGES):  # attach, detach, attach, ...
+                version += 1
+                new = restamp(heads[(i + 1) % 2], version)
+                raw = encode(change_head(last, new))
+                start, t0 = agent_cpu(), time.perf_counter()
+                ack = await agent.handle(raw)
+                cpu.append(agent_cpu() - start)
+                wall.append(time.perf_counter() - t0)
+                assert ack.ok, ack.error
+                writes += ack.changes
+                beat = encode(msgspec.structs.replace(new, sections=()))
+                start = agent_cpu()
+                assert (await agent.handle(beat)).ok  # the full read after a write
+                verify.append(agent_cpu() - start)
+                skip.append((await heartbeats(agent, beat, 3))[0] / 1000)
+                last = new
+            out[label] = {
+                "attach_ms": cpu_ms(cpu[0::2]),
+                "detach_ms": cpu_ms(cpu[1::2]),
+                "wall_ms": cpu_ms(wall),
+                "writes": writes / (2 * CHANGES),
+                "full": agent.counters["reconciled"] - full,
+                "by_path": agent.counters["tap_changes"] - by_path,
+                "verify_ms": cpu_ms(verify),
+                "skip_ms": cpu_ms(skip),
+            }
+        agent._fdb_change = change_path  # type: ignore[method-assign]
     return out
 
 

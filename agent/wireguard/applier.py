@@ -300,17 +300,7 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         if answer is not None:
             self._answered_at = time.monotonic()
             return peer_health(answer, nodes)
-        return [
-            PeerHealth(
-                public_key=p.public_key,
-                node=nodes.get(p.public_key, ""),
-                endpoint=p.endpoint,
-                latest_handshake=p.latest_handshake,
-                rx_bytes=p.rx_bytes,
-                tx_bytes=p.tx_bytes,
-            )
-            for p in dev.peers
-        ]
+        return observed_health(dev.peers, nodes)
 
     async def daemon_pid(self) -> int | None:
         """wireguard-go's pid (userspace backend), whether we started it or adopted it."""
@@ -410,6 +400,21 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
 
 def _pyroute2_wireguard() -> Any:
     return Pyroute2WireGuard()
+
+
+def observed_health(peers: Iterable[Any], nodes: dict[str, str]) -> list[PeerHealth]:
+    """Pure: observed peers (``parse_get``'s, or the kernel backend's) as health reports them."""
+    return [
+        PeerHealth(
+            public_key=p.public_key,
+            node=nodes.get(p.public_key, ""),
+            endpoint=p.endpoint,
+            latest_handshake=p.latest_handshake,
+            rx_bytes=p.rx_bytes,
+            tx_bytes=p.tx_bytes,
+        )
+        for p in peers
+    ]
 
 
 def peer_health(answer: bytes, nodes: dict[str, str]) -> list[PeerHealth]:

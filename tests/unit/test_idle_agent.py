@@ -13,11 +13,11 @@ from agent import runner
 from agent.nft import counters
 from agent.nft.rules import Counter
 from agent.wireguard import keys as wgkeys
-from agent.wireguard.applier import UapiReads, WireGuardApplier, peer_health
+from agent.wireguard.applier import UapiReads, WireGuardApplier, observed_health, peer_health
 from agent.wireguard.plan import parse_get
 from schemas.codec import decode
 from schemas.desired import WireGuard
-from schemas.messages import Health, PeerHealth
+from schemas.messages import Health
 from tests.unit.test_steady import RAW, agent_on_fakes, converge
 
 pytestmark = pytest.mark.timeout(20)
@@ -135,17 +135,7 @@ def test_health_reads_the_peers_of_a_uapi_answer_as_parse_get_does():
         "errno=0\n\n"
     ).encode()
     nodes = {wgkeys.hex_to_b64(keys[0]): "n2"}
-    expected = [
-        PeerHealth(
-            public_key=p.public_key,
-            node=nodes.get(p.public_key, ""),
-            endpoint=p.endpoint,
-            latest_handshake=p.latest_handshake,
-            rx_bytes=p.rx_bytes,
-            tx_bytes=p.tx_bytes,
-        )
-        for p in parse_get(answer.decode()).peers
-    ]
+    expected = observed_health(parse_get(answer.decode()).peers, nodes)  # the whole parse's
     assert peer_health(answer, nodes) == expected
     assert (
         expected[0].latest_handshake == 1700000000.5 and expected[1].endpoint == "[fd00::1]:51820"

@@ -25,14 +25,14 @@ from agent.assemble import Assembler, build, head_for
 from agent.kernel_events import NoDrift
 from agent.links.applier import LinkApplier
 from agent.runner import Agent, AgentConfig
-from agent.validate import check_change, check_snapshot
+from agent.validate import Checked, check_change, check_snapshot
 from agent.wireguard import keys as wgkeys
 from agent.wireguard.applier import _steady_part, verified
 from agent.wireguard.plan import ObservedPeer, normalize_allowed, plan_peer_change, plan_peers
 from bench.hollow_agents import IndexedKernel, MemoryWireGuard
 from schemas import limits
 from schemas.codec import decode, encode
-from schemas.desired import WgPeer
+from schemas.desired import Snapshot, WgPeer
 from schemas.wire import (
     MESH_SECTION,
     FdbItem,
@@ -180,6 +180,18 @@ class Controller:
         return self.head
 
 
+def started(head) -> tuple[Assembler, Snapshot, Checked]:
+    """An assembler holding ``head``'s sections, the snapshot they make (the base of the first
+    change, marked) and its whole check."""
+    assembler = Assembler(BASE.node)
+    for section in head.sections:
+        assert assembler.offer(section)
+    base = assembler.snapshot(head)
+    checked = check_snapshot(base)
+    assembler.mark()
+    return assembler, base, checked
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(STEP, min_size=1, max_size=8))
 def test_the_change_check_answers_as_the_whole_check(steps):
@@ -188,12 +200,7 @@ def test_the_change_check_answers_as_the_whole_check(steps):
     passes, and then returns what ``check_snapshot`` returns; the peers it reports are the
     difference of the two snapshots' peers."""
     controller = Controller()
-    assembler = Assembler(BASE.node)
-    for section in controller.head.sections:
-        assert assembler.offer(section)
-    base = assembler.snapshot(controller.head)
-    checked = check_snapshot(base)
-    assembler.mark()
+    assembler, base, checked = started(controller.head)
     for step in steps:
         head = controller.step(*step)
         for delta in head.sections:

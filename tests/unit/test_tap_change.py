@@ -30,7 +30,7 @@ from schemas.codec import decode, encode
 from schemas.wire import NODE_SECTION, TapItem, head_digest
 from tests.unit.fake_kernel import FakeKernel
 from tests.unit.test_fdb_change import BASE, NICS, VNI, FullOnly, passes, side_by_side
-from tests.unit.test_mesh_change import FDB, FDB_ITEM, Controller, agent
+from tests.unit.test_mesh_change import FDB, FDB_ITEM, Controller, agent, started
 
 replace = msgspec.structs.replace
 OVERLAY, LAN = "otb1000", "otn094a367b"  # BASE's bridges: MTU 1390, and 1500 with 10.0.0.1/24
@@ -148,13 +148,8 @@ def test_the_change_check_answers_as_the_whole_check(steps):
     passes, and then returns what ``check_snapshot`` returns; the taps it reports are the
     difference of the two snapshots' taps, and the links plan of them is the whole plan's."""
     controller = Taps()
-    assembler = Assembler(BASE.node)
-    for section in controller.head.sections:
-        assert assembler.offer(section)
-    base = assembler.snapshot(controller.head)
-    checked = check_snapshot(base)
+    assembler, base, checked = started(controller.head)
     observed = kernel_with(base)
-    assembler.mark()
     for step in steps:
         head = controller.step(*step)
         for delta in head.sections:
