@@ -141,21 +141,25 @@ class Api:
                 async with self._lock:
                     reply = await handler(parsed)
             except ApiError as e:
-                await _respond_error(req, e)
+                await self._fail(req, name, e)
             except NotLeader as e:  # deposed, or a write's outcome unknown: the fence refused it
                 leader = f"; leader is {self.leader()}" if self.leader() else ""
-                await _respond_error(
-                    req, Unavailable(f"not the leading controller ({e}){leader}; retry")
+                await self._fail(
+                    req, name, Unavailable(f"not the leading controller ({e}){leader}; retry")
                 )
             except Exception as e:
                 log.exception("controller: %s failed", name)
-                await _respond_error(req, Internal(f"{name} failed: {e}"))
+                await self._fail(req, name, Internal(f"{name} failed: {e}"))
             else:
                 data = encode(reply)
                 self.metrics.answered(name, reply, data)  # changes; section.get's bytes
                 await req.respond(data)
 
         return timed
+
+    async def _fail(self, req: MicroRequest, name: str, error: ApiError) -> None:
+        self.metrics.failed(name, error.code)
+        await _respond_error(req, error)
 
     def _answerable(self, name: str, req: MicroRequest) -> bool:
         """Answer only into an inbox. The reply subject is the caller's choice, and the
@@ -305,18 +309,20 @@ class Api:
     async def node_register(self, req: api.NodeRegister) -> api.NodeStatus:
         node = ops.register_node(self.intent, req, self.clock(), self.config.mesh_prefix)
         previous = self.intent.nodes.get(node.name)
-        if previous is None or msgspec.structs.replace(
+        if previous is not None and msgspec.structs.replace(
             previous, registered_at=0
-        ) != msgspec.structs.replace(node, registered_at=0):
-            await self.store.put(node)
-            self.intent.nodes[node.name] = node
-            log.info(
-                "controller: node %s registered (underlay %s, tunnel %s)",
-                node.name,
-                node.underlay_ip,
-                node.tunnel_ip,
-            )
-            self.publisher.wake(("node", node.name))
+        ) == msgspec.structs.replace(node, registered_at=0):
+            # an agent re-registers on every connect: unchanged, it is no change
+            return msgspec.structs.replace(self._node_status(node.name), existed=True)
+        await self.store.put(node)
+        self.intent.nodes[node.name] = node
+        log.info(
+            "controller: node %s registered (underlay %s, tunnel %s)",
+            node.name,
+            node.underlay_ip,
+            node.tunnel_ip,
+        )
+        self.publisher.wake(("node", node.name))
         return self._node_status(node.name)
 
     async def node_rekey(self, req: api.ByName) -> api.NodeStatus:

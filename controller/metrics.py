@@ -3,7 +3,7 @@ process, as in tests), and the pure computations of what is read rather than cou
 state, the highest version published, readiness.
 
 Counters are incremented where things happen, one call each (``controller.publisher``: HEADs
-and heartbeats; ``controller.api``: requests, changes and ``section.get`` replies;
+and heartbeats; ``controller.api``: requests, changes, errors and ``section.get`` replies;
 ``controller.service``: the leader gauge). Refusals are counted once, in the ``refused``
 Counter that ``controller.api`` and ``controller.acks`` share and ``status`` shows; this module
 only exposes it. It never changes controller state and never does I/O.
@@ -59,6 +59,13 @@ class ControllerMetrics:
             ["endpoint"],
             registry=registry,
         )
+        self.api_errors = Counter(
+            "otherix_controller_api_errors",
+            "API requests answered with an error, by endpoint and code (400 bad request, 404 not"
+            " found, 409 conflict, 501 deferred, 503 not the leader, 500 internal)",
+            ["endpoint", "code"],
+            registry=registry,
+        )
         self.requests = Histogram(
             "otherix_controller_api_request_duration_seconds",
             "API requests answered by this controller, from arrival to reply",
@@ -104,6 +111,10 @@ class ControllerMetrics:
         self.heartbeat.observe(seconds)
         if seconds > interval:
             self.overruns.inc()
+
+    def failed(self, endpoint: str, code: int) -> None:
+        """An API request answered with an error ``code``."""
+        self.api_errors.labels(endpoint, str(code)).inc()
 
     def answered(self, endpoint: str, reply: object, data: bytes) -> None:
         """An API request answered successfully with ``data`` (the encoded ``reply``)."""

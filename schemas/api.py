@@ -143,6 +143,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     last_heard: float = 0.0  # unix time of the last ack or health, 0 = never
     health: Health | None = None
     no_carrier: tuple[str, ...] = ()  # taps of this node without a hypervisor attached
+    existed: bool = False  # node.register only: registered already, unchanged (no change made)
 
 
 class NodePage(msgspec.Struct, frozen=True, kw_only=True):

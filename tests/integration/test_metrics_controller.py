@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client.api import ApiClient
 from schemas import naming
 from schemas.codec import encode
+from schemas.errors import NotFound
 from schemas.messages import Ack
 from schemas.probes import ProbeServer
 from schemas.wire import SectionGet
@@ -96,6 +97,9 @@ async def test_figures_follow_changes_refusals_heads_and_convergence(nats_server
         await api.network_create("br", "bridge", "10.0.0.0/24")
         nic = await api.nic_attach("br", "n1", "vm1")
         assert (await api.nic_attach("br", "n1", "vm1")).existed  # a retry: no change
+        assert (await api.node_register(name="n1")).existed  # an agent reconnecting: no change
+        with pytest.raises(NotFound):
+            await api.nic_detach("feedfeedfeed")
         # refused: a request whose reply is not an inbox, and an ack of a version never sent
         viewer = await nats_server.connect("viewer")
         await viewer.publish(naming.api_subject("status"), b"{}", reply="not.an.inbox")
@@ -124,6 +128,9 @@ async def test_figures_follow_changes_refusals_heads_and_convergence(nats_server
 
         assert up("otherix_controller_changes_total", endpoint="network.create") == 1
         assert up("otherix_controller_changes_total", endpoint="nic.attach") == 1
+        assert up("otherix_controller_changes_total", endpoint="node.register") == 0
+        assert up("otherix_controller_api_errors_total", endpoint="nic.detach", code="404") == 1
+        assert up("otherix_controller_api_errors_total", endpoint="nic.attach", code="404") == 0
         requests = "otherix_controller_api_request_duration_seconds_count"
         assert up(requests, endpoint="nic.attach") == 2  # the retry is a request, not a change
         assert up("otherix_controller_bus_published_bytes_total", kind="head") > 0

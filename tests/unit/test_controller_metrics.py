@@ -48,9 +48,11 @@ def test_changes_count_writes_that_changed_something_and_refusals_come_from_the_
     metrics.answered("network.list", Empty(), b"x")
     metrics.answered("section.get", Empty(), b"12345")
     metrics.refused["malformed"] += 2
+    metrics.failed("nic.detach", 404)
     text = generate_latest(metrics.registry).decode()
     assert 'otherix_controller_changes_total{endpoint="network.create"} 1.0' in text
     assert "network.list" not in text
     assert 'otherix_controller_bus_published_bytes_total{kind="section"} 5.0' in text
     assert 'otherix_controller_refusals_total{reason="malformed"} 2.0' in text
+    assert 'otherix_controller_api_errors_total{code="404",endpoint="nic.detach"} 1.0' in text
     assert 'otherix_controller_nodes{state="pending"} 0.0' in text  # every state, from the start

@@ -27,6 +27,7 @@ CONTROLLER = {
     "otherix_controller_nodes",
     "otherix_controller_changes",
     "otherix_controller_refusals",
+    "otherix_controller_api_errors",
     "otherix_controller_api_request_duration_seconds",
     "otherix_controller_bus_published_bytes",
     "otherix_controller_bus_published_messages",
