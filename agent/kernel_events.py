@@ -26,7 +26,7 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from agent.netlink_thread import made_in
@@ -44,7 +44,8 @@ RTM_NEWNEIGH, RTM_DELNEIGH, RTM_NEWNETCONF, RTM_DELNETCONF = 28, 29, 80, 81
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN, NFTA_GEN_PROC_PID = 15, 2
 AF_BRIDGE = 7
-IFLA_IFNAME = 3
+IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 3, 4, 10
+IFF_UP = 0x1
 NDA_LLADDR = 2
 NETCONFA_IFINDEX, NETCONFA_IFINDEX_ALL = 1, -1
 TABLE_ATTR = 1  # NFTA_{TABLE_NAME,CHAIN_TABLE,RULE_TABLE,SET_TABLE,SET_ELEM_LIST_TABLE,OBJ_TABLE}
@@ -60,6 +61,12 @@ _NDMSG_SIZE = 12  # with state, flags, type
 _RTA = struct.Struct("=HH")
 _S32 = struct.Struct("=i")
 _BE32 = struct.Struct(">I")
+_U32 = struct.Struct("=I")
+BridgeState = tuple[bytes, bool, int]  # name, administratively up, MTU
+
+
+def _u32(value: bytes | None) -> int | None:
+    return _U32.unpack(value)[0] if value is not None and len(value) == 4 else None
 
 
 @dataclass
@@ -89,12 +96,19 @@ def attributes(data: bytes, offset: int, end: int):
         offset += (length + 3) & ~3
 
 
-def touches_ours(data: bytes, managed: set[int], echoes: Echoes | None = None) -> bool:
+def touches_ours(
+    data: bytes,
+    managed: set[int],
+    echoes: Echoes | None = None,
+    bridges: Mapping[int, BridgeState] = {},
+) -> bool:
     """Pure but for what it learns: does any message of one datagram (rtnetlink or nftables)
     touch our state? ``managed``: ifindexes of our devices; link events add ``ot…`` devices to
     it. ``echoes``: what the agent itself just wrote (``Echoes``): their events are not news;
     the ifindexes of its ``devices`` and a transaction of our table still waiting for its
-    NEWGEN are noted in it (one transaction's events may span datagrams)."""
+    NEWGEN are noted in it (one transaction's events may span datagrams). ``bridges``: our
+    bridges by ifindex as last known; a link event that announces one just so (the kernel's
+    deferred operstate news after a port came or went) is not news either."""
     echoes = echoes if echoes is not None else Echoes()
     ours = False
     offset = 0
@@ -117,9 +131,17 @@ def touches_ours(data: bytes, managed: set[int], echoes: Echoes | None = None) -
                 else:
                     ours = True
         elif kind in (RTM_NEWLINK, RTM_DELLINK) and end - body >= _IFINFO.size:
-            index = _IFINFO.unpack_from(data, body)[2]
-            attrs = attributes(data, body + _IFINFO.size, end)
-            name = next((v for t, v in attrs if t == IFLA_IFNAME), b"").rstrip(b"\0")
+            family, _, index, flags, _ = _IFINFO.unpack_from(data, body)
+            attrs = dict(attributes(data, body + _IFINFO.size, end))
+            name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0")
+            if (
+                kind == RTM_NEWLINK
+                and family == socket.AF_UNSPEC
+                and IFLA_MASTER not in attrs
+                and (known := bridges.get(index)) is not None
+                and known == (name, bool(flags & IFF_UP), _u32(attrs.get(IFLA_MTU)))
+            ):
+                continue  # a bridge of ours, announced as we know it
             if name in echoes.devices:  # written by us, read back after the drain
                 echoes.indexes.add(index)
                 managed.add(index)
@@ -154,6 +176,7 @@ class KernelEvents:
     def __init__(self, sockets: Iterable[socket.socket]):
         self._sockets = list(sockets)
         self.managed: set[int] = set()  # ifindexes of our devices, from the last full observe
+        self.bridges: dict[int, BridgeState] = {}  # our bridges as last known
         self.overflows = 0
 
     @classmethod
@@ -171,9 +194,11 @@ class KernelEvents:
             log.warning("no kernel notifications (%s): every heartbeat is a full reconcile", e)
             return None
 
-    def know(self, indexes: Iterable[int]) -> None:
-        """The ifindexes of our devices as just observed (replaces the previous set)."""
+    def know(self, indexes: Iterable[int], bridges: Mapping[int, BridgeState] = {}) -> None:
+        """The ifindexes of our devices as just observed (replaces the previous set), and our
+        bridges' states (see ``touches_ours``)."""
         self.managed = {i for i in indexes if i}
+        self.bridges = dict(bridges)
 
     def drain(self, echoes: Echoes | None = None) -> bool:
         """Read every queued event now; True if any touched our state (or some were lost).
@@ -194,7 +219,7 @@ class KernelEvents:
                     changed = True
                     continue
                 # parsed even once changed: link events teach new ot… ifindexes
-                changed = touches_ours(data, self.managed, echoes) or changed
+                changed = touches_ours(data, self.managed, echoes, self.bridges) or changed
         return changed or echoes.nft_pending
 
     def close(self) -> None:
@@ -209,7 +234,7 @@ class NoDrift:
     def drain(self, echoes: Echoes | None = None) -> bool:
         return False
 
-    def know(self, indexes: Iterable[int]) -> None:
+    def know(self, indexes: Iterable[int], bridges: Mapping[int, BridgeState] = {}) -> None:
         pass
 
     def close(self) -> None:

@@ -496,7 +496,7 @@ class Agent:
             return False
         self._seen = after
         if read is not None:
-            self.events.know(link.index for link in after.links.values())
+            self._know(after)
             self._note_taps(snap, after)
         return True
 
@@ -569,7 +569,7 @@ class Agent:
         else:  # one link dump per heartbeat serves every subsystem
             seen = self._seen = await self.links.observe()
             if self.events is not None:  # neighbour and address events name links by ifindex
-                self.events.know(link.index for link in seen.links.values())
+                self._know(seen)
         self._note_taps(snap, seen)
         if snap.wireguard is not None:
             self.tunnel_address = snap.wireguard.address.split("/")[0]
@@ -598,6 +598,16 @@ class Agent:
         # a subsystem a change did not concern (skipped above) still holds what it last reached
         self.devices = len(frozenset().union(*self._reached.values()))
         return changes, errors
+
+    def _know(self, seen: Observed) -> None:
+        """Tell the notifications what is ours as ``seen`` (``KernelEvents.know``)."""
+        assert self.events is not None
+        bridges = {
+            link.index: (name.encode(), link.up, link.mtu)
+            for name, link in seen.links.items()
+            if link.kind == "bridge" and link.master is None
+        }
+        self.events.know((link.index for link in seen.links.values()), bridges)
 
     def _note_taps(self, snap: Snapshot, seen: Observed) -> None:
         """This node's taps and their carrier as ``seen``; health at once when they changed."""
@@ -706,4 +716,8 @@ def _echoes(plan: LinkPlan, devices: frozenset[str] = frozenset()) -> Echoes | N
         if not (index := plan.indexes.get(device)):
             return None
         fdb.add((index, bytes.fromhex(a.mac.replace(":", ""))))
-    return Echoes(fdb=frozenset(fdb), devices=frozenset(d.encode() for d in devices))
+    return Echoes(
+        fdb=frozenset(fdb),
+        devices=frozenset(d.encode() for d in devices),
+        indexes={i for d in devices if (i := plan.indexes.get(d))},  # a new tap's comes by name
+    )
