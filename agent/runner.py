@@ -485,7 +485,7 @@ class Agent:
             # after the drain: whatever happened to these devices before it shows in the read
             read = await self.links.observe_devices(devices) if devices else None
         except Exception as e:  # unreadable: the next heartbeat reads it all
-            self.log.debug("written devices not read back (%s): full reconcile next", e)
+            self.log.warning("written devices not read back (%s): full reconcile next", e)
             return False
         after = (
             advance(self._seen, actions)

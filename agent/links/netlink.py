@@ -4,7 +4,9 @@ learning and FDB entries (VXLAN devices' own, bridges' on managed ports), and ex
 
 Links and addresses go through pyroute2's ``AsyncIPRoute`` (port learning comes with the link
 dump: IFLA_LINKINFO's bridge slave data), FDB runs through the bulk socket
-(``agent.links.fdb_socket``). A link the observation had is addressed by its ifindex; only a
+(``agent.links.fdb_socket``). ``observe_devices`` reads back a few links (the taps a plan
+wrote, their bridges) and their ports' bridge entries, with a dump the kernel filters to the
+port. A link the observation had is addressed by its ifindex; only a
 device created during this apply is looked up (RTM_GETLINK). This module never decides *what*
 to change (``agent.links.plan`` does) and never touches a device whose name lacks the ``ot``
 prefix, nor an FDB entry outside a managed device; of the bridge entries on a managed port it

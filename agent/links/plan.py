@@ -13,6 +13,9 @@ its tap and per remote NIC on the ``otvx*`` port of its VNI, so unicast to a kno
 flooded; a MAC wanted on both (a NIC moving here) goes to the local tap. Static entries on our
 ports are ours; learned ones on our ports are removed; the kernel's own (``permanent``) are
 never touched. A port that is (re-)enslaved or recreated in this plan starts with no entries.
+
+After the writes: ``advance`` is the kernel state FDB writes reached (no dump needed), and
+``settle`` the state a plan that also wrote taps reached, from those taps read back.
 """
 
 import functools

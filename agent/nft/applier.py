@@ -141,11 +141,22 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
                 exists=plan.digest is not None,
                 digest=plan.digest,
                 rule_count=plan.rule_count,
-                forwarding=forwarding,
+                forwarding=True if forwarding else plan.before.forwarding if plan.before else None,
+                sets=plan.sets if plan.digest else {},
                 counters=plan.before.counters if plan.before and plan.digest else {},
             )
         self.rule_count = reached.rule_count
         return ApplyResult(writes, reached, tuple(errors))
+
+    async def reconcile(self, desired, seen=None, **kwargs) -> ApplyResult[NftObserved]:
+        """``Subsystem.reconcile``; after writes that were all our own loads, the tables are
+        known to hold what was loaded, as the next quiet reconcile's observation (the runner
+        asks for one only while the notifications since show nothing but those loads' commits,
+        ``agent.kernel_events``): the next change needs no ``nft list``."""
+        result = await super().reconcile(desired, seen, **kwargs)
+        if result.writes and not result.errors and result.writes == len(self.commits):
+            self._quiet_observed = result.reached
+        return result
 
     async def load(self, batch: str) -> None:
         """One ``nft -j -f -`` transaction (JSON): all of it or nothing."""

@@ -163,3 +163,20 @@ async def test_a_tap_write_the_kernel_did_not_keep_is_read_and_repaired(node, at
     assert ack.ok and ack.changes > 0, ack
     assert agent.counters["reconciled"] == reconciled + 1
     assert await in_sync(agent, with_new(attached))
+
+
+async def test_nftables_knows_what_its_own_load_left(node):
+    """After a load (and only our loads), the tables are known without ``nft list``: what the
+    next quiet reconcile plans against is what a listing shows, so it plans nothing."""
+    ns, agent, _, _ = node
+    nft = agent.nft
+    await nft.reconcile(nft.desired(SNAP))  # forwarding on too, if it was off
+    for snap in (with_new(True), with_new(False), with_new(True)):
+        result = await nft.reconcile(nft.desired(snap))
+        assert result.writes and nft.commits and not result.errors
+        known, listed = nft._quiet_observed, await nft.observe()
+        assert known is not None
+        assert (known.exists, known.digest, known.rule_count, known.sets, known.forwarding) == (
+            listed.exists, listed.digest, listed.rule_count, listed.sets, listed.forwarding
+        )  # fmt: skip
+        assert nft.plan(nft.desired(snap), known).writes == 0
