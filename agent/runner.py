@@ -13,7 +13,8 @@ The steady state (``agent.steady`` decides): while the kernel's notifications
 heartbeat with the content last reconciled is skipped (no decode, no validation, no dump, no
 write; only WireGuard, which has no notifications, is read), and a new snapshot is planned
 against that read; writes of FDB entries, taps and our ``nft -f`` load are then known without a
-dump when the notifications since are their echoes alone (``_advance``). Health counts heartbeats skipped (no full read) and full ones.
+dump when the notifications since are their echoes alone (``_advance``). Health counts
+heartbeats skipped (no full read) and full ones.
 
 A change costs what it changes: when a HEAD only gains and loses FDB entries of the snapshot
 last applied cleanly (``agent.assemble.Assembler.change``), only those entries are checked
@@ -403,8 +404,8 @@ class Agent:
             )
         self.counters["reconciled" if mode == FULL else "skipped"] += 1
         self._since_full = 0 if mode == FULL else self._since_full + 1
-        # a heartbeat that wrote is followed by a full one, unless it wrote only FDB entries
-        # and the notifications show nothing but their echoes
+        # a heartbeat that wrote is followed by a full one, unless it wrote only FDB entries,
+        # taps (read back) and our nft loads, and the notifications show nothing but their echoes
         self._clean = not errors and (not changes or (mode != SKIP and await self._advance(snap)))
         self._last = None if errors else (raw, snap)
         if change is not None and not errors and mode == QUIET:  # not when reconciled whole
