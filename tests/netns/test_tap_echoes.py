@@ -24,7 +24,7 @@ from controller.compute import snapshot_digest
 from schemas.codec import encode
 from schemas.desired import Tap
 from tests.netns import test_steady_state as steady
-from tests.netns.test_steady_state import LAN, SNAP, TAP, sh
+from tests.netns.test_steady_state import LAN, SNAP, TAP, normal, sh
 
 node = steady.node  # the namespace, the agent in it, its link kernel, a monitor
 
@@ -85,6 +85,7 @@ async def test_the_heartbeat_after_a_nic_attached_or_detached_reads_nothing_in_f
             ack = await agent.handle(beat)
             assert ack.ok and ack.changes == 0, ack
         assert (kernel.dumps, agent.counters["reconciled"]) == (dumps, reconciled)
+        assert normal(agent._seen) == normal(await agent.links.observe())  # what a dump says
         assert await in_sync(agent, with_new(attached))
         assert (NEW.name in agent.taps) is attached  # health's taps follow without a dump
     assert agent.counters["tap_changes"] == 4
