@@ -14,6 +14,7 @@ an agent with the change path and one without, side by side.
 """
 
 import asyncio
+import contextlib
 
 import msgspec
 from hypothesis import HealthCheck, event, given, settings
@@ -21,8 +22,8 @@ from hypothesis import strategies as st
 
 from agent import runner, validate
 from agent.assemble import Assembler, build
-from agent.links.model import AddPortFdb, DelPortFdb, Observed
-from agent.links.plan import plan, plan_tap_change
+from agent.links.model import AddPortFdb, DelPortFdb, FdbAction, Observed
+from agent.links.plan import plan, plan_tap_change, settle, written_devices
 from agent.runner import Agent
 from agent.validate import check_change, check_snapshot
 from schemas import limits
@@ -175,6 +176,48 @@ def test_the_change_check_answers_as_the_whole_check(steps):
                 event("planned by the change")
             base, checked, observed = snap, got, kernel_with(snap)
             assembler.mark()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(FAIR_STEP, min_size=1, max_size=6), st.data())
+def test_settle_is_the_kernel_after_the_writes_or_not_sure(steps, data):
+    """Each passing step's whole plan written to a kernel, or all of it but one write of a tap
+    the kernel did not keep: ``settle`` on the devices read back (``written_devices``) is the
+    kernel as a full read gives it, or None ("read it all"), and None whenever a write was lost."""
+    controller = Taps()
+    assembler, base, _ = started(controller.head)
+    kernel = FakeKernel()
+    kernel.apply(plan(base, kernel.observe_now()))
+    for step in steps:
+        head = controller.step(*step)
+        for delta in head.sections:
+            assembler.offer(delta)
+        snap = assembler.snapshot(head)
+        if not passes(snap):
+            continue
+        assembler.mark()
+        observed = kernel.observe_now()
+        actions = plan(snap, observed)
+        devices = written_devices(observed, actions, snap)
+        if devices is None:
+            event("not taps alone")
+            kernel.apply(actions)
+            continue
+        taps = [a for a in actions if not isinstance(a, FdbAction)]
+        lost = data.draw(st.sampled_from([None, *taps])) if taps else None
+        for a in actions:
+            if a is not lost:
+                with contextlib.suppress(AssertionError, KeyError):  # as netlink: ENODEV
+                    kernel.apply([a])
+        read = asyncio.run(kernel.observe_devices(devices))
+        after = settle(observed, actions, snap, read)
+        event(f"{'a write lost' if lost else 'written'}: {'known' if after else 'not sure'}")
+        if lost is not None:
+            assert after is None
+        elif after is not None:
+            assert normal(after) == normal(kernel.observe_now())
+        if after is None:  # the full read's repair
+            kernel.apply(plan(snap, kernel.observe_now()))
 
 
 def test_the_change_check_holds_the_tap_cap(monkeypatch):
