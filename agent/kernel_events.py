@@ -12,22 +12,27 @@ no thread and no callback on any event loop (pyroute2's async sockets do not run
 plain sockets read with ``recv`` need neither).
 
 It never decides what to do about a change (``agent.steady`` does) and never writes anything.
-Our own writes echo here too, and the kernel stamps FDB notifications with no sender (portid 0),
-so the agent names the (ifindex, MAC) pairs it just wrote (``drain(echoes)``); any other event
-still counts. WireGuard (wireguard-go's UAPI, and the kernel module) has no notifications.
+Our own writes echo here too, and the kernel stamps rtnetlink notifications with no sender
+(portid 0), so the agent names what it just wrote (``Echoes``, ``drain(echoes)``): the (ifindex,
+MAC) of FDB entries, the devices it created, changed or deleted (a tap and its bridge: every
+event of theirs, the reader then reads them back), and the ``nft`` processes it ran: the kernel
+ends each nftables transaction's events with NFT_MSG_NEWGEN naming the process that committed
+it (NFTA_GEN_PROC_PID), so the events of our table before a NEWGEN of ours are echoes, and any
+other commit touching it is news. Any other event still counts. WireGuard (wireguard-go's UAPI,
+and the kernel module) has no notifications.
 """
 
 import errno
 import logging
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from agent.netlink_thread import made_in
 
 log = logging.getLogger(__name__)
 
-Echoes = frozenset[tuple[int, bytes]]  # (ifindex, MAC as 6 bytes)
 
 NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
 SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
@@ -37,8 +42,10 @@ SO_RCVBUFFORCE = 33  # not in the socket module
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 20, 21
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_NEWNETCONF, RTM_DELNETCONF = 28, 29, 80, 81
 NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN, NFTA_GEN_PROC_PID = 15, 2
 AF_BRIDGE = 7
-IFLA_IFNAME = 3
+IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 3, 4, 10
+IFF_UP = 0x1
 NDA_LLADDR = 2
 NETCONFA_IFINDEX, NETCONFA_IFINDEX_ALL = 1, -1
 TABLE_ATTR = 1  # NFTA_{TABLE_NAME,CHAIN_TABLE,RULE_TABLE,SET_TABLE,SET_ELEM_LIST_TABLE,OBJ_TABLE}
@@ -53,6 +60,30 @@ _NDMSG = struct.Struct("=Bxxxi")  # family, ifindex
 _NDMSG_SIZE = 12  # with state, flags, type
 _RTA = struct.Struct("=HH")
 _S32 = struct.Struct("=i")
+_BE32 = struct.Struct(">I")
+_U32 = struct.Struct("=I")
+BridgeState = tuple[bytes, bool, int]  # name, administratively up, MTU
+
+
+def _u32(value: bytes | None) -> int | None:
+    return _U32.unpack(value)[0] if value is not None and len(value) == 4 else None
+
+
+@dataclass
+class Echoes:
+    """What the agent's own writes of one reconcile announce (not news), and what reading their
+    events taught. ``fdb``: (ifindex, MAC as 6 bytes) of FDB entries written; ``devices``: names
+    of links written (a tap created, changed or deleted, and its bridge), whose every link,
+    address, AF_BRIDGE neighbour and netconf event is an echo: the caller reads them back after
+    the drain, so whatever happened to them before it is seen there (a new device's ifindex is
+    learnt from its first link event, which comes before any other of it); ``nft_pids``: the
+    ``nft`` processes whose commits are ours."""
+
+    fdb: frozenset[tuple[int, bytes]] = frozenset()
+    devices: frozenset[bytes] = frozenset()
+    nft_pids: frozenset[int] = frozenset()
+    indexes: set[int] = field(default_factory=set)  # of ``devices``, as their events name them
+    nft_pending: bool = False  # events of our table whose transaction's NEWGEN has not come
 
 
 def attributes(data: bytes, offset: int, end: int):
@@ -65,10 +96,20 @@ def attributes(data: bytes, offset: int, end: int):
         offset += (length + 3) & ~3
 
 
-def touches_ours(data: bytes, managed: set[int], echoes: Echoes = frozenset()) -> bool:
-    """Pure: does any message of one datagram (rtnetlink or nftables) touch our state?
-    ``managed``: ifindexes of our devices; link events add ``ot…`` devices to it. ``echoes``:
-    (ifindex, MAC) of FDB entries the agent itself just wrote: their events are not news."""
+def touches_ours(
+    data: bytes,
+    managed: set[int],
+    echoes: Echoes | None = None,
+    bridges: Mapping[int, BridgeState] = {},
+) -> bool:
+    """Pure but for what it learns: does any message of one datagram (rtnetlink or nftables)
+    touch our state? ``managed``: ifindexes of our devices; link events add ``ot…`` devices to
+    it. ``echoes``: what the agent itself just wrote (``Echoes``): their events are not news;
+    the ifindexes of its ``devices`` and a transaction of our table still waiting for its
+    NEWGEN are noted in it (one transaction's events may span datagrams). ``bridges``: our
+    bridges by ifindex as last known; a link event that announces one just so (the kernel's
+    deferred operstate news after a port came or went) is not news either."""
+    echoes = echoes if echoes is not None else Echoes()
     ours = False
     offset = 0
     while offset + _NLMSG.size <= len(data):
@@ -78,31 +119,54 @@ def touches_ours(data: bytes, managed: set[int], echoes: Echoes = frozenset()) -
         body, end = offset + _NLMSG.size, min(offset + length, len(data))
         offset += (length + 3) & ~3
         if kind >> 8 == NFNL_SUBSYS_NFTABLES:  # nfgenmsg (4 bytes), then the attributes
-            ours |= any(
-                t == TABLE_ATTR and v == OUR_TABLE for t, v in attributes(data, body + 4, end)
-            )
+            attrs = attributes(data, body + 4, end)
+            if kind & 0xFF == NFT_MSG_NEWGEN:  # the end of one transaction's events
+                if echoes.nft_pending:
+                    pid = next((v for t, v in attrs if t == NFTA_GEN_PROC_PID and len(v) == 4), b"")
+                    ours |= not pid or _BE32.unpack(pid)[0] not in echoes.nft_pids
+                echoes.nft_pending = False
+            elif any(t == TABLE_ATTR and v == OUR_TABLE for t, v in attrs):
+                if echoes.nft_pids:  # ours or not: its NEWGEN says who committed it
+                    echoes.nft_pending = True
+                else:
+                    ours = True
         elif kind in (RTM_NEWLINK, RTM_DELLINK) and end - body >= _IFINFO.size:
-            index = _IFINFO.unpack_from(data, body)[2]
-            attrs = attributes(data, body + _IFINFO.size, end)
-            name = next((v for t, v in attrs if t == IFLA_IFNAME), b"")
-            if name.startswith(PREFIX):
+            family, _, index, flags, _ = _IFINFO.unpack_from(data, body)
+            attrs = dict(attributes(data, body + _IFINFO.size, end))
+            name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0")
+            if (
+                kind == RTM_NEWLINK
+                and family == socket.AF_UNSPEC
+                and IFLA_MASTER not in attrs
+                and (known := bridges.get(index)) is not None
+                and known == (name, bool(flags & IFF_UP), _u32(attrs.get(IFLA_MTU)))
+            ):
+                continue  # a bridge of ours, announced as we know it
+            if name in echoes.devices:  # written by us, read back after the drain
+                echoes.indexes.add(index)
+                managed.add(index)
+            elif name.startswith(PREFIX):
                 managed.add(index)
                 ours = True
             elif index in managed:  # renamed away from ot…, or deleted
                 ours = True
         elif kind in (RTM_NEWADDR, RTM_DELADDR) and end - body >= _IFADDR.size:
-            ours |= _IFADDR.unpack_from(data, body)[4] in managed
+            index = _IFADDR.unpack_from(data, body)[4]
+            ours |= index in managed and index not in echoes.indexes
         elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and end - body >= _NDMSG.size:
             family, index = _NDMSG.unpack_from(data, body)
-            if family == AF_BRIDGE and index in managed:  # ARP entries are not ours
-                attrs = attributes(data, body + _NDMSG_SIZE, end)
+            if family == AF_BRIDGE and index in managed and index not in echoes.indexes:
+                attrs = attributes(data, body + _NDMSG_SIZE, end)  # ARP entries are not ours
                 mac = next((v for t, v in attrs if t == NDA_LLADDR), b"")
-                ours |= (index, mac) not in echoes
+                ours |= (index, mac) not in echoes.fdb
         elif kind in (RTM_NEWNETCONF, RTM_DELNETCONF):  # netconfmsg: family, 3 bytes pad
             for t, v in attributes(data, body + 4, end):
                 if t == NETCONFA_IFINDEX and len(v) == 4:
                     index = _S32.unpack(v)[0]  # "all" is where IPv4 forwarding is switched
-                    ours |= index == NETCONFA_IFINDEX_ALL or index in managed
+                    if index == NETCONFA_IFINDEX_ALL:
+                        ours = True
+                    elif index in managed and index not in echoes.indexes:
+                        ours = True
     return ours
 
 
@@ -112,6 +176,7 @@ class KernelEvents:
     def __init__(self, sockets: Iterable[socket.socket]):
         self._sockets = list(sockets)
         self.managed: set[int] = set()  # ifindexes of our devices, from the last full observe
+        self.bridges: dict[int, BridgeState] = {}  # our bridges as last known
         self.overflows = 0
 
     @classmethod
@@ -129,13 +194,17 @@ class KernelEvents:
             log.warning("no kernel notifications (%s): every heartbeat is a full reconcile", e)
             return None
 
-    def know(self, indexes: Iterable[int]) -> None:
-        """The ifindexes of our devices as just observed (replaces the previous set)."""
+    def know(self, indexes: Iterable[int], bridges: Mapping[int, BridgeState] = {}) -> None:
+        """The ifindexes of our devices as just observed (replaces the previous set), and our
+        bridges' states (see ``touches_ours``)."""
         self.managed = {i for i in indexes if i}
+        self.bridges = dict(bridges)
 
-    def drain(self, echoes: Echoes = frozenset()) -> bool:
+    def drain(self, echoes: Echoes | None = None) -> bool:
         """Read every queued event now; True if any touched our state (or some were lost).
-        ``echoes``: FDB entries the agent just wrote itself (see ``touches_ours``)."""
+        ``echoes``: what the agent just wrote itself (see ``touches_ours``); an nftables
+        transaction of our table whose NEWGEN was not read counts as news."""
+        echoes = echoes if echoes is not None else Echoes()
         changed = False
         for sock in self._sockets:
             while True:
@@ -150,8 +219,8 @@ class KernelEvents:
                     changed = True
                     continue
                 # parsed even once changed: link events teach new ot… ifindexes
-                changed = touches_ours(data, self.managed, echoes) or changed
-        return changed
+                changed = touches_ours(data, self.managed, echoes, self.bridges) or changed
+        return changed or echoes.nft_pending
 
     def close(self) -> None:
         for sock in self._sockets:
@@ -162,10 +231,10 @@ class KernelEvents:
 class NoDrift:
     """For an in-memory kernel (hollow agents in benches): nothing changes behind the agent."""
 
-    def drain(self, echoes: Echoes = frozenset()) -> bool:
+    def drain(self, echoes: Echoes | None = None) -> bool:
         return False
 
-    def know(self, indexes: Iterable[int]) -> None:
+    def know(self, indexes: Iterable[int], bridges: Mapping[int, BridgeState] = {}) -> None:
         pass
 
     def close(self) -> None:

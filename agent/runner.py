@@ -12,8 +12,9 @@ The steady state (``agent.steady`` decides): while the kernel's notifications
 (``agent.kernel_events``) show nothing of ours changed since the last full read of the kernel, a
 heartbeat with the content last reconciled is skipped (no decode, no validation, no dump, no
 write; only WireGuard, which has no notifications, is read), and a new snapshot is planned
-against that read; FDB-only writes are then known from their echoes (``links.plan.advance``)
-instead of read back. Health counts heartbeats skipped (no full read) and full ones.
+against that read; writes of FDB entries, taps and our ``nft -f`` load are then known without a
+dump when the notifications since are their echoes alone (``_advance``). Health counts
+heartbeats skipped (no full read) and full ones.
 
 A change costs what it changes: when a HEAD only gains and loses FDB entries of the snapshot
 last applied cleanly (``agent.assemble.Assembler.change``), only those entries are checked
@@ -26,8 +27,10 @@ set), while links and nftables, which do not read the mesh's peers, are not plan
 a HEAD that also gains and loses taps of this node (a VM's NIC attached or detached): only those
 taps are checked, links plan only them (``agent.links.plan.plan_tap_change``: no FDB is
 compared), and nftables, whose port security reads the taps, is planned whole from the snapshot
-against the tables it last read (no ``nft list``). The writes are verified by the next
-heartbeat's full read, as after any write other than FDB entries.
+against the tables it last read (no ``nft list``). The taps written and their bridges are then
+read back (``links.observe_devices``) and must be as the snapshot wants them
+(``agent.links.plan.settle``); any other notification, or a read that differs, makes the next
+heartbeat a full read.
 """
 
 import asyncio
@@ -42,10 +45,10 @@ from nats.aio.client import Client
 from agent.announce import Announcer
 from agent.assemble import Assembler, BadSection, FdbChange, MeshChange, TapChange, complete
 from agent.errors import ApplyError, ApplyResult
-from agent.kernel_events import KernelEvents, NoDrift
+from agent.kernel_events import Echoes, KernelEvents, NoDrift
 from agent.links.applier import LinkApplier
 from agent.links.model import AddPortFdb, DelPortFdb, FdbAction, LinkPlan, Observed
-from agent.links.plan import advance
+from agent.links.plan import advance, settle, written_devices
 from agent.logs import FailureLog, NodeLog
 from agent.metrics import NO_METRICS
 from agent.nft.applier import NftApplier
@@ -401,9 +404,9 @@ class Agent:
             )
         self.counters["reconciled" if mode == FULL else "skipped"] += 1
         self._since_full = 0 if mode == FULL else self._since_full + 1
-        # a heartbeat that wrote is followed by a full one, unless it wrote only FDB entries
-        # and the notifications show nothing but their echoes
-        self._clean = not errors and (not changes or (mode != SKIP and self._advance()))
+        # a heartbeat that wrote is followed by a full one, unless it wrote only FDB entries,
+        # taps (read back) and our nft loads, and the notifications show nothing but their echoes
+        self._clean = not errors and (not changes or (mode != SKIP and await self._advance(snap)))
         self._last = None if errors else (raw, snap)
         if change is not None and not errors and mode == QUIET:  # not when reconciled whole
             kind = "tap" if change.taps else "mesh" if change.mesh else "fdb"
@@ -451,30 +454,51 @@ class Agent:
         await self._ack(ack)
         return ack
 
-    def _advance(self) -> bool:
-        """After a reconcile whose only writes were FDB entries (and WireGuard peers, which no
-        link dump shows): know the kernel state they reached without a dump
-        (``agent.links.plan.advance``), when the notifications since are the echoes of those
-        writes and nothing else. WireGuard verified its peers itself (``apply_change``; when
-        it could not, its next ``check`` reconciles it whole)."""
-        plan = self.links.applied
+    async def _advance(self, snap: Snapshot) -> bool:
+        """After a reconcile whose only writes were FDB entries, taps (a VM's NIC attached or
+        detached: created, enslaved, learning off, up, or deleted), one ``nft -f`` load and
+        WireGuard peers (which no link dump shows): know the kernel state they reached without
+        a dump, when the notifications since are the echoes of those writes and nothing else.
+        FDB entries are known from the writes (``agent.links.plan.advance``); the taps written
+        and their bridges are read back, after the notifications, and must be as ``snap`` wants
+        them (``agent.links.plan.settle``); nftables' commits are known by the ``nft`` pids.
+        WireGuard verified its peers itself (``apply_change``; when it could not, its next
+        ``check`` reconciles it whole)."""
         if self.events is None or self._seen is None:
             return False
-        alone = {self.links.name} | ({self.wireguard.name} if self._peer_writes else set())
+        alone = {self.links.name, self.nft.name}
+        alone |= {self.wireguard.name} if self._peer_writes else set()
         if any(writes for name, writes in self._writes.items() if name not in alone):
             return False
-        if plan is None or not plan.actions:
-            return self._peer_writes  # peers set, nothing of the links written
-        echoes = _echoes(plan)
-        after = advance(self._seen, plan.actions)
-        if echoes is None or after is None:
+        plan = self.links.applied
+        actions = plan.actions if plan is not None else ()
+        nft_wrote = bool(self._writes.get(self.nft.name))
+        if not actions and not nft_wrote:
+            return self._peer_writes  # peers set, nothing else written
+        devices = written_devices(self._seen, actions, snap)
+        echoes = _echoes(plan, devices) if plan is not None and devices is not None else Echoes()
+        if devices is None or echoes is None:
             return False
+        echoes.nft_pids = frozenset(getattr(self.nft, "commits", ())) if nft_wrote else frozenset()
         try:
             if self.events.drain(echoes):
                 return False  # something else changed too: the next heartbeat reads it all
-        except OSError:
+            # after the drain: whatever happened to these devices before it shows in the read
+            read = await self.links.observe_devices(devices) if devices else None
+        except Exception as e:  # unreadable: the next heartbeat reads it all
+            self.log.warning("written devices not read back (%s): full reconcile next", e)
+            return False
+        after = (
+            advance(self._seen, actions)
+            if read is None
+            else settle(self._seen, actions, snap, read)
+        )
+        if after is None:
             return False
         self._seen = after
+        if read is not None:
+            self._know(after)
+            self._note_taps(snap, after)
         return True
 
     def _kernel_changed(self) -> bool:
@@ -546,12 +570,8 @@ class Agent:
         else:  # one link dump per heartbeat serves every subsystem
             seen = self._seen = await self.links.observe()
             if self.events is not None:  # neighbour and address events name links by ifindex
-                self.events.know(link.index for link in seen.links.values())
-        wanted_taps = {t.name for t in snap.taps}
-        taps = {name: link.carrier for name, link in seen.links.items() if name in wanted_taps}
-        if taps != self.taps:
-            self.taps = taps
-            self._report_now.set()
+                self._know(seen)
+        self._note_taps(snap, seen)
         if snap.wireguard is not None:
             self.tunnel_address = snap.wireguard.address.split("/")[0]
             if self.wireguard is None:
@@ -579,6 +599,24 @@ class Agent:
         # a subsystem a change did not concern (skipped above) still holds what it last reached
         self.devices = len(frozenset().union(*self._reached.values()))
         return changes, errors
+
+    def _know(self, seen: Observed) -> None:
+        """Tell the notifications what is ours as ``seen`` (``KernelEvents.know``)."""
+        assert self.events is not None
+        bridges = {
+            link.index: (name.encode(), link.up, link.mtu)
+            for name, link in seen.links.items()
+            if link.kind == "bridge" and link.master is None
+        }
+        self.events.know((link.index for link in seen.links.values()), bridges)
+
+    def _note_taps(self, snap: Snapshot, seen: Observed) -> None:
+        """This node's taps and their carrier as ``seen``; health at once when they changed."""
+        wanted_taps = {t.name for t in snap.taps}
+        taps = {name: link.carrier for name, link in seen.links.items() if name in wanted_taps}
+        if taps != self.taps:
+            self.taps = taps
+            self._report_now.set()
 
     async def _ack(self, ack: Ack) -> None:
         try:
@@ -663,14 +701,24 @@ def _path(change: Change | None, quiet: bool) -> str:
     return f"; {what} by the change path (mesh: peers +{len(m.gained)} -{len(m.lost)})"
 
 
-def _echoes(plan: LinkPlan) -> frozenset[tuple[int, bytes]] | None:
-    """(ifindex, MAC) of every FDB entry the plan wrote; None if it did anything else."""
-    out = set()
+def _echoes(plan: LinkPlan, devices: frozenset[str] = frozenset()) -> Echoes | None:
+    """What the plan's writes announce: (ifindex, MAC) of every FDB entry it wrote on a device
+    not in ``devices`` (the links it wrote, read back: each of their events is an echo); None
+    if it wrote anything else, or an entry on a device whose ifindex it does not know."""
+    fdb = set()
     for a in plan.actions:
         if not isinstance(a, FdbAction):
-            return None
+            if a.name not in devices:
+                return None
+            continue
         device = a.port if isinstance(a, AddPortFdb | DelPortFdb) else a.device
+        if device in devices:
+            continue
         if not (index := plan.indexes.get(device)):
             return None
-        out.add((index, bytes.fromhex(a.mac.replace(":", ""))))
-    return frozenset(out)
+        fdb.add((index, bytes.fromhex(a.mac.replace(":", ""))))
+    return Echoes(
+        fdb=frozenset(fdb),
+        devices=frozenset(d.encode() for d in devices),
+        indexes={i for d in devices if (i := plan.indexes.get(d))},  # a new tap's comes by name
+    )

@@ -220,7 +220,10 @@ def _tap_change(
         others.add(snap.wireguard.name)
     try:
         blocked = _blocked_ranges(snap.infrastructure, checked.mesh)
-        gateways = _check_bridges(snap.bridges, blocked)
+        # the bridges passed with the snapshot last applied and are the same: only those the
+        # gained taps join are read again (their gateways), not every bridge on the node
+        joined = {t.bridge for t in taps.gained}
+        gateways = _check_bridges((b for b in snap.bridges if b.name in joined), blocked)
         for t in taps.gained:
             if not t.name.isascii() or not _TAP.fullmatch(t.name):
                 return None

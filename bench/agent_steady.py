@@ -847,7 +847,7 @@ async def tap_main() -> None:
           "time with its nft runs, the netlink thread included, wireguard-go not; real netlink, "
           f"nft and wireguard-go in a namespace; {PEERS} mesh peers)", flush=True)  # fmt: skip
     print("| FDB entries | path | CPU attach / detach | wall | writes | full reads | next "
-          "heartbeat (full read) | then | nft replan alone |", flush=True)  # fmt: skip
+          "heartbeat | then | nft replan alone |", flush=True)  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for entries in TAP_SIZES:
         r = await _in_node("--tap-inner", str(entries))

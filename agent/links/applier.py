@@ -9,7 +9,7 @@ reports the managed devices that exist afterwards. ``otwg0`` is left to the Wire
 which uses ``observe_link`` and ``apply`` for its own link work.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from agent.errors import ApplyResult
@@ -24,6 +24,7 @@ from schemas.desired import Snapshot
 class LinkKernel(Protocol):
     async def observe(self) -> Observed: ...
     async def observe_link(self, name: str) -> Link | None: ...
+    async def observe_devices(self, names: Iterable[str]) -> Observed: ...
     async def execute(self, plan: LinkPlan) -> ApplyResult[frozenset[str]]: ...
 
 
@@ -74,3 +75,8 @@ class LinkApplier(Subsystem[Snapshot, Observed, LinkPlan, frozenset[str]]):
     async def observe_link(self, name: str) -> Link | None:
         """One managed link, read now (for a device created or replaced outside this plan)."""
         return await self.kernel.observe_link(name)
+
+    async def observe_devices(self, names: Iterable[str]) -> Observed:
+        """A few managed links and their ports' bridge entries, read now (the devices a plan
+        wrote, read back: ``agent.links.plan.settle``)."""
+        return await self.kernel.observe_devices(names)

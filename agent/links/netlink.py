@@ -4,7 +4,9 @@ learning and FDB entries (VXLAN devices' own, bridges' on managed ports), and ex
 
 Links and addresses go through pyroute2's ``AsyncIPRoute`` (port learning comes with the link
 dump: IFLA_LINKINFO's bridge slave data), FDB runs through the bulk socket
-(``agent.links.fdb_socket``). A link the observation had is addressed by its ifindex; only a
+(``agent.links.fdb_socket``). ``observe_devices`` reads back a few links (the taps a plan
+wrote, their bridges) and their ports' bridge entries, with a dump the kernel filters to the
+port. A link the observation had is addressed by its ifindex; only a
 device created during this apply is looked up (RTM_GETLINK). This module never decides *what*
 to change (``agent.links.plan`` does) and never touches a device whose name lacks the ``ot``
 prefix, nor an FDB entry outside a managed device; of the bridge entries on a managed port it
@@ -16,8 +18,9 @@ import errno
 import ipaddress
 import logging
 import socket
+import struct
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -26,11 +29,21 @@ from agent.errors import ApplyError, ApplyResult, Refused
 from agent.links.fdb_socket import (
     APPEND,
     DELETE,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
     NTF_EXT_LEARNED,
     NTF_SELF,
     NUD_NOARP,
     NUD_PERMANENT,
     REPLACE,
+    RTM_GETNEIGH,
+    RTM_NEWNEIGH,
+    FdbRecord,
+    FdbSocket,
+    parse_messages,
+    parse_neigh,
 )
 from agent.links.model import (
     Action,
@@ -80,6 +93,10 @@ class NetlinkLinks:
 
     async def observe_link(self, name: str) -> Link | None:
         return await self.netlink.run(lambda s: observe_link(s, name))
+
+    async def observe_devices(self, names: Iterable[str]) -> Observed:
+        names = sorted(names)
+        return await self.netlink.run(lambda s: observe_devices(s, names))
 
     async def execute(self, plan: LinkPlan) -> ApplyResult[frozenset[str]]:
         return await self.netlink.run(lambda s: _Executor(s, plan, self.log).run())
@@ -161,6 +178,53 @@ async def observe_link(s: Sockets, name: str) -> Link | None:
         _address(a) async for a in await s.ipr.addr("dump", family=socket.AF_INET, index=m["index"])
     }
     return _link(m, name, addresses, master_name)
+
+
+async def observe_devices(s: Sockets, names: Iterable[str]) -> Observed:
+    """The named managed links as they are now (a name missing from ``links`` does not exist),
+    with their bridge's entries on each that is a bridge port: what a write of a few devices
+    (a tap and its bridge) left, read back without a dump of every link and FDB entry."""
+    links = {name: link for name in names if (link := await observe_link(s, name)) is not None}
+    port_fdb: dict[str, frozenset[str]] = {}
+    port_learned: dict[str, frozenset[str]] = {}
+    for name, link in links.items():
+        if link.master is None:
+            continue
+        static, learned = set(), set()
+        for record in _port_dump(s.fdb, link.index):
+            if record.ifindex != link.index or record.mac is None or record.own or record.vlan:
+                continue  # the port's own addresses (NTF_SELF), or an entry in a VLAN
+            if record.permanent or record.flags & NTF_EXT_LEARNED:
+                continue  # as ``observe``: the port's own address, or a driver's
+            (static if record.static else learned).add(record.mac)
+        port_fdb[name], port_learned[name] = frozenset(static), frozenset(learned)
+    return Observed(links=links, port_fdb=port_fdb, port_learned=port_learned)
+
+
+_NLMSG = struct.Struct("=IHHII")
+_IFINFOMSG = struct.Struct("=BxHiII")
+
+
+def _port_dump(fdb: FdbSocket, index: int) -> list[FdbRecord]:
+    """The AF_BRIDGE entries of one bridge port: a dump request whose header is an ifinfomsg
+    naming the port, which the kernel filters on (``bridge fdb show brport``), so a port's
+    entries cost them, not the bridge's whole FDB."""
+    seq = fdb._next_seq()
+    body = _IFINFOMSG.pack(socket.AF_BRIDGE, 0, index, 0, 0)
+    header = _NLMSG.pack(_NLMSG.size + len(body), RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+    fdb.sock.send(header + body)
+    records = []
+    while True:
+        for kind, _flags, msg_seq, payload in parse_messages(fdb.sock.recv(1 << 20)):
+            if msg_seq != seq:
+                continue  # a stale answer to an earlier request
+            if kind == NLMSG_DONE:
+                return records
+            if kind == NLMSG_ERROR:
+                code = -struct.unpack_from("=i", payload)[0]
+                raise OSError(code, f"fdb dump of port {index}: {errno.errorcode.get(code)}")
+            if kind == RTM_NEWNEIGH:
+                records.append(parse_neigh(payload))
 
 
 def _link(m: Any, name: str, addresses: set[str], master: str | None) -> Link:

@@ -13,10 +13,15 @@ its tap and per remote NIC on the ``otvx*`` port of its VNI, so unicast to a kno
 flooded; a MAC wanted on both (a NIC moving here) goes to the local tap. Static entries on our
 ports are ours; learned ones on our ports are removed; the kernel's own (``permanent``) are
 never touched. A port that is (re-)enslaved or recreated in this plan starts with no entries.
+
+After the writes: ``advance`` is the kernel state FDB writes reached (no dump needed), and
+``settle`` the state a plan that also wrote taps reached, from those taps read back.
 """
 
 import functools
 from collections.abc import Iterable, Mapping
+
+import msgspec
 
 from agent.links.model import (
     Action,
@@ -30,6 +35,7 @@ from agent.links.model import (
     DeleteLink,
     DelFdb,
     DelPortFdb,
+    FdbAction,
     Link,
     Observed,
     SetMaster,
@@ -433,6 +439,109 @@ def advance(observed: Observed, actions: Iterable[Action]) -> Observed | None:
         links=observed.links, fdb=fdb, learned=learned, port_fdb=port_fdb,
         port_learned=port_learned,
     )  # fmt: skip
+
+
+_TAP_WRITES = CreateTap | SetMtu | SetMaster | SetPortLearning | SetUp | DeleteLink
+
+
+def written_devices(
+    observed: Observed, actions: Iterable[Action], desired: Snapshot
+) -> frozenset[str] | None:
+    """Pure: the links a plan wrote besides FDB entries, to read back after it (``settle``):
+    each tap it created, changed or deleted, and the bridges they joined or left. Empty for
+    FDB writes alone; None when it wrote any other device (the next heartbeat reads it all)."""
+    written = _tap_writes(observed, actions, desired)
+    return None if written is None else frozenset(written[0] | written[1])
+
+
+def _tap_writes(
+    observed: Observed, actions: Iterable[Action], desired: Snapshot
+) -> tuple[set[str], set[str]] | None:
+    """(taps written, their bridges); None when a non-FDB action is not a tap's."""
+    wanted = {t.name: t for t in desired.taps}
+    taps: set[str] = set()
+    bridges: set[str] = set()
+    for a in actions:
+        if isinstance(a, FdbAction):
+            continue
+        link, tap = observed.links.get(a.name), wanted.get(a.name)
+        if not isinstance(a, _TAP_WRITES) or (tap is None and (link is None or link.kind != _TAP)):
+            return None
+        if (
+            isinstance(a, SetMaster)
+            and a.master is not None
+            and (tap is None or a.master != tap.bridge)
+        ):
+            return None  # never planned: a tap joins its own bridge
+        taps.add(a.name)
+        bridges |= {b for b in (tap.bridge if tap else None, link.master if link else None) if b}
+    if taps & bridges:
+        return None
+    return taps, bridges
+
+
+def settle(
+    observed: Observed, actions: Iterable[Action], desired: Snapshot, read: Observed
+) -> Observed | None:
+    """Pure: the kernel state after a plan that wrote taps (``written_devices``) and FDB entries
+    on ``observed``: those links as ``read`` back after the writes (each tap's bridge entries
+    too), every other FDB entry as ``advance`` knows it. None unless the read shows each tap
+    as ``desired`` wants it (``plan_tap_change`` has nothing left to do, a tap not wanted is
+    gone) and each bridge as ``observed`` had it: a write that did not take, or a change made
+    by someone else meanwhile, is then left to a full read."""
+    actions = list(actions)
+    written = _tap_writes(observed, actions, desired)
+    if written is None:
+        return None
+    taps, bridges = written
+    wanted = {t.name: t for t in desired.taps}
+    for bridge in bridges:
+        was, now = observed.links.get(bridge), read.links.get(bridge)
+        if was is None or now is None or _steady(was) != _steady(now):
+            return None
+    if any(name in read.links for name in taps - wanted.keys()):
+        return None  # a tap to delete is still there
+    links = {n: link for n, link in observed.links.items() if n not in taps}
+    links |= {n: link for n, link in read.links.items() if n in taps}
+
+    def ports(before: dict[str, frozenset[str]], now: dict[str, frozenset[str]]):
+        out = {k: v for k, v in before.items() if k not in taps}
+        return out | {n: now.get(n, frozenset()) for n in taps if n in links and links[n].master}
+
+    known = Observed(
+        links=links, fdb=observed.fdb, learned=observed.learned,
+        port_fdb=ports(observed.port_fdb, read.port_fdb),
+        port_learned=ports(observed.port_learned, read.port_learned),
+    )  # fmt: skip
+    after = advance(known, (a for a in actions if isinstance(a, FdbAction)))
+    if after is None:
+        return None
+    # the taps' own entries as read, whatever the writes meant: one that did not take shows
+    after = Observed(
+        links=links, fdb=after.fdb, learned=after.learned,
+        port_fdb=after.port_fdb | {n: v for n, v in known.port_fdb.items() if n in taps},
+        port_learned=after.port_learned
+        | {n: v for n, v in known.port_learned.items() if n in taps},
+    )  # fmt: skip
+    gained = _Gained(frozenset(wanted[n] for n in taps if n in wanted))
+    if plan_tap_change(desired, after, {}, gained) != []:
+        return None
+    return after
+
+
+class _Gained:
+    """A ``TapDelta`` of taps gained alone (``settle``'s check)."""
+
+    def __init__(self, gained: frozenset):
+        self.gained, self.lost = gained, frozenset()
+
+    def fdb_has(self, bridge: str, mac: str) -> bool:
+        return False
+
+
+def _steady(link: Link) -> Link:
+    """A bridge as a plan reads it: its carrier follows its ports, which a tap change moves."""
+    return msgspec.structs.replace(link, carrier=False)
 
 
 # the destinations by MAC of a few recent VXLAN FDB sets (by identity): each advanced set's

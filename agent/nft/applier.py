@@ -6,7 +6,10 @@ cannot list two tables in one call) and the forwarding sysctl, and keeps the dro
 health; the pure ``agent.nft.rules.plan`` decides; ``read_drops`` refreshes only the drop
 counters (one netlink dump, ``agent.nft.counters``: no process) for a health report; ``apply`` replaces both tables in a single
 atomic ``nft -j -f -`` transaction built as JSON (or drops them) and turns forwarding on when NAT
-needs it. It never touches any other table or sysctl.
+needs it, and keeps the pids of the ``nft`` processes that committed (``commits``: the kernel
+names the committing process in each transaction's last event, so the agent tells its own
+loads' notifications from anyone else's, ``agent.kernel_events``). It never touches any other
+table or sysctl.
 """
 
 import asyncio
@@ -58,6 +61,8 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
         self.drops: dict[str, int] = {}  # packets per drop reason, as last observed
         self.drops_at = 0.0  # time.monotonic() of that observation
         self.rule_count = 0  # rules in our tables as last applied (agent.metrics reads it)
+        self.commits: list[int] = []  # pids of the ``nft -f`` processes of the last apply
+        self.last_pid: int | None = None  # of the last process run
 
     def desired(self, snapshot: Snapshot) -> NftDesired:
         # the guard is the agent's own choice: VXLAN only through the mesh (otwg0)
@@ -102,6 +107,7 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
         return plan(desired, observed)
 
     async def apply(self, plan: NftPlan) -> ApplyResult[NftObserved]:
+        self.commits = []
         writes = 0
         errors: list[ApplyError] = []
         forwarding = None
@@ -135,15 +141,29 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
                 exists=plan.digest is not None,
                 digest=plan.digest,
                 rule_count=plan.rule_count,
-                forwarding=forwarding,
+                forwarding=True if forwarding else plan.before.forwarding if plan.before else None,
+                sets=plan.sets if plan.digest else {},
                 counters=plan.before.counters if plan.before and plan.digest else {},
             )
         self.rule_count = reached.rule_count
         return ApplyResult(writes, reached, tuple(errors))
 
+    async def reconcile(self, desired, seen=None, **kwargs) -> ApplyResult[NftObserved]:
+        """``Subsystem.reconcile``; after writes that were all our own loads, the tables are
+        known to hold what was loaded, as the next quiet reconcile's observation (the runner
+        asks for one only while the notifications since show nothing but those loads' commits,
+        ``agent.kernel_events``): the next change needs no ``nft list``."""
+        result = await super().reconcile(desired, seen, **kwargs)
+        if result.writes and not result.errors and result.writes == len(self.commits):
+            self._quiet_observed = result.reached
+        return result
+
     async def load(self, batch: str) -> None:
         """One ``nft -j -f -`` transaction (JSON): all of it or nothing."""
+        self.last_pid = None
         rc, _, err = await self._run([self._nft, "-j", "-f", "-"], stdin=batch)
+        if self.last_pid is not None:
+            self.commits.append(self.last_pid)
         if rc != 0:
             raise NftError(
                 f"nft -j -f failed (exit {rc}): {err.strip()}\n--- batch ---\n{batch[:4000]}",
@@ -177,6 +197,8 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
         self.log.info("nft: enabled IPv4 forwarding")
 
     async def _run(self, argv: list[str], stdin: str | None = None) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) of ``argv``, whose pid is kept in ``last_pid`` (under the
+        prefix too: ``ip netns exec`` execs the command, so the pid stays)."""
         # nft reads JSON by opening /dev/stdin, which fails on the socket asyncio (and uvloop)
         # use for a PIPE: hand it an in-memory file instead
         source = _memfile(stdin) if stdin is not None else asyncio.subprocess.DEVNULL
@@ -191,6 +213,7 @@ class NftApplier(Subsystem[NftDesired, NftObserved, NftPlan, NftObserved]):
         finally:
             if stdin is not None:
                 os.close(source)
+        self.last_pid = proc.pid
         try:
             out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
         except TimeoutError:

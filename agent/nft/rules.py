@@ -408,6 +408,7 @@ class NftPlan(msgspec.Struct, frozen=True, kw_only=True):
     digest: str | None = None  # what the tables hold after ``load``
     rule_count: int = 0
     before: NftObserved | None = None  # the tables as observed: what stays if ``load`` fails
+    sets: dict[str, tuple[str, ...]] = {}  # what the sets hold after ``load``, as observed
 
     @property
     def writes(self) -> int:
@@ -500,20 +501,23 @@ def parse_observed(*listings: dict) -> NftObserved:
 
 def plan(want: NftDesired, observed: NftObserved) -> NftPlan:
     enable = want.forwarding and observed.forwarding is False
+    sets = {}
     if want.digest is None:
         load = DROP if observed.exists else None
     elif (
         observed.digest == want.digest
         and observed.rule_count == want.rule_count
-        and observed.sets == {k: tuple(sorted(v)) for k, v in want.sets.items()}
+        and observed.sets == (sets := {k: tuple(sorted(v)) for k, v in want.sets.items()})
     ):
         load = None
     else:
         load = render(want, observed.counters)
+        sets = sets or {k: tuple(sorted(v)) for k, v in want.sets.items()}
     return NftPlan(
         enable_forwarding=enable,
         load=load,
         digest=want.digest,
         rule_count=want.rule_count,
         before=observed,
+        sets=sets,
     )

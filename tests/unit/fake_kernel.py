@@ -66,6 +66,14 @@ class FakeKernel:
     async def observe_link(self, name: str) -> m.Link | None:
         return self.links.get(name)
 
+    async def observe_devices(self, names) -> m.Observed:
+        now, names = self.observe_now(), set(names)
+        return m.Observed(
+            links={k: v for k, v in now.links.items() if k in names},
+            port_fdb={k: v for k, v in now.port_fdb.items() if k in names},
+            port_learned={k: v for k, v in now.port_learned.items() if k in names},
+        )
+
     async def execute(self, plan: m.LinkPlan) -> ApplyResult[frozenset[str]]:
         done, errors = 0, []
         for a in plan.actions:
