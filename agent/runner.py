@@ -409,8 +409,8 @@ class Agent:
         self._clean = not errors and (not changes or (mode != SKIP and await self._advance(snap)))
         self._last = None if errors else (raw, snap)
         if change is not None and not errors and mode == QUIET:  # not when reconciled whole
-            kind = "tap" if change.taps else "mesh" if change.mesh else "fdb"
-            self.counters[f"{kind}_changes"] += 1
+            for kind in _kinds(change):
+                self.counters[f"{kind}_changes"] += 1
         if not errors and self._assembled is not None and self._assembled[0] is snap:
             self.assembler.mark()  # the base of the next change (``_fdb_change``)
             self._base = self._assembled
@@ -687,18 +687,25 @@ def _concerns(change: Change, sub: Subsystem) -> bool:
     return fdb or taps or (change.mesh is not None and sub.mesh_reads)
 
 
+def _kinds(change: Change) -> list[str]:
+    """What a change touched (one HEAD may carry several: a node joining with a VM's NIC)."""
+    kinds = [kind for kind, part in (("tap", change.taps), ("mesh", change.mesh)) if part]
+    return kinds + ["fdb"] if change.fdb or not kinds else kinds
+
+
 def _path(change: Change | None, quiet: bool) -> str:
     """For the log: how a change was checked and planned (tests look for it)."""
     if change is None:
         return ""
     what = "checked" if not quiet else "checked and planned"
-    if change.taps is not None:
-        t = change.taps
-        return f"; {what} by the change path (taps: +{len(t.gained)} -{len(t.lost)})"
-    if change.mesh is None:
-        return f"; {what} by the change path (FDB)"
-    m = change.mesh
-    return f"; {what} by the change path (mesh: peers +{len(m.gained)} -{len(m.lost)})"
+    parts = []
+    if (t := change.taps) is not None:
+        parts.append(f"taps: +{len(t.gained)} -{len(t.lost)}")
+    if (m := change.mesh) is not None:
+        parts.append(f"mesh: peers +{len(m.gained)} -{len(m.lost)}")
+    if change.fdb or not parts:
+        parts.append("FDB")
+    return f"; {what} by the change path ({', '.join(parts)})"
 
 
 def _echoes(plan: LinkPlan, devices: frozenset[str] = frozenset()) -> Echoes | None:

@@ -172,7 +172,7 @@ async def test_a_vm_attached_and_detached_goes_by_the_change_path(lab: Lab):
             nic = await api.nic_attach("lan", "n1", "t")
             lab.state.vms.setdefault("t", []).append(nic.nic.id)
             lab.save()
-            if await by_change_path("checked and planned by the change path (taps: +1 -0)",
+            if await by_change_path("checked and planned by the change path (taps: +1 -0",
                                     "the attach", offset):  # fmt: skip
                 return nic
             await lab.vm_rm("t")  # detaches: the attach is made again
@@ -191,7 +191,7 @@ async def test_a_vm_attached_and_detached_goes_by_the_change_path(lab: Lab):
         for _ in range(2):
             offset = await quiet()
             await api.nic_detach(nic.nic.id)
-            if await by_change_path("checked and planned by the change path (taps: +0 -1)",
+            if await by_change_path("checked and planned by the change path (taps: +0 -1",
                                     "the detach", offset):  # fmt: skip
                 break
             nic = await attach()  # the periodic resync took the detach: once more

@@ -374,3 +374,28 @@ def test_a_tap_with_a_remote_nics_mac_is_refused_with_the_whole_checks_text(tmp_
         assert seen(a)[1:] == before and a.counters["tap_changes"] == 0
 
     asyncio.run(run())
+
+
+def test_a_head_with_a_tap_and_an_fdb_entry_counts_and_logs_both(tmp_path, caplog):
+    """One HEAD may carry several kinds of change (a VM attached here while another attaches
+    elsewhere on the overlay): each is counted, and the log names each. (Before, such a HEAD
+    was counted and logged as a tap change alone.)"""
+
+    async def run() -> None:
+        a = agent(Agent, tmp_path / "a")
+        controller = Taps()
+        for section in controller.head.sections:
+            a.assembler.offer(section)
+        assert (await a.handle(encode(replace(controller.head, sections=())))).ok
+        await a.handle(encode(replace(controller.head, sections=())))
+        nic = TapItem(name="ot00000000000a", bridge=LAN, mtu=1500, nic=TAP_NICS[1],
+                      mac="02:00:00:00:30:01", ip="10.0.0.5")  # fmt: skip
+        remote = replace(FDB_ITEM, nic=NICS[5], mac="02:00:00:00:20:06")
+        with caplog.at_level("INFO", logger="agent.runner"):
+            ack = await a.handle(encode(controller.step([nic], [], [remote], [])))
+        assert ack.ok and ack.changes >= 2
+        counts = {k: a.counters[f"{k}_changes"] for k in ("tap", "mesh", "fdb")}
+        assert counts == {"tap": 1, "mesh": 0, "fdb": 1}
+        assert "by the change path (taps: +1 -0, FDB)" in caplog.text
+
+    asyncio.run(run())
