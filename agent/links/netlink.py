@@ -3,8 +3,9 @@ learning and FDB entries (VXLAN devices' own, bridges' on managed ports), and ex
 ``LinkPlan``, as jobs on the agent's ``NetlinkThread``.
 
 Links and addresses go through pyroute2's ``AsyncIPRoute`` (port learning comes with the link
-dump: IFLA_LINKINFO's bridge slave data), FDB runs through the bulk socket
-(``agent.links.fdb_socket``). A link the observation had is addressed by its ifindex; only a
+dump: IFLA_LINKINFO's bridge slave data), FDB runs through the bulk socket: one dump, parsed by
+``agent.links.fdb_dump`` (which also says which entries are ours), and writes by
+``agent.links.fdb_socket``. A link the observation had is addressed by its ifindex; only a
 device created during this apply is looked up (RTM_GETLINK). This module never decides *what*
 to change (``agent.links.plan`` does) and never touches a device whose name lacks the ``ot``
 prefix, nor an FDB entry outside a managed device; of the bridge entries on a managed port it
@@ -23,15 +24,8 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.errors import ApplyError, ApplyResult, Refused
-from agent.links.fdb_socket import (
-    APPEND,
-    DELETE,
-    NTF_EXT_LEARNED,
-    NTF_SELF,
-    NUD_NOARP,
-    NUD_PERMANENT,
-    REPLACE,
-)
+from agent.links import fdb_dump
+from agent.links.fdb_socket import APPEND, DELETE, REPLACE
 from agent.links.model import (
     Action,
     AddAddress,
@@ -58,7 +52,6 @@ from agent.links.model import (
 from agent.links.plan import is_unicast
 from agent.logs import NodeLog
 from agent.netlink_thread import NetlinkThread, Sockets
-from schemas.desired import FdbEntry
 from schemas.naming import is_managed
 
 IFF_UP = 0x1
@@ -66,6 +59,7 @@ IFF_LOWER_UP = 0x10000  # carrier: for a tap, a hypervisor holds it open
 # "gone already" answers that make a delete a success (idempotent deletes)
 _GONE = {errno.ENODEV, errno.ENOENT, errno.EADDRNOTAVAIL, errno.ESRCH}
 _CREATES = CreateBridge | CreateTap | CreateVxlan | CreateWireGuard
+_NO_FDB = fdb_dump.FdbTables({}, {}, {}, {})
 
 
 class NetlinkLinks:
@@ -110,36 +104,13 @@ async def observe(s: Sockets) -> Observed:
         if link.master is not None:
             ports[index] = link.name
 
-    fdb: dict[int, set[FdbEntry]] = {i: set() for i in vxlans}
-    learned: dict[int, set[str]] = {i: set() for i in vxlans}
-    port_fdb: dict[int, set[str]] = {i: set() for i in ports}
-    port_learned: dict[int, set[str]] = {i: set() for i in ports}
-    if vxlans or ports:
-        for index, mac, dst, state, flags, vlan, _bridge in s.fdb.dump(
-            vxlans.keys() | ports.keys()
-        ):
-            if mac is None:
-                continue
-            if flags & NTF_SELF:  # a device's own entry: only a VXLAN device's are ours
-                if index not in vxlans:
-                    continue
-                if dst and state & NUD_PERMANENT:
-                    fdb[index].add(FdbEntry(mac=mac, dst=dst))
-                else:
-                    learned[index].add(mac)
-            elif index in ports and not vlan:  # its bridge's entry: MAC -> this port
-                if state & NUD_PERMANENT or flags & NTF_EXT_LEARNED:
-                    continue  # the port's own address, or a driver's: not ours to touch
-                if state & NUD_NOARP:
-                    port_fdb[index].add(mac)
-                else:
-                    port_learned[index].add(mac)
+    tables = fdb_dump.read(s.fdb, vxlans, ports) if vxlans or ports else _NO_FDB
     return Observed(
         links=links,
-        fdb={vxlans[i]: frozenset(e) for i, e in fdb.items()},
-        learned={vxlans[i]: frozenset(e) for i, e in learned.items()},
-        port_fdb={ports[i]: frozenset(e) for i, e in port_fdb.items()},
-        port_learned={ports[i]: frozenset(e) for i, e in port_learned.items()},
+        fdb=tables.fdb,
+        learned=tables.learned,
+        port_fdb=tables.port_fdb,
+        port_learned=tables.port_learned,
     )
 
 
