@@ -10,7 +10,7 @@ import time
 import pytest
 
 from agent.links import fdb_dump
-from agent.links.fdb_socket import FdbSocket
+from agent.links.fdb_socket import NLMSG_DONE, FdbSocket, parse_messages
 from agent.links.netlink import NetlinkLinks
 from agent.netlink_thread import NetlinkThread, made_in
 from schemas.desired import FdbEntry
@@ -132,8 +132,6 @@ def dump(sock: FdbSocket) -> tuple[int, list[bytes]]:
 
 
 def _ends(data: bytes, seq: int) -> bool:
-    from agent.links.fdb_socket import NLMSG_DONE, parse_messages
-
     return any(k == NLMSG_DONE and s == seq for k, _, s, _ in parse_messages(data))
 
 
@@ -181,8 +179,9 @@ def places(seen, device: str, mac: str, dst: str | None) -> set[str]:
 
 
 async def test_a_dump_left_unread_is_skipped_by_the_next(ns, raw):
-    """A read that stopped part-way (an error) leaves the rest of its dump on the socket; the
-    next read skips those messages (another seq) and still returns everything."""
+    """A read that stopped part-way leaves its dump running on the socket, and the kernel
+    refuses the next dump there (EBUSY; the code before raised it, at every heartbeat while that
+    dump lasted): the read reads the old dump out (another seq: skipped) and asks again."""
     seen = await observed(ns)
     vxlans = {link.index: n for n, link in seen.links.items() if link.kind == "vxlan"}
     ports = {link.index: n for n, link in seen.links.items() if link.master is not None}
