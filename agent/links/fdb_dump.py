@@ -58,7 +58,7 @@ from schemas.desired import FdbEntry
 
 NLM_F_DUMP_INTR = 0x10
 ATTEMPTS = 3  # dumps in a row the kernel may interrupt before ``read`` reports it
-RECV_SIZE = 1 << 16  # the kernel fills a dump's datagrams to at most 32 KiB
+RECV_SIZE = 1 << 20  # the kernel fills a dump's datagrams to at most 32 KiB: room to spare
 
 _NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
