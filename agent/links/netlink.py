@@ -59,7 +59,6 @@ IFF_LOWER_UP = 0x10000  # carrier: for a tap, a hypervisor holds it open
 # "gone already" answers that make a delete a success (idempotent deletes)
 _GONE = {errno.ENODEV, errno.ENOENT, errno.EADDRNOTAVAIL, errno.ESRCH}
 _CREATES = CreateBridge | CreateTap | CreateVxlan | CreateWireGuard
-_NO_FDB = fdb_dump.FdbTables({}, {}, {}, {})
 
 
 class NetlinkLinks:
@@ -104,7 +103,10 @@ async def observe(s: Sockets) -> Observed:
         if link.master is not None:
             ports[index] = link.name
 
-    tables = fdb_dump.read(s.fdb, vxlans, ports) if vxlans or ports else _NO_FDB
+    if vxlans or ports:
+        tables = fdb_dump.read(s.fdb, vxlans, ports)
+    else:  # nothing of ours can hold an entry: no dump
+        tables = fdb_dump.FdbTables({}, {}, {}, {})
     return Observed(
         links=links,
         fdb=tables.fdb,
