@@ -176,7 +176,7 @@ def attr(kind: int, payload: bytes) -> bytes:
 
 
 def neigh(ifindex, state, ntf, mac="02:00:00:00:00:01", dst=None, master=None, vlan=None,
-          more=(), seq=SEQ, flags=NLM_F_MULTI) -> bytes:  # fmt: skip
+          more=(), seq=SEQ, flags=NLM_F_MULTI, cacheinfo=bytes(16)) -> bytes:  # fmt: skip
     """An RTM_NEWNEIGH in the kernel's order: NDA_LLADDR, NDA_DST or NDA_MASTER, ``more``
     (e.g. NDA_FLAGS_EXT or NDA_VNI), NDA_CACHEINFO, NDA_VLAN."""
     body = struct.pack("=BxxxiHBB", socket.AF_BRIDGE, ifindex, state, ntf, 0)
@@ -186,7 +186,7 @@ def neigh(ifindex, state, ntf, mac="02:00:00:00:00:01", dst=None, master=None, v
         body += attr(NDA_DST, socket.inet_aton(dst))
     if master is not None:
         body += attr(NDA_MASTER, struct.pack("=I", master))
-    body += b"".join(more) + attr(NDA_CACHEINFO, bytes(16))
+    body += b"".join(more) + attr(NDA_CACHEINFO, cacheinfo)
     if vlan is not None:
         body += attr(NDA_VLAN, struct.pack("=H", vlan))
     return nlmsg(RTM_NEWNEIGH, body, seq, flags)
@@ -277,7 +277,8 @@ def random_dump(rng: random.Random) -> list[bytes]:
         state = rng.choice([NUD_PERMANENT, NUD_NOARP, NUD_REACHABLE, NUD_STALE])
         ntf = rng.choice([NTF_SELF, 0, 0, NTF_EXT_LEARNED, NTF_STICKY, NTF_SELF | NTF_STICKY])
         shape = rng.choice(["vxlan", "vxlan", "vxlan vni", "bridge", "bridge", "bridge old",
-                            "bridge vlan", "own", "no dst", "two dsts"])  # fmt: skip
+                            "bridge vlan", "bridge old vlan", "own", "no dst",
+                            "two dsts"])  # fmt: skip
         seq = SEQ if rng.random() < 0.9 else SEQ - 1
         for _ in range(rng.choice([1, 2, 5, 60, 300])):
             mac = f"02:00:00:{rng.randrange(4):02x}:{rng.randrange(256):02x}:01"
@@ -309,6 +310,8 @@ def shaped(shape, ifindex, state, ntf, mac, dst, seq, rng) -> bytes:
             return neigh(*entry, master=BRIDGE, seq=seq)
         case "bridge vlan":
             return neigh(*entry, master=BRIDGE, more=[ext], vlan=rng.choice([0, 1, 7]), seq=seq)
+        case "bridge old vlan":  # 76 bytes too, with NDA_VLAN last
+            return neigh(*entry, master=BRIDGE, vlan=rng.choice([0, 1, 7]), seq=seq)
         case "own":
             return neigh(*entry, seq=seq)
         case "no dst":
@@ -316,6 +319,15 @@ def shaped(shape, ifindex, state, ntf, mac, dst, seq, rng) -> bytes:
         case "two dsts":  # a later NDA_DST wins
             return neigh(*entry, dst=dst, more=[attr(NDA_DST, bytes(4))], seq=seq)
     raise AssertionError(shape)
+
+
+def test_a_run_is_read_by_its_attribute_headers_not_by_look_alikes():
+    """76 bytes with NDA_VLAN last (a bridge entry in a VLAN, before NDA_FLAGS_EXT), where the
+    cache info's ``used`` field (20) reads like the 20-byte attribute of the other layout."""
+    run = [neigh(TAP, NUD_NOARP, 0, f"02:00:00:00:00:{i:02x}", master=BRIDGE, vlan=7,
+                 cacheinfo=struct.pack("=IIII", 0, 20, 0, 0)) for i in range(50)]  # fmt: skip
+    assert {len(m) for m in run} == {76}
+    assert both([b"".join(run) + done()])[2] == {"ot0tap": set(), "otvx2": set()}
 
 
 def test_random_dumps_sorted_as_before():
