@@ -1,4 +1,5 @@
-"""Bulk FDB over a plain rtnetlink socket: dump, append, replace and delete thousands of entries.
+"""Bulk FDB over a plain rtnetlink socket: append, replace and delete thousands of entries (the
+socket's dump is read by ``agent.links.fdb_dump``).
 
 Two kinds of entry go through here: a VXLAN device's own entries (NTF_SELF: MAC → remote tunnel
 address, the flood MAC with one entry per dst) and bridge entries on a managed port (NTF_MASTER,
@@ -20,10 +21,9 @@ entry) tells which entries failed. Everything else stays on pyroute2.
 """
 
 import errno
-import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -164,38 +164,9 @@ class FdbSocket:
     def close(self) -> None:
         self.sock.close()
 
-    def _next_seq(self) -> int:
+    def next_seq(self) -> int:
         self.seq = (self.seq + 1) & 0xFFFFFFFF
         return self.seq
-
-    def dump(self, ifindexes: Iterable[int]) -> list[FdbRecord]:
-        """Every AF_BRIDGE neighbour entry on the given devices (their own and their bridge's)."""
-        wanted = set(ifindexes)
-        seq = self._next_seq()
-        body = _NDMSG.pack(socket.AF_BRIDGE, 0, 0, 0, 0)
-        self.sock.send(
-            _NLMSG.pack(_NLMSG.size + len(body), RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-            + body
-        )
-        records = []
-        header, ndmsg = _NLMSG.unpack_from, _NDMSG.unpack_from
-        while True:
-            data = self.sock.recv(1 << 20)
-            offset = 0
-            while offset + _NLMSG.size <= len(data):  # parse_messages, inlined: no copies
-                length, kind, _flags, msg_seq, _ = header(data, offset)
-                if length < _NLMSG.size:
-                    break
-                if msg_seq == seq:
-                    if kind == NLMSG_DONE:
-                        return records
-                    if kind == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
-                        raise OSError(code, f"fdb dump: {os.strerror(code)}")
-                    # the ifindex sits at a fixed offset: skip foreign devices before parsing
-                    if kind == RTM_NEWNEIGH and ndmsg(data, offset + _NLMSG.size)[1] in wanted:
-                        records.append(parse_neigh(data, offset + _NLMSG.size, offset + length))
-                offset += (length + 3) & ~3
 
     def change(
         self,
@@ -219,7 +190,7 @@ class FdbSocket:
             out = bytearray()
             for position in range(start, stop):
                 ifindex, mac, dst = entries[position]
-                seq = self._next_seq()
+                seq = self.next_seq()
                 out += encode_entry(
                     seq,
                     msg_type,

@@ -3,10 +3,11 @@ learning and FDB entries (VXLAN devices' own, bridges' on managed ports), and ex
 ``LinkPlan``, as jobs on the agent's ``NetlinkThread``.
 
 Links and addresses go through pyroute2's ``AsyncIPRoute`` (port learning comes with the link
-dump: IFLA_LINKINFO's bridge slave data), FDB runs through the bulk socket
-(``agent.links.fdb_socket``). ``observe_devices`` reads back a few links (the taps a plan
-wrote, their bridges) and their ports' bridge entries, with a dump the kernel filters to the
-port. A link the observation had is addressed by its ifindex; only a
+dump: IFLA_LINKINFO's bridge slave data), FDB runs through the bulk socket: one dump, parsed by
+``agent.links.fdb_dump`` (which also says which entries are ours), and writes by
+``agent.links.fdb_socket``. ``observe_devices`` reads back a few links (the taps a plan wrote,
+their bridges) and their ports' bridge entries, with dumps the kernel filters to each port. A
+link the observation had is addressed by its ifindex; only a
 device created during this apply is looked up (RTM_GETLINK). This module never decides *what*
 to change (``agent.links.plan`` does) and never touches a device whose name lacks the ``ot``
 prefix, nor an FDB entry outside a managed device; of the bridge entries on a managed port it
@@ -18,7 +19,6 @@ import errno
 import ipaddress
 import logging
 import socket
-import struct
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
@@ -26,25 +26,8 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.errors import ApplyError, ApplyResult, Refused
-from agent.links.fdb_socket import (
-    APPEND,
-    DELETE,
-    NLM_F_DUMP,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-    NTF_EXT_LEARNED,
-    NTF_SELF,
-    NUD_NOARP,
-    NUD_PERMANENT,
-    REPLACE,
-    RTM_GETNEIGH,
-    RTM_NEWNEIGH,
-    FdbRecord,
-    FdbSocket,
-    parse_messages,
-    parse_neigh,
-)
+from agent.links import fdb_dump
+from agent.links.fdb_socket import APPEND, DELETE, REPLACE
 from agent.links.model import (
     Action,
     AddAddress,
@@ -71,7 +54,6 @@ from agent.links.model import (
 from agent.links.plan import is_unicast
 from agent.logs import NodeLog
 from agent.netlink_thread import NetlinkThread, Sockets
-from schemas.desired import FdbEntry
 from schemas.naming import is_managed
 
 IFF_UP = 0x1
@@ -127,36 +109,16 @@ async def observe(s: Sockets) -> Observed:
         if link.master is not None:
             ports[index] = link.name
 
-    fdb: dict[int, set[FdbEntry]] = {i: set() for i in vxlans}
-    learned: dict[int, set[str]] = {i: set() for i in vxlans}
-    port_fdb: dict[int, set[str]] = {i: set() for i in ports}
-    port_learned: dict[int, set[str]] = {i: set() for i in ports}
     if vxlans or ports:
-        for index, mac, dst, state, flags, vlan, _bridge in s.fdb.dump(
-            vxlans.keys() | ports.keys()
-        ):
-            if mac is None:
-                continue
-            if flags & NTF_SELF:  # a device's own entry: only a VXLAN device's are ours
-                if index not in vxlans:
-                    continue
-                if dst and state & NUD_PERMANENT:
-                    fdb[index].add(FdbEntry(mac=mac, dst=dst))
-                else:
-                    learned[index].add(mac)
-            elif index in ports and not vlan:  # its bridge's entry: MAC -> this port
-                if state & NUD_PERMANENT or flags & NTF_EXT_LEARNED:
-                    continue  # the port's own address, or a driver's: not ours to touch
-                if state & NUD_NOARP:
-                    port_fdb[index].add(mac)
-                else:
-                    port_learned[index].add(mac)
+        tables = fdb_dump.read(s.fdb, vxlans, ports)
+    else:  # nothing of ours can hold an entry: no dump
+        tables = fdb_dump.FdbTables({}, {}, {}, {})
     return Observed(
         links=links,
-        fdb={vxlans[i]: frozenset(e) for i, e in fdb.items()},
-        learned={vxlans[i]: frozenset(e) for i, e in learned.items()},
-        port_fdb={ports[i]: frozenset(e) for i, e in port_fdb.items()},
-        port_learned={ports[i]: frozenset(e) for i, e in port_learned.items()},
+        fdb=tables.fdb,
+        learned=tables.learned,
+        port_fdb=tables.port_fdb,
+        port_learned=tables.port_learned,
     )
 
 
@@ -188,43 +150,11 @@ async def observe_devices(s: Sockets, names: Iterable[str]) -> Observed:
     port_fdb: dict[str, frozenset[str]] = {}
     port_learned: dict[str, frozenset[str]] = {}
     for name, link in links.items():
-        if link.master is None:
-            continue
-        static, learned = set(), set()
-        for record in _port_dump(s.fdb, link.index):
-            if record.ifindex != link.index or record.mac is None or record.own or record.vlan:
-                continue  # the port's own addresses (NTF_SELF), or an entry in a VLAN
-            if record.permanent or record.flags & NTF_EXT_LEARNED:
-                continue  # as ``observe``: the port's own address, or a driver's
-            (static if record.static else learned).add(record.mac)
-        port_fdb[name], port_learned[name] = frozenset(static), frozenset(learned)
+        if link.master is not None:  # the kernel filters the dump to the port (``brport``)
+            tables = fdb_dump.read(s.fdb, {}, {link.index: name}, port=link.index)
+            port_fdb[name] = tables.port_fdb.get(name, frozenset())
+            port_learned[name] = tables.port_learned.get(name, frozenset())
     return Observed(links=links, port_fdb=port_fdb, port_learned=port_learned)
-
-
-_NLMSG = struct.Struct("=IHHII")
-_IFINFOMSG = struct.Struct("=BxHiII")
-
-
-def _port_dump(fdb: FdbSocket, index: int) -> list[FdbRecord]:
-    """The AF_BRIDGE entries of one bridge port: a dump request whose header is an ifinfomsg
-    naming the port, which the kernel filters on (``bridge fdb show brport``), so a port's
-    entries cost them, not the bridge's whole FDB."""
-    seq = fdb._next_seq()
-    body = _IFINFOMSG.pack(socket.AF_BRIDGE, 0, index, 0, 0)
-    header = _NLMSG.pack(_NLMSG.size + len(body), RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-    fdb.sock.send(header + body)
-    records = []
-    while True:
-        for kind, _flags, msg_seq, payload in parse_messages(fdb.sock.recv(1 << 20)):
-            if msg_seq != seq:
-                continue  # a stale answer to an earlier request
-            if kind == NLMSG_DONE:
-                return records
-            if kind == NLMSG_ERROR:
-                code = -struct.unpack_from("=i", payload)[0]
-                raise OSError(code, f"fdb dump of port {index}: {errno.errorcode.get(code)}")
-            if kind == RTM_NEWNEIGH:
-                records.append(parse_neigh(payload))
 
 
 def _link(m: Any, name: str, addresses: set[str], master: str | None) -> Link:

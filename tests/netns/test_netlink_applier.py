@@ -518,6 +518,9 @@ class RecordingSocket:
     def recv(self, size):
         return self.sock.recv(size)
 
+    def recvmsg(self, size):  # the FDB dump reads with it (agent.links.fdb_dump)
+        return self.sock.recvmsg(size)
+
     def close(self):
         self.sock.close()
 
