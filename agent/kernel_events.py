@@ -4,7 +4,8 @@ Two non-blocking netlink sockets in the node's namespace, subscribed to multicas
 rtnetlink (links, IPv4 addresses, bridge/VXLAN FDB entries, IPv4 netconf — the forwarding
 switch) and nfnetlink's nftables group. ``drain()`` reads whatever queued since the last call,
 synchronously, and answers whether any of it touched what we own: a link named ``ot…`` (or one
-whose ifindex we know as managed), an address or AF_BRIDGE neighbour entry on such a link, any
+whose ifindex we know as managed), an address or AF_BRIDGE neighbour entry on such a link (or
+on any port of such a bridge: an entry of ours moved to a foreign port names that port), any
 IPv4 netconf change, or anything in an nftables table named ``otherix``. A receive buffer that
 overflowed (ENOBUFS: events were lost) counts as a change. The kernel queues an event before the
 write that caused it returns, so a drift made before ``drain()`` is always seen by it; there is
@@ -46,7 +47,7 @@ NFT_MSG_NEWGEN, NFTA_GEN_PROC_PID = 15, 2
 AF_BRIDGE = 7
 IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 3, 4, 10
 IFF_UP = 0x1
-NDA_LLADDR = 2
+NDA_LLADDR, NDA_MASTER = 2, 9
 NETCONFA_IFINDEX, NETCONFA_IFINDEX_ALL = 1, -1
 TABLE_ATTR = 1  # NFTA_{TABLE_NAME,CHAIN_TABLE,RULE_TABLE,SET_TABLE,SET_ELEM_LIST_TABLE,OBJ_TABLE}
 OUR_TABLE = b"otherix\0"
@@ -84,6 +85,10 @@ class Echoes:
     nft_pids: frozenset[int] = frozenset()
     indexes: set[int] = field(default_factory=set)  # of ``devices``, as their events name them
     nft_pending: bool = False  # events of our table whose transaction's NEWGEN has not come
+    # (ifindex, MAC) of the entries announced on a written bridge itself: the kernel's own (its
+    # address follows its ports' as taps come and go), or one of ours moved there by someone
+    # else (``bridge fdb replace MAC dev <bridge>``), which the caller tells apart by the MAC
+    on_bridges: set[tuple[int, bytes]] = field(default_factory=set)
 
 
 def attributes(data: bytes, offset: int, end: int):
@@ -155,9 +160,16 @@ def touches_ours(
             ours |= index in managed and index not in echoes.indexes
         elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and end - body >= _NDMSG.size:
             family, index = _NDMSG.unpack_from(data, body)
-            if family == AF_BRIDGE and index in managed and index not in echoes.indexes:
-                attrs = attributes(data, body + _NDMSG_SIZE, end)  # ARP entries are not ours
-                mac = next((v for t, v in attrs if t == NDA_LLADDR), b"")
+            if family != AF_BRIDGE:
+                continue  # ARP entries are not ours
+            attrs = dict(attributes(data, body + _NDMSG_SIZE, end))
+            mac = attrs.get(NDA_LLADDR, b"")
+            if index in echoes.indexes:
+                if index in bridges:
+                    echoes.on_bridges.add((index, mac))
+            # an entry on any port of our bridges: one of ours moved to a port not ours is
+            # announced by this one event, naming that port
+            elif index in managed or _u32(attrs.get(NDA_MASTER)) in managed:
                 ours |= (index, mac) not in echoes.fdb
         elif kind in (RTM_NEWNETCONF, RTM_DELNETCONF):  # netconfmsg: family, 3 bytes pad
             for t, v in attributes(data, body + 4, end):

@@ -493,7 +493,7 @@ class Agent:
             if read is None
             else settle(self._seen, actions, snap, read)
         )
-        if after is None:
+        if after is None or _moved_to_bridges(after, echoes.on_bridges):
             return False
         self._seen = after
         if read is not None:
@@ -706,6 +706,24 @@ def _path(change: Change | None, quiet: bool) -> str:
     if change.fdb or not parts:
         parts.append("FDB")
     return f"; {what} by the change path ({', '.join(parts)})"
+
+
+def _moved_to_bridges(seen: Observed, entries: set[tuple[int, bytes]]) -> bool:
+    """Whether an entry announced on a written bridge itself (``Echoes.on_bridges``) carries a
+    MAC that ``seen`` has on a port of that bridge: someone moved one of ours onto the bridge
+    (the read-back reads only the written taps' entries). The kernel's own entries there carry
+    its ports' device addresses, never a NIC's MAC. Costs the links, only when there are any."""
+    if not entries:
+        return False
+    names = {link.index: name for name, link in seen.links.items() if link.kind == "bridge"}
+    macs = {(names[i], mac.hex(":")) for i, mac in entries if i in names}
+    ports: dict[str, list[str]] = {}
+    for name, link in seen.links.items():
+        if link.master is not None:
+            ports.setdefault(link.master, []).append(name)
+    return any(
+        mac in seen.port_fdb.get(port, ()) for bridge, mac in macs for port in ports.get(bridge, ())
+    )
 
 
 def _echoes(plan: LinkPlan, devices: frozenset[str] = frozenset()) -> Echoes | None:

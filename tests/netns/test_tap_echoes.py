@@ -103,6 +103,10 @@ FOREIGN = {
         ns, "bridge", "fdb", "add", "02:aa:00:00:00:77", "dev", TAP, "master", "static"
     ),
     "bridge downed": lambda ns: sh(ns, "ip", "link", "set", LAN, "down"),
+    # another tap's entry moved onto the written bridge itself: one event, naming the bridge
+    "another port's entry moved to the bridge": lambda ns: sh(
+        ns, "bridge", "fdb", "replace", "02:aa:00:00:00:01", "dev", LAN, "permanent"
+    ),
 }
 
 
