@@ -47,7 +47,7 @@ NFT_MSG_NEWGEN, NFTA_GEN_PROC_PID = 15, 2
 AF_BRIDGE = 7
 IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 3, 4, 10
 IFF_UP = 0x1
-NDA_LLADDR, NDA_MASTER = 2, 9
+NDA_DST, NDA_LLADDR, NDA_MASTER = 1, 2, 9
 NETCONFA_IFINDEX, NETCONFA_IFINDEX_ALL = 1, -1
 TABLE_ATTR = 1  # NFTA_{TABLE_NAME,CHAIN_TABLE,RULE_TABLE,SET_TABLE,SET_ELEM_LIST_TABLE,OBJ_TABLE}
 OUR_TABLE = b"otherix\0"
@@ -57,7 +57,7 @@ RCVBUF = 4 * 2**20
 _NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-_NDMSG = struct.Struct("=Bxxxi")  # family, ifindex
+_NDMSG = struct.Struct("=BxxxiH")  # family, ifindex, state
 _NDMSG_SIZE = 12  # with state, flags, type
 _RTA = struct.Struct("=HH")
 _S32 = struct.Struct("=i")
@@ -73,14 +73,17 @@ def _u32(value: bytes | None) -> int | None:
 @dataclass
 class Echoes:
     """What the agent's own writes of one reconcile announce (not news), and what reading their
-    events taught. ``fdb``: (ifindex, MAC as 6 bytes) of FDB entries written; ``devices``: names
+    events taught. ``fdb``: the events of the FDB entries written, as ``fdb_echo`` keys them (an
+    entry added is announced with its dst and state, one deleted by its dst, or by its MAC alone
+    when the write named no dst), so someone else deleting an entry just added, or setting it to
+    another dst, is still news; ``devices``: names
     of links written (a tap created, changed or deleted, and its bridge), whose every link,
     address, AF_BRIDGE neighbour and netconf event is an echo: the caller reads them back after
     the drain, so whatever happened to them before it is seen there (a new device's ifindex is
     learnt from its first link event, which comes before any other of it); ``nft_pids``: the
     ``nft`` processes whose commits are ours."""
 
-    fdb: frozenset[tuple[int, bytes]] = frozenset()
+    fdb: frozenset[tuple[int, int, bytes, bytes, int]] = frozenset()
     devices: frozenset[bytes] = frozenset()
     nft_pids: frozenset[int] = frozenset()
     indexes: set[int] = field(default_factory=set)  # of ``devices``, as their events name them
@@ -89,6 +92,14 @@ class Echoes:
     # address follows its ports' as taps come and go), or one of ours moved there by someone
     # else (``bridge fdb replace MAC dev <bridge>``), which the caller tells apart by the MAC
     on_bridges: set[tuple[int, bytes]] = field(default_factory=set)
+
+
+def fdb_echo(added: bool, index: int, mac: bytes, dst: bytes = b"", state: int = 0) -> tuple:
+    """The key of an FDB entry's event in ``Echoes.fdb``: (message type, ifindex, MAC, dst's
+    bytes or b"" for none, NUD state; 0 for a delete, whose state the write does not fix). A
+    delete written without a dst (a learned entry's) is announced with whichever dst it had:
+    keyed with b"", it matches any."""
+    return (RTM_NEWNEIGH if added else RTM_DELNEIGH), index, mac, dst, state if added else 0
 
 
 def attributes(data: bytes, offset: int, end: int):
@@ -158,8 +169,8 @@ def touches_ours(
         elif kind in (RTM_NEWADDR, RTM_DELADDR) and end - body >= _IFADDR.size:
             index = _IFADDR.unpack_from(data, body)[4]
             ours |= index in managed and index not in echoes.indexes
-        elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and end - body >= _NDMSG.size:
-            family, index = _NDMSG.unpack_from(data, body)
+        elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and end - body >= _NDMSG_SIZE:
+            family, index, state = _NDMSG.unpack_from(data, body)
             if family != AF_BRIDGE:
                 continue  # ARP entries are not ours
             attrs = dict(attributes(data, body + _NDMSG_SIZE, end))
@@ -170,7 +181,11 @@ def touches_ours(
             # an entry on any port of our bridges: one of ours moved to a port not ours is
             # announced by this one event, naming that port
             elif index in managed or _u32(attrs.get(NDA_MASTER)) in managed:
-                ours |= (index, mac) not in echoes.fdb
+                added = kind == RTM_NEWNEIGH
+                dst = attrs.get(NDA_DST, b"")
+                ours |= fdb_echo(added, index, mac, dst, state) not in echoes.fdb and (
+                    added or fdb_echo(added, index, mac) not in echoes.fdb
+                )
         elif kind in (RTM_NEWNETCONF, RTM_DELNETCONF):  # netconfmsg: family, 3 bytes pad
             for t, v in attributes(data, body + 4, end):
                 if t == NETCONFA_IFINDEX and len(v) == 4:

@@ -36,6 +36,7 @@ heartbeat a full read.
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,10 @@ from nats.aio.client import Client
 from agent.announce import Announcer
 from agent.assemble import Assembler, BadSection, FdbChange, MeshChange, TapChange, complete
 from agent.errors import ApplyError, ApplyResult
-from agent.kernel_events import Echoes, KernelEvents, NoDrift
+from agent.kernel_events import Echoes, KernelEvents, NoDrift, fdb_echo
 from agent.links.applier import LinkApplier
-from agent.links.model import AddPortFdb, DelPortFdb, FdbAction, LinkPlan, Observed
+from agent.links.fdb_socket import NUD_NOARP, NUD_PERMANENT
+from agent.links.model import AddFdb, AddPortFdb, DelPortFdb, FdbAction, LinkPlan, Observed
 from agent.links.plan import advance, settle, written_devices
 from agent.logs import FailureLog, NodeLog
 from agent.metrics import NO_METRICS
@@ -731,6 +733,7 @@ def _echoes(plan: LinkPlan, devices: frozenset[str] = frozenset()) -> Echoes | N
     not in ``devices`` (the links it wrote, read back: each of their events is an echo); None
     if it wrote anything else, or an entry on a device whose ifindex it does not know."""
     fdb = set()
+    dsts: dict[str, bytes] = {}
     for a in plan.actions:
         if not isinstance(a, FdbAction):
             if a.name not in devices:
@@ -741,7 +744,14 @@ def _echoes(plan: LinkPlan, devices: frozenset[str] = frozenset()) -> Echoes | N
             continue
         if not (index := plan.indexes.get(device)):
             return None
-        fdb.add((index, bytes.fromhex(a.mac.replace(":", ""))))
+        mac = bytes.fromhex(a.mac.replace(":", ""))
+        dst = getattr(a, "dst", None)
+        if dst and (packed := dsts.get(dst)) is None:  # a few tunnel addresses, many entries
+            packed = dsts[dst] = socket.inet_aton(dst)  # as the FDB socket writes it
+        dst = packed if dst else b""
+        added = isinstance(a, AddFdb | AddPortFdb)  # a bridge entry is static, ours permanent
+        state = NUD_NOARP if isinstance(a, AddPortFdb) else NUD_PERMANENT
+        fdb.add(fdb_echo(added, index, mac, dst, state))
     return Echoes(
         fdb=frozenset(fdb),
         devices=frozenset(d.encode() for d in devices),
