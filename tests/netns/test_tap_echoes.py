@@ -103,6 +103,23 @@ FOREIGN = {
         ns, "bridge", "fdb", "add", "02:aa:00:00:00:77", "dev", TAP, "master", "static"
     ),
     "bridge downed": lambda ns: sh(ns, "ip", "link", "set", LAN, "down"),
+    "new tap's learning on": lambda ns: sh(
+        ns, "ip", "link", "set", NEW.name, "type", "bridge_slave", "learning", "on"
+    ),
+    "new tap's mtu changed": lambda ns: sh(ns, "ip", "link", "set", NEW.name, "mtu", "1300"),
+    "new tap moved to another bridge of ours": lambda ns: sh(
+        ns, "ip", "link", "set", NEW.name, "master", "otb1000"
+    ),
+    "new tap's entry deleted": lambda ns: sh(
+        ns, "bridge", "fdb", "del", NEW.mac, "dev", NEW.name, "master", "static"
+    ),
+    "a stray static entry on the new tap": lambda ns: sh(
+        ns, "bridge", "fdb", "add", "02:aa:00:00:00:78", "dev", NEW.name, "master", "static"
+    ),
+    "bridge mtu changed": lambda ns: sh(ns, "ip", "link", "set", LAN, "mtu", "1400"),
+    "address added to the bridge": lambda ns: sh(
+        ns, "ip", "addr", "add", "10.78.0.1/24", "dev", LAN
+    ),
     # another tap's entry moved onto the written bridge itself: one event, naming the bridge
     "another port's entry moved to the bridge": lambda ns: sh(
         ns, "bridge", "fdb", "replace", "02:aa:00:00:00:01", "dev", LAN, "permanent"
