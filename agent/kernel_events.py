@@ -88,10 +88,11 @@ class Echoes:
     nft_pids: frozenset[int] = frozenset()
     indexes: set[int] = field(default_factory=set)  # of ``devices``, as their events name them
     nft_pending: bool = False  # events of our table whose transaction's NEWGEN has not come
-    # (ifindex, MAC) of the entries announced on a written bridge itself: the kernel's own (its
-    # address follows its ports' as taps come and go), or one of ours moved there by someone
-    # else (``bridge fdb replace MAC dev <bridge>``), which the caller tells apart by the MAC
-    on_bridges: set[tuple[int, bytes]] = field(default_factory=set)
+    # MACs of the entries announced on the devices written: ours on a tap, the kernel's own (a
+    # bridge's address follows its ports' as taps come and go), or one of another port's moved
+    # there by someone else (``bridge fdb replace MAC dev <written device>``: that port's loss
+    # is in no read-back), which the caller tells apart by the MAC
+    macs: set[bytes] = field(default_factory=set)
 
 
 def fdb_echo(added: bool, index: int, mac: bytes, dst: bytes = b"", state: int = 0) -> tuple:
@@ -176,8 +177,7 @@ def touches_ours(
             attrs = dict(attributes(data, body + _NDMSG_SIZE, end))
             mac = attrs.get(NDA_LLADDR, b"")
             if index in echoes.indexes:
-                if index in bridges:
-                    echoes.on_bridges.add((index, mac))
+                echoes.macs.add(mac)
             # an entry on any port of our bridges: one of ours moved to a port not ours is
             # announced by this one event, naming that port
             elif index in managed or _u32(attrs.get(NDA_MASTER)) in managed:

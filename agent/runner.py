@@ -495,7 +495,7 @@ class Agent:
             if read is None
             else settle(self._seen, actions, snap, read)
         )
-        if after is None or _moved_to_bridges(after, echoes.on_bridges):
+        if after is None or _moved_onto(after, devices, echoes.macs):
             return False
         self._seen = after
         if read is not None:
@@ -710,21 +710,19 @@ def _path(change: Change | None, quiet: bool) -> str:
     return f"; {what} by the change path ({', '.join(parts)})"
 
 
-def _moved_to_bridges(seen: Observed, entries: set[tuple[int, bytes]]) -> bool:
-    """Whether an entry announced on a written bridge itself (``Echoes.on_bridges``) carries a
-    MAC that ``seen`` has on a port of that bridge: someone moved one of ours onto the bridge
-    (the read-back reads only the written taps' entries). The kernel's own entries there carry
-    its ports' device addresses, never a NIC's MAC. Costs the links, only when there are any."""
-    if not entries:
+def _moved_onto(seen: Observed, devices: frozenset[str], macs: set[bytes]) -> bool:
+    """Whether an entry announced on a device written (``Echoes.macs``) carries a MAC that
+    ``seen`` has on a port not written of a bridge written: someone moved it from there onto
+    the tap or the bridge (the read-back reads only the devices written). Our own writes there
+    announce the taps' NIC MACs, which are on those taps, and the kernel's own entries carry
+    device addresses, never a NIC's MAC. Costs the links, only when there are such events."""
+    if not macs:
         return False
-    names = {link.index: name for name, link in seen.links.items() if link.kind == "bridge"}
-    macs = {(names[i], mac.hex(":")) for i, mac in entries if i in names}
-    ports: dict[str, list[str]] = {}
-    for name, link in seen.links.items():
-        if link.master is not None:
-            ports.setdefault(link.master, []).append(name)
+    names = {mac.hex(":") for mac in macs}
     return any(
-        mac in seen.port_fdb.get(port, ()) for bridge, mac in macs for port in ports.get(bridge, ())
+        link.master in devices and not names.isdisjoint(seen.port_fdb.get(name, ()))
+        for name, link in seen.links.items()
+        if name not in devices
     )
 
 

@@ -205,3 +205,30 @@ async def test_nftables_knows_what_its_own_load_left(node):
             listed.exists, listed.digest, listed.rule_count, listed.sets, listed.forwarding
         )  # fmt: skip
         assert nft.plan(nft.desired(snap), known).writes == 0
+
+
+async def test_an_entry_moved_onto_a_tap_as_it_is_deleted_is_read_and_repaired(node):
+    """Another tap's entry moved onto the tap being detached, just before our delete: the move
+    and the flush are both events of the written tap, and the read-back finds the tap gone as
+    wanted; the entry the other tap lost must still make the next heartbeat a full read."""
+    ns, agent, kernel, _ = node
+    heads = await started(agent)
+    change, beat = heads.step(True)
+    assert (await agent.handle(change)).ok and (await agent.handle(beat)).ok
+    change, beat = heads.step(False)
+    execute = kernel.execute
+
+    async def moved_first(plan):
+        sh(ns, "bridge", "fdb", "replace", "02:aa:00:00:00:01", "dev", NEW.name, "master", "static")
+        return await execute(plan)
+
+    kernel.execute = moved_first
+    ack = await agent.handle(change)
+    kernel.execute = execute
+    assert ack.ok and ack.changes > 0, ack
+    assert not await in_sync(agent, with_new(False))
+    reconciled = agent.counters["reconciled"]
+    ack = await agent.handle(beat)
+    assert ack.ok and ack.changes > 0, ack
+    assert agent.counters["reconciled"] == reconciled + 1
+    assert await in_sync(agent, with_new(False))
