@@ -14,12 +14,14 @@ plain sockets read with ``recv`` need neither).
 
 It never decides what to do about a change (``agent.steady`` does) and never writes anything.
 Our own writes echo here too, and the kernel stamps rtnetlink notifications with no sender
-(portid 0), so the agent names what it just wrote (``Echoes``, ``drain(echoes)``): the (ifindex,
-MAC) of FDB entries, the devices it created, changed or deleted (a tap and its bridge: every
-event of theirs, the reader then reads them back), and the ``nft`` processes it ran: the kernel
+(portid 0), so the agent names what it just wrote (``Echoes``, ``drain(echoes)``): the events
+of FDB entries written (an add with its dst and state, a delete), the devices it created,
+changed or deleted (a tap and its bridge: every event of theirs, the reader then reads them
+back, and checks the MACs they announced), and the ``nft`` processes it ran: the kernel
 ends each nftables transaction's events with NFT_MSG_NEWGEN naming the process that committed
 it (NFTA_GEN_PROC_PID), so the events of our table before a NEWGEN of ours are echoes, and any
-other commit touching it is news. Any other event still counts. WireGuard (wireguard-go's UAPI,
+other commit touching it is news (the pid is the global one: an agent in a PID namespace sees
+its own loads as news, checked by hand). Any other event still counts. WireGuard (wireguard-go's UAPI,
 and the kernel module) has no notifications.
 """
 

@@ -727,9 +727,10 @@ def _moved_onto(seen: Observed, devices: frozenset[str], macs: set[bytes]) -> bo
 
 
 def _echoes(plan: LinkPlan, devices: frozenset[str] = frozenset()) -> Echoes | None:
-    """What the plan's writes announce: (ifindex, MAC) of every FDB entry it wrote on a device
-    not in ``devices`` (the links it wrote, read back: each of their events is an echo); None
-    if it wrote anything else, or an entry on a device whose ifindex it does not know."""
+    """What the plan's writes announce: the event of every FDB entry it wrote (``fdb_echo``: an
+    add with its dst and state, a delete with its dst) on a device not in ``devices`` (the links
+    it wrote, read back: each of their events is an echo); None if it wrote anything else, or
+    an entry on a device whose ifindex it does not know."""
     fdb = set()
     dsts: dict[str, bytes] = {}
     for a in plan.actions:
@@ -743,13 +744,13 @@ def _echoes(plan: LinkPlan, devices: frozenset[str] = frozenset()) -> Echoes | N
         if not (index := plan.indexes.get(device)):
             return None
         mac = bytes.fromhex(a.mac.replace(":", ""))
-        dst = getattr(a, "dst", None)
-        if dst and (packed := dsts.get(dst)) is None:  # a few tunnel addresses, many entries
-            packed = dsts[dst] = socket.inet_aton(dst)  # as the FDB socket writes it
-        dst = packed if dst else b""
+        packed = b""
+        if dst := getattr(a, "dst", None):  # a few tunnel addresses for many entries
+            if (packed := dsts.get(dst, b"")) == b"":
+                packed = dsts[dst] = socket.inet_aton(dst)  # as the FDB socket writes it
         added = isinstance(a, AddFdb | AddPortFdb)  # a bridge entry is static, ours permanent
         state = NUD_NOARP if isinstance(a, AddPortFdb) else NUD_PERMANENT
-        fdb.add(fdb_echo(added, index, mac, dst, state))
+        fdb.add(fdb_echo(added, index, mac, packed, state))
     return Echoes(
         fdb=frozenset(fdb),
         devices=frozenset(d.encode() for d in devices),
