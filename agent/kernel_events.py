@@ -4,7 +4,8 @@ Two non-blocking netlink sockets in the node's namespace, subscribed to multicas
 rtnetlink (links, IPv4 addresses, bridge/VXLAN FDB entries, IPv4 netconf — the forwarding
 switch) and nfnetlink's nftables group. ``drain()`` reads whatever queued since the last call,
 synchronously, and answers whether any of it touched what we own: a link named ``ot…`` (or one
-whose ifindex we know as managed), an address or AF_BRIDGE neighbour entry on such a link, any
+whose ifindex we know as managed), an address or AF_BRIDGE neighbour entry on such a link (or
+on any port of such a bridge: an entry of ours moved to a foreign port names that port), any
 IPv4 netconf change, or anything in an nftables table named ``otherix``. A receive buffer that
 overflowed (ENOBUFS: events were lost) counts as a change. The kernel queues an event before the
 write that caused it returns, so a drift made before ``drain()`` is always seen by it; there is
@@ -13,12 +14,14 @@ plain sockets read with ``recv`` need neither).
 
 It never decides what to do about a change (``agent.steady`` does) and never writes anything.
 Our own writes echo here too, and the kernel stamps rtnetlink notifications with no sender
-(portid 0), so the agent names what it just wrote (``Echoes``, ``drain(echoes)``): the (ifindex,
-MAC) of FDB entries, the devices it created, changed or deleted (a tap and its bridge: every
-event of theirs, the reader then reads them back), and the ``nft`` processes it ran: the kernel
+(portid 0), so the agent names what it just wrote (``Echoes``, ``drain(echoes)``): the events
+of FDB entries written (an add with its dst and state, a delete), the devices it created,
+changed or deleted (a tap and its bridge: every event of theirs, the reader then reads them
+back, and checks the MACs they announced), and the ``nft`` processes it ran: the kernel
 ends each nftables transaction's events with NFT_MSG_NEWGEN naming the process that committed
 it (NFTA_GEN_PROC_PID), so the events of our table before a NEWGEN of ours are echoes, and any
-other commit touching it is news. Any other event still counts. WireGuard (wireguard-go's UAPI,
+other commit touching it is news (the pid is the global one: an agent in a PID namespace sees
+its own loads as news, checked by hand). Any other event still counts. WireGuard (wireguard-go's UAPI,
 and the kernel module) has no notifications.
 """
 
@@ -46,7 +49,7 @@ NFT_MSG_NEWGEN, NFTA_GEN_PROC_PID = 15, 2
 AF_BRIDGE = 7
 IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 3, 4, 10
 IFF_UP = 0x1
-NDA_LLADDR = 2
+NDA_DST, NDA_LLADDR, NDA_MASTER = 1, 2, 9
 NETCONFA_IFINDEX, NETCONFA_IFINDEX_ALL = 1, -1
 TABLE_ATTR = 1  # NFTA_{TABLE_NAME,CHAIN_TABLE,RULE_TABLE,SET_TABLE,SET_ELEM_LIST_TABLE,OBJ_TABLE}
 OUR_TABLE = b"otherix\0"
@@ -56,7 +59,7 @@ RCVBUF = 4 * 2**20
 _NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-_NDMSG = struct.Struct("=Bxxxi")  # family, ifindex
+_NDMSG = struct.Struct("=BxxxiH")  # family, ifindex, state
 _NDMSG_SIZE = 12  # with state, flags, type
 _RTA = struct.Struct("=HH")
 _S32 = struct.Struct("=i")
@@ -72,18 +75,34 @@ def _u32(value: bytes | None) -> int | None:
 @dataclass
 class Echoes:
     """What the agent's own writes of one reconcile announce (not news), and what reading their
-    events taught. ``fdb``: (ifindex, MAC as 6 bytes) of FDB entries written; ``devices``: names
+    events taught. ``fdb``: the events of the FDB entries written, as ``fdb_echo`` keys them (an
+    entry added is announced with its dst and state, one deleted by its dst, or by its MAC alone
+    when the write named no dst), so someone else deleting an entry just added, or setting it to
+    another dst, is still news; ``devices``: names
     of links written (a tap created, changed or deleted, and its bridge), whose every link,
     address, AF_BRIDGE neighbour and netconf event is an echo: the caller reads them back after
     the drain, so whatever happened to them before it is seen there (a new device's ifindex is
     learnt from its first link event, which comes before any other of it); ``nft_pids``: the
     ``nft`` processes whose commits are ours."""
 
-    fdb: frozenset[tuple[int, bytes]] = frozenset()
+    fdb: frozenset[tuple[int, int, bytes, bytes, int]] = frozenset()
     devices: frozenset[bytes] = frozenset()
     nft_pids: frozenset[int] = frozenset()
     indexes: set[int] = field(default_factory=set)  # of ``devices``, as their events name them
     nft_pending: bool = False  # events of our table whose transaction's NEWGEN has not come
+    # MACs of the entries announced on the devices written: ours on a tap, the kernel's own (a
+    # bridge's address follows its ports' as taps come and go), or one of another port's moved
+    # there by someone else (``bridge fdb replace MAC dev <written device>``: that port's loss
+    # is in no read-back), which the caller tells apart by the MAC
+    macs: set[bytes] = field(default_factory=set)
+
+
+def fdb_echo(added: bool, index: int, mac: bytes, dst: bytes = b"", state: int = 0) -> tuple:
+    """The key of an FDB entry's event in ``Echoes.fdb``: (message type, ifindex, MAC, dst's
+    bytes or b"" for none, NUD state; 0 for a delete, whose state the write does not fix). A
+    delete written without a dst (a learned entry's) is announced with whichever dst it had:
+    keyed with b"", it matches any."""
+    return (RTM_NEWNEIGH if added else RTM_DELNEIGH), index, mac, dst, state if added else 0
 
 
 def attributes(data: bytes, offset: int, end: int):
@@ -153,12 +172,22 @@ def touches_ours(
         elif kind in (RTM_NEWADDR, RTM_DELADDR) and end - body >= _IFADDR.size:
             index = _IFADDR.unpack_from(data, body)[4]
             ours |= index in managed and index not in echoes.indexes
-        elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and end - body >= _NDMSG.size:
-            family, index = _NDMSG.unpack_from(data, body)
-            if family == AF_BRIDGE and index in managed and index not in echoes.indexes:
-                attrs = attributes(data, body + _NDMSG_SIZE, end)  # ARP entries are not ours
-                mac = next((v for t, v in attrs if t == NDA_LLADDR), b"")
-                ours |= (index, mac) not in echoes.fdb
+        elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and end - body >= _NDMSG_SIZE:
+            family, index, state = _NDMSG.unpack_from(data, body)
+            if family != AF_BRIDGE:
+                continue  # ARP entries are not ours
+            attrs = dict(attributes(data, body + _NDMSG_SIZE, end))
+            mac = attrs.get(NDA_LLADDR, b"")
+            if index in echoes.indexes:
+                echoes.macs.add(mac)
+            # an entry on any port of our bridges: one of ours moved to a port not ours is
+            # announced by this one event, naming that port
+            elif index in managed or _u32(attrs.get(NDA_MASTER)) in managed:
+                added = kind == RTM_NEWNEIGH
+                dst = attrs.get(NDA_DST, b"")
+                ours |= fdb_echo(added, index, mac, dst, state) not in echoes.fdb and (
+                    added or fdb_echo(added, index, mac) not in echoes.fdb
+                )
         elif kind in (RTM_NEWNETCONF, RTM_DELNETCONF):  # netconfmsg: family, 3 bytes pad
             for t, v in attributes(data, body + 4, end):
                 if t == NETCONFA_IFINDEX and len(v) == 4:

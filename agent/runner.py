@@ -36,6 +36,7 @@ heartbeat a full read.
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,10 @@ from nats.aio.client import Client
 from agent.announce import Announcer
 from agent.assemble import Assembler, BadSection, FdbChange, MeshChange, TapChange, complete
 from agent.errors import ApplyError, ApplyResult
-from agent.kernel_events import Echoes, KernelEvents, NoDrift
+from agent.kernel_events import Echoes, KernelEvents, NoDrift, fdb_echo
 from agent.links.applier import LinkApplier
-from agent.links.model import AddPortFdb, DelPortFdb, FdbAction, LinkPlan, Observed
+from agent.links.fdb_socket import NUD_NOARP, NUD_PERMANENT
+from agent.links.model import AddFdb, AddPortFdb, DelPortFdb, FdbAction, LinkPlan, Observed
 from agent.links.plan import advance, settle, written_devices
 from agent.logs import FailureLog, NodeLog
 from agent.metrics import NO_METRICS
@@ -493,7 +495,7 @@ class Agent:
             if read is None
             else settle(self._seen, actions, snap, read)
         )
-        if after is None:
+        if after is None or _moved_onto(after, devices, echoes.macs):
             return False
         self._seen = after
         if read is not None:
@@ -708,11 +710,29 @@ def _path(change: Change | None, quiet: bool) -> str:
     return f"; {what} by the change path ({', '.join(parts)})"
 
 
+def _moved_onto(seen: Observed, devices: frozenset[str], macs: set[bytes]) -> bool:
+    """Whether an entry announced on a device written (``Echoes.macs``) carries a MAC that
+    ``seen`` has on a port not written of a bridge written: someone moved it from there onto
+    the tap or the bridge (the read-back reads only the devices written). Our own writes there
+    announce the taps' NIC MACs, which are on those taps, and the kernel's own entries carry
+    device addresses, never a NIC's MAC. Costs the links, only when there are such events."""
+    if not macs:
+        return False
+    names = {mac.hex(":") for mac in macs}
+    return any(
+        link.master in devices and not names.isdisjoint(seen.port_fdb.get(name, ()))
+        for name, link in seen.links.items()
+        if name not in devices
+    )
+
+
 def _echoes(plan: LinkPlan, devices: frozenset[str] = frozenset()) -> Echoes | None:
-    """What the plan's writes announce: (ifindex, MAC) of every FDB entry it wrote on a device
-    not in ``devices`` (the links it wrote, read back: each of their events is an echo); None
-    if it wrote anything else, or an entry on a device whose ifindex it does not know."""
+    """What the plan's writes announce: the event of every FDB entry it wrote (``fdb_echo``: an
+    add with its dst and state, a delete with its dst) on a device not in ``devices`` (the links
+    it wrote, read back: each of their events is an echo); None if it wrote anything else, or
+    an entry on a device whose ifindex it does not know."""
     fdb = set()
+    dsts: dict[str, bytes] = {}
     for a in plan.actions:
         if not isinstance(a, FdbAction):
             if a.name not in devices:
@@ -723,7 +743,14 @@ def _echoes(plan: LinkPlan, devices: frozenset[str] = frozenset()) -> Echoes | N
             continue
         if not (index := plan.indexes.get(device)):
             return None
-        fdb.add((index, bytes.fromhex(a.mac.replace(":", ""))))
+        mac = bytes.fromhex(a.mac.replace(":", ""))
+        packed = b""
+        if dst := getattr(a, "dst", None):  # a few tunnel addresses for many entries
+            if (packed := dsts.get(dst, b"")) == b"":
+                packed = dsts[dst] = socket.inet_aton(dst)  # as the FDB socket writes it
+        added = isinstance(a, AddFdb | AddPortFdb)  # a bridge entry is static, ours permanent
+        state = NUD_NOARP if isinstance(a, AddPortFdb) else NUD_PERMANENT
+        fdb.add(fdb_echo(added, index, mac, packed, state))
     return Echoes(
         fdb=frozenset(fdb),
         devices=frozenset(d.encode() for d in devices),

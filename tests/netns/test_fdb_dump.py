@@ -190,3 +190,28 @@ async def test_a_dump_left_unread_is_skipped_by_the_next(ns, raw):
     raw.sock.recv(1 << 20)  # one datagram read, the rest of that dump left behind
     assert tuple(fdb_dump.read(raw, vxlans, ports)) == expected
     assert tuple(fdb_dump.read(raw, vxlans, ports)) == expected
+
+
+async def test_a_port_filtered_dump_is_that_port_s_entries_alone(ns, raw):
+    """The read-back's dump (``observe_devices``): the kernel filters it to the port (every
+    entry it sends is on that port), it holds what the whole dump has on that port, and were a
+    kernel to ignore the filter, the parse still takes that port's entries only."""
+    seen = await observed(ns)
+    ports = {link.index: n for n, link in seen.links.items() if link.master is not None}
+    assert set(ports.values()) == {TAP, VETH, "otvx1000", "otvx1001"}
+    for index, name in ports.items():
+        seq = raw.next_seq()
+        raw.sock.send(fdb_dump.request(seq, port=index))
+        sent: list[int] = []
+        done = False
+        while not done:
+            for kind, _, s, payload in parse_messages(raw.sock.recv(1 << 20)):
+                done |= kind == NLMSG_DONE and s == seq
+                if kind == fdb_dump.RTM_NEWNEIGH:
+                    sent.append(int.from_bytes(payload[4:8], "little"))
+        assert sent and set(sent) == {index}, name  # filtered by the kernel
+        wanted = (seen.port_fdb[name], seen.port_learned[name])
+        for port in (index, 0):  # filtered, and as if the kernel ignored the filter
+            tables = fdb_dump.read(raw, {}, {index: name}, port=port)
+            assert (tables.port_fdb, tables.port_learned) == ({name: wanted[0]}, {name: wanted[1]})
+            assert tables.fdb == tables.learned == {}

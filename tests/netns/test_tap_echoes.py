@@ -103,6 +103,27 @@ FOREIGN = {
         ns, "bridge", "fdb", "add", "02:aa:00:00:00:77", "dev", TAP, "master", "static"
     ),
     "bridge downed": lambda ns: sh(ns, "ip", "link", "set", LAN, "down"),
+    "new tap's learning on": lambda ns: sh(
+        ns, "ip", "link", "set", NEW.name, "type", "bridge_slave", "learning", "on"
+    ),
+    "new tap's mtu changed": lambda ns: sh(ns, "ip", "link", "set", NEW.name, "mtu", "1300"),
+    "new tap moved to another bridge of ours": lambda ns: sh(
+        ns, "ip", "link", "set", NEW.name, "master", "otb1000"
+    ),
+    "new tap's entry deleted": lambda ns: sh(
+        ns, "bridge", "fdb", "del", NEW.mac, "dev", NEW.name, "master", "static"
+    ),
+    "a stray static entry on the new tap": lambda ns: sh(
+        ns, "bridge", "fdb", "add", "02:aa:00:00:00:78", "dev", NEW.name, "master", "static"
+    ),
+    "bridge mtu changed": lambda ns: sh(ns, "ip", "link", "set", LAN, "mtu", "1400"),
+    "address added to the bridge": lambda ns: sh(
+        ns, "ip", "addr", "add", "10.78.0.1/24", "dev", LAN
+    ),
+    # another tap's entry moved onto the written bridge itself: one event, naming the bridge
+    "another port's entry moved to the bridge": lambda ns: sh(
+        ns, "bridge", "fdb", "replace", "02:aa:00:00:00:01", "dev", LAN, "permanent"
+    ),
 }
 
 
@@ -184,3 +205,30 @@ async def test_nftables_knows_what_its_own_load_left(node):
             listed.exists, listed.digest, listed.rule_count, listed.sets, listed.forwarding
         )  # fmt: skip
         assert nft.plan(nft.desired(snap), known).writes == 0
+
+
+async def test_an_entry_moved_onto_a_tap_as_it_is_deleted_is_read_and_repaired(node):
+    """Another tap's entry moved onto the tap being detached, just before our delete: the move
+    and the flush are both events of the written tap, and the read-back finds the tap gone as
+    wanted; the entry the other tap lost must still make the next heartbeat a full read."""
+    ns, agent, kernel, _ = node
+    heads = await started(agent)
+    change, beat = heads.step(True)
+    assert (await agent.handle(change)).ok and (await agent.handle(beat)).ok
+    change, beat = heads.step(False)
+    execute = kernel.execute
+
+    async def moved_first(plan):
+        sh(ns, "bridge", "fdb", "replace", "02:aa:00:00:00:01", "dev", NEW.name, "master", "static")
+        return await execute(plan)
+
+    kernel.execute = moved_first
+    ack = await agent.handle(change)
+    kernel.execute = execute
+    assert ack.ok and ack.changes > 0, ack
+    assert not await in_sync(agent, with_new(False))
+    reconciled = agent.counters["reconciled"]
+    ack = await agent.handle(beat)
+    assert ack.ok and ack.changes > 0, ack
+    assert agent.counters["reconciled"] == reconciled + 1
+    assert await in_sync(agent, with_new(False))

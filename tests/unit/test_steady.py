@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from agent.assemble import head_for
-from agent.kernel_events import Echoes, touches_ours
+from agent.kernel_events import Echoes, fdb_echo, touches_ours
 from agent.links.applier import LinkApplier
 from agent.links.model import Link, Observed
 from agent.runner import Agent, AgentConfig
@@ -432,3 +432,41 @@ async def test_an_unchanged_heartbeats_head_is_neither_assembled_nor_validated(
         ack = await agent.handle(beat)
         assert ack.ok and ack.version == SNAP.version and ack.digest == SNAP.digest
     assert kernel.observes == observes and agent.counters["skipped"] == 3
+
+
+def fdb_event(kind: int, index: int, mac: bytes, state: int, dst=b"", master=0) -> bytes:
+    attrs = _attr(2, mac) + (_attr(1, dst) if dst else b"")
+    attrs += _attr(9, struct.pack("=I", master)) if master else b""
+    return _msg(kind, struct.pack("=BxxxiHBB", 7, index, state, 0, 0) + attrs)
+
+
+MAC, DST = bytes.fromhex("020000000002"), socket.inet_aton("100.64.0.2")
+
+
+def test_an_entry_on_a_foreign_port_of_our_bridge_is_news():
+    """A move of one of ours to a port not ours is one event naming that port (review19)."""
+    assert touches_ours(fdb_event(28, 9, MAC, 0x40, master=5), {5})
+    assert not touches_ours(fdb_event(28, 9, MAC, 0x40, master=8), {5})  # a foreign bridge
+
+
+def test_an_fdb_echo_is_the_event_of_the_write_itself():
+    """The events of an add (its dst and state) and of a delete are echoes; someone else's
+    delete of an entry just added, or its move to another dst, is news (review19)."""
+    managed = {5}
+    added = Echoes(fdb=frozenset({fdb_echo(True, 5, MAC, DST, 0x80)}))
+    assert not touches_ours(fdb_event(28, 5, MAC, 0x80, DST), managed, added)
+    assert touches_ours(fdb_event(29, 5, MAC, 0x80, DST), managed, added)  # deleted
+    other = socket.inet_aton("100.64.0.9")
+    assert touches_ours(fdb_event(28, 5, MAC, 0x80, other), managed, added)  # another dst
+    assert touches_ours(fdb_event(28, 5, MAC, 0x02, DST), managed, added)  # learned, not ours
+    deleted = Echoes(fdb=frozenset({fdb_echo(False, 5, MAC, DST)}))
+    assert not touches_ours(fdb_event(29, 5, MAC, 0x80, DST), managed, deleted)
+    assert touches_ours(fdb_event(28, 5, MAC, 0x80, DST), managed, deleted)  # added again
+    learned = Echoes(fdb=frozenset({fdb_echo(False, 5, MAC)}))  # a delete without a dst
+    assert not touches_ours(fdb_event(29, 5, MAC, 0x02, other), managed, learned)
+
+
+def test_the_macs_announced_on_written_devices_are_noted():
+    echoes = Echoes(devices=frozenset({b"ot0000000000a1"}), indexes={3})
+    assert not touches_ours(fdb_event(28, 3, MAC, 0x40), {3}, echoes)
+    assert echoes.macs == {MAC}
