@@ -13,8 +13,8 @@ without notifications reads the kernel on every heartbeat. A heartbeat that wrot
 a full one, which checks the writes took.
 
 WireGuard has no notifications: a skipped heartbeat still checks the WireGuard device (one
-UAPI or genetlink read, proportional to the peers, not the FDB), so a removed peer is put back
-on the next heartbeat either way. This module only decides; the runner does the work.
+UAPI or genetlink read, proportional to the peers, not the FDB; a device the last read found as
+desired only on every second HEAD), so a removed peer is put back within two heartbeats. This module only decides; the runner does the work.
 """
 
 from schemas.desired import Snapshot

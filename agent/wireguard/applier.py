@@ -160,6 +160,12 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
         except DeviceMissing:
             return WgObserved(link=link)
 
+    def holds(self, desired: WireGuard) -> bool:
+        """The last read of the device found it holding ``desired`` (a no-op plan, a check or a
+        verified peer change since): the runner may leave the next check out (``Agent``)."""
+        clean = self._clean
+        return clean is not None and (clean[0] is desired or clean[0] == desired)
+
     async def check(self, desired: WireGuard, seen: Observed | None) -> ApplyResult[frozenset[str]]:
         """A heartbeat without news: one UAPI read compared as bytes with the last no-op
         reconcile's (same desired state); a difference, or no such read, is a ``reconcile``."""
