@@ -6,11 +6,14 @@ removal follows, and a change of the mesh is always written and read at once."""
 
 import asyncio
 
+from hypothesis import given
+from hypothesis import strategies as st
 from msgspec.structs import replace
 
 from agent.kernel_events import NoDrift
 from agent.links.applier import LinkApplier
 from agent.runner import Agent, AgentConfig
+from agent.wireguard.applier import _steady_part
 from bench.hollow_agents import IndexedKernel, MemoryWireGuard
 from schemas.codec import encode
 from schemas.wire import PeerItem
@@ -99,3 +102,30 @@ def test_a_mesh_change_is_written_and_read_at_once(tmp_path):
         assert ack.ok and ack.changes == 1 and key(6) in peers(wg)
 
     asyncio.run(run())
+
+
+def _steady_part_line_by_line(answer: bytes) -> bytes:
+    """The former ``_steady_part`` (line by line in Python), the reference for the new one."""
+    volatile = (b"last_handshake_time_sec=", b"last_handshake_time_nsec=", b"rx_bytes=",
+                b"tx_bytes=")  # fmt: skip
+    device, *peers = answer.removesuffix(b"errno=0\n\n").rstrip().split(b"\npublic_key=")
+    blocks = [b"\n".join(x for x in p.split(b"\n") if not x.startswith(volatile)) for p in peers]
+    return b"\npublic_key=".join([device, *sorted(blocks)])
+
+
+_LINE = st.sampled_from([b"endpoint=198.18.0.2:51820", b"allowed_ip=100.64.0.2/32",
+                         b"persistent_keepalive_interval=0", b"protocol_version=1",
+                         b"last_handshake_time_sec=17", b"last_handshake_time_nsec=5",
+                         b"rx_bytes=1234", b"tx_bytes=0"])  # fmt: skip
+_PEER = st.tuples(st.integers(0, 2**16), st.lists(_LINE, max_size=8))
+
+
+@given(st.lists(_PEER, max_size=6), st.booleans())
+def test_the_steady_part_is_the_line_by_line_ones(peers, errno):
+    """One regular expression over the whole answer gives the very bytes the line-by-line
+    filter gave (volatile lines anywhere in a peer's block, the last one included)."""
+    lines = [b"private_key=" + b"a" * 64, b"listen_port=51820"]
+    for number, block in peers:
+        lines += [b"public_key=%064x" % number, *block]
+    answer = b"\n".join(lines) + (b"\nerrno=0\n\n" if errno else b"\n")
+    assert _steady_part(answer) == _steady_part_line_by_line(answer)
