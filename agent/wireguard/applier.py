@@ -65,6 +65,9 @@ from schemas.naming import WIREGUARD_IFNAME, is_managed
 
 RUN_DIR = Path("/var/run/wireguard")  # wireguard-go hard-codes this directory for its socket
 Backend = Literal["auto", "kernel", "userspace"]
+# the supervisor leaves wireguard-go alone while a read got an answer within this many of its
+# check intervals (the heartbeat reads an unchanged device every second HEAD)
+ANSWERED_WITHIN = 3
 # lines of a UAPI get answer that change without anyone changing the device
 _VOLATILE = re.compile(rb"\n(?:last_handshake_time_|rx_bytes=|tx_bytes=)[^\n]*")
 
@@ -363,10 +366,11 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
                     self.log.exception("%s: restarting wireguard-go failed", self.ifname)
 
     def _answered_recently(self) -> bool:
-        """wireguard-go answered a read (a heartbeat's check, health) within the last check
-        interval: it is alive, no need to knock on its socket as well (each connection costs it
-        CPU). Should it die now, the next heartbeat's read fails and restarts it."""
-        return time.monotonic() - self._answered_at < self._check_interval
+        """wireguard-go answered a read (a heartbeat's check, health) within the last few check
+        intervals (``ANSWERED_WITHIN``: an unchanged device is read on every second heartbeat,
+        give or take): it is alive, no need to knock on its socket as well (each connection
+        costs it CPU). Should it die now, the next heartbeat's read fails and restarts it."""
+        return time.monotonic() - self._answered_at < ANSWERED_WITHIN * self._check_interval
 
     async def _resolve(self, link: Any, known: bool = False) -> KernelBackend | UserspaceBackend:
         """``known``: ``link`` is otwg0 as just observed (None: absent), no need to read it."""
