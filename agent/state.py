@@ -60,8 +60,8 @@ def save_applied(state_dir: Path, state: AppliedState) -> None:
     if len(data) <= RECORD:
         data = data.ljust(RECORD)
         try:
-            fd = os.open(path, os.O_WRONLY)
-        except FileNotFoundError:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)  # a link is replaced, as by a rename
+        except OSError:
             pass
         else:
             try:

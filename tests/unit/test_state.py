@@ -56,3 +56,15 @@ def test_the_applied_version_is_overwritten_in_place_and_reads_back_whole(tmp_pa
     assert load_applied(state) == AppliedState(version=8, digest="d" * 300)
     save_applied(state, AppliedState(version=9, digest="e"))
     assert load_applied(state) == AppliedState(version=9, digest="e")
+
+
+def test_a_link_in_place_of_the_record_is_replaced_never_written_through(tmp_path):
+    state = tmp_path / "agent"
+    secure_state_dir(state)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b" " * 256)  # the record's size: an in-place write would land there
+    (state / "applied.json").symlink_to(elsewhere)
+    save_applied(state, AppliedState(version=2, digest="d"))
+    assert elsewhere.read_bytes() == b" " * 256
+    assert not (state / "applied.json").is_symlink()
+    assert load_applied(state) == AppliedState(version=2, digest="d")
