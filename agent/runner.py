@@ -11,10 +11,11 @@ Silence from the controller changes nothing: the data plane keeps its last good 
 The steady state (``agent.steady`` decides): while the kernel's notifications
 (``agent.kernel_events``) show nothing of ours changed since the last full read of the kernel, a
 heartbeat with the content last reconciled is skipped (no decode, no validation, no dump, no
-write; only WireGuard, which has no notifications, is read), and a new snapshot is planned
-against that read; writes of FDB entries, taps and our ``nft -f`` load are then known without a
-dump when the notifications since are their echoes alone (``_advance``). Health counts
-heartbeats skipped (no full read) and full ones.
+write; only WireGuard, which has no notifications, is read, and a device the last read found as
+desired only on every second HEAD: drift is still found within two), and a new snapshot is
+planned against that read; writes of FDB entries, taps and our ``nft -f`` load are then known
+without a dump when the notifications since are their echoes alone (``_advance``). Health
+counts heartbeats skipped (no full read) and full ones.
 
 A change costs what it changes: when a HEAD only gains and loses FDB entries of the snapshot
 last applied cleanly (``agent.assemble.Assembler.change``), only those entries are checked
@@ -157,6 +158,8 @@ class Agent:
         self._since_full = 0
         self._writes: dict[str, int] = {}  # per subsystem, in the last reconcile
         self._peer_writes = False  # WireGuard's writes then were peers only (``apply_change``)
+        # WireGuard has no notifications: an unchanged device is read on every second HEAD only
+        self._wg_read_last = False
         # the snapshot being applied as assembled and checked, and the last one applied cleanly
         self._assembled: tuple[Snapshot, Checked] | None = None
         self._base: tuple[Snapshot, Checked] | None = None
@@ -515,7 +518,8 @@ class Agent:
 
     async def check_mesh(self, snap: Snapshot) -> tuple[int, list[ApplyError]]:
         """A skipped heartbeat's one kernel read: WireGuard has no notifications, so its device
-        is observed and planned (zero writes when equal) against the last link dump."""
+        is observed and planned (zero writes when equal) against the last link dump; left out
+        when the HEAD before read it and found it as desired (``_reconcile_one``)."""
         if snap.wireguard is None or self.wireguard is None:
             return 0, []
         result, errors = await self._reconcile_one(self.wireguard, snap, self._seen, check=True)
@@ -541,6 +545,14 @@ class Agent:
                     desired, change.base.wireguard, change.mesh.gained, change.mesh.lost
                 )  # only the touched peers, when WireGuard knows its device holds the base
                 self._peer_writes = result is not None
+            holds = getattr(sub, "holds", None)
+            if result is None and check and self._wg_read_last and holds and holds(desired):
+                # read on the HEAD before and found as desired: this HEAD leaves the read out and
+                # the next one reads, so drift is still found within two heartbeats
+                self._wg_read_last = False
+                return ApplyResult(writes=0, reached=frozenset({desired.name})), []
+            if sub is self.wireguard:
+                self._wg_read_last = True  # every way below reads the device
             if result is None and check:  # WireGuard's cheap read for a heartbeat without news
                 result = await sub.check(desired, seen)
             elif result is None:

@@ -10,11 +10,13 @@ announce). Then a snapshot with the content last reconciled (its bytes, or its v
 digest) is skipped outright, and a new one is planned against that read (``QUIET``): the cost of
 a change is the decode, validating the sections that changed, the plan and the writes. An agent
 without notifications reads the kernel on every heartbeat. A heartbeat that wrote is followed by
-a full one, which checks the writes took.
+a full one, which checks the writes took, unless the runner knows what its writes reached from
+their echoes alone (FDB entries, this node's taps read back, its own ``nft -f`` loads).
 
 WireGuard has no notifications: a skipped heartbeat still checks the WireGuard device (one
-UAPI or genetlink read, proportional to the peers, not the FDB), so a removed peer is put back
-on the next heartbeat either way. This module only decides; the runner does the work.
+UAPI or genetlink read, proportional to the peers, not the FDB; a device the last read found as
+desired only on every second HEAD), so a removed peer is put back within two heartbeats. This
+module only decides; the runner does the work.
 """
 
 from schemas.desired import Snapshot

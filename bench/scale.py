@@ -22,6 +22,9 @@ Phases, each on its own nats-server (an OPEN bus: plaintext, no identities, sinc
   root only, brought up all at once; those registered within ``--real-budget`` seconds count):
   their CPU per unchanged heartbeat, then NIC attach/detach → every hosting node's ack, on a
   network every node hosts and on one that spans two nodes, one change every two heartbeats;
+  then the same-run FLOOR: the agents stopped, one minimal nats-py process per node namespace
+  (``FLOOR_AGENT``: receives its node's HEADs, and acks a HEAD-sized message per change) through
+  the same relay: what any Python agent fleet does on this machine, publish → all acks;
 - cold apply of 10,000 FDB entries next to ``bridge -batch`` of the same (``bench fdb_apply``);
 - agent CPU per unchanged heartbeat: ``bench agent_steady`` when it exists.
 
@@ -77,6 +80,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--hollow-limit", type=float, default=180.0,
                    help="seconds for every hollow agent to ack its first snapshot")  # fmt: skip
     p.add_argument("--real-agents", type=int, default=100, help="0: skip")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the real agents' floor (minimal nats-py processes)")  # fmt: skip
     p.add_argument("--real-budget", type=float, default=180.0,
                    help="seconds for bringing real agents up (and registered)")  # fmt: skip
     p.add_argument("--runs", type=int, default=20, help="attaches per convergence measurement")
@@ -695,6 +700,128 @@ async def converge_spaced(
     return samples, "", per_change()
 
 
+# The floor's agent: nats-py on uvloop as the agent runs, nothing else. It reads its node's HEADs
+# (the controller keeps publishing them) and answers each message on bench.floor.<node> with an
+# ack carrying that message's version, as the agent acks a change.
+FLOOR_AGENT = """
+import asyncio, sys, time
+import msgspec, nats, uvloop
+
+async def main(node):
+    nc = await nats.connect("nats://127.0.0.1:%d")
+    subject = "bench.floor.ack." + node
+
+    async def change(msg):
+        version = msgspec.json.decode(msg.data)["version"]
+        ack = {"node": node, "version": version, "ok": True, "sent_at": time.time()}
+        await nc.publish(subject, msgspec.json.encode(ack))
+
+    async def head(msg):
+        msgspec.json.decode(msg.data)  # an unchanged heartbeat: nothing to do
+
+    await nc.subscribe("bench.floor." + node, cb=change)
+    await nc.subscribe("otherix.v1.desired." + node, cb=head)
+    await asyncio.Event().wait()
+
+uvloop.run(main(sys.argv[1]))
+"""
+
+
+class FloorAcks:
+    """The floor agents' acks: the latest version per node and its arrival time."""
+
+    def __init__(self):
+        self.version: dict[str, int] = {}
+        self.at: dict[str, float] = {}
+        self.changed = asyncio.Event()
+
+    async def on_msg(self, msg) -> None:
+        ack = msgspec.json.decode(msg.data)
+        self.version[ack["node"]], self.at[ack["node"]] = ack["version"], time.perf_counter()
+        self.changed.set()
+
+    async def all_at(self, nodes: list[str], version: int, timeout: float) -> float:
+        async with asyncio.timeout(timeout):
+            while any(self.version.get(n, -1) < version for n in nodes):
+                self.changed.clear()
+                await self.changed.wait()
+        return max(self.at[n] for n in nodes)
+
+
+async def floor(lab, opts, names: list[str], pair: list[str], size: int, table: Table) -> None:
+    """The same-run floor: the real agents stopped (their wireguard-go stays, as the data plane
+    does), one ``FLOOR_AGENT`` per node namespace, then ``opts.runs`` messages of ``size``
+    bytes (the change HEADs' size) to all nodes and to two: publish → every ack, and the
+    processes' CPU per change beyond their idle rate."""
+    from lab.cluster import NODE_NATS_PORT
+
+    gate = asyncio.Semaphore(10)
+
+    async def stop(name: str) -> None:
+        async with gate:
+            await lab.stop_agent(name)
+
+    await asyncio.gather(*(stop(n) for n in names))
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        for name in names:
+            procs.append(await asyncio.create_subprocess_exec(
+                "ip", "netns", "exec", lab.topology.nodes[name].netns, sys.executable, "-c",
+                FLOOR_AGENT % NODE_NATS_PORT, name, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))  # fmt: skip
+        acks = FloorAcks()
+        await lab.nc.subscribe("bench.floor.ack.>", cb=acks.on_msg)
+        version, began = 0, time.perf_counter()  # subscribed when it has answered (no flush)
+        while any(n not in acks.version for n in names):
+            if time.perf_counter() - began > 60:
+                late = [n for n in names if n not in acks.version]
+                table.add("FLOOR", f"{len(names)} minimal nats-py processes",
+                          f"{len(late)} never answered within 60 s")  # fmt: skip
+                return
+            for n in names:
+                if n not in acks.version:
+                    await lab.nc.publish(f"bench.floor.{n}", msgspec.json.encode({"version": 0}))
+            await asyncio.sleep(0.5)
+        counted = Processes({"floor": [p.pid for p in procs]})
+        await asyncio.sleep(2 * opts.heartbeat)
+        before, t = counted.sample(), time.perf_counter()
+        await asyncio.sleep(opts.heartbeats * opts.heartbeat)
+        idle = Processes.delta(before, counted.sample())["floor"] / (time.perf_counter() - t)
+        label = f"FLOOR: {len(names)} minimal nats-py processes (namespaces, same relay)"
+        table.add("FLOOR: CPU per unchanged heartbeat (receive the HEAD, nothing else)", label,
+                  f"{ms(idle * opts.heartbeat / len(names))} per node",
+                  "agents stopped; their wireguard-go still up")  # fmt: skip
+        pad = "x" * max(size - 40, 0)
+        for hosts, what in ((names, f"all {len(names)} nodes"), (pair, "2 nodes")):
+            samples, busy = [], 0.0
+            for _ in range(opts.runs):
+                await asyncio.sleep(opts.heartbeat)
+                version += 1
+                data = msgspec.json.encode({"version": version, "pad": pad})
+                before, start = counted.sample(), time.perf_counter()
+                for n in hosts:  # one publisher, one message per node, as the controller's
+                    await lab.nc.publish(f"bench.floor.{n}", data)
+                try:
+                    samples.append(await acks.all_at(hosts, version, opts.limit) - start)
+                except TimeoutError:
+                    break
+                window = time.perf_counter() - start
+                busy += Processes.delta(before, counted.sample())["floor"] - idle * window
+            note = "" if len(samples) == opts.runs else "; a message not acked"
+            measured = (f"p50 {ms(pct(samples, 0.5))}, p99 {ms(pct(samples, 0.99))}"
+                        f" (n={len(samples)}{note})") if samples else f"none acked{note}"  # fmt: skip
+            table.add("FLOOR: publish → all acks", f"{label}, a {size} B message to {what}",
+                      measured, f"the floor's CPU per change beyond idle"
+                      f" {ms(busy / max(len(samples), 1))}")  # fmt: skip
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        for p in procs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(p.wait(), 10)
+
+
 async def real_agents(opts, table: Table) -> None:
     from lab.cluster import Lab  # root only; imported here so the rest runs without it
     from lab.netns import LabError
@@ -753,12 +880,22 @@ async def real_agents(opts, table: Table) -> None:
                   f" {ms(idle['wireguard-go'] * opts.heartbeat / len(names))} per node")  # fmt: skip
 
         rtt = await api_rtt(api, "scale")
+        sizes: list[int] = []  # of the change HEADs node n1 gets: the floor's message size
+
+        async def sized(msg) -> None:
+            if msgspec.json.decode(msg.data).get("sections"):  # content attached: a change
+                sizes.append(len(msg.data))
+
+        await lab.nc.subscribe(DESIRED + pair[0], cb=sized)
         for network, hosts, what in (("scale", names, f"all {len(names)} nodes host it"),
                                      ("pair", pair, "2 of the nodes host it")):  # fmt: skip
             *result, busy = await converge_spaced(api, acks, network, hosts, pair[0], opts, procs, idle)  # fmt: skip
             report_convergence(table, f"{label}, NIC attach/detach, {what}", tuple(result), rtt,
                                f"; CPU from request to last ack beyond idle, per change: agents"
                                f" {ms(busy['agent'])}, their wireguard-go {ms(busy['wireguard-go'])}")  # fmt: skip
+        if not opts.no_floor:
+            print("-- the floor: minimal nats-py processes in the same namespaces", flush=True)
+            await floor(lab, opts, names, pair, int(statistics.median(sizes or [300])), table)
     finally:
         await lab.down()
 

@@ -95,10 +95,59 @@ async def test_a_change_is_sent_only_to_the_nodes_it_affects_until_the_heartbeat
     pub.wake(("nic", "a"))
     await pub.publish_all()
     assert set(pub.nc.take()) == {"n1"}
-    pub._next_heartbeat = 0.0  # the heartbeat is due: every HEAD, refs only
-    await pub.publish_all()
-    sent = pub.nc.take()
+    sent = await whole_heartbeat(pub)  # every HEAD, refs only
     assert set(sent) == {"n1", "n2"} and all(h.sections == () for h in sent.values())
+
+
+async def whole_heartbeat(pub: Publisher) -> dict[str, Head]:
+    """Every tick of one heartbeat interval, each one due (``Publisher.ticks``)."""
+    sent = {}
+    for _ in range(pub.ticks):
+        pub._next_heartbeat = 0.0  # the next tick is due
+        await pub.publish_all()
+        sent.update(pub.nc.take())
+    return sent
+
+
+async def test_unchanged_heads_are_spread_over_the_heartbeat_and_changes_go_at_once():
+    """100 agents on one machine all doing their heartbeat work at once delayed any change
+    that arrived then; so each tick sends its share of the nodes' HEADs, every node's once per
+    interval, while a change still goes to every node it affects on the tick it is made."""
+    it = cluster()
+    names = [f"n{i}" for i in range(1, 101)]
+    it.nodes.update({n: node(n, False) for n in names})
+    pub, _ = publisher(it)
+    await pub.publish_all()  # the first HEADs: everyone, at once
+    assert set(pub.nc.take()) == set(names)
+    assert pub.ticks == 10
+    for _ in range(2):
+        seen: list[str] = []
+        for _ in range(pub.ticks):
+            pub._next_heartbeat = 0.0
+            await pub.publish_all()
+            sent = list(pub.nc.take())
+            assert len(sent) == 10  # 100 nodes over 10 ticks, dealt in turn
+            seen += sent
+        assert sorted(seen) == sorted(names)  # each exactly once per interval
+    it.nics["a"] = nic(1, "lan", "n7")
+    it.nics["b"] = nic(2, "lan", "n8")
+    pub.wake(("nic", "a"), ("nic", "b"))
+    await pub.publish_all()  # no tick due: the change alone, at once
+    assert set(pub.nc.take()) == {"n7", "n8"}
+
+
+async def test_a_small_cluster_is_not_cut_into_ticks():
+    """Each tick wakes the controller (~0.25 ms of CPU here): fewer than ``NODES_PER_TICK``
+    nodes per tick are not worth it, so a few nodes get their HEADs together, once per interval."""
+    it = cluster()
+    it.nodes["n2"] = node("n2", False)
+    pub, _ = publisher(it)
+    await pub.publish_all()
+    assert pub.ticks == 1
+    pub.nc.take()
+    pub._next_heartbeat = 0.0
+    await pub.publish_all()
+    assert set(pub.nc.take()) == {"n1", "n2"}
 
 
 async def test_no_version_above_the_persisted_mark_is_ever_sent():

@@ -37,3 +37,34 @@ def test_loosened_modes_are_tightened_at_start(tmp_path, caplog):
     assert mode(state / "wireguard.key") == mode(state / "applied.json") == 0o600
     assert load_or_create_private_key(state) == key  # tightened, never replaced
     assert "wireguard.key was mode 644; set to 600" in caplog.text
+
+
+def test_the_applied_version_is_overwritten_in_place_and_reads_back_whole(tmp_path):
+    """Saved after every change: one in-place write of a fixed-size record (no rename), which
+    must leave nothing of a longer record before it, nor of an older release's file."""
+    state = tmp_path / "agent"
+    secure_state_dir(state)
+    (state / "applied.json").write_bytes(b'{"version":3,"digest":"' + b"x" * 100 + b'"}')  # old
+    save_applied(state, AppliedState(version=4, digest="a" * 64))
+    inode = (state / "applied.json").stat().st_ino
+    for version, digest in ((5, "b" * 64), (6, "c"), (7, "")):
+        save_applied(state, AppliedState(version=version, digest=digest))
+        assert load_applied(state) == AppliedState(version=version, digest=digest)
+    assert (state / "applied.json").stat().st_ino == inode  # in place: never renamed
+    assert mode(state / "applied.json") == 0o600
+    save_applied(state, AppliedState(version=8, digest="d" * 300))  # too long: written whole
+    assert load_applied(state) == AppliedState(version=8, digest="d" * 300)
+    save_applied(state, AppliedState(version=9, digest="e"))
+    assert load_applied(state) == AppliedState(version=9, digest="e")
+
+
+def test_a_link_in_place_of_the_record_is_replaced_never_written_through(tmp_path):
+    state = tmp_path / "agent"
+    secure_state_dir(state)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b" " * 256)  # the record's size: an in-place write would land there
+    (state / "applied.json").symlink_to(elsewhere)
+    save_applied(state, AppliedState(version=2, digest="d"))
+    assert elsewhere.read_bytes() == b" " * 256
+    assert not (state / "applied.json").is_symlink()
+    assert load_applied(state) == AppliedState(version=2, digest="d")
