@@ -92,6 +92,7 @@ class Publisher:
         self._tick = 0  # the tick whose nodes' HEADs leave next
         self._ticks = 1  # ticks in the current interval (``ticks``), set as each interval begins
         self._ticks_of: dict[str, int] = {}  # node → a number; its tick is that modulo ``ticks``
+        self._groups: list[list[str]] = [[]]  # the nodes of each tick, dealt as an interval begins
         self._saved: dict[str, tuple[int, str]] = {}  # node versions as last saved
         self._final_on_record = False  # the store holds a clean stop's final versions
         self._save_after = 0.0  # monotonic time before which versions are not saved again
@@ -143,6 +144,7 @@ class Publisher:
 
     def commit(self) -> None:
         """Take over pending changes; the nodes they affect get a new version and are queued."""
+        synced = self._everything or bool(self._keys)  # else no node came or went
         if self._everything:
             self._everything, self._keys = False, set()
             self.model.sync(self.intent)
@@ -158,7 +160,8 @@ class Publisher:
             attach = Attachments(done)
             for node in done.nodes:
                 self._fresh[node] = attach
-        for node in [n for n in self._encoded if n not in self.model.heads]:
+        removed = [n for n in self._encoded if n not in self.model.heads] if synced else []
+        for node in removed:  # (a scan of every node: not on every tick)
             del self._encoded[node]  # removed: nothing more is published for it
             self._fresh.pop(node, None)
             self._ticks_of.pop(node, None)
@@ -229,19 +232,25 @@ class Publisher:
                 if node not in self.model.heads:
                     continue
                 self._encoded[node] = encode(self.model.head(node, budget, published_at=now))
-                self._ticks_of.setdefault(node, len(self._ticks_of))
+                if node not in self._ticks_of:  # dealt to a tick of this interval already
+                    self._ticks_of[node] = number = len(self._ticks_of)
+                    self._groups[number % self._ticks].append(node)
                 with_content[node] = encode(self.model.head(node, budget, attach, now))
             heartbeat = time.monotonic() >= self._next_heartbeat  # a tick is due
             if heartbeat:
                 if self._tick == 0:  # an interval begins: nodes may have come or gone
                     self._ticks = self._cut()
+                    self._groups = [[] for _ in range(self._ticks)]
+                    for node, number in self._ticks_of.items():
+                        self._groups[number % self._ticks].append(node)
                 tick, step = self._tick, self.config.heartbeat_interval / self.ticks
                 self._tick = (tick + 1) % self.ticks
                 # from the last deadline (no drift); afresh when behind by more (no catching up)
                 now_m, due_at = time.monotonic(), self._next_heartbeat + step
                 self._next_heartbeat = due_at if due_at > now_m else now_m + step
-                of, ticks = self._ticks_of, self.ticks
-                due = {n: d for n, d in self._encoded.items() if of[n] % ticks == tick}
+                # O(nodes of the tick); one removed since the groups were dealt has no HEAD
+                enc = self._encoded
+                due = {n: enc[n] for n in self._groups[tick] if n in enc}
                 messages = {**due, **with_content}
             else:
                 messages = with_content
@@ -270,8 +279,10 @@ class Publisher:
     async def _save_versions(self, final: bool = False) -> None:
         """Every node's version in one entry, at most every ``SAVE_EVERY`` seconds. Only the final
         save is reused by the next leader; the others are for followers' ``status``."""
+        if not final and time.monotonic() < self._save_after:
+            return  # before the O(nodes) copy: this runs on every tick
         now = {n: (h.version, h.digest) for n, h in self.model.heads.items()}
-        if not final and (time.monotonic() < self._save_after or now == self._saved):
+        if not final and now == self._saved:
             return
         self._save_after = time.monotonic() + SAVE_EVERY
         data = NodeVersions(nodes=now, final=final)
