@@ -301,7 +301,7 @@ async def idle(agent, raw: bytes, seconds: float, devices_up: float) -> dict:
     parts = Parts()
     reconciled = agent.counters["reconciled"]
     parts.wrap(agent, "handle", "HEAD handling")
-    parts.wrap(agent, "check_mesh", "WireGuard check (UAPI get, per HEAD)")
+    parts.wrap(agent, "check_mesh", "WireGuard check (a UAPI get on every second HEAD)")
     if hasattr(agent.nft, "read_drops"):  # before it, the health loop ran ``observe``
         parts.wrap(agent.nft, "read_drops", "nft drop counters (health)")
     parts.wrap(agent.nft, "observe", "nft observe (both tables; before read_drops, health's too)")
