@@ -105,6 +105,18 @@ def fdb_echo(added: bool, index: int, mac: bytes, dst: bytes = b"", state: int =
     return (RTM_NEWNEIGH if added else RTM_DELNEIGH), index, mac, dst, state if added else 0
 
 
+def messages(data: bytes):
+    """(type, flags, body offset, end) of each netlink message of one datagram, read in place;
+    a message with an impossible length ends the walk."""
+    offset = 0
+    while offset + _NLMSG.size <= len(data):
+        length, kind, flags, _, _ = _NLMSG.unpack_from(data, offset)
+        if length < _NLMSG.size:
+            return
+        yield kind, flags, offset + _NLMSG.size, min(offset + length, len(data))
+        offset += (length + 3) & ~3
+
+
 def attributes(data: bytes, offset: int, end: int):
     """(type, value) of each netlink attribute in data[offset:end]."""
     while offset + 4 <= end:
@@ -130,13 +142,7 @@ def touches_ours(
     deferred operstate news after a port came or went) is not news either."""
     echoes = echoes if echoes is not None else Echoes()
     ours = False
-    offset = 0
-    while offset + _NLMSG.size <= len(data):
-        length, kind, _, _, _ = _NLMSG.unpack_from(data, offset)
-        if length < _NLMSG.size:
-            break
-        body, end = offset + _NLMSG.size, min(offset + length, len(data))
-        offset += (length + 3) & ~3
+    for kind, _, body, end in messages(data):
         if kind >> 8 == NFNL_SUBSYS_NFTABLES:  # nfgenmsg (4 bytes), then the attributes
             attrs = attributes(data, body + 4, end)
             if kind & 0xFF == NFT_MSG_NEWGEN:  # the end of one transaction's events

@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 
-from agent.kernel_events import attributes
+from agent.kernel_events import attributes, messages
 from agent.netlink_thread import made_in
 from agent.nft.rules import FAMILIES, TABLE, Counter
 
@@ -71,13 +71,7 @@ def _parse_into(per_family: dict[int, dict[str, Counter]], data: bytes) -> bool:
 
 
 def _parse_datagram(per_family: dict[int, dict[str, Counter]], data: bytes) -> bool:
-    offset = 0
-    while offset + _NLMSG.size <= len(data):
-        length, kind, flags, _, _ = _NLMSG.unpack_from(data, offset)
-        if length < _NLMSG.size:
-            break
-        body, end = offset + _NLMSG.size, min(offset + length, len(data))
-        offset += (length + 3) & ~3
+    for kind, flags, body, end in messages(data):
         if flags & NLM_F_DUMP_INTR:  # the tables changed during the dump: its figures are mixed
             raise OSError(errno.EINTR, "nftables counter dump interrupted; read again")
         if kind in (NLMSG_DONE, NLMSG_ERROR):
