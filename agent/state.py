@@ -5,9 +5,12 @@ The applied version is saved after every change, so on the hot path: a file of a
 (``RECORD``, within one disk sector) is overwritten in place with one ``pwrite``, which a crash of
 the agent cannot tear (a write-then-rename per version cost ~60 µs of the agent's CPU on ext4, plus
 the flush ext4 starts for a rename over a file). Only a record that is new, of another size (an
-older release's file) or too long is written whole to a temporary file and renamed over it. Never
-fsynced (neither was the rename): after a power loss the node's kernel state is gone as well."""
+older release's file) or too long, or a file that is not the record the rename left (a link, a
+FIFO, a second name, a loosened mode) is written whole to a new temporary file (never through a
+link) and renamed over it. Never fsynced (neither was the rename): after a power loss the node's
+kernel state is gone as well."""
 
+import contextlib
 import logging
 import os
 import stat
@@ -52,6 +55,17 @@ def load_applied(state_dir: Path) -> AppliedState:
 RECORD = 256  # bytes of applied.json: JSON padded with spaces, one write within one sector
 
 
+def _our_record(st: os.stat_result) -> bool:
+    """A file the in-place write may overwrite: the record as the rename left it (a regular
+    file of ``RECORD`` bytes, 0600, one link); anything else is replaced whole."""
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_size == RECORD
+        and st.st_nlink == 1
+        and stat.S_IMODE(st.st_mode) == FILE_MODE
+    )
+
+
 def save_applied(state_dir: Path, state: AppliedState) -> None:
     """Overwrite the fixed-size record in place; write-then-rename (0600) when there is none yet,
     so a crash never leaves a half-written file."""
@@ -59,19 +73,21 @@ def save_applied(state_dir: Path, state: AppliedState) -> None:
     data = msgspec.json.encode(state)
     if len(data) <= RECORD:
         data = data.ljust(RECORD)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)  # a link is replaced, as by a rename
+        try:  # a link is replaced, as by a rename; a FIFO must not block the agent
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             pass
         else:
             try:
-                if os.fstat(fd).st_size == RECORD:
+                if _our_record(os.fstat(fd)):
                     os.pwrite(fd, data, 0)
                     return
             finally:
                 os.close(fd)
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a crash's leftover, or a link planted there: never written through
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     try:
         os.write(fd, data)
     finally:

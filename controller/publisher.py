@@ -93,6 +93,8 @@ class Publisher:
         self._ticks = 1  # ticks in the current interval (``ticks``), set as each interval begins
         self._ticks_of: dict[str, int] = {}  # node → a number; its tick is that modulo ``ticks``
         self._groups: list[list[str]] = [[]]  # the nodes of each tick, dealt as an interval begins
+        self._dealt = 0  # numbers dealt so far (never reused: the ticks stay even)
+        self._work = 0.0  # seconds spent on the current interval's ticks so far (metrics)
         self._saved: dict[str, tuple[int, str]] = {}  # node versions as last saved
         self._final_on_record = False  # the store holds a clean stop's final versions
         self._save_after = 0.0  # monotonic time before which versions are not saved again
@@ -232,11 +234,11 @@ class Publisher:
                 if node not in self.model.heads:
                     continue
                 self._encoded[node] = encode(self.model.head(node, budget, published_at=now))
-                if node not in self._ticks_of:  # dealt to a tick of this interval already
-                    self._ticks_of[node] = number = len(self._ticks_of)
-                    self._groups[number % self._ticks].append(node)
+                if node not in self._ticks_of:  # dealt in turn, also after others left
+                    self._ticks_of[node], self._dealt = self._dealt, self._dealt + 1
+                    self._groups[self._ticks_of[node] % self._ticks].append(node)
                 with_content[node] = encode(self.model.head(node, budget, attach, now))
-            heartbeat = time.monotonic() >= self._next_heartbeat  # a tick is due
+            heartbeat, last_tick = time.monotonic() >= self._next_heartbeat, False  # tick due?
             if heartbeat:
                 if self._tick == 0:  # an interval begins: nodes may have come or gone
                     self._ticks = self._cut()
@@ -245,6 +247,7 @@ class Publisher:
                         self._groups[number % self._ticks].append(node)
                 tick, step = self._tick, self.config.heartbeat_interval / self.ticks
                 self._tick = (tick + 1) % self.ticks
+                last_tick = self._tick == 0
                 # from the last deadline (no drift); afresh when behind by more (no catching up)
                 now_m, due_at = time.monotonic(), self._next_heartbeat + step
                 self._next_heartbeat = due_at if due_at > now_m else now_m + step
@@ -266,9 +269,10 @@ class Publisher:
         await self._save_versions()
         if heartbeat:
             self.heartbeat_at = time.monotonic()
-            self.metrics.heartbeat_took(
-                self.heartbeat_at - started, self.config.heartbeat_interval / self.ticks
-            )
+            self._work += self.heartbeat_at - started
+            if last_tick:  # an interval's ticks are one heartbeat (every node's HEAD), as metered
+                self.metrics.heartbeat_took(self._work, self.config.heartbeat_interval)
+                self._work = 0.0
 
     async def close(self) -> None:
         """On a clean stop, after the last HEAD: save the nodes' versions as final, so the next

@@ -184,6 +184,9 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
                 self._answered_at = time.monotonic()
             if answer is not None and _steady_part(answer) == clean[1]:
                 return ApplyResult(writes=0, reached=frozenset({self.ifname}))
+        # not found as last read: nothing holds (``holds``) until a read finds it so, also when
+        # this reconcile fails before planning (a daemon that stopped answering)
+        self._clean = None
         return await self.reconcile(desired, seen)
 
     async def apply_change(

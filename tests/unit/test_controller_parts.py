@@ -168,6 +168,52 @@ async def test_a_node_that_comes_mid_interval_gets_a_heartbeat_within_one_interv
     assert not any("n5" in sent for sent in ticks)
 
 
+async def test_nodes_that_come_and_go_stay_spread_over_the_ticks():
+    """A node replaced by another, thirty times (hardware swapped one machine at a time): each
+    newcomer is dealt a tick of its own turn, so no tick gathers them all (review20: numbered by
+    the count of nodes, every newcomer took the number the last one left free, tick 9: ~37 HEADs
+    while the others had 7)."""
+    it = cluster()
+    del it.nodes["n1"]
+    it.nodes.update({f"n{i}": node(f"n{i}", False) for i in range(100)})
+    pub, _ = publisher(it)
+    await pub.publish_all()
+    pub.nc.take()
+    for i in range(30):
+        del it.nodes[f"n{i}"]
+        it.nodes[f"m{i}"] = node(f"m{i}", False)
+        pub.wake()
+        pub._next_heartbeat = float("inf")  # no tick: the change alone
+        await pub.publish_all()
+        assert set(pub.nc.take()) == {f"m{i}"}
+    while pub._tick != 0:  # to the start of an interval
+        pub._next_heartbeat = 0.0
+        await pub.publish_all()
+    pub.nc.take()
+    sizes = []
+    for _ in range(pub.ticks):
+        pub._next_heartbeat = 0.0
+        await pub.publish_all()
+        sizes.append(len(pub.nc.take()))
+    assert sum(sizes) == 100 and max(sizes) <= 13, sizes
+
+
+async def test_a_heartbeat_is_metered_once_per_interval_however_it_is_cut():
+    """``otherix_controller_heartbeat_duration_seconds`` is one heartbeat's publish work (every
+    node's HEAD) and its overruns heartbeats longer than the interval (README): ten ticks of a
+    tenth of the nodes each are one heartbeat, not ten of a tenth of the work each (review20)."""
+    it = cluster()
+    it.nodes.update({f"n{i}": node(f"n{i}", False) for i in range(2, 101)})
+    pub, _ = publisher(it)
+    count = "otherix_controller_heartbeat_duration_seconds_count"
+    await pub.publish_all()  # tick 0 of the first interval
+    assert pub.ticks == 10
+    for _ in range(2 * pub.ticks - 1):  # to the end of the second interval
+        pub._next_heartbeat = 0.0
+        await pub.publish_all()
+    assert pub.metrics.registry.get_sample_value(count) == 2
+
+
 async def test_a_small_cluster_is_not_cut_into_ticks():
     """Each tick wakes the controller (~0.25 ms of CPU here): fewer than ``NODES_PER_TICK``
     nodes per tick are not worth it, so a few nodes get their HEADs together, once per interval."""

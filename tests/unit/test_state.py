@@ -1,7 +1,11 @@
 """agent.state: the state directory holds the node's private key, so 0700 with 0600 files,
 also when someone loosened them by hand; the applied version is written whole or not at all."""
 
+import os
 import stat
+import threading
+
+import msgspec
 
 from agent.state import AppliedState, load_applied, save_applied, secure_state_dir
 from agent.wireguard.keys import load_or_create_private_key
@@ -68,3 +72,48 @@ def test_a_link_in_place_of_the_record_is_replaced_never_written_through(tmp_pat
     assert elsewhere.read_bytes() == b" " * 256
     assert not (state / "applied.json").is_symlink()
     assert load_applied(state) == AppliedState(version=2, digest="d")
+
+
+def test_only_our_record_is_written_in_place(tmp_path):
+    """The in-place write goes only into the record the rename left (regular, 0600, one link):
+    a hard link's other name, a loosened mode or a FIFO (whose open would block the agent) are
+    replaced whole, as the rename did (review20)."""
+    state = tmp_path / "agent"
+    secure_state_dir(state)
+    record = state / "applied.json"
+    save_applied(state, AppliedState(version=1, digest="a"))
+    other = tmp_path / "other"
+    os.link(record, other)  # the record's bytes under another name (a hard link planted there)
+    save_applied(state, AppliedState(version=2, digest="b"))
+    assert msgspec.json.decode(other.read_bytes(), type=AppliedState).version == 1
+    os.chmod(record, 0o644)  # loosened while the agent runs: the next save makes it 0600 again
+    save_applied(state, AppliedState(version=3, digest="c"))
+    assert mode(record) == 0o600 and load_applied(state).version == 3
+    record.unlink()
+    os.mkfifo(record, 0o600)
+    saving = threading.Thread(target=save_applied, args=(state, AppliedState(version=4)))
+    saving.start()
+    saving.join(5)
+    if saving.is_alive():  # blocked in open(): a reader lets it go, then fail
+        os.close(os.open(record, os.O_RDONLY | os.O_NONBLOCK))
+        saving.join(5)
+        raise AssertionError("the agent blocked on a FIFO in place of its record")
+    assert stat.S_ISREG(record.lstat().st_mode) and load_applied(state).version == 4
+
+
+def test_a_link_in_place_of_the_temporary_file_is_never_written_through(tmp_path):
+    """The record of another size (or none) is written to applied.tmp and renamed: a link
+    planted there must not truncate its target, and a leftover's loose mode must not stay."""
+    state = tmp_path / "agent"
+    secure_state_dir(state)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"precious")
+    (state / "applied.tmp").symlink_to(elsewhere)
+    save_applied(state, AppliedState(version=1, digest="a"))
+    assert elsewhere.read_bytes() == b"precious"
+    assert not (state / "applied.json").is_symlink() and load_applied(state).version == 1
+    (state / "applied.tmp").write_bytes(b"left over")
+    os.chmod(state / "applied.tmp", 0o644)
+    (state / "applied.json").write_bytes(b"{}")  # another size: the rename path
+    save_applied(state, AppliedState(version=2, digest="b"))
+    assert mode(state / "applied.json") == 0o600 and load_applied(state).version == 2
