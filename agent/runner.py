@@ -11,8 +11,8 @@ Silence from the controller changes nothing: the data plane keeps its last good 
 The steady state (``agent.steady`` decides): while the kernel's notifications
 (``agent.kernel_events``) show nothing of ours changed since the last full read of the kernel, a
 heartbeat with the content last reconciled is skipped (no decode, no validation, no dump, no
-write; only WireGuard, which has no notifications, is read, and a device the last read found as
-desired only on every second HEAD: drift is still found within two), and a new snapshot is
+write; only WireGuard, which has no notifications, is read; a change HEAD right after a read
+that found the device as desired leaves it out), and a new snapshot is
 planned against that read; writes of FDB entries, taps and our ``nft -f`` load are then known
 without a dump when the notifications since are their echoes alone (``_advance``). Health
 counts heartbeats skipped (no full read) and full ones.
@@ -158,7 +158,8 @@ class Agent:
         self._since_full = 0
         self._writes: dict[str, int] = {}  # per subsystem, in the last reconcile
         self._peer_writes = False  # WireGuard's writes then were peers only (``apply_change``)
-        # WireGuard has no notifications: an unchanged device is read on every second HEAD only
+        # WireGuard has no notifications: every heartbeat reads the device; a change HEAD just
+        # after a read that found it as desired does not
         self._wg_read_last = False
         # the snapshot being applied as assembled and checked, and the last one applied cleanly
         self._assembled: tuple[Snapshot, Checked] | None = None
@@ -518,8 +519,8 @@ class Agent:
 
     async def check_mesh(self, snap: Snapshot) -> tuple[int, list[ApplyError]]:
         """A skipped heartbeat's one kernel read: WireGuard has no notifications, so its device
-        is observed and planned (zero writes when equal) against the last link dump; left out
-        when the HEAD before read it and found it as desired (``_reconcile_one``)."""
+        is observed and planned (zero writes when equal) against the last link dump, on every
+        heartbeat (only a change HEAD may leave it out, ``_reconcile_one``)."""
         if snap.wireguard is None or self.wireguard is None:
             return 0, []
         result, errors = await self._reconcile_one(self.wireguard, snap, self._seen, check=True)
@@ -546,9 +547,10 @@ class Agent:
                 )  # only the touched peers, when WireGuard knows its device holds the base
                 self._peer_writes = result is not None
             holds = getattr(sub, "holds", None)
-            if result is None and check and self._wg_read_last and holds and holds(desired):
-                # read on the HEAD before and found as desired: this HEAD leaves the read out and
-                # the next one reads, so drift is still found within two heartbeats
+            if result is None and quiet and self._wg_read_last and holds and holds(desired):
+                # a change HEAD (FDB entries, taps) right after a HEAD that read the device and
+                # found it as desired leaves the read out; every unchanged heartbeat reads, so
+                # drift is still found by the next heartbeat, as without this
                 self._wg_read_last = False
                 return ApplyResult(writes=0, reached=frozenset({desired.name})), []
             if sub is self.wireguard:

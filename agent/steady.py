@@ -14,8 +14,8 @@ a full one, which checks the writes took, unless the runner knows what its write
 their echoes alone (FDB entries, this node's taps read back, its own ``nft -f`` loads).
 
 WireGuard has no notifications: a skipped heartbeat still checks the WireGuard device (one
-UAPI or genetlink read, proportional to the peers, not the FDB; a device the last read found as
-desired only on every second HEAD), so a removed peer is put back within two heartbeats. This
+UAPI or genetlink read, proportional to the peers, not the FDB), so a removed peer is put back
+on the next heartbeat either way (a change HEAD right after a read may leave it out). This
 module only decides; the runner does the work.
 """
 

@@ -66,7 +66,7 @@ from schemas.naming import WIREGUARD_IFNAME, is_managed
 RUN_DIR = Path("/var/run/wireguard")  # wireguard-go hard-codes this directory for its socket
 Backend = Literal["auto", "kernel", "userspace"]
 # the supervisor leaves wireguard-go alone while a read got an answer within this many of its
-# check intervals (the heartbeat reads an unchanged device every second HEAD)
+# check intervals (every heartbeat reads the device; a change HEAD right after may not)
 ANSWERED_WITHIN = 3
 # lines of a UAPI get answer that change without anyone changing the device
 _VOLATILE = re.compile(rb"\n(?:last_handshake_time_|rx_bytes=|tx_bytes=)[^\n]*")
@@ -370,8 +370,8 @@ class WireGuardApplier(Subsystem[WireGuard, WgObserved, WgPlan, frozenset[str]])
 
     def _answered_recently(self) -> bool:
         """wireguard-go answered a read (a heartbeat's check, health) within the last few check
-        intervals (``ANSWERED_WITHIN``: an unchanged device is read on every second heartbeat,
-        give or take): it is alive, no need to knock on its socket as well (each connection
+        intervals (``ANSWERED_WITHIN``: every heartbeat reads the device, give or take): it is
+        alive, no need to knock on its socket as well (each connection
         costs it CPU). Should it die now, the next heartbeat's read fails and restarts it."""
         return time.monotonic() - self._answered_at < ANSWERED_WITHIN * self._check_interval
 
@@ -474,7 +474,7 @@ def _endpoint(value: str) -> str | None:
 def _steady_part(answer: bytes) -> bytes:
     """The answer without volatile lines, its peers sorted (wireguard-go lists them in Go map
     order, which changes from one read to the next). One regular expression over the whole
-    answer (52 µs at 100 peers; 130 µs line by line in Python, on every second heartbeat)."""
+    answer (52 µs at 100 peers; 130 µs line by line in Python, on every heartbeat)."""
     steady = _VOLATILE.sub(b"", answer.removesuffix(b"errno=0\n\n")).rstrip()
     device, *peers = steady.split(b"\npublic_key=")
     return b"\npublic_key=".join([device, *sorted(peers)])
