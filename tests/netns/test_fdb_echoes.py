@@ -12,7 +12,7 @@ import pytest
 from agent.links.model import FdbAction
 from agent.runner import _echoes
 from tests.netns import test_steady_state as steady
-from tests.netns.test_steady_state import REMOTE, VX, fdb_snap, sh
+from tests.netns.test_steady_state import REMOTE, VX, fdb_snap, read_and_drained, sh
 
 node = steady.node
 
@@ -39,9 +39,7 @@ async def test_a_foreign_write_of_an_entry_we_just_wrote_is_news(node, name):
     ns, agent, _, monitor = node
     links = agent.links
     await links.reconcile(fdb_snap({"02:00:00:00:00:01": REMOTE}))
-    seen = await links.observe()
-    monitor.know(link.index for link in seen.links.values())
-    monitor.drain()
+    seen = await read_and_drained(links, monitor)
     plan = links.plan(fdb_snap({MAC: REMOTE}), seen)  # one added, one deleted
     assert plan.actions and all(isinstance(a, FdbAction) for a in plan.actions), plan.actions
     result = await links.apply(plan)
@@ -60,9 +58,7 @@ async def test_our_own_fdb_writes_alone_are_still_echoes(node):
         {MAC: "100.64.0.3"},
         {MAC: "100.64.0.3", "02:00:00:00:00:01": REMOTE},
     ):
-        seen = await links.observe()
-        monitor.know(link.index for link in seen.links.values())
-        monitor.drain()
+        seen = await read_and_drained(links, monitor)
         plan = links.plan(fdb_snap(macs), seen)
         result = await links.apply(plan)
         assert not result.errors and result.writes == len(plan.actions)

@@ -186,6 +186,14 @@ def fdb_snap(macs: dict[str, str], tap_mac: str | None = None):
     return msgspec.structs.replace(SNAP, vxlans=(vx,), taps=taps)
 
 
+async def read_and_drained(links, monitor):
+    """The kernel as read now, the notifications so far drained: only what follows counts."""
+    seen = await links.observe()
+    monitor.know(link.index for link in seen.links.values())
+    monitor.drain()
+    return seen
+
+
 def normal(o: Observed) -> tuple:
     def drop_empty(d):
         return {k: v for k, v in d.items() if v}
@@ -208,9 +216,7 @@ async def test_fdb_writes_are_known_without_a_dump(node, before, after, tap_mac)
     links = agent.links
     first = fdb_snap(before)
     await links.reconcile(first)
-    seen = await links.observe()
-    monitor.know(link.index for link in seen.links.values())
-    monitor.drain()
+    seen = await read_and_drained(links, monitor)
     plan = links.plan(fdb_snap(after, tap_mac), seen)
     assert plan.actions and all(isinstance(a, FdbAction) for a in plan.actions), plan.actions
     result = await links.apply(plan)
@@ -224,9 +230,7 @@ async def test_a_foreign_fdb_write_among_our_echoes_is_still_seen(node):
     ns, agent, _, monitor = node
     links = agent.links
     await links.reconcile(fdb_snap({"02:00:00:00:00:01": REMOTE}))
-    seen = await links.observe()
-    monitor.know(link.index for link in seen.links.values())
-    monitor.drain()
+    seen = await read_and_drained(links, monitor)
     plan = links.plan(fdb_snap({"02:00:00:00:00:01": REMOTE, "02:00:00:00:00:02": REMOTE}), seen)
     await links.apply(plan)
     sh(ns, "bridge", "fdb", "append", "02:00:00:00:00:99", "dev", VX, "dst", "100.64.0.9",

@@ -58,6 +58,17 @@ async def in_sync(agent, snap) -> bool:
     return agent.links.plan(snap, seen).actions == () and nft.load is None
 
 
+async def repaired_by_the_next_heartbeat(agent, beat, snap) -> None:
+    """The kernel is not as ``snap`` wants after a change: the next heartbeat is one full read,
+    which writes what is missing, and leaves it as wanted."""
+    assert not await in_sync(agent, snap)
+    reconciled = agent.counters["reconciled"]
+    ack = await agent.handle(beat)
+    assert ack.ok and ack.changes > 0, ack
+    assert agent.counters["reconciled"] == reconciled + 1
+    assert await in_sync(agent, snap)
+
+
 async def started(agent) -> Heads:
     heads = Heads()
     raw = encode(heads.last)
@@ -148,12 +159,7 @@ async def test_a_foreign_change_after_the_attach_is_read_and_repaired(node, name
         agent.events.drain = drain
     else:
         FOREIGN[name](ns)
-    assert not await in_sync(agent, with_new(True))
-    reconciled = agent.counters["reconciled"]
-    ack = await agent.handle(beat)  # a full read, which repairs it
-    assert ack.ok and ack.changes > 0, ack
-    assert agent.counters["reconciled"] == reconciled + 1
-    assert await in_sync(agent, with_new(True))
+    await repaired_by_the_next_heartbeat(agent, beat, with_new(True))
     ack = await agent.handle(beat)  # nothing left to do
     assert ack.ok and ack.changes == 0, ack
 
@@ -182,12 +188,7 @@ async def test_a_tap_write_the_kernel_did_not_keep_is_read_and_repaired(node, at
     ack = await agent.handle(change)
     kernel.execute = execute
     assert ack.ok and ack.changes > 0, ack
-    assert not await in_sync(agent, with_new(attached))
-    reconciled = agent.counters["reconciled"]
-    ack = await agent.handle(beat)
-    assert ack.ok and ack.changes > 0, ack
-    assert agent.counters["reconciled"] == reconciled + 1
-    assert await in_sync(agent, with_new(attached))
+    await repaired_by_the_next_heartbeat(agent, beat, with_new(attached))
 
 
 async def test_nftables_knows_what_its_own_load_left(node):
@@ -226,9 +227,4 @@ async def test_an_entry_moved_onto_a_tap_as_it_is_deleted_is_read_and_repaired(n
     ack = await agent.handle(change)
     kernel.execute = execute
     assert ack.ok and ack.changes > 0, ack
-    assert not await in_sync(agent, with_new(False))
-    reconciled = agent.counters["reconciled"]
-    ack = await agent.handle(beat)
-    assert ack.ok and ack.changes > 0, ack
-    assert agent.counters["reconciled"] == reconciled + 1
-    assert await in_sync(agent, with_new(False))
+    await repaired_by_the_next_heartbeat(agent, beat, with_new(False))

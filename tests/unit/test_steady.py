@@ -356,17 +356,23 @@ def uapi_answer(private: str, peers, shuffle: bool = False, counters: int = 0) -
     return ("\n".join(lines) + "\nerrno=0\n\n").encode()
 
 
-async def test_wireguard_check_reconciles_only_when_the_device_changed(tmp_path):
+def wireguard_device(count: int) -> tuple[str, tuple[WgPeer, ...], WireGuard, Observed]:
+    """A private key, ``count`` peers, the desired device holding them and a link dump with its
+    link up: what a WireGuard check starts from."""
     private = wgkeys.generate_private_key()
     peers = tuple(
         WgPeer(public_key=wgkeys.public_key(wgkeys.hex_to_b64(f"{i + 1:064x}")),
                endpoint=f"198.18.0.{i + 2}:51820", allowed_ips=(f"100.64.0.{i + 2}/32",))
-        for i in range(3)
+        for i in range(count)
     )  # fmt: skip
     desired = WireGuard(name="otwg0", address="100.64.0.1/16", listen_port=51820, mtu=1440,
                         peers=peers)  # fmt: skip
     link = Link(name="otwg0", kind="", mtu=1440, up=True, addresses=frozenset({"100.64.0.1/16"}))
-    seen = Observed(links={"otwg0": link})
+    return private, peers, desired, Observed(links={"otwg0": link})
+
+
+async def test_wireguard_check_reconciles_only_when_the_device_changed(tmp_path):
+    private, peers, desired, seen = wireguard_device(3)
     answer = [uapi_answer(private, peers)]
 
     async def uapi(reader, writer):

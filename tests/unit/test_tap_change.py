@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agent import runner, validate
-from agent.assemble import Assembler, build
+from agent.assemble import build
 from agent.links.model import AddPortFdb, DelPortFdb, FdbAction, Observed
 from agent.links.plan import plan, plan_tap_change, settle, written_devices
 from agent.runner import Agent
@@ -223,12 +223,7 @@ def test_settle_is_the_kernel_after_the_writes_or_not_sure(steps, data):
 def test_the_change_check_holds_the_tap_cap(monkeypatch):
     """Over the tap cap: for the whole check to refuse."""
     controller = Taps()
-    assembler = Assembler(BASE.node)
-    for section in controller.head.sections:
-        assembler.offer(section)
-    base = assembler.snapshot(controller.head)
-    checked = check_snapshot(base)
-    assembler.mark()
+    assembler, base, checked = started(controller.head)
     monkeypatch.setattr(limits, "MAX_TAPS", len(base.taps))
     head = controller.step([_tap(TAP_NICS[1], LAN, True, MACS[0], 0, 0, True)], [], [], [])
     assembler.offer(head.sections[0])
@@ -244,12 +239,7 @@ def test_the_change_check_reads_only_the_bridges_the_taps_join(monkeypatch):
     again, so the check costs the change, not the node's bridges (``_tap_change`` timed alone
     at 1,022 bridges with addresses: 11.8 ms a call when every bridge was checked, 0.09 ms)."""
     controller = Taps()
-    assembler = Assembler(BASE.node)
-    for section in controller.head.sections:
-        assembler.offer(section)
-    base = assembler.snapshot(controller.head)
-    checked = check_snapshot(base)
-    assembler.mark()
+    assembler, base, checked = started(controller.head)
     head = controller.step([_tap(TAP_NICS[1], LAN, True, MACS[0], 0, 0, True)], [], [], [])
     assembler.offer(head.sections[0])
     snap = assembler.snapshot(head)

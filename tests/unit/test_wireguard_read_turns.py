@@ -174,23 +174,11 @@ def test_a_check_that_did_not_find_the_device_as_last_read_leaves_nothing_held(t
     before it plans (wireguard-go stopped answering) must not leave ``holds`` true, or the next
     heartbeat could leave the read out over a device known to differ (review20; the runner's
     full reconcile after an error reads anyway, this does not depend on it)."""
-    from agent.links.model import Link, Observed
-    from agent.wireguard import keys as wgkeys
     from agent.wireguard.applier import WireGuardApplier
     from agent.wireguard.backends import WireGuardError
-    from schemas.desired import WgPeer, WireGuard
-    from tests.unit.test_steady import uapi_answer
+    from tests.unit.test_steady import uapi_answer, wireguard_device
 
-    private = wgkeys.generate_private_key()
-    peers = tuple(
-        WgPeer(public_key=wgkeys.public_key(wgkeys.hex_to_b64(f"{i + 1:064x}")),
-               endpoint=f"198.18.0.{i + 2}:51820", allowed_ips=(f"100.64.0.{i + 2}/32",))
-        for i in range(2)
-    )  # fmt: skip
-    desired = WireGuard(name="otwg0", address="100.64.0.1/16", listen_port=51820, mtu=1440,
-                        peers=peers)  # fmt: skip
-    link = Link(name="otwg0", kind="", mtu=1440, up=True, addresses=frozenset({"100.64.0.1/16"}))
-    seen = Observed(links={"otwg0": link})
+    private, peers, desired, seen = wireguard_device(2)
     answer = [uapi_answer(private, peers)]
 
     async def run() -> None:
